@@ -1,0 +1,510 @@
+"""The bus layer: the only module that touches raw nats-py objects.
+
+Everything above it speaks in `PubAck`, `Delivery` and `Job`. Headers are set
+here and only here: `Nats-Msg-Id` for deduplication, `traceparent` for tracing,
+and the expected-last-subject-sequence fence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import api
+from opentelemetry import propagate
+
+from agentbus.config import Settings
+from agentbus.errors import BusError, FencedError, NatsUnreachable
+from agentbus.subjects import BucketSpec, ConsumerSpec, Namespace, StreamSpec
+
+log = logging.getLogger(__name__)
+
+MSG_ID = "Nats-Msg-Id"
+EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
+_WRONG_LAST_SEQUENCE = 10071  # JetStream API error code for a failed fence
+_STREAM_NAME_IN_USE = 10058
+_CONSUMER_EXISTS = 10148
+_PIPELINE_DEPTH = 256
+_REPLAY_BUFFER = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class PubAck:
+    """JetStream's receipt for one publish."""
+
+    stream: str
+    seq: int
+    duplicate: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One stored message as read back (ordered replay)."""
+
+    subject: str
+    data: bytes
+    headers: Mapping[str, str]
+    seq: int
+    num_pending: int
+    timestamp_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """A message to publish: where, what, and the id that deduplicates it."""
+
+    subject: str
+    data: bytes
+    msg_id: str
+    headers: Mapping[str, str] | None = None
+
+
+class Job:
+    """A message pulled from a work queue; the holder must settle it exactly once."""
+
+    __slots__ = ("_msg", "attempt", "data", "headers", "seq", "subject")
+
+    def __init__(self, msg: Msg) -> None:
+        self._msg = msg
+        meta = msg.metadata
+        self.subject: str = msg.subject
+        self.data: bytes = msg.data
+        self.headers: Mapping[str, str] = dict(msg.headers or {})
+        self.seq: int = meta.sequence.stream
+        self.attempt: int = meta.num_delivered
+
+    async def ack(self) -> None:
+        """Done: the server removes it (double ack, so a lost ack cannot redeliver finished work)."""
+        await self._msg.ack_sync(timeout=5.0)
+
+    async def nak(self, delay: float | None = None) -> None:
+        """Give it back for another worker (now, or after `delay` seconds)."""
+        await self._msg.nak(delay=delay)
+
+    async def in_progress(self) -> None:
+        """Still working: reset the ack timer."""
+        await self._msg.in_progress()
+
+    async def term(self) -> None:
+        """Never redeliver (the reason must already be recorded where people look)."""
+        await self._msg.term()
+
+
+class Bus:
+    """A connection to NATS with JetStream, provisioned for one namespace."""
+
+    def __init__(self, nc: NATS, settings: Settings) -> None:
+        self._nc = nc
+        self._js = nc.jetstream(timeout=settings.publish_timeout_s)
+        self.settings = settings
+        # JSON escaping can make a prompt up to 6x longer (control characters become \\u00XX).
+        self.ns = Namespace(settings.prefix, max_message_bytes=settings.max_prompt_bytes * 6 + 65536)
+        self._kv: dict[str, Any] = {}
+        self._closed = asyncio.Event()
+
+    @classmethod
+    async def connect(cls, settings: Settings, *, name: str = "agentbus") -> Bus:
+        """Connect, failing fast with `NatsUnreachable` instead of retrying forever."""
+        url = settings.nats_url
+
+        async def _quiet(_: Exception) -> None:
+            return None
+
+        closed = asyncio.Event()
+
+        async def _on_closed() -> None:
+            closed.set()
+
+        try:
+            # nats-py retries a first connect forever when reconnects are allowed; we want a
+            # clear failure now, and reconnects only once a connection has worked.
+            nc = await nats.connect(
+                url,
+                name=name,
+                connect_timeout=settings.connect_timeout_s,
+                allow_reconnect=False,
+                max_reconnect_attempts=1,  # the server-pool loop otherwise tries 60 times
+                reconnect_time_wait=0.2,
+                error_cb=_quiet,
+                closed_cb=_on_closed,
+            )
+        except (TimeoutError, OSError, nats.errors.NoServersError, nats.errors.TimeoutError) as err:
+            raise NatsUnreachable(url, str(err) or type(err).__name__) from err
+        except Exception as err:  # nats-py raises bare errors for bad URLs
+            raise NatsUnreachable(url, str(err) or type(err).__name__) from err
+        nc.options["allow_reconnect"] = True
+        nc.options["max_reconnect_attempts"] = -1
+        nc.options["reconnect_time_wait"] = 0.5
+        bus = cls(nc, settings)
+        bus._closed = closed
+        return bus
+
+    async def close(self) -> None:
+        if not self._nc.is_closed:
+            with contextlib.suppress(Exception):
+                await self._nc.drain()
+
+    async def __aenter__(self) -> Bus:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.close()
+
+    @property
+    def connected_url(self) -> str:
+        url = self._nc.connected_url
+        return url.geturl() if url else self.settings.nats_url
+
+    # --- provisioning -----------------------------------------------------------------------
+
+    async def provision(self) -> None:
+        """Create or update every stream and bucket of the namespace (safe to run from every process)."""
+        try:
+            await self._js.account_info()
+        except (nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError) as err:
+            raise NatsUnreachable(self.settings.nats_url, "the server has no JetStream (start it with -js)") from err
+        except nats.errors.TimeoutError as err:
+            raise NatsUnreachable(self.settings.nats_url, "JetStream did not answer") from err
+        for spec in self.ns.streams():
+            await self.ensure_stream(spec)
+        for bucket in self.ns.buckets():
+            await self.ensure_bucket(bucket)
+
+    async def ensure_stream(self, spec: StreamSpec) -> None:
+        config = api.StreamConfig(
+            name=spec.name,
+            subjects=list(spec.subjects),
+            retention=api.RetentionPolicy(spec.retention),
+            storage=api.StorageType(self.settings.storage),
+            num_replicas=self.settings.replicas,
+            duplicate_window=spec.duplicate_window_s,
+            max_age=spec.max_age_s,
+            max_bytes=spec.max_bytes,
+            max_msg_size=spec.max_msg_size,
+            discard=api.DiscardPolicy(spec.discard),
+            allow_direct=spec.allow_direct,
+        )
+        try:
+            await self._js.add_stream(config)
+        except nats.js.errors.APIError as err:
+            if err.err_code != _STREAM_NAME_IN_USE:
+                raise BusError(f"cannot create stream {spec.name}: {err.description}") from err
+            try:
+                await self._js.update_stream(config)
+            except nats.js.errors.APIError as uerr:
+                raise BusError(f"cannot update stream {spec.name}: {uerr.description}") from uerr
+
+    async def ensure_consumer(self, spec: ConsumerSpec) -> None:
+        config = api.ConsumerConfig(
+            durable_name=spec.durable,
+            filter_subject=spec.filter_subject,
+            ack_policy=api.AckPolicy.EXPLICIT,
+            ack_wait=spec.ack_wait_s,
+            max_deliver=spec.max_deliver,
+            max_ack_pending=spec.max_ack_pending,
+            deliver_policy=api.DeliverPolicy.ALL,
+        )
+        try:
+            await self._js.add_consumer(spec.stream, config)
+        except nats.js.errors.APIError as err:
+            if err.err_code != _CONSUMER_EXISTS:
+                raise BusError(f"cannot create consumer {spec.durable}: {err.description}") from err
+            # Changed limits (ack wait, max deliver): update in place, keeping its position.
+            subject = f"$JS.API.CONSUMER.UPDATE.{spec.stream}.{spec.durable}"
+            await self._api(subject, {"stream_name": spec.stream, "config": config.as_dict(), "action": "update"})
+
+    async def ensure_bucket(self, spec: BucketSpec) -> None:
+        if spec.name in self._kv:
+            return
+        try:
+            kv = await self._js.key_value(spec.name)
+        except nats.js.errors.BucketNotFoundError:
+            kv = await self._js.create_key_value(
+                api.KeyValueConfig(
+                    bucket=spec.name,
+                    history=spec.history,
+                    ttl=spec.ttl_s or None,
+                    storage=api.StorageType(self.settings.storage),
+                    replicas=self.settings.replicas,
+                )
+            )
+        self._kv[spec.name] = kv
+
+    async def _api(self, subject: str, body: dict[str, Any]) -> dict[str, Any]:
+        import json
+
+        msg = await self._nc.request(subject, json.dumps(body).encode(), timeout=self.settings.publish_timeout_s)
+        resp: dict[str, Any] = json.loads(msg.data)
+        if "error" in resp:
+            raise BusError(f"{subject}: {resp['error'].get('description', resp['error'])}")
+        return resp
+
+    # --- publishing -------------------------------------------------------------------------
+
+    def headers(self, msg_id: str, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+        """The headers every agentbus message carries."""
+        hdrs: dict[str, str] = {MSG_ID: msg_id}
+        propagate.inject(hdrs)
+        if extra:
+            hdrs.update(extra)
+        return hdrs
+
+    async def publish(
+        self,
+        subject: str,
+        data: bytes,
+        *,
+        msg_id: str,
+        headers: Mapping[str, str] | None = None,
+        expected_last_subject_seq: int | None = None,
+    ) -> PubAck:
+        """Publish to JetStream and wait for the stored ack; retries on a lost ack are deduplicated."""
+        hdrs = self.headers(msg_id, headers)
+        if expected_last_subject_seq is not None:
+            hdrs[EXPECTED_LAST_SUBJECT_SEQ] = str(expected_last_subject_seq)
+        try:
+            ack = await self._js.publish(subject, data, headers=hdrs)
+        except nats.js.errors.APIError as err:
+            if err.err_code == _WRONG_LAST_SEQUENCE:
+                raise FencedError(subject, expected_last_subject_seq or 0) from err
+            raise BusError(f"publish to {subject} refused: {err.description}") from err
+        except nats.js.errors.NoStreamResponseError as err:
+            raise BusError(f"publish to {subject}: no stream stores this subject (not provisioned?)") from err
+        except (TimeoutError, nats.errors.TimeoutError) as err:
+            raise BusError(f"publish to {subject}: no ack from JetStream in time") from err
+        except nats.errors.ConnectionClosedError as err:
+            raise NatsUnreachable(self.settings.nats_url, "connection closed") from err
+        except nats.errors.MaxPayloadError as err:
+            raise BusError(
+                f"publish to {subject}: {len(data)} bytes is more than the server accepts "
+                f"(max_payload {self._nc.max_payload})"
+            ) from err
+        return PubAck(ack.stream, ack.seq, bool(ack.duplicate))
+
+    async def publish_many(self, messages: Iterable[Outgoing]) -> list[PubAck]:
+        """Publish with up to 256 acks in flight; returns acks in input order, raises on the first refusal."""
+        pending: list[asyncio.Future[Any]] = []
+        shared: dict[str, str] = {}
+        propagate.inject(shared)  # one trace context for the whole batch: inject once, not per message
+        for out in messages:
+            hdrs = {MSG_ID: out.msg_id, **shared}
+            if out.headers:
+                hdrs.update(out.headers)
+            pending.append(await self._js.publish_async(out.subject, out.data, headers=hdrs))
+            if len(pending) >= _PIPELINE_DEPTH and pending[-_PIPELINE_DEPTH].done() is False:
+                await pending[-_PIPELINE_DEPTH]
+        acks: list[PubAck] = []
+        for fut in pending:
+            try:
+                ack = await fut
+            except nats.js.errors.APIError as err:
+                raise BusError(f"publish refused: {err.description}") from err
+            acks.append(PubAck(ack.stream, ack.seq, bool(ack.duplicate)))
+        return acks
+
+    # --- reading ----------------------------------------------------------------------------
+
+    async def replay(
+        self,
+        stream: str,
+        filter_subject: str,
+        *,
+        start_seq: int | None = None,
+        new_only: bool = False,
+        follow: bool = True,
+    ) -> AsyncIterator[Delivery]:
+        """Replay stored messages in order, then (if `follow`) keep yielding new ones.
+
+        One ordered consumer does both, so there is no gap and no duplicate at the
+        switch from history to live: the usual bug of reading history and then
+        subscribing is impossible by construction.
+        """
+        if new_only:
+            config = api.ConsumerConfig(deliver_policy=api.DeliverPolicy.NEW)
+        elif start_seq and start_seq > 1:
+            config = api.ConsumerConfig(deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start_seq)
+        else:
+            config = api.ConsumerConfig(deliver_policy=api.DeliverPolicy.ALL)
+        # A backstop only: the finally below deletes the consumer as soon as the reader is done.
+        config.inactive_threshold = 5.0
+        queue: asyncio.Queue[Msg] = asyncio.Queue(maxsize=_REPLAY_BUFFER)
+
+        async def _on_msg(msg: Msg) -> None:
+            # A full queue stalls nats-py's delivery task, so flow control still bounds memory.
+            await queue.put(msg)
+
+        sub = await self._js.subscribe(filter_subject, stream=stream, ordered_consumer=True, config=config, cb=_on_msg)
+        try:
+            if not follow:
+                info = await sub.consumer_info()
+                # Delivered-but-not-yet-received messages count as not pending: only an
+                # empty start (nothing delivered either) may end the read right away.
+                delivered = info.delivered.consumer_seq if info.delivered else 0
+                if info.num_pending == 0 and not delivered and queue.empty():
+                    return
+            while True:
+                msg = queue.get_nowait() if not queue.empty() else await self._next_or_closed(queue)
+                if msg is None:
+                    return
+                seq, pending, ts = _ack_reply_fields(msg)
+                yield Delivery(
+                    subject=msg.subject,
+                    data=msg.data,
+                    headers=msg.headers or {},
+                    seq=seq,
+                    num_pending=pending,
+                    timestamp_ns=ts,
+                )
+                if not follow and pending == 0:
+                    return
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+            # Unsubscribing leaves the server-side consumer; a stream allows a limited number.
+            with contextlib.suppress(Exception):
+                await self._js.delete_consumer(stream, sub._consumer)
+
+    async def _next_or_closed(self, queue: asyncio.Queue[Msg]) -> Msg | None:
+        """Slow path, only when caught up: the next message, or None once the connection is closed."""
+        get = asyncio.ensure_future(queue.get())
+        closed = asyncio.ensure_future(self._closed.wait())
+        try:
+            done, _ = await asyncio.wait((get, closed), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            closed.cancel()
+            if not get.done():
+                get.cancel()
+        return get.result() if get in done else None
+
+    async def last_subject_seq(self, stream: str, subject: str) -> int:
+        """Stream sequence of the last message on exactly `subject`, 0 if there is none."""
+        try:
+            msg = await self._js.get_last_msg(stream, subject)
+        except nats.js.errors.NotFoundError:
+            return 0
+        return int(msg.seq or 0)
+
+    async def subject_counts(self, stream: str, subjects_filter: str) -> dict[str, int]:
+        """Message count per subject matching the filter (one request, however many subjects)."""
+        info = await self._js.stream_info(stream, subjects_filter=subjects_filter)
+        return dict(info.state.subjects or {})
+
+    async def stream_last_seq(self, stream: str) -> int:
+        info = await self._js.stream_info(stream)
+        return int(info.state.last_seq)
+
+    async def get_stored(self, stream: str, seq: int) -> bytes | None:
+        """The payload stored at `seq`, or None if it is gone."""
+        try:
+            msg = await self._js.get_msg(stream, seq)
+        except nats.js.errors.NotFoundError:
+            return None
+        return bytes(msg.data or b"")
+
+    async def delete_stored(self, stream: str, seq: int) -> None:
+        with contextlib.suppress(nats.js.errors.NotFoundError, nats.js.errors.APIError):
+            await self._js.delete_msg(stream, seq)
+
+    async def max_delivery_advisories(self, spec: ConsumerSpec) -> AsyncIterator[int]:
+        """Stream sequences of messages on `spec` that used up their deliveries.
+
+        JetStream has no dead-letter queue; it only announces the exhaustion on an
+        advisory subject, so whoever cares must listen and record the failure.
+        """
+        import json
+
+        subject = f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{spec.stream}.{spec.durable}"
+        sub = await self._nc.subscribe(subject)
+        try:
+            async for msg in sub.messages:
+                with contextlib.suppress(ValueError, KeyError, TypeError):
+                    yield int(json.loads(msg.data)["stream_seq"])
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    # --- work queues ------------------------------------------------------------------------
+
+    async def pull(self, spec: ConsumerSpec) -> Puller:
+        await self.ensure_consumer(spec)
+        psub = await self._js.pull_subscribe_bind(spec.durable, stream=spec.stream)
+        return Puller(psub, spec, self._js)
+
+    # --- key-value --------------------------------------------------------------------------
+
+    async def kv_get(self, bucket: str, key: str) -> tuple[bytes, int] | None:
+        kv = await self._bucket(bucket)
+        try:
+            entry = await kv.get(key)
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        return (entry.value or b"", int(entry.revision or 0))
+
+    async def kv_put_if(self, bucket: str, key: str, value: bytes, revision: int | None) -> bool:
+        """Compare-and-set: write only if the key is still at `revision` (None: only if absent)."""
+        kv = await self._bucket(bucket)
+        try:
+            if revision is None:
+                await kv.create(key, value)
+            else:
+                await kv.update(key, value, last=revision)
+        except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.APIError):
+            return False
+        return True
+
+    async def kv_keys(self, bucket: str) -> list[str]:
+        kv = await self._bucket(bucket)
+        try:
+            return list(await kv.keys())
+        except nats.js.errors.NoKeysError:
+            return []
+
+    async def _bucket(self, name: str) -> Any:
+        if name not in self._kv:
+            await self.ensure_bucket(BucketSpec(name=name))
+        return self._kv[name]
+
+
+def _ack_reply_fields(msg: Msg) -> tuple[int, int, int]:
+    """Stream sequence, pending and timestamp (ns) straight from the ack subject (no datetime)."""
+    tokens = (msg.reply or "").split(".")
+    if len(tokens) == 9:  # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts_ns>.<pending>
+        return int(tokens[5]), int(tokens[8]), int(tokens[7])
+    meta = msg.metadata
+    ts = int(meta.timestamp.timestamp() * 1e9) if meta.timestamp else 0
+    return meta.sequence.stream, meta.num_pending, ts
+
+
+class Puller:
+    """A handle on a durable pull consumer: fetch batches of `Job`s."""
+
+    def __init__(self, psub: Any, spec: ConsumerSpec, js: Any) -> None:
+        self._psub = psub
+        self._js = js
+        self.spec = spec
+
+    async def fetch(self, batch: int = 1, timeout: float = 5.0) -> Sequence[Job]:
+        """Up to `batch` jobs; an empty list when none arrived in `timeout`."""
+        try:
+            msgs = await self._psub.fetch(batch, timeout=timeout)
+        except nats.errors.TimeoutError:
+            return []
+        return [Job(m) for m in msgs]
+
+    async def pending(self) -> int:
+        """Messages waiting on this consumer (not yet delivered) plus those delivered but not acked."""
+        info = await self._js.consumer_info(self.spec.stream, self.spec.durable)
+        return int(info.num_pending) + int(info.num_ack_pending)
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._psub.unsubscribe()

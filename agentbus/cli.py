@@ -1,0 +1,362 @@
+"""The `agentbus` command: wiring only, from options to the client API and the services.
+
+Exit codes: 0 ok, 2 usage, 3 no such session, 4 cannot reach NATS, 5 a waited-for
+session ended without success (or the wait timed out), 1 anything else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import json
+import signal
+import sys
+import threading
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import click
+
+from agentbus import render
+from agentbus.client import Client, connect
+from agentbus.config import Settings, nats_url_from_env
+from agentbus.errors import AgentBusError
+from agentbus.messages import Budget, SessionEnded, to_builtins
+
+T = TypeVar("T")
+
+SERVICES = {
+    "agent": "services.agent.cli",
+    "router": "services.router.cli",
+    "evaluator": "services.evaluator.cli",
+    "supervisor": "services.supervisor.cli",
+}
+
+
+class _Group(click.Group):
+    """Loads a service's command only when it is run, so `agentbus tap` never imports the SDKs."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *SERVICES])
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in SERVICES:
+            cmd = importlib.import_module(SERVICES[name]).command
+            assert isinstance(cmd, click.Command)
+            return cmd
+        return super().get_command(ctx, name)
+
+
+def nats_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    """`--nats URL` and `--prefix`, on every command that talks to the bus."""
+    f = click.option(
+        "--prefix",
+        envvar="AGENTBUS_PREFIX",
+        default="agentbus",
+        show_default=True,
+        help="Namespace of subjects and streams (several deployments can share one server).",
+    )(f)
+    return click.option(
+        "--nats",
+        "nats_url",
+        default=None,
+        metavar="URL",
+        help="NATS server [env AGENTBUS_NATS_URL, then NATS_URL; default nats://127.0.0.1:4222].",
+    )(f)
+
+
+def settings_from(nats_url: str | None, prefix: str) -> Settings:
+    return Settings.from_env(nats_url=nats_url or nats_url_from_env(), prefix=prefix)
+
+
+def run(coro_fn: Callable[[], Awaitable[T]]) -> T:
+    """Run a coroutine; turn agentbus errors into one line on stderr and their exit code."""
+    try:
+        return asyncio.run(coro_fn())  # type: ignore[arg-type]
+    except AgentBusError as err:
+        click.echo(f"agentbus: {err}", err=True)
+        sys.exit(err.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+def with_client(settings: Settings, body: Callable[[Client], Awaitable[T]]) -> T:
+    async def main() -> T:
+        async with connect(settings=settings, name="agentbus-cli") as client:
+            return await body(client)
+
+    return run(main)
+
+
+def _emit_json(obj: Any) -> None:
+    click.echo(json.dumps(obj, ensure_ascii=False))
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="agentbus-runtime")
+def main() -> None:
+    """agentbus: teams of Claude agents on NATS JetStream; a session is a durable stream."""
+
+
+# --- server ----------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--port", default=4222, show_default=True, help="Client port on 127.0.0.1 (0: any free port).")
+@click.option("--store-dir", default=".agentbus/nats", show_default=True, help="JetStream file store.")
+@click.option("--sync-always", is_flag=True, help="fsync every write (survives power loss; slower).")
+def server(port: int, store_dir: str, sync_always: bool) -> None:
+    """Run the embedded nats-server with JetStream until Ctrl-C or SIGTERM."""
+    from agentbus.server import NatsServer
+
+    srv = NatsServer(port=port, store_dir=store_dir, sync_always=sync_always)
+    try:
+        srv.start()
+    except AgentBusError as err:
+        click.echo(f"agentbus: {err}", err=True)
+        sys.exit(1)
+    click.echo(f"nats-server ready on {srv.url} (JetStream store: {srv.store_dir}); Ctrl-C stops it")
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(0.5):
+        if srv.proc is not None and srv.proc.poll() is not None:
+            click.echo(f"agentbus: nats-server exited ({srv.proc.returncode}); see {srv.log_path}", err=True)
+            sys.exit(1)
+    srv.stop()
+    click.echo("nats-server stopped")
+
+
+# --- submit ----------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("prompt")
+@click.option("--pool", help="Pool to run it on (default: let the router choose).")
+@click.option("--criterion", "criteria", multiple=True, help="A criterion the evaluator grades (repeatable).")
+@click.option("--check", "checks", multiple=True, help="A command that must exit 0 in the workspace (repeatable).")
+@click.option("--max-rounds", default=3, show_default=True, help="Evaluation rounds before giving up.")
+@click.option("--max-steps", type=int, help="Budget: model turns.")
+@click.option("--max-tool-calls", type=int, help="Budget: tool calls.")
+@click.option("--max-tokens", type=int, help="Budget: tokens (input + cache write + cache read + output).")
+@click.option("--max-usd", type=float, help="Budget: dollars.")
+@click.option("--max-wall", "max_wall_s", type=float, help="Budget: wall time in seconds.")
+@click.option("--tag", "tags", multiple=True, help="Routing tag (repeatable).")
+@click.option("--model", help="Model spec for this session, if the pool allows overrides.")
+@click.option("--wait", "wait_", is_flag=True, help="Wait until the session ends; exit 5 unless it completed.")
+@click.option("--timeout", type=float, help="With --wait: give up after this many seconds (exit 5).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@nats_option
+def submit(
+    prompt: str,
+    pool: str | None,
+    criteria: tuple[str, ...],
+    checks: tuple[str, ...],
+    max_rounds: int,
+    max_steps: int | None,
+    max_tool_calls: int | None,
+    max_tokens: int | None,
+    max_usd: float | None,
+    max_wall_s: float | None,
+    tags: tuple[str, ...],
+    model: str | None,
+    wait_: bool,
+    timeout: float | None,
+    as_json: bool,
+    nats_url: str | None,
+    prefix: str,
+) -> None:
+    """Submit PROMPT (`-` reads it from standard input) and print the session id."""
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    budget = Budget(
+        max_steps=max_steps,
+        max_tool_calls=max_tool_calls,
+        max_tokens=max_tokens,
+        max_usd=max_usd,
+        max_wall_s=max_wall_s,
+    )
+
+    async def body(client: Client) -> None:
+        sid = await client.submit(
+            prompt,
+            pool=pool,
+            criteria=criteria,
+            checks=checks,
+            max_rounds=max_rounds,
+            budget=budget,
+            tags=tags,
+            model=model,
+        )
+        if not wait_:
+            _emit_json({"session_id": sid}) if as_json else click.echo(sid)
+            return
+        if not as_json:
+            click.echo(f"{sid} submitted; waiting (agentbus tap {sid} --from-start to watch)", err=True)
+        state = await client.wait(sid, timeout=timeout)
+        if as_json:
+            _emit_json({"session_id": sid, "status": state.status, "result": state.result, "reason": state.reason})
+        else:
+            click.echo(f"{sid} {state.status}" + (f" ({state.reason})" if state.reason else ""))
+            if state.result:
+                click.echo(state.result)
+        if state.status != "completed":
+            sys.exit(5)
+
+    with_client(settings_from(nats_url, prefix), body)
+
+
+# --- tap / show / sessions ---------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("session_id", required=False)
+@click.option("--all", "all_", is_flag=True, help="Every session.")
+@click.option("--from-start", is_flag=True, help="Replay from the first event, then follow.")
+@click.option("--since", type=int, help="Replay from this stream sequence, then follow.")
+@click.option("--no-follow", is_flag=True, help="Stop at the end of what is recorded.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per event, per line.")
+@nats_option
+def tap(
+    session_id: str | None,
+    all_: bool,
+    from_start: bool,
+    since: int | None,
+    no_follow: bool,
+    as_json: bool,
+    nats_url: str | None,
+    prefix: str,
+) -> None:
+    """Watch SESSION (or --all) live; a single session's tap ends when the session does."""
+    if bool(session_id) == all_:
+        raise click.UsageError("give a SESSION or --all")
+    if from_start and since is not None:
+        raise click.UsageError("--from-start and --since exclude each other")
+    start: int | str = since if since is not None else ("start" if from_start or no_follow else "new")
+
+    async def body(client: Client) -> None:
+        sid = None if all_ else session_id
+        if not as_json and sid is not None and start == "new":
+            state = await client.state(sid)
+            click.echo(
+                f"tapping {sid} ({state.status}, {state.events} events so far; --from-start replays them). "
+                "Ctrl-C stops.",
+                err=True,
+            )
+        async for record in client.tap(sid, start=start, follow=not no_follow):  # type: ignore[arg-type]
+            if as_json:
+                _emit_json(to_builtins(record))
+            else:
+                click.echo(render.record_line(record, with_session=sid is None))
+            if sid is not None and isinstance(record.event, SessionEnded):
+                return
+
+    with_client(settings_from(nats_url, prefix), body)
+
+
+@main.command()
+@click.argument("session_id")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object: state and events.")
+@nats_option
+def show(session_id: str, as_json: bool, nats_url: str | None, prefix: str) -> None:
+    """Print the whole log of SESSION and its state."""
+
+    async def body(client: Client) -> None:
+        records = await client.show(session_id)
+        state = await client.state(session_id)
+        if as_json:
+            _emit_json({"state": to_builtins(state), "events": [to_builtins(r) for r in records]})
+            return
+        for record in records:
+            click.echo(render.record_line(record))
+        click.echo(f"-- {state.status}" + (f" ({state.reason})" if state.reason else ""))
+        click.echo(
+            f"-- steps {state.steps}, tool calls {state.tool_calls}, tokens {state.usage.total}, "
+            f"${state.cost_usd:.4f}" + (f", trace {state.trace_id}" if state.trace_id else "")
+        )
+        if state.result:
+            click.echo(f"-- result: {state.result}")
+
+    with_client(settings_from(nats_url, prefix), body)
+
+
+@main.command()
+@click.option("--status", help="Only sessions with this status.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per session, per line.")
+@nats_option
+def sessions(status: str | None, as_json: bool, nats_url: str | None, prefix: str) -> None:
+    """One line per session: status, pool, age, progress and cost so far."""
+
+    async def body(client: Client) -> None:
+        states = await client.sessions(status=status)
+        if as_json:
+            for s in states:
+                _emit_json(to_builtins(s))
+            return
+        if not states:
+            click.echo("no sessions" + (f" with status {status}" if status else ""), err=True)
+            return
+        click.echo(render.session_header())
+        for s in states:
+            click.echo(render.session_line(s))
+
+    with_client(settings_from(nats_url, prefix), body)
+
+
+# --- steering --------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("session_id")
+@click.argument("text")
+@click.option("--as", "author", help="Author name (default: your OS user).")
+@nats_option
+def say(session_id: str, text: str, author: str | None, nats_url: str | None, prefix: str) -> None:
+    """Send TEXT to SESSION; the agent reads it at its next step (`-` reads standard input)."""
+    if text == "-":
+        text = sys.stdin.read()
+
+    async def body(client: Client) -> None:
+        seq = await client.say(session_id, text, author=author)
+        click.echo(f"said (#{seq})")
+
+    with_client(settings_from(nats_url, prefix), body)
+
+
+@main.command()
+@click.argument("session_id")
+@click.option("--reason", default="", help="Why, for the log.")
+@nats_option
+def cancel(session_id: str, reason: str, nats_url: str | None, prefix: str) -> None:
+    """Stop SESSION at its next step boundary (it ends `cancelled`)."""
+
+    async def body(client: Client) -> None:
+        seq = await client.cancel(session_id, reason=reason)
+        click.echo(f"cancel requested (#{seq})")
+
+    with_client(settings_from(nats_url, prefix), body)
+
+
+# --- bench -----------------------------------------------------------------------------------------
+
+
+@main.group()
+def bench() -> None:
+    """Measure agentbus against raw nats-py in the same run."""
+
+
+@bench.command("log")
+@click.option("--events", default=5000, show_default=True, help="Events per measurement.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object with raw, agentbus and ratio maps.")
+def bench_log(events: int, as_json: bool) -> None:
+    """Session-log append and replay rates next to raw nats-py, on a private server."""
+    from agentbus.bench import format_report, run_log_bench
+
+    if events < 10:
+        raise click.UsageError("--events must be at least 10")
+    result = run(lambda: run_log_bench(events))
+    _emit_json(result) if as_json else click.echo(format_report(result))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,226 @@
+"""The public API for scripts and the CLI: submit, tap, say, show, wait, cancel.
+
+async with agentbus.connect() as bus:
+    sid = await bus.submit("write a haiku about queues", pool="writers")
+    async for record in bus.tap(sid):
+        print(record.seq, record.event)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import os
+import secrets
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+
+from agentbus.bus import Bus
+from agentbus.config import Settings
+from agentbus.errors import NoSuchSession, SessionUnsuccessful, Timeout, UsageError
+from agentbus.messages import (
+    Budget,
+    CancelRequested,
+    HumanMessage,
+    Record,
+    ResumeRequested,
+    Routed,
+    SessionCreated,
+    Task,
+    WorkItem,
+    encode,
+)
+from agentbus.session import From, SessionLog
+from agentbus.state import SessionState, fold
+from agentbus.subjects import valid_token
+
+_B32 = "0123456789abcdefghjkmnpqrstvwxyz"  # Crockford: no i, l, o, u
+
+
+def new_session_id() -> str:
+    """Time-ordered and unique: 10 characters of milliseconds, 6 random."""
+    ms = int(time.time() * 1000)
+    head = "".join(_B32[(ms >> (5 * i)) & 31] for i in reversed(range(10)))
+    tail = "".join(secrets.choice(_B32) for _ in range(6))
+    return head + tail
+
+
+def new_event_id(kind: str) -> str:
+    """An id for a one-off event (human message, cancel): unique, so never deduplicated away."""
+    return f"{kind}-{time.time_ns():x}-{secrets.token_hex(3)}"
+
+
+def default_author() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # no passwd entry in some containers
+        return os.environ.get("USER", "someone")
+
+
+class Client:
+    """A connected agentbus client; get one with `agentbus.connect()`."""
+
+    def __init__(self, bus: Bus) -> None:
+        self.bus = bus
+        self.log = SessionLog(bus)
+        self.settings = bus.settings
+
+    # --- submitting ---------------------------------------------------------------------------
+
+    async def submit(
+        self,
+        prompt: str,
+        *,
+        pool: str | None = None,
+        criteria: Sequence[str] = (),
+        checks: Sequence[str] = (),
+        max_rounds: int = 3,
+        budget: Budget | None = None,
+        tags: Sequence[str] = (),
+        submitter: str | None = None,
+        parent_session: str | None = None,
+        depth: int = 0,
+        model: str | None = None,
+        session_id: str | None = None,
+    ) -> str:
+        """Record a new session and queue it; returns the session id.
+
+        With `pool` the task goes straight to that pool's queue; without, to the
+        router. Passing the same `session_id` again is safe: both writes dedupe.
+        """
+        sid = new_session_id() if session_id is None else session_id
+        self._check_session_id(sid)
+        if pool is not None and not valid_token(pool):
+            raise UsageError(f"pool name {pool!r} must be 1-64 characters of letters, digits, '-' or '_'")
+        size = len(prompt.encode("utf-8"))
+        if size > self.settings.max_prompt_bytes:
+            raise UsageError(
+                f"prompt is {size} bytes; the limit is {self.settings.max_prompt_bytes} "
+                "(set AGENTBUS_MAX_PROMPT_BYTES to change it)"
+            )
+        if not prompt.strip():
+            raise UsageError("prompt is empty")
+        if max_rounds < 1:
+            raise UsageError("max_rounds must be at least 1")
+        task = Task(
+            session_id=sid,
+            prompt=prompt,
+            pool=pool,
+            criteria=tuple(criteria),
+            checks=tuple(checks),
+            max_rounds=max_rounds,
+            budget=budget or Budget(),
+            tags=tuple(tags),
+            submitter=submitter if submitter is not None else default_author(),
+            parent_session=parent_session,
+            depth=depth,
+            model=model,
+        )
+        await self.log.append(sid, SessionCreated(id="created", task=task))
+        if pool is None:
+            await self.bus.publish(self.bus.ns.submissions(), encode(WorkItem(session_id=sid)), msg_id=sid)
+        else:
+            await self.log.append(sid, Routed(id="routed", pool=pool, rule="explicit"))
+            await self.bus.publish(self.bus.ns.work(pool), encode(WorkItem(session_id=sid)), msg_id=f"{sid}:new")
+        return sid
+
+    # --- steering -----------------------------------------------------------------------------
+
+    async def say(self, session_id: str, text: str, *, author: str | None = None) -> int:
+        """Append a human message to a session; returns its sequence in the log."""
+        await self._require(session_id)
+        if not text.strip():
+            raise UsageError("message is empty")
+        event = HumanMessage(id=new_event_id("say"), text=text, author=author or default_author())
+        return (await self.log.append(session_id, event, channel="input")).seq
+
+    async def cancel(self, session_id: str, *, author: str | None = None, reason: str = "") -> int:
+        """Ask the session to stop at its next step boundary (it ends `cancelled`)."""
+        await self._require(session_id)
+        event = CancelRequested(id=new_event_id("cancel"), author=author or default_author(), reason=reason)
+        return (await self.log.append(session_id, event, channel="input")).seq
+
+    async def resume(self, session_id: str, *, budget: Budget | None = None, author: str | None = None) -> int:
+        """Ask a paused session to continue, optionally with raised limits."""
+        await self._require(session_id)
+        event = ResumeRequested(id=new_event_id("resume"), author=author or default_author(), budget=budget or Budget())
+        return (await self.log.append(session_id, event, channel="input")).seq
+
+    # --- reading ------------------------------------------------------------------------------
+
+    async def tap(
+        self, session_id: str | None = None, *, start: From = "start", follow: bool = True
+    ) -> AsyncIterator[Record]:
+        """Every record of one session (or all, with None) from `start`, then live ones as they come."""
+        if session_id is not None:
+            await self._require(session_id)
+        async for record in self.log.tap(session_id, start=start, follow=follow):
+            yield record
+
+    async def show(self, session_id: str) -> list[Record]:
+        """The whole log of one session."""
+        await self._require(session_id)
+        return await self.log.read(session_id)
+
+    async def state(self, session_id: str) -> SessionState:
+        self._check_session_id(session_id)
+        return await self.log.state(session_id)
+
+    async def sessions(self, status: str | None = None) -> list[SessionState]:
+        """One state per session, oldest first; `status` filters."""
+        states = [await self.log.state(sid) for sid in await self.log.session_ids()]
+        return [s for s in states if status is None or s.status == status]
+
+    async def wait(
+        self, session_id: str, *, timeout: float | None = None, raise_on_failure: bool = False
+    ) -> SessionState:
+        """Block until the session ends (or pauses); returns its final state.
+
+        With `raise_on_failure`, an end other than `completed` raises `SessionUnsuccessful`.
+        """
+        await self._require(session_id)
+        try:
+            state = await asyncio.wait_for(self._until_settled(session_id), timeout)
+        except TimeoutError as err:
+            raise Timeout(f"session {session_id} still running after {timeout:g}s") from err
+        if raise_on_failure and state.status != "completed":
+            raise SessionUnsuccessful(session_id, state.status, state.reason)
+        return state
+
+    async def _until_settled(self, session_id: str) -> SessionState:
+        state = SessionState(session_id=session_id)
+        async for record in self.log.tap(session_id, start="start", follow=True):
+            state = fold(state, record)
+            if state.terminal or state.status == "paused":
+                return state
+        return state  # pragma: no cover - tap only ends when the connection does
+
+    async def _require(self, session_id: str) -> None:
+        self._check_session_id(session_id)
+        if not await self.log.exists(session_id):
+            raise NoSuchSession(session_id)
+
+    @staticmethod
+    def _check_session_id(session_id: str) -> None:
+        if not valid_token(session_id):
+            raise UsageError(f"session id {session_id!r} must be 1-64 characters of letters, digits, '-' or '_'")
+
+
+@asynccontextmanager
+async def connect(
+    url: str | None = None,
+    *,
+    prefix: str | None = None,
+    settings: Settings | None = None,
+    name: str = "agentbus-client",
+) -> AsyncIterator[Client]:
+    """Connect to NATS, provision the streams, and yield a `Client`; closes on exit."""
+    settings = settings or Settings.from_env()
+    settings = settings.with_(nats_url=url or settings.nats_url, prefix=prefix or settings.prefix)
+    bus = await Bus.connect(settings, name=name)
+    try:
+        await bus.provision()
+        yield Client(bus)
+    finally:
+        await bus.close()

@@ -1,0 +1,357 @@
+"""Wire types: the task and the session events, as frozen msgspec Structs.
+
+Rules that keep old and new processes talking: every field added later has a
+default, no field ever changes type, and an event type this version does not
+know decodes to `UnknownEvent` instead of failing. Events are named in the past
+tense; `SCHEMA_VERSION` goes up when an event type is added.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+import msgspec
+
+SCHEMA_VERSION = 1
+
+Status = Literal[
+    "pending",  # recorded, not yet routed
+    "queued",  # on a pool's work queue
+    "running",  # an agent is working on it
+    "waiting",  # waiting for a human reply (ask_human)
+    "evaluating",  # the evaluator is grading the result
+    "paused",  # a budget or no-progress guard stopped it; `resume` continues
+    "completed",
+    "failed",
+    "cancelled",
+]
+TERMINAL: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
+
+
+class Budget(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """Limits for one session; None means no limit."""
+
+    max_steps: int | None = None
+    max_tool_calls: int | None = None
+    max_tokens: int | None = None
+    max_usd: float | None = None
+    max_wall_s: float | None = None
+
+
+class Usage(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """Token usage of one model call; prompt size is the sum of the three input kinds."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_creation_input_tokens: int = 0
+    cache_read_input_tokens: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.input_tokens + self.output_tokens + self.cache_creation_input_tokens + self.cache_read_input_tokens
+
+
+class Task(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """What someone asked for: the unit that routers route and agents work on."""
+
+    session_id: str
+    prompt: str
+    pool: str | None = None
+    criteria: tuple[str, ...] = ()
+    checks: tuple[str, ...] = ()
+    max_rounds: int = 3
+    budget: Budget = Budget()
+    tags: tuple[str, ...] = ()
+    submitter: str = ""
+    parent_session: str | None = None
+    depth: int = 0
+    model: str | None = None
+    v: int = SCHEMA_VERSION
+
+
+class WorkItem(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """A message on a work or submission queue: a pointer to a session, plus why it is queued.
+
+    The queue message is small on purpose: the session log holds the task, so an
+    agent that picks this up reads the log and continues from where it stands.
+    """
+
+    session_id: str
+    reason: Literal["new", "revision", "resume", "child_result"] = "new"
+    round: int = 1
+    v: int = SCHEMA_VERSION
+
+
+# --- session events ---------------------------------------------------------------------------
+
+
+class Event(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag_field="type"):
+    """Base of every session event.
+
+    `id` is unique within the session and deterministic for steps an agent may
+    redo (so a replayed append deduplicates). `ts` is the writer's clock, for
+    people; ordering comes from the stream sequence.
+    """
+
+    id: str
+    ts: float = msgspec.field(default_factory=time.time)
+    v: int = SCHEMA_VERSION
+
+
+class SessionCreated(Event, tag="session_created", frozen=True, kw_only=True):
+    task: Task
+    trace_id: str | None = None
+
+
+class Routed(Event, tag="routed", frozen=True, kw_only=True):
+    pool: str
+    rule: str = "explicit"
+    model: str | None = None
+
+
+class HumanMessage(Event, tag="human_message", frozen=True, kw_only=True):
+    text: str
+    author: str
+
+
+class CancelRequested(Event, tag="cancel_requested", frozen=True, kw_only=True):
+    author: str
+    reason: str = ""
+
+
+class ResumeRequested(Event, tag="resume_requested", frozen=True, kw_only=True):
+    author: str
+    budget: Budget = Budget()
+
+
+class StatusChanged(Event, tag="status_changed", frozen=True, kw_only=True):
+    status: Status
+    reason: str = ""
+    worker: str | None = None
+
+
+class SessionClaimed(Event, tag="session_claimed", frozen=True, kw_only=True):
+    """An agent took the session's task off its pool's queue (attempt counts redeliveries)."""
+
+    worker: str
+    attempt: int = 1
+    round: int = 1
+
+
+class ModelResponded(Event, tag="model_responded", frozen=True, kw_only=True):
+    """One model call's response, recorded before any tool it asks for runs."""
+
+    step: int
+    model: str
+    content: tuple[dict[str, Any], ...]
+    stop_reason: str | None = None
+    usage: Usage = Usage()
+    cost_usd: float = 0.0
+    round: int = 1
+
+
+class ToolCallStarted(Event, tag="tool_call_started", frozen=True, kw_only=True):
+    """Written just before a tool runs; a start with no completion means the run was cut off."""
+
+    step: int
+    tool_use_id: str
+    name: str
+    input: dict[str, Any] = {}
+    rerun: bool = False
+
+
+class ToolCallCompleted(Event, tag="tool_call_completed", frozen=True, kw_only=True):
+    step: int
+    tool_use_id: str
+    name: str
+    output: str
+    is_error: bool = False
+
+
+class QuestionAsked(Event, tag="question_asked", frozen=True, kw_only=True):
+    text: str
+    tool_use_id: str = ""
+
+
+class DelegationRequested(Event, tag="delegation_requested", frozen=True, kw_only=True):
+    child_session: str
+    pool: str | None
+    prompt: str
+    tool_use_id: str = ""
+
+
+class DelegationCompleted(Event, tag="delegation_completed", frozen=True, kw_only=True):
+    child_session: str
+    status: Status
+    result: str = ""
+    tool_use_id: str = ""
+
+
+class CheckResult(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    command: str
+    passed: bool
+    exit_code: int | None = None
+    output: str = ""
+
+
+class CriterionResult(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    criterion: str
+    passed: bool
+    score: float | None = None
+    critique: str = ""
+
+
+class VerdictRecorded(Event, tag="verdict_recorded", frozen=True, kw_only=True):
+    round: int
+    verdict: Literal["satisfied", "needs_revision", "failed"]
+    criteria: tuple[CriterionResult, ...] = ()
+    checks: tuple[CheckResult, ...] = ()
+    critique: str = ""
+
+
+class BudgetExceeded(Event, tag="budget_exceeded", frozen=True, kw_only=True):
+    limit: str  # max_steps, max_tokens, max_usd, max_wall, no_progress, ...
+    detail: str = ""
+
+
+class SessionEnded(Event, tag="session_ended", frozen=True, kw_only=True):
+    status: Literal["completed", "failed", "cancelled"]
+    reason: str = ""
+    result: str = ""
+
+
+class InputRejected(Event, tag="input_rejected", frozen=True, kw_only=True):
+    """Something addressed to this session could not be used; the reason is kept, nothing is dropped silently."""
+
+    reason: str
+    source: str = ""
+
+
+AnyEvent = (
+    SessionCreated
+    | Routed
+    | HumanMessage
+    | CancelRequested
+    | ResumeRequested
+    | StatusChanged
+    | SessionClaimed
+    | ModelResponded
+    | ToolCallStarted
+    | ToolCallCompleted
+    | QuestionAsked
+    | DelegationRequested
+    | DelegationCompleted
+    | VerdictRecorded
+    | BudgetExceeded
+    | SessionEnded
+    | InputRejected
+)
+
+EVENT_TYPES: dict[str, type[Event]] = {t.__struct_config__.tag: t for t in AnyEvent.__args__}
+
+
+class UnknownEvent(msgspec.Struct, frozen=True, kw_only=True):
+    """An event of a type this version does not know (written by a newer one): kept, not dropped."""
+
+    type: str
+    id: str = ""
+    ts: float = 0.0
+    v: int = 0
+    data: dict[str, Any] = {}
+
+
+class InvalidEvent(msgspec.Struct, frozen=True, kw_only=True):
+    """Bytes in the log that are not an event at all; `reason` says why, `raw` starts the payload."""
+
+    reason: str
+    raw: str = ""
+    id: str = ""
+    ts: float = 0.0
+
+
+LogEvent = AnyEvent | UnknownEvent | InvalidEvent
+
+
+class Record(msgspec.Struct, frozen=True, kw_only=True):
+    """One entry of the session log as read back: the event and where it sits in the stream."""
+
+    seq: int
+    session_id: str
+    channel: str  # "log" or "input"
+    event: LogEvent
+
+
+# --- encoding --------------------------------------------------------------------------------
+
+_encoder = msgspec.json.Encoder()
+_event_decoder: msgspec.json.Decoder[AnyEvent] = msgspec.json.Decoder(AnyEvent)
+_dict_decoder = msgspec.json.Decoder(dict[str, Any])
+_task_decoder = msgspec.json.Decoder(Task)
+_work_decoder = msgspec.json.Decoder(WorkItem)
+
+
+def encode(obj: msgspec.Struct) -> bytes:
+    if isinstance(obj, UnknownEvent):
+        return _encoder.encode({**obj.data, "type": obj.type, "id": obj.id, "ts": obj.ts, "v": obj.v})
+    return _encoder.encode(obj)
+
+
+def decode_event(data: bytes) -> LogEvent:
+    """Decode one log payload; never raises: unknown types and garbage come back as values."""
+    try:
+        return _event_decoder.decode(data)
+    except msgspec.ValidationError as err:
+        known_err = err
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as err:
+        return InvalidEvent(reason=f"not JSON: {err}", raw=_preview(data))
+    try:
+        obj = _dict_decoder.decode(data)
+    except (msgspec.MsgspecError, UnicodeDecodeError, RecursionError) as err:
+        return InvalidEvent(reason=f"not a JSON object: {err}", raw=_preview(data))
+    kind = obj.get("type")
+    if isinstance(kind, str) and kind not in EVENT_TYPES:
+        return UnknownEvent(
+            type=kind,
+            id=str(obj.get("id", "")),
+            ts=float(obj["ts"]) if isinstance(obj.get("ts"), int | float) else 0.0,
+            v=int(obj["v"]) if isinstance(obj.get("v"), int) else 0,
+            data={k: v for k, v in obj.items() if k not in ("type", "id", "ts", "v")},
+        )
+    return InvalidEvent(reason=f"invalid event: {known_err}", raw=_preview(data), id=str(obj.get("id", "")))
+
+
+def decode_task(data: bytes) -> Task:
+    return _task_decoder.decode(data)
+
+
+def decode_work(data: bytes) -> WorkItem:
+    return _work_decoder.decode(data)
+
+
+def to_builtins(obj: msgspec.Struct) -> Any:
+    """A JSON-ready dict of any event or record (for `--json` output)."""
+    if isinstance(obj, UnknownEvent):
+        return {**obj.data, "type": obj.type, "id": obj.id, "ts": obj.ts, "v": obj.v}
+    if isinstance(obj, InvalidEvent):
+        return {"type": "invalid", **msgspec.to_builtins(obj)}
+    if isinstance(obj, Record):
+        return {
+            "seq": obj.seq,
+            "session_id": obj.session_id,
+            "channel": obj.channel,
+            "event": to_builtins(obj.event),
+        }
+    return msgspec.to_builtins(obj)
+
+
+def event_type(event: LogEvent) -> str:
+    if isinstance(event, UnknownEvent):
+        return event.type
+    if isinstance(event, InvalidEvent):
+        return "invalid"
+    return str(event.__struct_config__.tag)
+
+
+def _preview(data: bytes, limit: int = 200) -> str:
+    return data[:limit].decode("utf-8", errors="replace")

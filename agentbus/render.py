@@ -1,0 +1,132 @@
+"""How records and sessions look on a terminal: one line each, the important part first."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from agentbus.messages import (
+    BudgetExceeded,
+    CancelRequested,
+    DelegationCompleted,
+    DelegationRequested,
+    HumanMessage,
+    InputRejected,
+    InvalidEvent,
+    ModelResponded,
+    QuestionAsked,
+    Record,
+    ResumeRequested,
+    Routed,
+    SessionClaimed,
+    SessionCreated,
+    SessionEnded,
+    StatusChanged,
+    ToolCallCompleted,
+    ToolCallStarted,
+    UnknownEvent,
+    VerdictRecorded,
+    event_type,
+)
+from agentbus.state import SessionState
+
+_WIDTH = 100
+
+
+def record_line(record: Record, *, with_session: bool = False) -> str:
+    ev = record.event
+    clock = time.strftime("%H:%M:%S", time.localtime(getattr(ev, "ts", 0.0) or time.time()))
+    where = f"{record.session_id} " if with_session else ""
+    return f"#{record.seq:<5} {clock} {where}{event_type(ev):<20} {summary(ev)}".rstrip()
+
+
+def summary(ev: Any) -> str:
+    match ev:
+        case SessionCreated(task=t):
+            extra = []
+            if t.pool:
+                extra.append(f"pool={t.pool}")
+            if t.parent_session:
+                extra.append(f"parent={t.parent_session} depth={t.depth}")
+            if t.criteria or t.checks:
+                extra.append(f"criteria={len(t.criteria)} checks={len(t.checks)}")
+            return _clip(f"by {t.submitter or '?'} {' '.join(extra)}: {t.prompt}")
+        case Routed(pool=pool, rule=rule):
+            return f"-> pool {pool} (rule: {rule})"
+        case HumanMessage(author=author, text=text):
+            return _clip(f"{author}: {text}")
+        case CancelRequested(author=author, reason=reason):
+            return f"by {author}" + (f": {reason}" if reason else "")
+        case ResumeRequested(author=author):
+            return f"by {author}"
+        case StatusChanged(status=status, reason=reason):
+            return status + (f" ({reason})" if reason else "")
+        case SessionClaimed(worker=worker, attempt=attempt):
+            return f"worker {worker}" + (f", attempt {attempt}" if attempt > 1 else "")
+        case ModelResponded(step=step, stop_reason=stop, usage=u, cost_usd=cost, content=content):
+            cached = u.cache_read_input_tokens + u.cache_creation_input_tokens
+            tokens = f"in {u.input_tokens}" + (f" (+{cached} cache)" if cached else "") + f" out {u.output_tokens}"
+            text = " ".join(str(b.get("text", "")) for b in content if b.get("type") == "text").strip()
+            tools = [str(b.get("name")) for b in content if b.get("type") == "tool_use"]
+            what = f"calls {', '.join(tools)}" if tools else text
+            return _clip(f"step {step} {stop} · {tokens} · ${cost:.4f} · {what}")
+        case ToolCallStarted(name=name, input=inp, rerun=rerun):
+            return _clip(f"{name}({_args(inp)})" + (" [re-run after crash]" if rerun else ""))
+        case ToolCallCompleted(name=name, output=output, is_error=is_error):
+            return _clip(f"{name} {'ERROR ' if is_error else ''}-> {output}")
+        case QuestionAsked(text=text):
+            return _clip(f"asks: {text}")
+        case DelegationRequested(child_session=child, pool=pool, prompt=prompt):
+            return _clip(f"child {child} on {pool or 'router'}: {prompt}")
+        case DelegationCompleted(child_session=child, status=status, result=result):
+            return _clip(f"child {child} {status}: {result}")
+        case VerdictRecorded(round=rnd, verdict=verdict, criteria=crit, checks=checks):
+            failed = [c.criterion for c in crit if not c.passed] + [c.command for c in checks if not c.passed]
+            return _clip(f"round {rnd}: {verdict}" + (f" (failed: {'; '.join(failed)})" if failed else ""))
+        case BudgetExceeded(limit=limit, detail=detail):
+            return f"paused: {limit} {detail}".rstrip()
+        case SessionEnded(status=status, reason=reason, result=result):
+            return _clip(f"{status}" + (f" ({reason})" if reason else "") + (f": {result}" if result else ""))
+        case InputRejected(reason=reason):
+            return _clip(reason)
+        case UnknownEvent(data=data):
+            return _clip(f"(from a newer agentbus) {data}")
+        case InvalidEvent(reason=reason, raw=raw):
+            return _clip(f"{reason} raw={raw!r}")
+    return ""
+
+
+def session_line(s: SessionState, now: float | None = None) -> str:
+    age = _age((now or time.time()) - s.created_ts) if s.created_ts else "?"
+    tokens = s.usage.total
+    return _clip(
+        f"{s.session_id}  {s.status:<10} {s.pool or '-':<12} {age:>6}  "
+        f"steps {s.steps:<3} tok {tokens:<7} ${s.cost_usd:<8.4f} " + " ".join(s.prompt.split()),
+        140,
+        squash=False,
+    )
+
+
+def session_header() -> str:
+    return f"{'SESSION':<16}  {'STATUS':<10} {'POOL':<12} {'AGE':>6}  {'PROGRESS':<27} PROMPT"
+
+
+def _age(seconds: float) -> str:
+    seconds = max(seconds, 0)
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    if seconds < 172800:
+        return f"{seconds / 3600:.0f}h"
+    return f"{seconds / 86400:.0f}d"
+
+
+def _args(inp: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in inp.items())
+
+
+def _clip(text: str, width: int = _WIDTH, *, squash: bool = True) -> str:
+    if squash:
+        text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"

@@ -1,0 +1,166 @@
+"""The session log: one durable stream, one subject pair per session.
+
+Every event is appended with a JetStream ack and a `Nats-Msg-Id` of
+`<session>:<event id>`, so re-appending after an uncertain failure never
+duplicates. An owner may fence its writes with the expected last sequence of
+the session's `log` subject; people write to the `input` subject, which is not
+fenced, so steering never breaks an agent's fence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from typing import Literal
+
+import msgspec
+
+from agentbus.bus import Bus, Outgoing, PubAck
+from agentbus.errors import FencedError, NoSuchSession
+from agentbus.messages import Event, Record, decode_event, encode
+from agentbus.state import SessionState, fold
+from agentbus.subjects import session_id_from_subject
+
+Channel = Literal["log", "input"]
+From = int | Literal["start", "new"]
+
+_state_decoder = msgspec.json.Decoder(SessionState)
+_state_encoder = msgspec.json.Encoder()
+
+
+class SessionLog:
+    """Append, read, tap and fold sessions on one bus."""
+
+    def __init__(self, bus: Bus) -> None:
+        self.bus = bus
+        self.ns = bus.ns
+
+    def _subject(self, session_id: str, channel: Channel) -> str:
+        return self.ns.session_log(session_id) if channel == "log" else self.ns.session_input(session_id)
+
+    # --- writing ----------------------------------------------------------------------------
+
+    async def append(
+        self,
+        session_id: str,
+        event: Event,
+        *,
+        channel: Channel = "log",
+        expect_last_seq: int | None = None,
+    ) -> PubAck:
+        """Append one event; raises `FencedError` if `expect_last_seq` no longer holds."""
+        try:
+            return await self.bus.publish(
+                self._subject(session_id, channel),
+                encode(event),
+                msg_id=f"{session_id}:{event.id}",
+                expected_last_subject_seq=expect_last_seq,
+            )
+        except FencedError as err:
+            raise FencedError(session_id, expect_last_seq or 0) from err
+
+    async def append_many(self, session_id: str, events: Sequence[Event], *, channel: Channel = "log") -> list[PubAck]:
+        """Append several events pipelined (one round trip's latency for the lot), in order."""
+        subject = self._subject(session_id, channel)
+        return await self.bus.publish_many(Outgoing(subject, encode(ev), f"{session_id}:{ev.id}") for ev in events)
+
+    async def writer(self, session_id: str) -> SessionWriter:
+        """A fenced writer positioned at the current end of the session's log channel."""
+        last = await self.bus.last_subject_seq(self.ns.sessions_stream, self.ns.session_log(session_id))
+        return SessionWriter(self, session_id, last)
+
+    # --- reading ----------------------------------------------------------------------------
+
+    async def tap(
+        self, session_id: str | None = None, *, start: From = "start", follow: bool = True
+    ) -> AsyncIterator[Record]:
+        """Replay a session (or every session) from `start`, then follow live: no gap, no duplicate."""
+        filt = self.ns.sessions_all() if session_id is None else self.ns.session_all(session_id)
+        deliveries = self.bus.replay(
+            self.ns.sessions_stream,
+            filt,
+            start_seq=start if isinstance(start, int) else None,
+            new_only=start == "new",
+            follow=follow,
+        )
+        async for d in deliveries:
+            parts = d.subject.rsplit(".", 1)
+            yield Record(
+                seq=d.seq,
+                session_id=session_id_from_subject(d.subject) or "",
+                channel=parts[-1],
+                event=decode_event(d.data),
+            )
+
+    async def read(self, session_id: str, from_seq: int = 1, limit: int | None = None) -> list[Record]:
+        """The session's records with stream sequence >= `from_seq` (at most `limit`)."""
+        out: list[Record] = []
+        async for rec in self.tap(session_id, start=max(from_seq, 1), follow=False):
+            out.append(rec)
+            if limit is not None and len(out) >= limit:
+                break
+        return out
+
+    async def exists(self, session_id: str) -> bool:
+        counts = await self.bus.subject_counts(self.ns.sessions_stream, self.ns.session_all(session_id))
+        return bool(counts)
+
+    async def session_ids(self) -> list[str]:
+        """Every session with anything in the log, oldest id first (ids sort by creation time)."""
+        counts = await self.bus.subject_counts(self.ns.sessions_stream, self.ns.sessions_all())
+        ids = {sid for subj in counts if (sid := session_id_from_subject(subj))}
+        return sorted(ids)
+
+    # --- state ------------------------------------------------------------------------------
+
+    async def state(self, session_id: str) -> SessionState:
+        """The folded state, from the KV cache plus whatever the log holds past it.
+
+        The log is the truth; the cache only saves re-reading it. Writes use
+        compare-and-set, so two readers refreshing at once cannot move it back.
+        """
+        bucket = self.ns.state_bucket
+        self.ns.session_log(session_id)  # refuses an id that is not a subject token
+        for _ in range(5):
+            cached = await self.bus.kv_get(bucket, session_id)
+            if cached is None:
+                state, revision = SessionState(session_id=session_id), None
+            else:
+                state, revision = _state_decoder.decode(cached[0]), cached[1]
+            new = state
+            for rec in await self.read(session_id, from_seq=state.last_seq + 1):
+                new = fold(new, rec)
+            if new.last_seq == 0:
+                raise NoSuchSession(session_id)
+            if new.last_seq == state.last_seq:
+                return new
+            if await self.bus.kv_put_if(bucket, session_id, _state_encoder.encode(new), revision):
+                return new
+            await asyncio.sleep(0)
+        return new
+
+
+class SessionWriter:
+    """Appends to one session's log channel with the fence, tracking the sequence it owns."""
+
+    def __init__(self, log: SessionLog, session_id: str, last_seq: int) -> None:
+        self.log = log
+        self.session_id = session_id
+        self.last_seq = last_seq
+
+    async def append(self, event: Event) -> PubAck:
+        """Append if nobody else wrote to the log channel since our last append, else `FencedError`."""
+        ack = await self.log.append(self.session_id, event, expect_last_seq=self.last_seq)
+        self.last_seq = max(self.last_seq, ack.seq)
+        return ack
+
+    async def resync(self) -> list[Record]:
+        """After a `FencedError`: the log-channel records written by others since our position."""
+        records = await self.log.read(self.session_id, from_seq=self.last_seq + 1)
+        foreign = [r for r in records if r.channel == "log"]
+        if foreign:
+            self.last_seq = max(r.seq for r in foreign)
+        return foreign
+
+
+__all__ = ["FencedError", "SessionLog", "SessionWriter"]

@@ -1,0 +1,192 @@
+"""Every subject, stream, consumer and KV bucket agentbus uses; pure names, no I/O.
+
+`subjects.md` at the repository root is the specification of this module, and
+`tests/test_subjects_doc.py` keeps the two in step.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+DEFAULT_PREFIX = "agentbus"
+
+# A token that is safe inside a subject, a consumer name and a KV key.
+_TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_PREFIX = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+
+
+def valid_token(value: str) -> bool:
+    """True if `value` can stand as one subject token (session id, pool name)."""
+    return bool(_TOKEN.match(value))
+
+
+@dataclass(frozen=True, kw_only=True)
+class StreamSpec:
+    """What a stream must look like; the bus layer turns it into a JetStream config."""
+
+    name: str
+    subjects: tuple[str, ...]
+    retention: Literal["limits", "workqueue", "interest"]
+    duplicate_window_s: float = 120.0
+    max_age_s: float = 0.0  # 0: unlimited
+    max_bytes: int = -1  # -1: unlimited
+    max_msg_size: int = -1
+    discard: Literal["old", "new"] = "old"
+    allow_direct: bool = True
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConsumerSpec:
+    """A durable pull consumer on one stream."""
+
+    stream: str
+    durable: str
+    filter_subject: str
+    ack_wait_s: float = 60.0
+    max_deliver: int = 5
+    max_ack_pending: int = 1000
+
+
+@dataclass(frozen=True, kw_only=True)
+class BucketSpec:
+    """A KV bucket."""
+
+    name: str
+    history: int = 1
+    ttl_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class Namespace:
+    """Builds every name under one prefix, so several deployments (or tests) share a server.
+
+    Subjects are lowercase dot tokens: `<prefix>.<kind>...`. Stream names are the
+    upper-cased prefix joined to the stream's role.
+    """
+
+    prefix: str = DEFAULT_PREFIX
+    max_message_bytes: int = field(default=2 * 1024 * 1024, compare=False)
+
+    def __post_init__(self) -> None:
+        if not _PREFIX.match(self.prefix):
+            raise ValueError(
+                f"namespace prefix {self.prefix!r} must be lowercase letters, digits or '_' and start with a letter"
+            )
+
+    # --- subjects -------------------------------------------------------------------------
+
+    def session_log(self, session_id: str) -> str:
+        """Events written by the processes that own a session's work (fenced by the owner)."""
+        return f"{self.prefix}.session.{_token(session_id, 'session id')}.log"
+
+    def session_input(self, session_id: str) -> str:
+        """Events from people and scripts: human messages, cancel and resume requests."""
+        return f"{self.prefix}.session.{_token(session_id, 'session id')}.input"
+
+    def session_all(self, session_id: str) -> str:
+        """Both channels of one session, in stream order."""
+        return f"{self.prefix}.session.{_token(session_id, 'session id')}.*"
+
+    def sessions_all(self) -> str:
+        """Every channel of every session."""
+        return f"{self.prefix}.session.*.*"
+
+    def submissions(self) -> str:
+        """Tasks with no explicit pool, waiting for a router to choose one."""
+        return f"{self.prefix}.submit"
+
+    def work(self, pool: str) -> str:
+        """Tasks queued for one agent pool."""
+        return f"{self.prefix}.work.{_token(pool, 'pool name')}"
+
+    def work_all(self) -> str:
+        """Every pool's work queue."""
+        return f"{self.prefix}.work.*"
+
+    # --- streams, consumers, buckets ----------------------------------------------------
+
+    @property
+    def sessions_stream(self) -> str:
+        return f"{self._upper}_SESSIONS"
+
+    @property
+    def submissions_stream(self) -> str:
+        return f"{self._upper}_SUBMIT"
+
+    @property
+    def work_stream(self) -> str:
+        return f"{self._upper}_WORK"
+
+    @property
+    def state_bucket(self) -> str:
+        return f"{self._upper}_state"
+
+    @property
+    def _upper(self) -> str:
+        return self.prefix.upper()
+
+    def streams(self) -> tuple[StreamSpec, ...]:
+        """Every stream agentbus provisions, with its limits."""
+        return (
+            StreamSpec(
+                name=self.sessions_stream,
+                subjects=(self.sessions_all(),),
+                retention="limits",
+                # A resumed agent re-appends what it may have written before dying; the
+                # window must outlast ack wait plus a restart for that re-append to dedupe.
+                duplicate_window_s=600.0,
+                max_msg_size=self.max_message_bytes,
+            ),
+            StreamSpec(
+                name=self.submissions_stream,
+                subjects=(self.submissions(),),
+                retention="workqueue",
+                max_msg_size=self.max_message_bytes,
+            ),
+            StreamSpec(
+                name=self.work_stream,
+                subjects=(self.work_all(),),
+                retention="workqueue",
+                max_msg_size=self.max_message_bytes,
+            ),
+        )
+
+    def buckets(self) -> tuple[BucketSpec, ...]:
+        """Every KV bucket agentbus provisions."""
+        return (BucketSpec(name=self.state_bucket, history=1),)
+
+    def router_consumer(self) -> ConsumerSpec:
+        """The one durable all routers share: each submission goes to exactly one router."""
+        return ConsumerSpec(
+            stream=self.submissions_stream,
+            durable="router",
+            filter_subject=self.submissions(),
+            ack_wait_s=30.0,
+            max_deliver=5,
+        )
+
+    def pool_consumer(self, pool: str, *, ack_wait_s: float = 60.0, max_deliver: int = 5) -> ConsumerSpec:
+        """The durable all agents of one pool share (work-queue: a task goes to one agent)."""
+        return ConsumerSpec(
+            stream=self.work_stream,
+            durable=f"pool-{_token(pool, 'pool name')}",
+            filter_subject=self.work(pool),
+            ack_wait_s=ack_wait_s,
+            max_deliver=max_deliver,
+        )
+
+
+def _token(value: str, what: str) -> str:
+    if not _TOKEN.match(value):
+        raise ValueError(f"{what} {value!r} must be 1-64 characters of letters, digits, '-' or '_'")
+    return value
+
+
+def session_id_from_subject(subject: str) -> str | None:
+    """The session id in a session-log subject, or None if it is not one."""
+    parts = subject.split(".")
+    if len(parts) == 4 and parts[1] == "session":
+        return parts[2]
+    return None

@@ -1,0 +1,1 @@
+"""The four agentbus processes, each a small program on the agentbus library."""

@@ -1,0 +1,74 @@
+"""`agentbus agent`: one agent process serving one pool."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from pathlib import Path
+
+import click
+
+from agentbus.bus import Bus
+from agentbus.cli import nats_option, run, settings_from
+from services.agent.tools import DEFAULT_TOOLS
+from services.agent.worker import AgentConfig, serve
+
+
+@click.command(name="agent")
+@click.option("--pool", required=True, help="Pool whose work queue this agent serves.")
+@click.option("--model", "model_spec", required=True, help="anthropic:<model-id> or scripted:<file.json>.")
+@click.option(
+    "--tools",
+    default=",".join(DEFAULT_TOOLS),
+    show_default=True,
+    help="Comma-separated tools (bash is off unless listed; plug-ins by entry-point name).",
+)
+@click.option("--workdir", default=".agentbus/work", show_default=True, help="Per-session workspaces go here.")
+@click.option(
+    "--concurrency", default=4, show_default=True, help="Sessions at once (delegating parents wait in a slot)."
+)
+@click.option("--max-tokens", default=4096, show_default=True, help="max_tokens per model call.")
+@click.option(
+    "--ack-wait", default=60.0, show_default=True, help="Seconds before an unacked task goes to another agent."
+)
+@click.option("--max-deliver", default=5, show_default=True, help="Deliveries before a task's session is failed.")
+@nats_option
+def command(
+    pool: str,
+    model_spec: str,
+    tools: str,
+    workdir: str,
+    concurrency: int,
+    max_tokens: int,
+    ack_wait: float,
+    max_deliver: int,
+    nats_url: str | None,
+    prefix: str,
+) -> None:
+    """Run an agent: pull POOL's tasks, run the Claude tool-use loop, record every step."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s agent %(levelname)s %(message)s")
+    config = AgentConfig(
+        pool=pool,
+        model=model_spec,
+        tools=tuple(t.strip() for t in tools.split(",") if t.strip()),
+        workdir=Path(workdir),
+        concurrency=max(1, concurrency),
+        max_tokens=max_tokens,
+        ack_wait_s=ack_wait,
+        max_deliver=max_deliver,
+    )
+    settings = settings_from(nats_url, prefix)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        bus = await Bus.connect(settings, name=f"agentbus-agent-{pool}")
+        try:
+            await serve(bus, config, stop)
+        finally:
+            await bus.close()
+
+    run(main)

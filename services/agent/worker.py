@@ -1,0 +1,448 @@
+"""The agent worker: pulls a pool's tasks and runs each session's tool-use loop, step by durable step.
+
+Rules that make a crash harmless:
+- every model response and tool result is in the log before the loop acts on it;
+- the next request is rebuilt from the log, so a resumed agent sends what the dead one would have;
+- the task's queue message is acked only after the session ended (or was handed on), and kept
+  alive with in-progress acks while the model or a tool runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import socket
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, cast
+
+import msgspec
+
+from agentbus.bus import Bus, Job
+from agentbus.client import Client
+from agentbus.errors import AgentBusError, FencedError
+from agentbus.messages import (
+    TERMINAL,
+    CancelRequested,
+    DelegationCompleted,
+    DelegationRequested,
+    Event,
+    HumanMessage,
+    InputRejected,
+    ModelResponded,
+    QuestionAsked,
+    Record,
+    SessionClaimed,
+    SessionEnded,
+    StatusChanged,
+    ToolCallCompleted,
+    ToolCallStarted,
+    decode_work,
+)
+from agentbus.models import ModelClient, ModelError, cost_usd, model_from_spec
+from agentbus.session import SessionLog, SessionWriter
+from agentbus.state import SessionState, fold
+from agentbus.subjects import valid_token
+from services.agent.conversation import Conversation, ToolUse, build, human_text
+from services.agent.tools import DEFAULT_TOOLS, Tool, ToolContext, ToolError, load_tools, schemas
+
+log = logging.getLogger("agentbus.agent")
+
+DEFAULT_SYSTEM = (
+    "You are an agent working inside agentbus. Use the tools to do the task in your session workspace. "
+    "Messages marked [message from NAME] come from people watching the session: take them into account. "
+    "When the task is done, reply with the final result and no tool call."
+)
+
+Outcome = Literal["ended", "released"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class AgentConfig:
+    """How one agent process behaves; the CLI builds it from options."""
+
+    pool: str
+    model: str
+    tools: tuple[str, ...] = DEFAULT_TOOLS
+    workdir: Path = Path(".agentbus/work")
+    concurrency: int = 4
+    max_tokens: int = 4096
+    system: str = DEFAULT_SYSTEM
+    ack_wait_s: float = 60.0
+    max_deliver: int = 5
+    max_steps: int = 100  # a safety net; per-session budgets come with the supervisor
+    max_depth: int = 3
+    worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+
+
+class Released(Exception):
+    """The worker is draining: stop here, leave the task for another agent."""
+
+
+class AgentWorker:
+    """Serves one pool: `run()` until `shutdown()`; safe to shut down twice."""
+
+    def __init__(self, bus: Bus, config: AgentConfig, model: ModelClient | None = None) -> None:
+        if not valid_token(config.pool):
+            raise AgentBusError(f"pool name {config.pool!r} must be letters, digits, '-' or '_'")
+        self.bus = bus
+        self.config = config
+        self.log = SessionLog(bus)
+        self.client = Client(bus)
+        self.model = model or model_from_spec(config.model)
+        self.tools: dict[str, Tool] = load_tools(config.tools)
+        self.tool_schemas = schemas(self.tools)
+        self.consumer = bus.ns.pool_consumer(config.pool, ack_wait_s=config.ack_wait_s, max_deliver=config.max_deliver)
+        self._draining = asyncio.Event()
+        self._stopped = asyncio.Event()
+        self._inflight: set[asyncio.Task[None]] = set()
+        self.served = 0
+
+    async def run(self) -> None:
+        await self.bus.provision()
+        puller = await self.bus.pull(self.consumer)
+        watcher = asyncio.create_task(self._watch_exhausted())
+        log.info("agent %s serving pool %s with %s", self.config.worker_id, self.config.pool, self.model.name)
+        try:
+            while not self._draining.is_set():
+                free = self.config.concurrency - len(self._inflight)
+                if free <= 0:
+                    await asyncio.wait(self._inflight, return_when=asyncio.FIRST_COMPLETED)
+                    continue
+                for job in await puller.fetch(free, timeout=1.0):
+                    task = asyncio.create_task(self._handle(job))
+                    self._inflight.add(task)
+                    task.add_done_callback(self._inflight.discard)
+        finally:
+            if self._inflight:
+                await asyncio.wait(self._inflight)
+            watcher.cancel()
+            await puller.close()
+            self._stopped.set()
+            log.info("agent %s stopped after %d sessions", self.config.worker_id, self.served)
+
+    async def shutdown(self) -> None:
+        """Stop taking tasks; running sessions stop at their next step boundary and go back to the queue."""
+        self._draining.set()
+        await self._stopped.wait()
+
+    # --- one queue message ------------------------------------------------------------------
+
+    async def _handle(self, job: Job) -> None:
+        try:
+            item = decode_work(job.data)
+        except msgspec.MsgspecError as err:
+            await self._reject(job, f"malformed work item on {job.subject}: {err}")
+            return
+        if not valid_token(item.session_id):
+            await self._reject(job, f"work item names an invalid session id {item.session_id!r}")
+            return
+        run = SessionRun(self, item.session_id, job)
+        try:
+            outcome = await run.execute()
+        except Exception as err:
+            await self._failed_attempt(job, item.session_id, err)
+            return
+        if outcome == "ended":
+            await job.ack()
+            self.served += 1
+        else:
+            await job.nak()
+
+    async def _reject(self, job: Job, reason: str) -> None:
+        """Bad input: record why where people look (if we can tell the session), never redeliver."""
+        log.warning("%s", reason)
+        sid = _guess_session(job.data)
+        if sid and await self.log.exists(sid):
+            await self.log.append(sid, InputRejected(id=f"rejected-{job.seq}", reason=reason, source=job.subject))
+        await job.term()
+
+    async def _failed_attempt(self, job: Job, sid: str, err: Exception) -> None:
+        if isinstance(err, FencedError):
+            log.warning("session %s: another agent owns it now (%s); leaving it", sid, err)
+            await job.nak(delay=self.config.ack_wait_s)
+            return
+        log.exception("session %s attempt %d failed", sid, job.attempt)
+        if job.attempt >= self.config.max_deliver:
+            reason = f"gave up after {job.attempt} attempts; last error: {type(err).__name__}: {err}"
+            await self.log.append(sid, SessionEnded(id="ended", status="failed", reason=reason))
+            await job.term()
+        else:
+            await job.nak(delay=min(2.0**job.attempt, 30.0))
+
+    async def _watch_exhausted(self) -> None:
+        """A task whose last delivery died with its agent: fail the session so nobody waits forever."""
+        stream = self.consumer.stream
+        async for seq in self.bus.max_delivery_advisories(self.consumer):
+            data = await self.bus.get_stored(stream, seq)
+            if data is None:
+                continue
+            sid = _guess_session(data)
+            if sid and await self.log.exists(sid):
+                reason = f"gave up: delivered {self.config.max_deliver} times and never finished (max_deliver)"
+                await self.log.append(sid, SessionEnded(id="ended", status="failed", reason=reason))
+            await self.bus.delete_stored(stream, seq)
+
+
+def _guess_session(data: bytes) -> str | None:
+    try:
+        obj = msgspec.json.decode(data)
+    except msgspec.DecodeError:
+        return None
+    sid = obj.get("session_id") if isinstance(obj, dict) else None
+    return sid if isinstance(sid, str) and valid_token(sid) else None
+
+
+# --- one session ------------------------------------------------------------------------------
+
+
+class SessionRun:
+    """Runs one session from wherever its log stands to an end, or to a drain."""
+
+    def __init__(self, worker: AgentWorker, session_id: str, job: Job) -> None:
+        self.w = worker
+        self.sid = session_id
+        self.job = job
+        self.log = worker.log
+        self.records: list[Record] = []
+        self.writer: SessionWriter | None = None
+
+    async def execute(self) -> Outcome:
+        await self._refresh()
+        conv = build(self.records)
+        if conv.task is None:
+            raise AgentBusError(f"session {self.sid} has no session_created event")
+        if conv.ended:
+            return "ended"
+        last_log = max((r.seq for r in self.records if r.channel == "log"), default=0)
+        self.writer = SessionWriter(self.log, self.sid, last_log)
+        claim = SessionClaimed(
+            id=f"claim-{self.job.seq}-{self.job.attempt}", worker=self.w.config.worker_id, attempt=self.job.attempt
+        )
+        await self._append(claim)
+        async with self._keepalive():
+            return await self._loop()
+
+    async def _loop(self) -> Outcome:
+        while True:
+            if self.w._draining.is_set():
+                return "released"
+            conv = build(self.records)
+            if conv.cancel:
+                why = f"cancelled by {conv.cancel.author}" + (f": {conv.cancel.reason}" if conv.cancel.reason else "")
+                return await self._end("cancelled", why)
+            if conv.pending_tools:
+                for use in conv.pending_tools:
+                    await self._run_tool(use, conv)
+            elif conv.done:
+                return await self._end("completed", "", conv.final_text)
+            elif conv.last_stop == "refusal":
+                return await self._end("failed", "the model refused to continue (stop_reason refusal)")
+            elif conv.steps >= self.w.config.max_steps:
+                return await self._end("failed", f"max_steps: {conv.steps} model calls without finishing")
+            else:
+                outcome = await self._model_step(conv)
+                if outcome:
+                    return outcome
+            await self._refresh()
+
+    async def _model_step(self, conv: Conversation) -> Outcome | None:
+        step = conv.steps + 1
+        try:
+            reply = await self.w.model.respond(
+                session_id=self.sid,
+                system=self.w.config.system,
+                messages=conv.messages,
+                tools=self.w.tool_schemas,
+                max_tokens=self.w.config.max_tokens,
+            )
+        except ModelError as err:
+            if err.retryable:
+                raise
+            return await self._end("failed", f"model error: {err}")
+        await self._append(
+            ModelResponded(
+                id=f"step-{step}",
+                step=step,
+                model=reply.model,
+                content=reply.content,
+                stop_reason=reply.stop_reason,
+                usage=reply.usage,
+                cost_usd=cost_usd(reply.model, reply.usage),
+            )
+        )
+        return None
+
+    async def _run_tool(self, use: ToolUse, conv: Conversation) -> None:
+        suffix = f"-rerun{self.job.attempt}" if use.started else ""
+        await self._append(
+            ToolCallStarted(
+                id=f"step-{use.step}-start-{use.id}{suffix}",
+                step=use.step,
+                tool_use_id=use.id,
+                name=use.name,
+                input=use.input,
+                rerun=use.started,
+            )
+        )
+        ctx = ToolContext(
+            session_id=self.sid,
+            workspace=self._workspace(),
+            step=use.step,
+            tool_use_id=use.id,
+            delegate=lambda prompt, pool: self._delegate(use, conv, prompt, pool),
+            ask_human=lambda question: self._ask_human(use, question),
+        )
+        tool = self.w.tools.get(use.name)
+        try:
+            if tool is None:
+                raise ToolError(f"unknown tool {use.name!r}; this agent offers {', '.join(self.w.tools)}")
+            output, is_error = await tool.run(use.input, ctx), False
+        except Released:
+            raise
+        except Exception as err:
+            output, is_error = (str(err) or type(err).__name__), True
+        await self._append(
+            ToolCallCompleted(
+                id=f"step-{use.step}-result-{use.id}",
+                step=use.step,
+                tool_use_id=use.id,
+                name=use.name,
+                output=output,
+                is_error=is_error,
+            )
+        )
+
+    # --- tools that talk to the bus ---------------------------------------------------------------
+
+    async def _ask_human(self, use: ToolUse, question: str) -> str:
+        ack = await self._append(QuestionAsked(id=f"question-{use.id}", text=question, tool_use_id=use.id))
+        await self._append(StatusChanged(id=f"waiting-{use.id}", status="waiting", reason=question[:200]))
+        answer: HumanMessage | None = None
+        async for rec in self._follow(ack.seq + 1):
+            if isinstance(rec.event, HumanMessage):
+                answer = rec.event
+                break
+            if isinstance(rec.event, CancelRequested):
+                raise ToolError("the session was cancelled while waiting for an answer")
+        assert answer is not None
+        await self._append(StatusChanged(id=f"answered-{use.id}", status="running", worker=self.w.config.worker_id))
+        return human_text(answer)
+
+    async def _delegate(self, use: ToolUse, conv: Conversation, prompt: str, pool: str | None) -> str:
+        task = conv.task
+        assert task is not None
+        depth = task.depth + 1
+        if depth > self.w.config.max_depth:
+            raise ToolError(f"delegation refused: depth limit {self.w.config.max_depth} reached")
+        child = f"{self.sid[:40]}-{hashlib.sha256(use.id.encode()).hexdigest()[:10]}"
+        target = pool or self.w.config.pool
+        await self._append(
+            DelegationRequested(
+                id=f"delegate-{use.id}", child_session=child, pool=target, prompt=prompt, tool_use_id=use.id
+            )
+        )
+        # The same child id on a re-run: both writes of submit dedupe, so one child per tool call.
+        await self.w.client.submit(
+            prompt,
+            pool=target,
+            parent_session=self.sid,
+            depth=depth,
+            session_id=child,
+            submitter=f"agent:{self.sid}",
+            budget=task.budget,
+        )
+        state = SessionState(session_id=child)
+        async for rec in self._follow(1, session_id=child):
+            state = fold(state, rec)
+            if state.status in TERMINAL:
+                break
+        await self._append(
+            DelegationCompleted(
+                id=f"delegated-{use.id}",
+                child_session=child,
+                status=state.status,
+                result=state.result,
+                tool_use_id=use.id,
+            )
+        )
+        if state.status != "completed":
+            raise ToolError(f"subtask {child} ended {state.status}: {state.reason}")
+        return state.result
+
+    # --- plumbing ---------------------------------------------------------------------------------
+
+    async def _follow(self, start: int, session_id: str | None = None) -> AsyncIterator[Record]:
+        """Tap a session live until the worker drains (then `Released`)."""
+        tap = cast(AsyncGenerator[Record, None], self.log.tap(session_id or self.sid, start=start, follow=True))
+        drain = asyncio.ensure_future(self.w._draining.wait())
+        try:
+            while True:
+                nxt = asyncio.ensure_future(anext(tap))
+                done, _ = await asyncio.wait({nxt, drain}, return_when=asyncio.FIRST_COMPLETED)
+                if nxt not in done:
+                    nxt.cancel()
+                    raise Released()
+                yield nxt.result()
+        finally:
+            drain.cancel()
+            await tap.aclose()
+
+    async def _append(self, event: Event) -> Any:
+        assert self.writer is not None
+        try:
+            ack = await self.writer.append(event)
+        except FencedError:
+            foreign = await self.writer.resync()
+            if any(isinstance(r.event, ModelResponded | ToolCallStarted | SessionClaimed) for r in foreign):
+                raise  # another agent is working on this session: it owns it now
+            ack = await self.writer.append(event)
+        return ack
+
+    async def _end(self, status: Literal["completed", "failed", "cancelled"], reason: str, result: str = "") -> Outcome:
+        await self._append(SessionEnded(id="ended", status=status, reason=reason, result=result))
+        return "ended"
+
+    async def _refresh(self) -> None:
+        start = self.records[-1].seq + 1 if self.records else 1
+        self.records.extend(await self.log.read(self.sid, from_seq=start))
+
+    def _workspace(self) -> Path:
+        path = self.w.config.workdir / self.sid
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    @contextlib.asynccontextmanager
+    async def _keepalive(self) -> AsyncIterator[None]:
+        """In-progress acks while the session runs, so a long model call never looks like a dead agent."""
+
+        async def beat() -> None:
+            while True:
+                await asyncio.sleep(self.w.config.ack_wait_s / 3)
+                with contextlib.suppress(Exception):
+                    await self.job.in_progress()
+
+        task = asyncio.create_task(beat())
+        try:
+            yield
+        finally:
+            task.cancel()
+
+
+async def serve(bus: Bus, config: AgentConfig, stop: asyncio.Event, *, model: ModelClient | None = None) -> None:
+    """Run a worker until `stop` is set, then drain it."""
+    worker = AgentWorker(bus, config, model)
+    runner = asyncio.create_task(worker.run())
+    waiter = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait({runner, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    if waiter in done:
+        await worker.shutdown()
+    waiter.cancel()
+    await runner
+    closer: Callable[[], Awaitable[None]] | None = getattr(worker.model, "aclose", None)
+    if closer:
+        await closer()

@@ -1,0 +1,44 @@
+"""The session-log benchmark runs end to end and reports every rate (speed is measured, not asserted)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from agentbus.bench import TARGETS, format_report, run_log_bench
+
+RAW_KEYS = {"publish_sequential", "publish_pipelined", "replay"}
+AGENTBUS_KEYS = {"append_sequential", "append_batched", "replay"}
+
+
+@pytest.mark.timeout(120)
+async def test_log_bench_reports_positive_rates_for_every_operation() -> None:
+    result = await run_log_bench(events=300)
+
+    assert result["events"] == 300
+    assert set(result["raw"]) == RAW_KEYS
+    assert set(result["agentbus"]) == AGENTBUS_KEYS
+    assert set(result["ratio"]) == AGENTBUS_KEYS == set(TARGETS)
+    rates = [*result["raw"].values(), *result["agentbus"].values(), *result["ratio"].values()]
+    assert all(isinstance(r, float) and math.isfinite(r) and r > 0 for r in rates)
+    assert isinstance(result["server"], str)
+    assert result["server"][0].isdigit()
+
+
+@pytest.mark.timeout(120)
+async def test_log_bench_report_has_a_row_per_operation_with_a_mark() -> None:
+    result = {
+        "events": 10,
+        "raw": {"publish_sequential": 100.0, "publish_pipelined": 1000.0, "replay": 2000.0},
+        "agentbus": {"append_sequential": 90.0, "append_batched": 500.0, "replay": 1500.0},
+        "ratio": {"append_sequential": 0.9, "append_batched": 0.5, "replay": 0.75},
+        "server": "2.15.1",
+    }
+
+    report = format_report(result)
+
+    assert "2.15.1" in report
+    rows = [line for line in report.splitlines() if line.startswith(("append", "replay"))]
+    assert len(rows) == 3
+    assert rows[0].endswith("✓") and rows[1].endswith("✗") and rows[2].endswith("✓")

@@ -1,0 +1,81 @@
+"""subjects.md is the contract: every name the code builds is documented, and every documented name exists."""
+
+from __future__ import annotations
+
+import inspect
+import re
+from pathlib import Path
+
+import pytest
+
+from agentbus.subjects import Namespace
+
+DOC = Path(__file__).resolve().parents[1] / "subjects.md"
+NS = Namespace("agentbus")
+PLACEHOLDERS = {"session_id": "SESSIONX", "pool": "POOLX"}
+
+
+def _table(heading: str) -> list[list[str]]:
+    text = DOC.read_text()
+    section = text.split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("|")]
+    return [[cell.strip().strip("`") for cell in row.strip("|").split("|")] for row in rows[2:]]
+
+
+def _builders() -> dict[str, str]:
+    """Every public Namespace method that returns a subject, rendered with placeholders."""
+    out = {}
+    for name, fn in inspect.getmembers(Namespace, inspect.isfunction):
+        if name.startswith("_") or name in ("streams", "buckets", "router_consumer", "pool_consumer"):
+            continue
+        args = [PLACEHOLDERS[p] for p in inspect.signature(fn).parameters if p != "self"]
+        subject = getattr(NS, name)(*args)
+        out[name] = subject.replace("SESSIONX", "<session>").replace("POOLX", "<pool>")
+    return out
+
+
+def test_every_subject_builder_in_code_is_documented_with_its_pattern() -> None:
+    documented = {row[1]: row[0] for row in _table("Subjects")}
+    for builder, subject in _builders().items():
+        assert builder in documented, f"Namespace.{builder} is missing from subjects.md"
+        assert documented[builder] == subject, f"{builder}: code builds {subject}, doc says {documented[builder]}"
+
+
+def test_every_documented_subject_exists_in_code() -> None:
+    builders = _builders()
+    for row in _table("Subjects"):
+        assert row[1] in builders, f"subjects.md documents {row[0]} via {row[1]}, which the code lacks"
+
+
+def test_every_stream_is_documented_with_its_subjects_retention_and_dedup_window() -> None:
+    rows = {row[0]: row for row in _table("Streams")}
+    specs = NS.streams()
+    assert set(rows) == {s.name for s in specs}
+    for spec in specs:
+        _name, subjects, retention, _storage, window, *_ = rows[spec.name]
+        assert subjects == ", ".join(spec.subjects)
+        assert retention == spec.retention
+        assert window == f"{spec.duplicate_window_s:g} s"
+
+
+@pytest.mark.parametrize("spec", [NS.router_consumer(), NS.pool_consumer("POOLX")], ids=lambda s: s.durable)
+def test_every_consumer_is_documented_with_its_ack_wait_and_max_deliver(spec) -> None:  # type: ignore[no-untyped-def]
+    rows = {row[0]: row for row in _table("Consumers")}
+    durable = spec.durable.replace("POOLX", "<pool>")
+    assert durable in rows, f"consumer {durable} missing from subjects.md"
+    _, stream, filt, ack, wait, max_deliver, *_ = rows[durable]
+    assert stream == spec.stream
+    assert filt == spec.filter_subject.replace("POOLX", "<pool>")
+    assert ack == "explicit"
+    assert wait == f"{spec.ack_wait_s:g} s"
+    assert int(max_deliver) == spec.max_deliver
+
+
+def test_every_bucket_is_documented() -> None:
+    assert {row[0] for row in _table("KV buckets")} == {b.name for b in NS.buckets()}
+
+
+def test_the_doc_names_no_subject_the_code_cannot_build() -> None:
+    known = set(_builders().values())
+    for match in re.finditer(r"`(agentbus\.[a-z<>.*_-]+)`", DOC.read_text()):
+        assert match.group(1) in known, f"subjects.md mentions {match.group(1)}, which no builder makes"
