@@ -6,7 +6,7 @@ interleaved and best of `repeats`:
 | raw nats-py (own stream, same config) | agentbus (`client.log`)              |
 |---------------------------------------|--------------------------------------|
 | `js.publish`, one ack at a time       | `log.append(sid, event)`             |
-| `publish_async`, <= 256 in flight     | `log.append_many(sid, 256 events)`   |
+| `publish_async`, <= 256 in flight     | `log.append_many(sid, N events)`     |
 | ordered-consumer replay of N          | `log.tap(sid, follow=False)` over N  |
 
 The raw side publishes the exact bytes agentbus encodes (so payload sizes match) with a
@@ -44,7 +44,7 @@ from agentbus.server import NatsServer
 from agentbus.session import SessionLog
 
 PAYLOAD_BYTES = 200  # encoded size of every benchmark event
-PIPELINE_DEPTH = 256  # acks in flight (raw) and events per `append_many` (agentbus)
+PIPELINE_DEPTH = 256  # acks in flight, raw and agentbus (`Bus.publish_many`) alike
 WARMUP_EVENTS = 64
 REPLAY_TIMEOUT_S = 120.0
 TARGETS: dict[str, float] = {"append_sequential": 0.80, "append_batched": 0.80, "replay": 0.50}
@@ -144,8 +144,9 @@ async def _append_sequential(log: SessionLog, sid: str, events: Sequence[Event])
 
 
 async def _append_batched(log: SessionLog, sid: str, events: Sequence[Event]) -> int:
-    for start in range(0, len(events), PIPELINE_DEPTH):
-        await log.append_many(sid, events[start : start + PIPELINE_DEPTH])
+    # One call: the bus keeps PIPELINE_DEPTH acks in flight, the same window as the raw side.
+    # (Calls of 256 each would drain the window at every call boundary: ~0.75 of raw.)
+    await log.append_many(sid, events)
     return len(events)
 
 

@@ -496,7 +496,7 @@ class Puller:
         """Up to `batch` jobs; an empty list when none arrived in `timeout`."""
         try:
             msgs = await self._psub.fetch(batch, timeout=timeout)
-        except nats.errors.TimeoutError:
+        except (TimeoutError, nats.errors.TimeoutError):  # nats-py raises either
             return []
         return [Job(m) for m in msgs]
 
