@@ -134,6 +134,7 @@ class Bus:
                 allow_reconnect=False,
                 max_reconnect_attempts=1,  # the server-pool loop otherwise tries 60 times
                 reconnect_time_wait=0.2,
+                drain_timeout=5,
                 error_cb=_quiet,
                 closed_cb=_on_closed,
             )

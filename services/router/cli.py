@@ -1,14 +1,43 @@
-"""`agentbus router`: not built yet (see its issue); the command keeps the layout whole."""
+"""`agentbus router`: route submissions to agent pools."""
 
 from __future__ import annotations
 
-import sys
+import asyncio
+import logging
+import signal
 
 import click
 
+from agentbus.bus import Bus
+from agentbus.cli import nats_option, run, settings_from
+from services.router.router import Router
+from services.router.routes import DEFAULT_POOL, load_routes
 
-@click.command(name="router", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-def command() -> None:
-    """The router service (not built yet)."""
-    click.echo("agentbus router: not built yet in this version", err=True)
-    sys.exit(1)
+
+@click.command(name="router")
+@click.option("--routes", "routes_file", type=click.Path(dir_okay=False), help="Routes file (TOML).")
+@click.option("--default-pool", default=DEFAULT_POOL, show_default=True, help="Pool when no rule matches.")
+@nats_option
+def command(routes_file: str | None, default_pool: str, nats_url: str | None, prefix: str) -> None:
+    """Route submissions: explicit pool, else the first matching rule, else the default pool."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s router %(levelname)s %(message)s")
+    table = (
+        load_routes(routes_file, default_pool=default_pool)
+        if routes_file
+        else load_routes(None, default_pool=default_pool)
+    )
+    settings = settings_from(nats_url, prefix)
+
+    async def main() -> None:
+        bus = await Bus.connect(settings, name="agentbus-router")
+        router = Router(bus, table)
+        loop = asyncio.get_running_loop()
+        runner = asyncio.create_task(router.run())
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(router.shutdown()))
+        try:
+            await runner
+        finally:
+            await bus.close()
+
+    run(main)

@@ -1,0 +1,136 @@
+"""Router: durable routing, no double routing, rules in order, pure decisions."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+import agentbus
+from agentbus.bus import Bus
+from agentbus.config import Settings
+from agentbus.errors import UsageError
+from agentbus.messages import Routed, Task
+from services.router.router import Router
+from services.router.routes import RouteTable, load_routes
+
+ROUTES = """
+default_pool = "general"
+
+[[route]]
+name = "code"
+tags = ["code"]
+pool = "coder"
+model = "anthropic:claude-sonnet-4-6"
+
+[[route]]
+name = "reviews"
+match = "(?i)\\\\breview\\\\b"
+pool = "reviewers"
+"""
+
+
+@pytest.fixture
+def table(tmp_path: Path) -> RouteTable:
+    path = tmp_path / "routes.toml"
+    path.write_text(ROUTES)
+    return load_routes(path)
+
+
+async def _routed(client: agentbus.Client, sid: str, timeout: float = 10.0) -> list[Routed]:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline:
+        routed = [r.event for r in await client.show(sid) if isinstance(r.event, Routed)]
+        if routed:
+            return routed
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{sid} was not routed within {timeout}s")
+
+
+async def _start(settings: Settings, table: RouteTable) -> tuple[Router, asyncio.Task[None], Bus]:
+    bus = await Bus.connect(settings)
+    router = Router(bus, table)
+    return router, asyncio.create_task(router.run()), bus
+
+
+async def _stop(router: Router, task: asyncio.Task[None], bus: Bus) -> None:
+    await router.shutdown()
+    await task
+    await bus.close()
+
+
+def test_rules_choose_explicit_then_first_match_then_default(table: RouteTable) -> None:
+    def task(prompt: str, *, pool: str | None = None, tags: tuple[str, ...] = ()) -> Task:
+        return Task(session_id="s", prompt=prompt, pool=pool, tags=tags)
+
+    assert table.choose(task("x", pool="mine")).rule == "explicit"
+    assert table.choose(task("please review this", tags=("code",))).pool == "coder"  # first rule wins
+    assert table.choose(task("please Review this")).pool == "reviewers"
+    assert table.choose(task("previewing")).pool == "general"
+    assert table.choose(task("x", tags=("code",))).model == "anthropic:claude-sonnet-4-6"
+
+
+@pytest.mark.parametrize(
+    "text",
+    ['[[route]]\nname = "x"\npool = "a.b"\ntags = ["t"]', '[[route]]\npool = "p"', '[[route]]\npool="p"\nmatch="("'],
+)
+def test_a_bad_routes_file_is_a_usage_error(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "r.toml"
+    path.write_text(text)
+    with pytest.raises(UsageError, match="routes file"):
+        load_routes(path)
+
+
+async def test_a_task_submitted_before_any_router_runs_is_routed_when_one_starts(
+    client: agentbus.Client, settings: Settings, table: RouteTable
+) -> None:
+    sid = await client.submit("review my diff please")
+    assert (await client.state(sid)).status == "pending"
+    router, task, bus = await _start(settings, table)
+    try:
+        routed = await _routed(client, sid)
+    finally:
+        await _stop(router, task, bus)
+    assert [(r.pool, r.rule) for r in routed] == [("reviewers", "reviews")]
+    assert (await client.state(sid)).status == "queued"
+    puller = await client.bus.pull(client.bus.ns.pool_consumer("reviewers"))
+    jobs = await puller.fetch(5, timeout=2.0)
+    await puller.close()
+    assert [agentbus.messages.decode_work(j.data).session_id for j in jobs] == [sid]
+
+
+async def test_two_routers_never_route_the_same_submission_twice(
+    client: agentbus.Client, settings: Settings, table: RouteTable
+) -> None:
+    sids = [await client.submit(f"task {i}", tags=("code",)) for i in range(40)]
+    a = await _start(settings, table)
+    b = await _start(settings, table)
+    try:
+        for sid in sids:
+            assert len(await _routed(client, sid)) == 1
+    finally:
+        await _stop(*a)
+        await _stop(*b)
+    assert a[0].routed + b[0].routed == len(sids)
+    puller = await client.bus.pull(client.bus.ns.pool_consumer("coder"))
+    queued: list[str] = []
+    while batch := await puller.fetch(100, timeout=1.0):
+        queued += [agentbus.messages.decode_work(j.data).session_id for j in batch]
+    await puller.close()
+    assert sorted(queued) == sorted(sids)
+
+
+async def test_malformed_submissions_are_dropped_and_routing_goes_on(
+    client: agentbus.Client, settings: Settings, table: RouteTable
+) -> None:
+    await client.bus.publish(client.bus.ns.submissions(), b"\x00garbage", msg_id="junk-1")
+    await client.bus.publish(client.bus.ns.submissions(), b'{"session_id": "a.b"}', msg_id="junk-2")
+    sid = await client.submit("anything")
+    router, task, bus = await _start(settings, table)
+    try:
+        routed = await _routed(client, sid)
+    finally:
+        await _stop(router, task, bus)
+    assert routed[0].pool == "general"
