@@ -78,7 +78,7 @@ class WorkItem(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """
 
     session_id: str
-    reason: Literal["new", "revision", "resume", "child_result"] = "new"
+    reason: Literal["new", "revision", "resume", "child_result", "evaluate"] = "new"
     round: int = 1
     v: int = SCHEMA_VERSION
 
@@ -137,6 +137,7 @@ class SessionClaimed(Event, tag="session_claimed", frozen=True, kw_only=True):
     worker: str
     attempt: int = 1
     round: int = 1
+    workspace: str = ""  # where this agent keeps the session's files (the evaluator's checks run on a copy)
 
 
 class ModelResponded(Event, tag="model_responded", frozen=True, kw_only=True):
@@ -210,6 +211,18 @@ class VerdictRecorded(Event, tag="verdict_recorded", frozen=True, kw_only=True):
     critique: str = ""
 
 
+class RevisionRequested(Event, tag="revision_requested", frozen=True, kw_only=True):
+    """The evaluator sends the work back: `critique` becomes the next user turn of round `round`.
+
+    With `fresh_start`, the agent drops the old conversation and starts over from the
+    task plus `critique` (a summary of what failed so far) instead of patching it.
+    """
+
+    round: int
+    critique: str
+    fresh_start: bool = False
+
+
 class BudgetExceeded(Event, tag="budget_exceeded", frozen=True, kw_only=True):
     limit: str  # max_steps, max_tokens, max_usd, max_wall, no_progress, ...
     detail: str = ""
@@ -243,6 +256,7 @@ AnyEvent = (
     | DelegationRequested
     | DelegationCompleted
     | VerdictRecorded
+    | RevisionRequested
     | BudgetExceeded
     | SessionEnded
     | InputRejected

@@ -11,6 +11,7 @@ from agentbus.messages import (
     DelegationRequested,
     ModelResponded,
     Record,
+    RevisionRequested,
     Routed,
     SessionClaimed,
     SessionCreated,
@@ -102,6 +103,9 @@ def fold(state: SessionState, record: Record) -> SessionState:
         case VerdictRecorded(round=rnd, verdict=verdict):
             s.round = rnd
             s.reason = f"round {rnd}: {verdict}"
+        case RevisionRequested(round=rnd):
+            s.round = rnd
+            s.status = "queued"
         case BudgetExceeded(limit=limit, detail=detail):
             s.status = "paused"
             s.reason = f"{limit}: {detail}" if detail else limit

@@ -67,7 +67,7 @@ class Namespace:
     """
 
     prefix: str = DEFAULT_PREFIX
-    max_message_bytes: int = field(default=2 * 1024 * 1024, compare=False)
+    max_message_bytes: int = field(default=6 * 1024 * 1024 + 65536, compare=False)  # 6x the prompt limit
 
     def __post_init__(self) -> None:
         if not _PREFIX.match(self.prefix):
@@ -101,6 +101,10 @@ class Namespace:
         """Tasks queued for one agent pool."""
         return f"{self.prefix}.work.{_token(pool, 'pool name')}"
 
+    def evaluations(self) -> str:
+        """Sessions whose result waits for grading."""
+        return f"{self.prefix}.evaluate"
+
     def work_all(self) -> str:
         """Every pool's work queue."""
         return f"{self.prefix}.work.*"
@@ -118,6 +122,10 @@ class Namespace:
     @property
     def work_stream(self) -> str:
         return f"{self._upper}_WORK"
+
+    @property
+    def evaluations_stream(self) -> str:
+        return f"{self._upper}_EVAL"
 
     @property
     def state_bucket(self) -> str:
@@ -151,6 +159,12 @@ class Namespace:
                 retention="workqueue",
                 max_msg_size=self.max_message_bytes,
             ),
+            StreamSpec(
+                name=self.evaluations_stream,
+                subjects=(self.evaluations(),),
+                retention="workqueue",
+                max_msg_size=self.max_message_bytes,
+            ),
         )
 
     def buckets(self) -> tuple[BucketSpec, ...]:
@@ -164,6 +178,16 @@ class Namespace:
             durable="router",
             filter_subject=self.submissions(),
             ack_wait_s=30.0,
+            max_deliver=5,
+        )
+
+    def evaluator_consumer(self) -> ConsumerSpec:
+        """The one durable all evaluators share: each result is graded once per round."""
+        return ConsumerSpec(
+            stream=self.evaluations_stream,
+            durable="evaluator",
+            filter_subject=self.evaluations(),
+            ack_wait_s=120.0,
             max_deliver=5,
         )
 

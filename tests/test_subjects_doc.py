@@ -26,7 +26,13 @@ def _builders() -> dict[str, str]:
     """Every public Namespace method that returns a subject, rendered with placeholders."""
     out = {}
     for name, fn in inspect.getmembers(Namespace, inspect.isfunction):
-        if name.startswith("_") or name in ("streams", "buckets", "router_consumer", "pool_consumer"):
+        if name.startswith("_") or name in (
+            "streams",
+            "buckets",
+            "router_consumer",
+            "pool_consumer",
+            "evaluator_consumer",
+        ):
             continue
         args = [PLACEHOLDERS[p] for p in inspect.signature(fn).parameters if p != "self"]
         subject = getattr(NS, name)(*args)

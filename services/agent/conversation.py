@@ -18,6 +18,7 @@ from agentbus.messages import (
     ModelResponded,
     QuestionAsked,
     Record,
+    RevisionRequested,
     SessionCreated,
     SessionEnded,
     Task,
@@ -53,7 +54,8 @@ class Conversation:
     cancel: CancelRequested | None = None
     ended: SessionEnded | None = None
     final_text: str = ""
-    unanswered_humans: int = 0  # human messages after the model's last reply
+    unanswered_humans: int = 0  # human messages (and critiques) after the model's last reply
+    round: int = 1
 
     @property
     def done(self) -> bool:
@@ -116,6 +118,15 @@ def build(records: Sequence[Record]) -> Conversation:
             else:
                 user.append({"type": "text", "text": human_text(ev)})
                 conv.unanswered_humans += 1
+        elif isinstance(ev, RevisionRequested):
+            conv.round = ev.round
+            conv.unanswered_humans += 1
+            if ev.fresh_start and conv.task is not None:
+                # Pivot: the old conversation is dropped; only the task and the critique history remain.
+                conv.messages, uses, results = [], [], {}
+                conv.last_stop, conv.final_text = None, ""
+                user = [{"type": "text", "text": conv.task.prompt}]
+            user.append({"type": "text", "text": ev.critique})
         elif isinstance(ev, CancelRequested):
             conv.cancel = conv.cancel or ev
         elif isinstance(ev, SessionEnded):

@@ -10,7 +10,9 @@ object or a zero-argument factory returning one).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import signal
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
@@ -105,7 +107,9 @@ class Bash:
         try:
             out, _ = await asyncio.wait_for(proc.communicate(), timeout)
         except TimeoutError:
-            proc.kill()
+            # The whole process group: a child (`sleep`) would otherwise keep the pipe open.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
             await proc.wait()
             raise ToolError(f"command timed out after {timeout:g}s") from None
         text = _cap(out.decode(errors="replace"))

@@ -41,7 +41,9 @@ from agentbus.messages import (
     StatusChanged,
     ToolCallCompleted,
     ToolCallStarted,
+    WorkItem,
     decode_work,
+    encode,
 )
 from agentbus.models import ModelClient, ModelError, cost_usd, model_from_spec
 from agentbus.session import SessionLog, SessionWriter
@@ -221,7 +223,11 @@ class SessionRun:
         last_log = max((r.seq for r in self.records if r.channel == "log"), default=0)
         self.writer = SessionWriter(self.log, self.sid, last_log)
         claim = SessionClaimed(
-            id=f"claim-{self.job.seq}-{self.job.attempt}", worker=self.w.config.worker_id, attempt=self.job.attempt
+            id=f"claim-{self.job.seq}-{self.job.attempt}",
+            worker=self.w.config.worker_id,
+            attempt=self.job.attempt,
+            round=conv.round,
+            workspace=str(self._workspace().resolve()),
         )
         await self._append(claim)
         async with self._keepalive():
@@ -239,6 +245,9 @@ class SessionRun:
                 for use in conv.pending_tools:
                     await self._run_tool(use, conv)
             elif conv.done:
+                assert conv.task is not None
+                if conv.task.criteria or conv.task.checks:
+                    return await self._hand_to_evaluator(conv.round)
                 return await self._end("completed", "", conv.final_text)
             elif conv.last_stop == "refusal":
                 return await self._end("failed", "the model refused to continue (stop_reason refusal)")
@@ -273,6 +282,7 @@ class SessionRun:
                 stop_reason=reply.stop_reason,
                 usage=reply.usage,
                 cost_usd=cost_usd(reply.model, reply.usage),
+                round=conv.round,
             )
         )
         return None
@@ -405,6 +415,15 @@ class SessionRun:
 
     async def _end(self, status: Literal["completed", "failed", "cancelled"], reason: str, result: str = "") -> Outcome:
         await self._append(SessionEnded(id="ended", status=status, reason=reason, result=result))
+        return "ended"
+
+    async def _hand_to_evaluator(self, round_: int) -> Outcome:
+        """The result goes to the evaluator; the session is not over until it says so."""
+        await self._append(
+            StatusChanged(id=f"evaluating-{round_}", status="evaluating", reason=f"round {round_} result")
+        )
+        item = WorkItem(session_id=self.sid, reason="evaluate", round=round_)
+        await self.w.bus.publish(self.w.bus.ns.evaluations(), encode(item), msg_id=f"{self.sid}:evaluate:{round_}")
         return "ended"
 
     async def _refresh(self) -> None:

@@ -1,14 +1,44 @@
-"""`agentbus evaluator`: not built yet (see its issue); the command keeps the layout whole."""
+"""`agentbus evaluator`: grade results in a separate context and send critique back."""
 
 from __future__ import annotations
 
-import sys
+import asyncio
+import logging
+import signal
 
 import click
 
+from agentbus.bus import Bus
+from agentbus.cli import nats_option, run, settings_from
+from agentbus.models import model_from_spec
+from services.evaluator.evaluator import Evaluator
+from services.evaluator.policy import PIVOT_AFTER
 
-@click.command(name="evaluator", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-def command() -> None:
-    """The evaluator service (not built yet)."""
-    click.echo("agentbus evaluator: not built yet in this version", err=True)
-    sys.exit(1)
+
+@click.command(name="evaluator")
+@click.option("--model", "model_spec", help="Grader for criteria: anthropic:<model-id> or scripted:<file>.")
+@click.option(
+    "--pivot-after",
+    default=PIVOT_AFTER,
+    show_default=True,
+    help="Failed rounds in a row on one criterion before the next round starts afresh (0: never).",
+)
+@nats_option
+def command(model_spec: str | None, pivot_after: int, nats_url: str | None, prefix: str) -> None:
+    """Grade results: checks on a copy of the workspace, criteria by a grader model."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s evaluator %(levelname)s %(message)s")
+    model = model_from_spec(model_spec) if model_spec else None
+    settings = settings_from(nats_url, prefix)
+
+    async def main() -> None:
+        bus = await Bus.connect(settings, name="agentbus-evaluator")
+        evaluator = Evaluator(bus, model, pivot_after=pivot_after)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(evaluator.shutdown()))
+        try:
+            await evaluator.run()
+        finally:
+            await bus.close()
+
+    run(main)

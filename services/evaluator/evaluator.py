@@ -1,0 +1,174 @@
+"""The evaluator: grades a round's result, records the verdict, then ends the session or sends it back.
+
+Everything it does for one round carries a fixed dedup id (`verdict-<round>`,
+`revision-<round+1>`, `ended`), so an evaluator that dies mid-round and is
+replaced by another never records a round twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import msgspec
+
+from agentbus.bus import Bus, Job
+from agentbus.messages import (
+    ModelResponded,
+    Record,
+    RevisionRequested,
+    SessionClaimed,
+    SessionCreated,
+    SessionEnded,
+    StatusChanged,
+    VerdictRecorded,
+    WorkItem,
+    decode_work,
+    encode,
+)
+from agentbus.models import ModelClient, ModelError
+from agentbus.session import SessionLog
+from agentbus.subjects import valid_token
+from services.evaluator.grading import GradingError, grade_criteria, run_checks
+from services.evaluator.policy import PIVOT_AFTER, critique_of, decide, verdict_of
+
+log = logging.getLogger("agentbus.evaluator")
+
+
+class Evaluator:
+    """`run()` until `shutdown()`; safe to shut down twice."""
+
+    def __init__(self, bus: Bus, model: ModelClient | None, *, pivot_after: int = PIVOT_AFTER) -> None:
+        self.bus = bus
+        self.model = model
+        self.log = SessionLog(bus)
+        self.pivot_after = pivot_after
+        self._draining = asyncio.Event()
+        self._stopped = asyncio.Event()
+        self.graded = 0
+
+    async def run(self) -> None:
+        await self.bus.provision()
+        puller = await self.bus.pull(self.bus.ns.evaluator_consumer())
+        log.info("evaluator ready (grader %s)", self.model.name if self.model else "none: checks only")
+        try:
+            while not self._draining.is_set():
+                for job in await puller.fetch(1, timeout=1.0):
+                    await self._handle(job)
+        finally:
+            await puller.close()
+            self._stopped.set()
+            log.info("evaluator stopped after %d rounds", self.graded)
+
+    async def shutdown(self) -> None:
+        self._draining.set()
+        await self._stopped.wait()
+
+    async def _handle(self, job: Job) -> None:
+        try:
+            item = decode_work(job.data)
+        except msgspec.MsgspecError as err:
+            log.warning("malformed evaluation request: %s", err)
+            await job.term()
+            return
+        if not valid_token(item.session_id):
+            await job.term()
+            return
+        async with _keepalive(job):
+            await self.evaluate(item.session_id, item.round)
+        await job.ack()
+        self.graded += 1
+
+    async def evaluate(self, sid: str, round_: int) -> None:
+        records = await self.log.read(sid)
+        created = next((r.event for r in records if isinstance(r.event, SessionCreated)), None)
+        if created is None or any(isinstance(r.event, SessionEnded) for r in records):
+            return
+        task = created.task
+        verdicts = [r.event for r in records if isinstance(r.event, VerdictRecorded)]
+        current = next((v for v in verdicts if v.round == round_), None)
+        if current is None:
+            current = await self._grade(sid, round_, records)
+            await self.log.append(sid, current)
+            verdicts.append(current)
+        nxt = decide(task, verdicts, pivot_after=self.pivot_after)
+        output = final_output(records)
+        log.info("%s round %d: %s -> %s", sid, round_, current.verdict, nxt.action)
+        if nxt.action == "complete":
+            await self.log.append(sid, SessionEnded(id="ended", status="completed", reason="satisfied", result=output))
+        elif nxt.action == "fail":
+            await self.log.append(sid, SessionEnded(id="ended", status="failed", reason=nxt.reason, result=output))
+        else:
+            await self.log.append(
+                sid,
+                RevisionRequested(
+                    id=f"revision-{round_ + 1}", round=round_ + 1, critique=nxt.critique, fresh_start=nxt.fresh_start
+                ),
+            )
+            pool = next((r.event.pool for r in reversed(records) if hasattr(r.event, "pool") and r.event.pool), None)
+            pool = pool or task.pool
+            assert pool is not None, "a session that produced a result was routed to a pool"
+            item = WorkItem(session_id=sid, reason="revision", round=round_ + 1)
+            await self.bus.publish(self.bus.ns.work(pool), encode(item), msg_id=f"{sid}:revision:{round_ + 1}")
+
+    async def _grade(self, sid: str, round_: int, records: list[Record]) -> VerdictRecorded:
+        task = next(r.event.task for r in records if isinstance(r.event, SessionCreated))
+        await self.log.append(sid, StatusChanged(id=f"grading-{round_}", status="evaluating", reason=f"round {round_}"))
+        workspace = next(
+            (
+                Path(r.event.workspace)
+                for r in reversed(records)
+                if isinstance(r.event, SessionClaimed) and r.event.workspace
+            ),
+            None,
+        )
+        output = final_output(records)
+        checks = await run_checks(task.checks, workspace)
+        try:
+            if task.criteria and self.model is None:
+                raise GradingError("the session has criteria but this evaluator has no grader model (--model)")
+            criteria = (
+                await grade_criteria(self.model, task, output, session_id=f"{sid}-grade-{round_}")
+                if self.model and task.criteria
+                else ()
+            )
+        except (GradingError, ModelError) as err:
+            return VerdictRecorded(
+                id=f"verdict-{round_}", round=round_, verdict="failed", checks=checks, critique=str(err)
+            )
+        verdict = verdict_of(criteria, checks)
+        critique = critique_of(criteria, checks) if verdict != "satisfied" else ""
+        return VerdictRecorded(
+            id=f"verdict-{round_}",
+            round=round_,
+            verdict=verdict,  # type: ignore[arg-type]
+            criteria=criteria,
+            checks=checks,
+            critique=critique,
+        )
+
+
+def final_output(records: list[Record]) -> str:
+    """The text of the model's last reply: the result, without the reasoning that led there."""
+    for rec in reversed(records):
+        if isinstance(rec.event, ModelResponded):
+            return "".join(str(b.get("text", "")) for b in rec.event.content if b.get("type") == "text").strip()
+    return ""
+
+
+@contextlib.asynccontextmanager
+async def _keepalive(job: Job, every: float = 20.0) -> AsyncIterator[None]:
+    async def beat() -> None:
+        while True:
+            await asyncio.sleep(every)
+            with contextlib.suppress(Exception):
+                await job.in_progress()
+
+    task = asyncio.create_task(beat())
+    try:
+        yield
+    finally:
+        task.cancel()

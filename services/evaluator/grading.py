@@ -1,0 +1,123 @@
+"""Grading in a separate context: checks run on a copy of the workspace, criteria go to a grader model.
+
+The grader sees the task, the criteria and the output; never the agent's reasoning,
+tool calls or conversation. `grader_request` is the one place that decides what it sees.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from agentbus.messages import CheckResult, CriterionResult, Task
+from agentbus.models import ModelClient
+
+CHECK_TIMEOUT_S = 120.0
+OUTPUT_CAP = 4000
+
+GRADER_SYSTEM = (
+    "You grade the output of another agent against criteria. You see only the task, the criteria and "
+    "the output. Judge each criterion on its own. Answer with JSON only, no prose around it: "
+    '{"criteria": [{"criterion": "<the criterion, verbatim>", "passed": true|false, '
+    '"score": 0.0-1.0, "critique": "<what is wrong and how to fix it; empty if passed>"}]}'
+)
+
+
+class GradingError(Exception):
+    """Grading itself could not run (grader unreachable, unreadable answer)."""
+
+
+async def run_checks(checks: tuple[str, ...], workspace: Path | None) -> tuple[CheckResult, ...]:
+    """Each check in its own fresh copy of the workspace; exit 0 passes."""
+    results = []
+    for command in checks:
+        with tempfile.TemporaryDirectory(prefix="agentbus-check-") as tmp:
+            root = Path(tmp) / "workspace"
+            await asyncio.to_thread(_copy_workspace, workspace, root)
+            results.append(await _run_check(command, root))
+    return tuple(results)
+
+
+def _copy_workspace(workspace: Path | None, root: Path) -> None:
+    if workspace is not None and workspace.is_dir():
+        shutil.copytree(workspace, root, symlinks=True)
+    else:
+        root.mkdir()
+
+
+async def _run_check(command: str, cwd: Path) -> CheckResult:
+    proc = await asyncio.create_subprocess_shell(
+        command,
+        cwd=cwd,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        stdin=asyncio.subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), CHECK_TIMEOUT_S)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        await proc.wait()
+        return CheckResult(command=command, passed=False, output=f"timed out after {CHECK_TIMEOUT_S:g}s")
+    text = out.decode(errors="replace")
+    if len(text) > OUTPUT_CAP:
+        text = text[:OUTPUT_CAP] + f"\n... [{len(text) - OUTPUT_CAP} more characters cut]"
+    return CheckResult(command=command, passed=proc.returncode == 0, exit_code=proc.returncode, output=text)
+
+
+def grader_request(task: Task, output: str) -> list[dict[str, Any]]:
+    """The grader's whole conversation: task, criteria, output. Nothing else crosses over."""
+    criteria = "\n".join(f"{i}. {c}" for i, c in enumerate(task.criteria, 1))
+    text = f"<task>\n{task.prompt}\n</task>\n\n<criteria>\n{criteria}\n</criteria>\n\n<output>\n{output}\n</output>"
+    return [{"role": "user", "content": [{"type": "text", "text": text}]}]
+
+
+async def grade_criteria(
+    model: ModelClient, task: Task, output: str, *, session_id: str
+) -> tuple[CriterionResult, ...]:
+    if not task.criteria:
+        return ()
+    reply = await model.respond(
+        session_id=session_id, system=GRADER_SYSTEM, messages=grader_request(task, output), tools=[], max_tokens=2048
+    )
+    text = "".join(str(b.get("text", "")) for b in reply.content if b.get("type") == "text")
+    return parse_grades(text, task.criteria)
+
+
+def parse_grades(text: str, criteria: tuple[str, ...]) -> tuple[CriterionResult, ...]:
+    """Read the grader's JSON; a criterion it skipped counts as failed, an unreadable answer is an error."""
+    match = re.search(r"\{.*\}", text, re.DOTALL)
+    try:
+        data = json.loads(match.group(0) if match else text)
+        items = data["criteria"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise GradingError(f"the grader's answer is not the JSON asked for: {text[:200]!r}") from err
+    by_name = {str(i.get("criterion", "")).strip(): i for i in items if isinstance(i, dict)}
+    results = []
+    for pos, criterion in enumerate(criteria):
+        item = by_name.get(criterion.strip()) or (
+            items[pos] if pos < len(items) and isinstance(items[pos], dict) else None
+        )
+        if item is None:
+            results.append(CriterionResult(criterion=criterion, passed=False, critique="the grader did not judge it"))
+            continue
+        score = item.get("score")
+        results.append(
+            CriterionResult(
+                criterion=criterion,
+                passed=bool(item.get("passed")),
+                score=float(score) if isinstance(score, int | float) else None,
+                critique=str(item.get("critique", "")),
+            )
+        )
+    return tuple(results)
