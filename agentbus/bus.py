@@ -82,9 +82,13 @@ class Job:
         self.seq: int = meta.sequence.stream
         self.attempt: int = meta.num_delivered
 
-    async def ack(self) -> None:
-        """Done: the server removes it (double ack, so a lost ack cannot redeliver finished work)."""
-        await self._msg.ack_sync(timeout=5.0)
+    async def ack(self, *, sync: bool = True) -> None:
+        """Done: the server removes it. `sync` waits for the server to confirm, so a lost ack
+        cannot redeliver finished work; skip it only where a redelivery is harmless."""
+        if sync:
+            await self._msg.ack_sync(timeout=5.0)
+        else:
+            await self._msg.ack()
 
     async def nak(self, delay: float | None = None) -> None:
         """Give it back for another worker (now, or after `delay` seconds)."""

@@ -143,6 +143,8 @@ def server(port: int, store_dir: str, sync_always: bool) -> None:
 @click.option("--max-wall", "max_wall_s", type=float, help="Budget: wall time in seconds.")
 @click.option("--tag", "tags", multiple=True, help="Routing tag (repeatable).")
 @click.option("--model", help="Model spec for this session, if the pool allows overrides.")
+@click.option("--opinions", type=int, default=0, help="Fan-out: run the task in N sibling sessions (on --pool).")
+@click.option("--opinion-pool", "opinion_pools", multiple=True, help="Fan-out: one sibling per pool (repeatable).")
 @click.option("--wait", "wait_", is_flag=True, help="Wait until the session ends; exit 5 unless it completed.")
 @click.option("--timeout", type=float, help="With --wait: give up after this many seconds (exit 5).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
@@ -160,6 +162,8 @@ def submit(
     max_wall_s: float | None,
     tags: tuple[str, ...],
     model: str | None,
+    opinions: int,
+    opinion_pools: tuple[str, ...],
     wait_: bool,
     timeout: float | None,
     as_json: bool,
@@ -169,6 +173,9 @@ def submit(
     """Submit PROMPT (`-` reads it from standard input) and print the session id."""
     if prompt == "-":
         prompt = sys.stdin.read()
+    if opinions and opinion_pools:
+        raise click.UsageError("--opinions and --opinion-pool exclude each other")
+    fan_out = list(opinion_pools) or [pool or ""] * opinions
     budget = Budget(
         max_steps=max_steps,
         max_tool_calls=max_tool_calls,
@@ -187,6 +194,7 @@ def submit(
             budget=budget,
             tags=tags,
             model=model,
+            opinions=fan_out,
         )
         if not wait_:
             _emit_json({"session_id": sid}) if as_json else click.echo(sid)

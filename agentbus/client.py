@@ -83,16 +83,23 @@ class Client:
         depth: int = 0,
         model: str | None = None,
         session_id: str | None = None,
+        opinions: Sequence[str] = (),
     ) -> str:
         """Record a new session and queue it; returns the session id.
 
         With `pool` the task goes straight to that pool's queue; without, to the
-        router. Passing the same `session_id` again is safe: both writes dedupe.
+        router. With `opinions` (a pool per sibling, "" for the router's choice) the
+        router runs the task once per entry and records an aggregate in this session.
+        Passing the same `session_id` again is safe: both writes dedupe.
         """
         sid = new_session_id() if session_id is None else session_id
         self._check_session_id(sid)
-        if pool is not None and not valid_token(pool):
-            raise UsageError(f"pool name {pool!r} must be 1-64 characters of letters, digits, '-' or '_'")
+        for name in (pool, *(p for p in opinions if p)):
+            if name is not None and not valid_token(name):
+                raise UsageError(f"pool name {name!r} must be 1-64 characters of letters, digits, '-' or '_'")
+        if opinions:
+            # A fan-out parent runs nowhere itself: the router starts its siblings and aggregates them.
+            pool = None
         size = len(prompt.encode("utf-8"))
         if size > self.settings.max_prompt_bytes:
             raise UsageError(
@@ -116,6 +123,7 @@ class Client:
             parent_session=parent_session,
             depth=depth,
             model=model,
+            opinions=tuple(opinions),
         )
         await self.log.append(sid, SessionCreated(id="created", task=task))
         if pool is None:

@@ -67,6 +67,7 @@ class Task(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     parent_session: str | None = None
     depth: int = 0
     model: str | None = None
+    opinions: tuple[str, ...] = ()  # fan-out: one sibling session per entry, on that pool ("" lets the router pick)
     v: int = SCHEMA_VERSION
 
 
@@ -189,6 +190,20 @@ class DelegationCompleted(Event, tag="delegation_completed", frozen=True, kw_onl
     tool_use_id: str = ""
 
 
+class OpinionResult(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    session_id: str
+    pool: str
+    status: str
+    result: str = ""
+    reason: str = ""
+
+
+class OpinionsAggregated(Event, tag="opinions_aggregated", frozen=True, kw_only=True):
+    """Every sibling of a fan-out ended; their results side by side, in the order they were asked for."""
+
+    results: tuple[OpinionResult, ...]
+
+
 class CheckResult(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     command: str
     passed: bool
@@ -255,6 +270,7 @@ AnyEvent = (
     | QuestionAsked
     | DelegationRequested
     | DelegationCompleted
+    | OpinionsAggregated
     | VerdictRecorded
     | RevisionRequested
     | BudgetExceeded

@@ -93,6 +93,10 @@ class Namespace:
         """Every channel of every session."""
         return f"{self.prefix}.session.*.*"
 
+    def sessions_log_all(self) -> str:
+        """The owner channel of every session (what the router's fan-in watches for ends)."""
+        return f"{self.prefix}.session.*.log"
+
     def submissions(self) -> str:
         """Tasks with no explicit pool, waiting for a router to choose one."""
         return f"{self.prefix}.submit"
@@ -177,6 +181,16 @@ class Namespace:
             stream=self.submissions_stream,
             durable="router",
             filter_subject=self.submissions(),
+            ack_wait_s=30.0,
+            max_deliver=5,
+        )
+
+    def fanin_consumer(self) -> ConsumerSpec:
+        """Routers watch sessions end, to deliver fan-out results into the parent."""
+        return ConsumerSpec(
+            stream=self.sessions_stream,
+            durable="router-fanin",
+            filter_subject=self.sessions_log_all(),
             ack_wait_s=30.0,
             max_deliver=5,
         )

@@ -24,6 +24,8 @@ from agentbus.messages import (
     InputRejected,
     InvalidEvent,
     ModelResponded,
+    OpinionResult,
+    OpinionsAggregated,
     QuestionAsked,
     Record,
     ResumeRequested,
@@ -94,6 +96,9 @@ SAMPLES: list[AnyEvent] = [
         criteria=(CriterionResult(criterion="has three lines", passed=False, score=0.5, critique="four"),),
         checks=(CheckResult(command="test -f haiku.txt", passed=True, exit_code=0, output="ok"),),
         critique="one line too many",
+    ),
+    OpinionsAggregated(
+        id="aggregated", ts=TS, results=(OpinionResult(session_id="s-o1", pool="p", status="completed", result="ok"),)
     ),
     RevisionRequested(id="revision-2", ts=TS, round=2, critique="check failed: test -f x", fresh_start=True),
     BudgetExceeded(id="budget-1", ts=TS, limit="max_steps", detail="10 of 10"),

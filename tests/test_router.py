@@ -134,3 +134,42 @@ async def test_malformed_submissions_are_dropped_and_routing_goes_on(
     finally:
         await _stop(router, task, bus)
     assert routed[0].pool == "general"
+
+
+async def test_fan_out_runs_siblings_and_records_an_aggregate_in_the_parent(
+    client: agentbus.Client, settings: Settings, table: RouteTable, tmp_path: Path
+) -> None:
+    from agentbus.messages import OpinionsAggregated
+    from agentbus.models import ScriptedModel
+    from services.agent.worker import AgentConfig, AgentWorker
+
+    script = tmp_path / "opinion.json"
+    script.write_text('[{"content": [{"type": "text", "text": "looks fine"}], "stop_reason": "end_turn", "usage": {}}]')
+    model = ScriptedModel(script)
+    router, rtask, rbus = await _start(settings, table)
+    abus = await Bus.connect(settings)
+    agents = [
+        AgentWorker(abus, AgentConfig(pool=p, model=model.name, workdir=tmp_path), model) for p in ("coder", "rev")
+    ]
+    runners = [asyncio.create_task(a.run()) for a in agents]
+    try:
+        sid = await client.submit("review this diff", opinions=["coder", "rev", "coder"])
+        state = await client.wait(sid, timeout=30)
+    finally:
+        for a in agents:
+            await a.shutdown()
+        await asyncio.gather(*runners)
+        await abus.close()
+        await _stop(router, rtask, rbus)
+    assert state.status == "completed"
+    assert state.reason == "3 of 3 opinions completed"
+    aggregate = [r.event for r in await client.show(sid) if isinstance(r.event, OpinionsAggregated)]
+    assert len(aggregate) == 1
+    assert [(o.pool, o.status, o.result) for o in aggregate[0].results] == [
+        ("coder", "completed", "looks fine"),
+        ("rev", "completed", "looks fine"),
+        ("coder", "completed", "looks fine"),
+    ]
+    children = [await client.state(o.session_id) for o in aggregate[0].results]
+    assert {c.parent_session for c in children} == {sid}
+    assert {c.depth for c in children} == {1}

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from agentbus.subjects import Namespace
+from agentbus.subjects import ConsumerSpec, Namespace
 
 DOC = Path(__file__).resolve().parents[1] / "subjects.md"
 NS = Namespace("agentbus")
@@ -26,13 +26,7 @@ def _builders() -> dict[str, str]:
     """Every public Namespace method that returns a subject, rendered with placeholders."""
     out = {}
     for name, fn in inspect.getmembers(Namespace, inspect.isfunction):
-        if name.startswith("_") or name in (
-            "streams",
-            "buckets",
-            "router_consumer",
-            "pool_consumer",
-            "evaluator_consumer",
-        ):
+        if name.startswith("_") or name.endswith("_consumer") or name in ("streams", "buckets"):
             continue
         args = [PLACEHOLDERS[p] for p in inspect.signature(fn).parameters if p != "self"]
         subject = getattr(NS, name)(*args)
@@ -64,7 +58,17 @@ def test_every_stream_is_documented_with_its_subjects_retention_and_dedup_window
         assert window == f"{spec.duplicate_window_s:g} s"
 
 
-@pytest.mark.parametrize("spec", [NS.router_consumer(), NS.pool_consumer("POOLX")], ids=lambda s: s.durable)
+def _consumers() -> list[ConsumerSpec]:
+    """Every consumer the code can build (each `*_consumer` method)."""
+    specs = []
+    for name, fn in inspect.getmembers(Namespace, inspect.isfunction):
+        if name.endswith("_consumer"):
+            args = [PLACEHOLDERS[p] for p in inspect.signature(fn).parameters if p in PLACEHOLDERS]
+            specs.append(getattr(NS, name)(*args))
+    return specs
+
+
+@pytest.mark.parametrize("spec", _consumers(), ids=lambda s: s.durable)
 def test_every_consumer_is_documented_with_its_ack_wait_and_max_deliver(spec) -> None:  # type: ignore[no-untyped-def]
     rows = {row[0]: row for row in _table("Consumers")}
     durable = spec.durable.replace("POOLX", "<pool>")
