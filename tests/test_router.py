@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 import pytest
@@ -173,3 +174,37 @@ async def test_fan_out_runs_siblings_and_records_an_aggregate_in_the_parent(
     children = [await client.state(o.session_id) for o in aggregate[0].results]
     assert {c.parent_session for c in children} == {sid}
     assert {c.depth for c in children} == {1}
+
+
+async def test_a_route_can_name_the_model_its_sessions_use(
+    client: agentbus.Client, settings: Settings, tmp_path: Path
+) -> None:
+    from agentbus.models import ScriptedModel
+    from services.agent.worker import AgentConfig, AgentWorker
+
+    def script(name: str, text: str) -> Path:
+        path = tmp_path / name
+        body = {"content": [{"type": "text", "text": text}], "stop_reason": "end_turn", "usage": {}}
+        path.write_text(json.dumps([body]))
+        return path
+
+    pool_default, cheap = script("default.json", "from the pool model"), script("cheap.json", "from the cheap model")
+    routes = tmp_path / "routes.toml"
+    routes.write_text(f'[[route]]\nname = "grading"\ntags = ["cheap"]\npool = "w"\nmodel = "scripted:{cheap}"\n')
+    router, rtask, rbus = await _start(settings, load_routes(routes, default_pool="w"))
+    abus = await Bus.connect(settings)
+    model = ScriptedModel(pool_default)
+    agent = AgentWorker(abus, AgentConfig(pool="w", model=model.name, workdir=tmp_path), model)
+    runner = asyncio.create_task(agent.run())
+    try:
+        cheap_sid = await client.submit("grade this", tags=("cheap",))
+        plain_sid = await client.submit("write this", pool="w")  # not through the router: the pool's model
+        cheap_state = await client.wait(cheap_sid, timeout=20)
+        plain_state = await client.wait(plain_sid, timeout=20)
+    finally:
+        await agent.shutdown()
+        await runner
+        await abus.close()
+        await _stop(router, rtask, rbus)
+    assert cheap_state.result == "from the cheap model"
+    assert plain_state.result == "from the pool model"

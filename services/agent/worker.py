@@ -36,6 +36,7 @@ from agentbus.messages import (
     ModelResponded,
     QuestionAsked,
     Record,
+    Routed,
     SessionClaimed,
     SessionEnded,
     StatusChanged,
@@ -78,6 +79,7 @@ class AgentConfig:
     max_deliver: int = 5
     max_steps: int = 100  # a safety net; per-session budgets come with the supervisor
     max_depth: int = 3
+    max_children: int = 8  # delegations per session, so a looping model cannot fork without end
     worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
 
 
@@ -96,6 +98,7 @@ class AgentWorker:
         self.log = SessionLog(bus)
         self.client = Client(bus)
         self.model = model or model_from_spec(config.model)
+        self._models: dict[str, ModelClient] = {}
         self.tools: dict[str, Tool] = load_tools(config.tools)
         self.tool_schemas = schemas(self.tools)
         self.consumer = bus.ns.pool_consumer(config.pool, ack_wait_s=config.ack_wait_s, max_deliver=config.max_deliver)
@@ -103,6 +106,14 @@ class AgentWorker:
         self._stopped = asyncio.Event()
         self._inflight: set[asyncio.Task[None]] = set()
         self.served = 0
+
+    def model_for(self, spec: str | None) -> ModelClient:
+        """The pool's model, or a per-session one (cost routing), built once per spec."""
+        if spec is None or spec == self.model.name:
+            return self.model
+        if spec not in self._models:
+            self._models[spec] = model_from_spec(spec)
+        return self._models[spec]
 
     async def run(self) -> None:
         await self.bus.provision()
@@ -190,6 +201,10 @@ class AgentWorker:
             await self.bus.delete_stored(stream, seq)
 
 
+def _child_id(sid: str, tool_use_id: str) -> str:
+    return f"{sid[:40]}-{hashlib.sha256(tool_use_id.encode()).hexdigest()[:10]}"
+
+
 def _guess_session(data: bytes) -> str | None:
     try:
         obj = msgspec.json.decode(data)
@@ -262,7 +277,7 @@ class SessionRun:
     async def _model_step(self, conv: Conversation) -> Outcome | None:
         step = conv.steps + 1
         try:
-            reply = await self.w.model.respond(
+            reply = await self.w.model_for(self._model_spec(conv)).respond(
                 session_id=self.sid,
                 system=self.w.config.system,
                 messages=conv.messages,
@@ -349,7 +364,10 @@ class SessionRun:
         depth = task.depth + 1
         if depth > self.w.config.max_depth:
             raise ToolError(f"delegation refused: depth limit {self.w.config.max_depth} reached")
-        child = f"{self.sid[:40]}-{hashlib.sha256(use.id.encode()).hexdigest()[:10]}"
+        asked = {r.event.child_session for r in self.records if isinstance(r.event, DelegationRequested)}
+        if len(asked) >= self.w.config.max_children and _child_id(self.sid, use.id) not in asked:
+            raise ToolError(f"delegation refused: this session already started {len(asked)} subtasks (the limit)")
+        child = _child_id(self.sid, use.id)
         target = pool or self.w.config.pool
         await self._append(
             DelegationRequested(
@@ -413,6 +431,13 @@ class SessionRun:
             ack = await self.writer.append(event)
         return ack
 
+    def _model_spec(self, conv: Conversation) -> str | None:
+        """The session's own model (submit --model), else the one its route names, else the pool's."""
+        if conv.task is not None and conv.task.model:
+            return conv.task.model
+        routed = [r.event for r in self.records if isinstance(r.event, Routed)]
+        return routed[-1].model if routed and routed[-1].model else None
+
     async def _end(self, status: Literal["completed", "failed", "cancelled"], reason: str, result: str = "") -> Outcome:
         await self._append(SessionEnded(id="ended", status=status, reason=reason, result=result))
         return "ended"
@@ -462,6 +487,7 @@ async def serve(bus: Bus, config: AgentConfig, stop: asyncio.Event, *, model: Mo
         await worker.shutdown()
     waiter.cancel()
     await runner
-    closer: Callable[[], Awaitable[None]] | None = getattr(worker.model, "aclose", None)
-    if closer:
-        await closer()
+    for model in (worker.model, *worker._models.values()):
+        closer: Callable[[], Awaitable[None]] | None = getattr(model, "aclose", None)
+        if closer:
+            await closer()
