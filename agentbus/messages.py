@@ -151,6 +151,9 @@ class ModelResponded(Event, tag="model_responded", frozen=True, kw_only=True):
     usage: Usage = Usage()
     cost_usd: float = 0.0
     round: int = 1
+    # The last log sequence the request was built from: a human message recorded after it
+    # (while the call was in flight) belongs after this response, not before it.
+    horizon: int = 0
 
 
 class ToolCallStarted(Event, tag="tool_call_started", frozen=True, kw_only=True):

@@ -70,6 +70,7 @@ def human_text(msg: HumanMessage) -> str:
 def build(records: Sequence[Record]) -> Conversation:
     """Fold records (in stream order) into a `Conversation`."""
     conv = Conversation()
+    records = in_request_order(records)
     user: list[dict[str, Any]] = []  # user content waiting to follow the last assistant turn
     results: dict[str, dict[str, Any]] = {}
     uses: list[ToolUse] = []
@@ -136,6 +137,26 @@ def build(records: Sequence[Record]) -> Conversation:
         _flush_tool_results(user, uses, results)
         _push(conv.messages, "user", user)
     return conv
+
+
+def in_request_order(records: Sequence[Record]) -> list[Record]:
+    """Records in the order the model saw them.
+
+    A human message recorded while a model call was in flight sits before that call's
+    response in the log, but the model only sees it after: move it past the response.
+    """
+    keyed = []
+    for i, rec in enumerate(records):
+        key = (i, 0, i)
+        if isinstance(rec.event, HumanMessage):
+            for j in range(i + 1, len(records)):
+                nxt = records[j].event
+                if isinstance(nxt, ModelResponded):
+                    if nxt.horizon and nxt.horizon < rec.seq:
+                        key = (j, 1, i)
+                    break
+        keyed.append((key, rec))
+    return [rec for _, rec in sorted(keyed, key=lambda kr: kr[0])]
 
 
 def _flush_tool_results(user: list[dict[str, Any]], uses: list[ToolUse], results: dict[str, dict[str, Any]]) -> None:

@@ -276,6 +276,7 @@ class SessionRun:
 
     async def _model_step(self, conv: Conversation) -> Outcome | None:
         step = conv.steps + 1
+        horizon = self.records[-1].seq if self.records else 0
         try:
             reply = await self.w.model_for(self._model_spec(conv)).respond(
                 session_id=self.sid,
@@ -298,6 +299,7 @@ class SessionRun:
                 usage=reply.usage,
                 cost_usd=cost_usd(reply.model, reply.usage),
                 round=conv.round,
+                horizon=horizon,
             )
         )
         return None
