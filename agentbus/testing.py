@@ -352,14 +352,17 @@ def _handler_for(api: FakeMessagesAPI) -> type[BaseHTTPRequestHandler]:
                 self._send_error(_Failure(status=400, error_type="invalid_request_error", message=problem))
                 return
             reply = api._next_reply(body)
-            if isinstance(reply, _Failure) and reply.during_stream and body.get("stream"):
-                self._send_stream_error(reply, body)
-            elif isinstance(reply, _Failure):
-                self._send_error(reply)
-            elif body.get("stream"):
-                self._send_stream(reply)
-            else:
-                self._send_json(200, reply)
+            try:
+                if isinstance(reply, _Failure) and reply.during_stream and body.get("stream"):
+                    self._send_stream_error(reply, body)
+                elif isinstance(reply, _Failure):
+                    self._send_error(reply)
+                elif body.get("stream"):
+                    self._send_stream(reply)
+                else:
+                    self._send_json(200, reply)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the client went away (a test killed it): nothing to answer
 
         def _send_json(self, status: int, payload: dict[str, Any], extra: Mapping[str, str] = {}) -> None:
             data = json.dumps(payload).encode()

@@ -48,6 +48,7 @@ def command(
 ) -> None:
     """Run an agent: pull POOL's tasks, run the Claude tool-use loop, record every step."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s agent %(levelname)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per model request is noise
     config = AgentConfig(
         pool=pool,
         model=model_spec,
