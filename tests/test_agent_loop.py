@@ -276,3 +276,34 @@ async def test_a_tool_that_fails_becomes_an_error_result_and_the_loop_goes_on(
     assert "unknown tool" in errors[1].output
     started = [r.event for r in await client.show(sid) if isinstance(r.event, ToolCallStarted)]
     assert not any(s.rerun for s in started)
+
+
+async def test_a_draining_agent_finishes_its_step_and_hands_the_session_to_another(
+    client: agentbus.Client, settings: Settings, tmp_path: Path
+) -> None:
+    in_call, release = threading.Event(), threading.Event()
+
+    def responder(request: dict[str, Any]) -> dict[str, Any]:
+        turns = sum(1 for m in request["messages"] if m["role"] == "assistant")
+        if turns == 0:
+            in_call.set()
+            release.wait(10)
+            return tool_use_response("write_file", {"path": "f.txt", "content": "x"}, id="tu_1")
+        return text_response("finished by the second agent")
+
+    async with agent(settings, tmp_path, responder=responder) as (api, first):
+        sid = await client.submit("x", pool="p")
+        await asyncio.to_thread(in_call.wait, 10)
+        draining = asyncio.create_task(first.shutdown())
+        release.set()
+        await draining  # returns only after the in-flight step is recorded and the task released
+        records = await client.show(sid)
+        assert kinds(records).count("model_responded") == 1
+        assert kinds(records).count("session_ended") == 0
+        async with agent(settings, tmp_path, responder=responder) as (api2, _second):
+            state = await client.wait(sid, timeout=20)
+    assert state.status == "completed" and state.result == "finished by the second agent"
+    records = await client.show(sid)
+    assert [r.event.step for r in records if isinstance(r.event, ModelResponded)] == [1, 2]
+    assert kinds(records).count("tool_call_completed") == 1
+    assert len(api.requests) == 1 and len(api2.requests) == 1
