@@ -21,7 +21,9 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import api
 from opentelemetry import propagate
+from opentelemetry.trace import SpanKind
 
+from agentbus import tracing
 from agentbus.config import Settings
 from agentbus.errors import BusError, FencedError, NatsUnreachable
 from agentbus.subjects import BucketSpec, ConsumerSpec, Namespace, StreamSpec
@@ -81,6 +83,11 @@ class Job:
         self.headers: Mapping[str, str] = dict(msg.headers or {})
         self.seq: int = meta.sequence.stream
         self.attempt: int = meta.num_delivered
+
+    @property
+    def trace_context(self) -> Any:
+        """The trace context of whoever published this job (start the work's span under it)."""
+        return tracing.context_from(self.headers)
 
     async def ack(self, *, sync: bool = True) -> None:
         """Done: the server removes it. `sync` waits for the server to confirm, so a lost ack
@@ -273,6 +280,18 @@ class Bus:
         expected_last_subject_seq: int | None = None,
     ) -> PubAck:
         """Publish to JetStream and wait for the stored ack; retries on a lost ack are deduplicated."""
+        attrs = tracing.messaging_attrs(subject, msg_id)
+        with tracing.span(f"publish {_span_subject(subject)}", kind=SpanKind.PRODUCER, attributes=attrs):
+            return await self._publish(subject, data, msg_id, headers, expected_last_subject_seq)
+
+    async def _publish(
+        self,
+        subject: str,
+        data: bytes,
+        msg_id: str,
+        headers: Mapping[str, str] | None,
+        expected_last_subject_seq: int | None,
+    ) -> PubAck:
         hdrs = self.headers(msg_id, headers)
         if expected_last_subject_seq is not None:
             hdrs[EXPECTED_LAST_SUBJECT_SEQ] = str(expected_last_subject_seq)
@@ -297,6 +316,10 @@ class Bus:
 
     async def publish_many(self, messages: Iterable[Outgoing]) -> list[PubAck]:
         """Publish with up to 256 acks in flight; returns acks in input order, raises on the first refusal."""
+        with tracing.span("publish batch", kind=SpanKind.PRODUCER, attributes={"messaging.system": "nats"}):
+            return await self._publish_many(messages)
+
+    async def _publish_many(self, messages: Iterable[Outgoing]) -> list[PubAck]:
         pending: list[asyncio.Future[Any]] = []
         shared: dict[str, str] = {}
         propagate.inject(shared)  # one trace context for the whole batch: inject once, not per message
@@ -487,6 +510,14 @@ def _ack_reply_fields(msg: Msg) -> tuple[int, int, int]:
     meta = msg.metadata
     ts = int(meta.timestamp.timestamp() * 1e9) if meta.timestamp else 0
     return meta.sequence.stream, meta.num_pending, ts
+
+
+def _span_subject(subject: str) -> str:
+    """A subject with its session id masked, so span names stay few (semconv: low cardinality)."""
+    parts = subject.split(".")
+    if len(parts) == 4 and parts[1] == "session":
+        parts[2] = "{session}"
+    return ".".join(parts)
 
 
 class Puller:

@@ -94,8 +94,13 @@ def _emit_json(obj: Any) -> None:
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="agentbus-runtime")
-def main() -> None:
+@click.pass_context
+def main(ctx: click.Context) -> None:
     """agentbus: teams of Claude agents on NATS JetStream; a session is a durable stream."""
+    from agentbus import tracing
+
+    name = ctx.invoked_subcommand if ctx.invoked_subcommand in SERVICES else "cli"
+    ctx.call_on_close(tracing.setup(f"agentbus-{name}"))
 
 
 # --- server ----------------------------------------------------------------------------------------

@@ -16,6 +16,9 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
+from opentelemetry.trace import SpanKind
+
+from agentbus import tracing
 from agentbus.bus import Bus
 from agentbus.config import Settings
 from agentbus.errors import NoSuchSession, SessionUnsuccessful, Timeout, UsageError
@@ -94,6 +97,28 @@ class Client:
         """
         sid = new_session_id() if session_id is None else session_id
         self._check_session_id(sid)
+        with tracing.span("submit", kind=SpanKind.PRODUCER, session_id=sid, pool=pool):
+            return await self._submit(
+                sid, prompt, pool, criteria, checks, max_rounds, budget, tags, submitter, parent_session, depth, model,
+                opinions,
+            )  # fmt: skip
+
+    async def _submit(
+        self,
+        sid: str,
+        prompt: str,
+        pool: str | None,
+        criteria: Sequence[str],
+        checks: Sequence[str],
+        max_rounds: int,
+        budget: Budget | None,
+        tags: Sequence[str],
+        submitter: str | None,
+        parent_session: str | None,
+        depth: int,
+        model: str | None,
+        opinions: Sequence[str],
+    ) -> str:
         for name in (pool, *(p for p in opinions if p)):
             if name is not None and not valid_token(name):
                 raise UsageError(f"pool name {name!r} must be 1-64 characters of letters, digits, '-' or '_'")
@@ -125,7 +150,7 @@ class Client:
             model=model,
             opinions=tuple(opinions),
         )
-        await self.log.append(sid, SessionCreated(id="created", task=task))
+        await self.log.append(sid, SessionCreated(id="created", task=task, trace_id=tracing.current_trace_id()))
         if pool is None:
             await self.bus.publish(self.bus.ns.submissions(), encode(WorkItem(session_id=sid)), msg_id=sid)
         else:

@@ -21,7 +21,9 @@ from pathlib import Path
 from typing import Any, Literal, cast
 
 import msgspec
+from opentelemetry.trace import Span, SpanKind
 
+from agentbus import tracing
 from agentbus.bus import Bus, Job
 from agentbus.client import Client
 from agentbus.errors import AgentBusError, FencedError
@@ -42,6 +44,7 @@ from agentbus.messages import (
     StatusChanged,
     ToolCallCompleted,
     ToolCallStarted,
+    Usage,
     WorkItem,
     decode_work,
     encode,
@@ -155,8 +158,17 @@ class AgentWorker:
             await self._reject(job, f"work item names an invalid session id {item.session_id!r}")
             return
         run = SessionRun(self, item.session_id, job)
+        attrs = {**tracing.messaging_attrs(job.subject, operation="process"), "agentbus.attempt": job.attempt}
         try:
-            outcome = await run.execute()
+            with tracing.span(
+                f"process {self.config.pool}",
+                kind=SpanKind.CONSUMER,
+                parent=job.trace_context,
+                session_id=item.session_id,
+                pool=self.config.pool,
+                attributes=attrs,
+            ):
+                outcome = await run.execute()
         except Exception as err:
             await self._failed_attempt(job, item.session_id, err)
             return
@@ -199,6 +211,35 @@ class AgentWorker:
                 reason = f"gave up: delivered {self.config.max_deliver} times and never finished (max_deliver)"
                 await self.log.append(sid, SessionEnded(id="ended", status="failed", reason=reason))
             await self.bus.delete_stored(stream, seq)
+
+
+def _request_model(spec: str) -> str:
+    scheme, _, rest = spec.partition(":")
+    return rest if scheme == "anthropic" else scheme
+
+
+def _record_usage(span: Span, model: str, usage: Usage, stop_reason: str | None) -> None:
+    """GenAI semantic-convention attributes on the span, and the same figures as metrics."""
+    span.set_attributes(
+        {
+            "gen_ai.response.model": model,
+            "gen_ai.response.finish_reasons": [stop_reason or ""],
+            "gen_ai.usage.input_tokens": usage.input_tokens,
+            "gen_ai.usage.output_tokens": usage.output_tokens,
+            "gen_ai.usage.cache_creation.input_tokens": usage.cache_creation_input_tokens,
+            "gen_ai.usage.cache_read.input_tokens": usage.cache_read_input_tokens,
+        }
+    )
+    labels = {"gen_ai.response.model": model}
+    tracing.model_calls.add(1, labels)
+    for kind, count in (
+        ("input", usage.input_tokens),
+        ("output", usage.output_tokens),
+        ("cache_creation", usage.cache_creation_input_tokens),
+        ("cache_read", usage.cache_read_input_tokens),
+    ):
+        tracing.tokens.add(count, {**labels, "gen_ai.token.type": kind})
+    tracing.dollars.add(cost_usd(model, usage), labels)
 
 
 def _child_id(sid: str, tool_use_id: str) -> str:
@@ -277,18 +318,34 @@ class SessionRun:
     async def _model_step(self, conv: Conversation) -> Outcome | None:
         step = conv.steps + 1
         horizon = self.records[-1].seq if self.records else 0
-        try:
-            reply = await self.w.model_for(self._model_spec(conv)).respond(
-                session_id=self.sid,
-                system=self.w.config.system,
-                messages=conv.messages,
-                tools=self.w.tool_schemas,
-                max_tokens=self.w.config.max_tokens,
-            )
-        except ModelError as err:
-            if err.retryable:
-                raise
-            return await self._end("failed", f"model error: {err}")
+        model = self.w.model_for(self._model_spec(conv))
+        attrs = {
+            "gen_ai.operation.name": "chat",
+            "gen_ai.system": "anthropic",
+            "gen_ai.request.model": _request_model(model.name),
+            "gen_ai.request.max_tokens": self.w.config.max_tokens,
+            "agentbus.step": step,
+        }
+        with tracing.span(
+            f"chat {attrs['gen_ai.request.model']}",
+            kind=SpanKind.CLIENT,
+            session_id=self.sid,
+            pool=self.w.config.pool,
+            attributes=attrs,
+        ) as span:
+            try:
+                reply = await model.respond(
+                    session_id=self.sid,
+                    system=self.w.config.system,
+                    messages=conv.messages,
+                    tools=self.w.tool_schemas,
+                    max_tokens=self.w.config.max_tokens,
+                )
+            except ModelError as err:
+                if err.retryable:
+                    raise
+                return await self._end("failed", f"model error: {err}")
+            _record_usage(span, reply.model, reply.usage, reply.stop_reason)
         await self._append(
             ModelResponded(
                 id=f"step-{step}",
@@ -325,14 +382,20 @@ class SessionRun:
             ask_human=lambda question: self._ask_human(use, question),
         )
         tool = self.w.tools.get(use.name)
-        try:
-            if tool is None:
-                raise ToolError(f"unknown tool {use.name!r}; this agent offers {', '.join(self.w.tools)}")
-            output, is_error = await tool.run(use.input, ctx), False
-        except Released:
-            raise
-        except Exception as err:
-            output, is_error = (str(err) or type(err).__name__), True
+        attrs = {"gen_ai.operation.name": "execute_tool", "gen_ai.tool.name": use.name, "gen_ai.tool.call.id": use.id}
+        with tracing.span(
+            f"execute_tool {use.name}", session_id=self.sid, pool=self.w.config.pool, attributes=attrs
+        ) as span:
+            try:
+                if tool is None:
+                    raise ToolError(f"unknown tool {use.name!r}; this agent offers {', '.join(self.w.tools)}")
+                output, is_error = await tool.run(use.input, ctx), False
+            except Released:
+                raise
+            except Exception as err:
+                output, is_error = (str(err) or type(err).__name__), True
+                span.set_attribute("error.type", type(err).__name__)
+                tracing.tool_errors.add(1, {"gen_ai.tool.name": use.name, tracing.POOL: self.w.config.pool})
         await self._append(
             ToolCallCompleted(
                 id=f"step-{use.step}-result-{use.id}",
@@ -442,6 +505,7 @@ class SessionRun:
 
     async def _end(self, status: Literal["completed", "failed", "cancelled"], reason: str, result: str = "") -> Outcome:
         await self._append(SessionEnded(id="ended", status=status, reason=reason, result=result))
+        tracing.sessions_ended.add(1, {"status": status, tracing.POOL: self.w.config.pool})
         return "ended"
 
     async def _hand_to_evaluator(self, round_: int) -> Outcome:

@@ -14,7 +14,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import msgspec
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind
 
+from agentbus import tracing
 from agentbus.bus import Bus, Job
 from agentbus.messages import (
     ModelResponded,
@@ -77,8 +80,12 @@ class Evaluator:
         if not valid_token(item.session_id):
             await job.term()
             return
-        async with _keepalive(job):
-            await self.evaluate(item.session_id, item.round)
+        attrs = {**tracing.messaging_attrs(job.subject, operation="process"), "agentbus.round": item.round}
+        with tracing.span(
+            "evaluate", kind=SpanKind.CONSUMER, parent=job.trace_context, session_id=item.session_id, attributes=attrs
+        ):
+            async with _keepalive(job):
+                await self.evaluate(item.session_id, item.round)
         await job.ack()
         self.graded += 1
 
@@ -95,12 +102,17 @@ class Evaluator:
             await self.log.append(sid, current)
             verdicts.append(current)
         nxt = decide(task, verdicts, pivot_after=self.pivot_after)
+        trace.get_current_span().set_attributes(
+            {"agentbus.verdict": current.verdict, "agentbus.next": nxt.action, tracing.POOL: task.pool or ""}
+        )
         output = final_output(records)
         log.info("%s round %d: %s -> %s", sid, round_, current.verdict, nxt.action)
         if nxt.action == "complete":
             await self.log.append(sid, SessionEnded(id="ended", status="completed", reason="satisfied", result=output))
+            tracing.sessions_ended.add(1, {"status": "completed"})
         elif nxt.action == "fail":
             await self.log.append(sid, SessionEnded(id="ended", status="failed", reason=nxt.reason, result=output))
+            tracing.sessions_ended.add(1, {"status": "failed"})
         else:
             await self.log.append(
                 sid,
@@ -126,7 +138,8 @@ class Evaluator:
             None,
         )
         output = final_output(records)
-        checks = await run_checks(task.checks, workspace)
+        with tracing.span("run checks", session_id=sid, attributes={"agentbus.checks": len(task.checks)}):
+            checks = await run_checks(task.checks, workspace)
         try:
             if task.criteria and self.model is None:
                 raise GradingError("the session has criteria but this evaluator has no grader model (--model)")

@@ -11,7 +11,9 @@ import asyncio
 import logging
 
 import msgspec
+from opentelemetry.trace import Span, SpanKind
 
+from agentbus import tracing
 from agentbus.bus import Bus, Job
 from agentbus.client import Client
 from agentbus.messages import (
@@ -70,6 +72,14 @@ class Router:
         await self._stopped.wait()
 
     async def _handle(self, job: Job) -> None:
+        attrs = tracing.messaging_attrs(job.subject, operation="process")
+        sid = _guess_session(job.data)
+        with tracing.span(
+            "route", kind=SpanKind.CONSUMER, parent=job.trace_context, session_id=sid, attributes=attrs
+        ) as span:
+            await self._route(job, span)
+
+    async def _route(self, job: Job, span: Span) -> None:
         try:
             item = decode_work(job.data)
         except msgspec.MsgspecError as err:
@@ -94,7 +104,9 @@ class Router:
             await job.ack()
             self.routed += 1
             return
+        span.set_attribute(tracing.SESSION_ID, item.session_id)
         decision = self.table.choose(created.task)
+        span.set_attributes({tracing.POOL: decision.pool, "agentbus.route.rule": decision.rule})
         await self.log.append(
             item.session_id, Routed(id="routed", pool=decision.pool, rule=decision.rule, model=decision.model)
         )
@@ -181,6 +193,13 @@ class Router:
                 result=summary,
             ),
         )
+
+
+def _guess_session(data: bytes) -> str | None:
+    try:
+        return decode_work(data).session_id
+    except msgspec.MsgspecError:
+        return None
 
 
 def opinion_ids(sid: str, task: Task) -> list[str]:
