@@ -350,6 +350,40 @@ def cancel(session_id: str, reason: str, nats_url: str | None, prefix: str) -> N
     with_client(settings_from(nats_url, prefix), body)
 
 
+@main.command()
+@click.argument("session_id")
+@click.option("--max-steps", type=int, help="New limit: model turns.")
+@click.option("--max-tool-calls", type=int, help="New limit: tool calls.")
+@click.option("--max-tokens", type=int, help="New limit: tokens (all kinds).")
+@click.option("--max-usd", type=float, help="New limit: dollars.")
+@click.option("--max-wall", "max_wall_s", type=float, help="New limit: wall time in seconds since submission.")
+@nats_option
+def resume(
+    session_id: str,
+    max_steps: int | None,
+    max_tool_calls: int | None,
+    max_tokens: int | None,
+    max_usd: float | None,
+    max_wall_s: float | None,
+    nats_url: str | None,
+    prefix: str,
+) -> None:
+    """Continue a paused SESSION, raising the limits you name; it goes back on its pool's queue."""
+    budget = Budget(
+        max_steps=max_steps,
+        max_tool_calls=max_tool_calls,
+        max_tokens=max_tokens,
+        max_usd=max_usd,
+        max_wall_s=max_wall_s,
+    )
+
+    async def body(client: Client) -> None:
+        seq = await client.resume(session_id, budget=budget)
+        click.echo(f"resumed (#{seq})")
+
+    with_client(settings_from(nats_url, prefix), body)
+
+
 # --- bench -----------------------------------------------------------------------------------------
 
 

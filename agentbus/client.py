@@ -175,10 +175,16 @@ class Client:
         return (await self.log.append(session_id, event, channel="input")).seq
 
     async def resume(self, session_id: str, *, budget: Budget | None = None, author: str | None = None) -> int:
-        """Ask a paused session to continue, optionally with raised limits."""
+        """Continue a paused session, with raised limits if given; it goes back on its pool's queue."""
         await self._require(session_id)
+        state = await self.log.state(session_id)
+        if state.status != "paused" or state.pool is None:
+            raise UsageError(f"session {session_id} is {state.status}, not paused; only a paused session resumes")
         event = ResumeRequested(id=new_event_id("resume"), author=author or default_author(), budget=budget or Budget())
-        return (await self.log.append(session_id, event, channel="input")).seq
+        seq = (await self.log.append(session_id, event, channel="input")).seq
+        item = WorkItem(session_id=session_id, reason="resume")
+        await self.bus.publish(self.bus.ns.work(state.pool), encode(item), msg_id=f"{session_id}:resume:{seq}")
+        return seq
 
     # --- reading ------------------------------------------------------------------------------
 
@@ -222,8 +228,12 @@ class Client:
         return state
 
     async def _until_settled(self, session_id: str) -> SessionState:
-        state = SessionState(session_id=session_id)
-        async for record in self.log.tap(session_id, start="start", follow=True):
+        # Start from the current state, not the first event: a session paused and resumed
+        # earlier must not look settled at the old pause.
+        state = await self.log.state(session_id)
+        if state.terminal or state.status == "paused":
+            return state
+        async for record in self.log.tap(session_id, start=state.last_seq + 1, follow=True):
             state = fold(state, record)
             if state.terminal or state.status == "paused":
                 return state

@@ -11,6 +11,7 @@ from agentbus.messages import (
     DelegationRequested,
     ModelResponded,
     Record,
+    ResumeRequested,
     RevisionRequested,
     Routed,
     SessionClaimed,
@@ -111,6 +112,9 @@ def fold(state: SessionState, record: Record) -> SessionState:
             s.reason = f"{limit}: {detail}" if detail else limit
         case CancelRequested():
             s.cancel_requested = True
+        case ResumeRequested():
+            if s.status == "paused":
+                s.status, s.reason = "queued", ""
         case SessionEnded(status=status, reason=reason, result=result):
             s.status = status
             s.reason = reason

@@ -15,6 +15,7 @@ import hashlib
 import logging
 import os
 import socket
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,8 @@ from agentbus.client import Client
 from agentbus.errors import AgentBusError, FencedError
 from agentbus.messages import (
     TERMINAL,
+    Budget,
+    BudgetExceeded,
     CancelRequested,
     DelegationCompleted,
     DelegationRequested,
@@ -38,6 +41,7 @@ from agentbus.messages import (
     ModelResponded,
     QuestionAsked,
     Record,
+    ResumeRequested,
     Routed,
     SessionClaimed,
     SessionEnded,
@@ -54,6 +58,14 @@ from agentbus.session import SessionLog, SessionWriter
 from agentbus.state import SessionState, fold
 from agentbus.subjects import valid_token
 from services.agent.conversation import Conversation, ToolUse, build, human_text
+from services.agent.guards import (
+    NO_PROGRESS_TURNS,
+    Stop,
+    effective_budget,
+    no_progress,
+    over_budget,
+    remaining,
+)
 from services.agent.tools import DEFAULT_TOOLS, Tool, ToolContext, ToolError, load_tools, schemas
 
 log = logging.getLogger("agentbus.agent")
@@ -83,6 +95,8 @@ class AgentConfig:
     max_steps: int = 100  # a safety net; per-session budgets come with the supervisor
     max_depth: int = 3
     max_children: int = 8  # delegations per session, so a looping model cannot fork without end
+    budget: Budget = Budget()  # noqa: RUF009 - frozen. The pool default; a session's own budget overrides it
+    no_progress_turns: int = NO_PROGRESS_TURNS
     worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
 
 
@@ -309,6 +323,8 @@ class SessionRun:
                 return await self._end("failed", "the model refused to continue (stop_reason refusal)")
             elif conv.steps >= self.w.config.max_steps:
                 return await self._end("failed", f"max_steps: {conv.steps} model calls without finishing")
+            elif stop := self._guard():
+                return await self._pause(stop)
             else:
                 outcome = await self._model_step(conv)
                 if outcome:
@@ -447,7 +463,7 @@ class SessionRun:
             depth=depth,
             session_id=child,
             submitter=f"agent:{self.sid}",
-            budget=task.budget,
+            budget=remaining(effective_budget(self.w.config.budget, self.records), self._state(), time.time()),
         )
         state = SessionState(session_id=child)
         async for rec in self._follow(1, session_id=child):
@@ -495,6 +511,25 @@ class SessionRun:
                 raise  # another agent is working on this session: it owns it now
             ack = await self.writer.append(event)
         return ack
+
+    def _guard(self) -> Stop | None:
+        """Budgets first, then no-progress; checked before every model call, from the log alone."""
+        state = self._state()
+        budget = effective_budget(self.w.config.budget, self.records)
+        return over_budget(budget, state, time.time()) or no_progress(self.records, self.w.config.no_progress_turns)
+
+    def _state(self) -> SessionState:
+        state = SessionState(session_id=self.sid)
+        for rec in self.records:
+            state = fold(state, rec)
+        return state
+
+    async def _pause(self, stop: Stop) -> Outcome:
+        """Park the session (status paused); `agentbus resume` raises the limit and queues it again."""
+        resumes = sum(1 for r in self.records if isinstance(r.event, ResumeRequested))
+        await self._append(BudgetExceeded(id=f"paused-{resumes}-{stop.limit}", limit=stop.limit, detail=stop.detail))
+        log.info("session %s paused: %s %s", self.sid, stop.limit, stop.detail)
+        return "ended"
 
     def _model_spec(self, conv: Conversation) -> str | None:
         """The session's own model (submit --model), else the one its route names, else the pool's."""
