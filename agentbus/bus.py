@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -460,6 +460,14 @@ class Bus:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
 
+    async def consumer_backlog(self, spec: ConsumerSpec) -> tuple[int, int]:
+        """(messages waiting for a worker, messages delivered and not yet acked) on a durable."""
+        try:
+            info = await self._js.consumer_info(spec.stream, spec.durable)
+        except nats.js.errors.NotFoundError:
+            return (0, 0)
+        return (int(info.num_pending or 0), int(info.num_ack_pending or 0))
+
     # --- work queues ------------------------------------------------------------------------
 
     async def pull(self, spec: ConsumerSpec) -> Puller:
@@ -488,6 +496,46 @@ class Bus:
         except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.APIError):
             return False
         return True
+
+    async def kv_put(self, bucket: str, key: str, value: bytes) -> None:
+        kv = await self._bucket(bucket)
+        await kv.put(key, value)
+
+    async def kv_delete(self, bucket: str, key: str) -> None:
+        kv = await self._bucket(bucket)
+        with contextlib.suppress(nats.js.errors.KeyNotFoundError):
+            await kv.purge(key)
+
+    async def kv_values(self, bucket: str) -> dict[str, bytes]:
+        """Every live key's value (expired and deleted keys left out)."""
+        out: dict[str, bytes] = {}
+        for key in await self.kv_keys(bucket):
+            got = await self.kv_get(bucket, key)
+            if got is not None and got[0]:
+                out[key] = got[0]
+        return out
+
+    # --- core request/reply (no persistence: for questions whose answer is only useful now) ---
+
+    async def request(self, subject: str, data: bytes, *, timeout: float = 5.0) -> bytes:
+        try:
+            hdrs: dict[str, str] = {}
+            propagate.inject(hdrs)
+            msg = await self._nc.request(subject, data, timeout=timeout, headers=hdrs or None)
+        except nats.errors.NoRespondersError as err:
+            raise BusError(f"nobody answers on {subject} (is the supervisor running?)") from err
+        except (TimeoutError, nats.errors.TimeoutError) as err:
+            raise BusError(f"no answer on {subject} within {timeout:g}s") from err
+        return bytes(msg.data)
+
+    async def serve(self, subject: str, handler: Callable[[bytes], Awaitable[bytes]]) -> Callable[[], Awaitable[None]]:
+        """Answer requests on `subject` (a queue group, so replicas share them); returns a stop function."""
+
+        async def on_msg(msg: Msg) -> None:
+            await msg.respond(await handler(msg.data))
+
+        sub = await self._nc.subscribe(subject, queue="agentbus", cb=on_msg)
+        return sub.unsubscribe
 
     async def kv_keys(self, bucket: str) -> list[str]:
         kv = await self._bucket(bucket)

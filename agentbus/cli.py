@@ -384,6 +384,39 @@ def resume(
     with_client(settings_from(nats_url, prefix), body)
 
 
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per worker, per line.")
+@nats_option
+def agents(as_json: bool, nats_url: str | None, prefix: str) -> None:
+    """Live agents: pool, worker id, host/container, current sessions, last heartbeat."""
+
+    async def body(client: Client) -> None:
+        workers = await client.workers()
+        if as_json:
+            for w in workers:
+                _emit_json(to_builtins(w))
+            return
+        if not workers:
+            click.echo("no live agents", err=True)
+            return
+        click.echo(render.worker_header())
+        for w in workers:
+            click.echo(render.worker_line(w))
+
+    with_client(settings_from(nats_url, prefix), body)
+
+
+@main.command()
+@click.option("--pools", "pools_file", help="Pools file (default: an offline scripted pool, or Claude with a key).")
+@click.option("--port", default=4222, show_default=True, help="Port of the embedded nats-server (0: any free).")
+@click.option("--store-dir", default=".agentbus/nats", show_default=True, help="JetStream file store.")
+def up(pools_file: str | None, port: int, store_dir: str) -> None:
+    """The whole system on this machine: nats-server, router, evaluator, supervisor (which runs the agents)."""
+    from agentbus.up import run_up
+
+    sys.exit(run_up(pools_file=pools_file, port=port, store_dir=store_dir))
+
+
 # --- bench -----------------------------------------------------------------------------------------
 
 

@@ -16,6 +16,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
+import msgspec
 from opentelemetry.trace import SpanKind
 
 from agentbus import tracing
@@ -29,8 +30,11 @@ from agentbus.messages import (
     Record,
     ResumeRequested,
     Routed,
+    ScaleReply,
+    ScaleRequest,
     SessionCreated,
     Task,
+    WorkerInfo,
     WorkItem,
     encode,
 )
@@ -226,6 +230,18 @@ class Client:
         if raise_on_failure and state.status != "completed":
             raise SessionUnsuccessful(session_id, state.status, state.reason)
         return state
+
+    async def workers(self) -> list[WorkerInfo]:
+        """Every agent whose heartbeat is fresh, by pool then id."""
+        values = await self.bus.kv_values(self.bus.ns.workers_bucket)
+        infos = [msgspec.json.decode(v, type=WorkerInfo) for v in values.values()]
+        return sorted(infos, key=lambda w: (w.pool, w.worker_id))
+
+    async def request_workers(self, pool: str, count: int = 1, *, reason: str = "") -> ScaleReply:
+        """Ask the supervisor for extra workers in `pool`; granted within the pool's max and the fleet cap."""
+        req = ScaleRequest(pool=pool, count=count, reason=reason, requester=default_author())
+        reply = await self.bus.request(self.bus.ns.scale_requests(), encode(req))
+        return msgspec.json.decode(reply, type=ScaleReply)
 
     async def _until_settled(self, session_id: str) -> SessionState:
         # Start from the current state, not the first event: a session paused and resumed

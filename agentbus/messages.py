@@ -84,6 +84,35 @@ class WorkItem(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     v: int = SCHEMA_VERSION
 
 
+class WorkerInfo(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """An agent's entry in the worker registry, refreshed by its heartbeat."""
+
+    worker_id: str
+    pool: str
+    model: str = ""
+    host: str = ""
+    pid: int = 0
+    container: str = ""
+    sessions: tuple[str, ...] = ()
+    started_ts: float = 0.0
+    heartbeat_ts: float = 0.0
+    v: int = SCHEMA_VERSION
+
+
+class ScaleRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """Ask the supervisor for `count` more workers in `pool` (a command: imperative name)."""
+
+    pool: str
+    count: int = 1
+    reason: str = ""
+    requester: str = ""
+
+
+class ScaleReply(msgspec.Struct, frozen=True, kw_only=True):
+    granted: int
+    reason: str = ""
+
+
 # --- session events ---------------------------------------------------------------------------
 
 

@@ -26,6 +26,7 @@ from agentbus.messages import (
     ToolCallStarted,
     UnknownEvent,
     VerdictRecorded,
+    WorkerInfo,
     event_type,
 )
 from agentbus.state import SessionState
@@ -109,6 +110,16 @@ def session_line(s: SessionState, now: float | None = None) -> str:
 
 def session_header() -> str:
     return f"{'SESSION':<16}  {'STATUS':<10} {'POOL':<12} {'AGE':>6}  {'PROGRESS':<27} PROMPT"
+
+
+def worker_header() -> str:
+    return f"{'POOL':<12} {'WORKER':<24} {'WHERE':<22} {'BEAT':>5}  SESSIONS"
+
+
+def worker_line(w: WorkerInfo, now: float | None = None) -> str:
+    where = w.container or f"{w.host}:{w.pid}"
+    beat = _age((now or time.time()) - w.heartbeat_ts)
+    return f"{w.pool:<12} {w.worker_id:<24} {where:<22} {beat:>5}  {', '.join(w.sessions) or '-'}"
 
 
 def _age(seconds: float) -> str:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 DEFAULT_PREFIX = "agentbus"
+WORKER_TTL_S = 15.0
 
 # A token that is safe inside a subject, a consumer name and a KV key.
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -109,6 +110,10 @@ class Namespace:
         """Sessions whose result waits for grading."""
         return f"{self.prefix}.evaluate"
 
+    def scale_requests(self) -> str:
+        """Requests for extra workers, answered by the supervisor (core request/reply)."""
+        return f"{self.prefix}.supervisor.scale"
+
     def work_all(self) -> str:
         """Every pool's work queue."""
         return f"{self.prefix}.work.*"
@@ -130,6 +135,10 @@ class Namespace:
     @property
     def evaluations_stream(self) -> str:
         return f"{self._upper}_EVAL"
+
+    @property
+    def workers_bucket(self) -> str:
+        return f"{self._upper}_workers"
 
     @property
     def state_bucket(self) -> str:
@@ -173,7 +182,11 @@ class Namespace:
 
     def buckets(self) -> tuple[BucketSpec, ...]:
         """Every KV bucket agentbus provisions."""
-        return (BucketSpec(name=self.state_bucket, history=1),)
+        return (
+            BucketSpec(name=self.state_bucket, history=1),
+            # An agent that stops heartbeating disappears from the registry by itself.
+            BucketSpec(name=self.workers_bucket, history=1, ttl_s=WORKER_TTL_S),
+        )
 
     def router_consumer(self) -> ConsumerSpec:
         """The one durable all routers share: each submission goes to exactly one router."""

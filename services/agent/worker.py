@@ -49,6 +49,7 @@ from agentbus.messages import (
     ToolCallCompleted,
     ToolCallStarted,
     Usage,
+    WorkerInfo,
     WorkItem,
     decode_work,
     encode,
@@ -97,7 +98,10 @@ class AgentConfig:
     max_children: int = 8  # delegations per session, so a looping model cannot fork without end
     budget: Budget = Budget()  # noqa: RUF009 - frozen. The pool default; a session's own budget overrides it
     no_progress_turns: int = NO_PROGRESS_TURNS
-    worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    worker_id: str = field(
+        default_factory=lambda: os.environ.get("AGENTBUS_WORKER_ID") or f"{socket.gethostname()}-{os.getpid()}"
+    )
+    heartbeat_s: float = 3.0
 
 
 class Released(Exception):
@@ -122,6 +126,8 @@ class AgentWorker:
         self._draining = asyncio.Event()
         self._stopped = asyncio.Event()
         self._inflight: set[asyncio.Task[None]] = set()
+        self._released: list[Job] = []  # tasks to give back once fetching has stopped
+        self.sessions: set[str] = set()
         self.served = 0
 
     def model_for(self, spec: str | None) -> ModelClient:
@@ -136,6 +142,7 @@ class AgentWorker:
         await self.bus.provision()
         puller = await self.bus.pull(self.consumer)
         watcher = asyncio.create_task(self._watch_exhausted())
+        beat = asyncio.create_task(self._heartbeat())
         log.info("agent %s serving pool %s with %s", self.config.worker_id, self.config.pool, self.model.name)
         try:
             while not self._draining.is_set():
@@ -144,16 +151,46 @@ class AgentWorker:
                     await asyncio.wait(self._inflight, return_when=asyncio.FIRST_COMPLETED)
                     continue
                 for job in await puller.fetch(free, timeout=1.0):
+                    if self._draining.is_set():  # arrived after the drain began: give it back unclaimed
+                        self._released.append(job)
+                        continue
                     task = asyncio.create_task(self._handle(job))
                     self._inflight.add(task)
                     task.add_done_callback(self._inflight.discard)
         finally:
             if self._inflight:
                 await asyncio.wait(self._inflight)
+            # Nak only now that no fetch is waiting: a task given back earlier went straight to this
+            # draining agent's last fetch, was claimed again for nothing and cost a delivery.
+            for job in self._released:
+                with contextlib.suppress(Exception):
+                    await job.nak()
             watcher.cancel()
+            beat.cancel()
+            with contextlib.suppress(Exception):
+                await self.bus.kv_delete(self.bus.ns.workers_bucket, self.config.worker_id)
             await puller.close()
             self._stopped.set()
             log.info("agent %s stopped after %d sessions", self.config.worker_id, self.served)
+
+    async def _heartbeat(self) -> None:
+        """Announce this worker in the registry; the bucket's TTL forgets it if the beats stop."""
+        started = time.time()
+        while True:
+            info = WorkerInfo(
+                worker_id=self.config.worker_id,
+                pool=self.config.pool,
+                model=self.model.name,
+                host=socket.gethostname(),
+                pid=os.getpid(),
+                container=os.environ.get("AGENTBUS_CONTAINER", ""),
+                sessions=tuple(sorted(self.sessions)),
+                started_ts=started,
+                heartbeat_ts=time.time(),
+            )
+            with contextlib.suppress(Exception):
+                await self.bus.kv_put(self.bus.ns.workers_bucket, self.config.worker_id, encode(info))
+            await asyncio.sleep(self.config.heartbeat_s)
 
     async def shutdown(self) -> None:
         """Stop taking tasks; running sessions stop at their next step boundary and go back to the queue."""
@@ -172,6 +209,7 @@ class AgentWorker:
             await self._reject(job, f"work item names an invalid session id {item.session_id!r}")
             return
         run = SessionRun(self, item.session_id, job)
+        self.sessions.add(item.session_id)
         attrs = {**tracing.messaging_attrs(job.subject, operation="process"), "agentbus.attempt": job.attempt}
         try:
             with tracing.span(
@@ -183,14 +221,18 @@ class AgentWorker:
                 attributes=attrs,
             ):
                 outcome = await run.execute()
+        except Released:
+            outcome = "released"  # drained while waiting for a human or a subtask: not a failed attempt
         except Exception as err:
             await self._failed_attempt(job, item.session_id, err)
             return
+        finally:
+            self.sessions.discard(item.session_id)
         if outcome == "ended":
             await job.ack()
             self.served += 1
         else:
-            await job.nak()
+            self._released.append(job)
 
     async def _reject(self, job: Job, reason: str) -> None:
         """Bad input: record why where people look (if we can tell the session), never redeliver."""
@@ -489,16 +531,21 @@ class SessionRun:
         """Tap a session live until the worker drains (then `Released`)."""
         tap = cast(AsyncGenerator[Record, None], self.log.tap(session_id or self.sid, start=start, follow=True))
         drain = asyncio.ensure_future(self.w._draining.wait())
+        nxt: asyncio.Future[Record] | None = None
         try:
             while True:
                 nxt = asyncio.ensure_future(anext(tap))
                 done, _ = await asyncio.wait({nxt, drain}, return_when=asyncio.FIRST_COMPLETED)
                 if nxt not in done:
-                    nxt.cancel()
                     raise Released()
                 yield nxt.result()
         finally:
             drain.cancel()
+            if nxt is not None and not nxt.done():
+                nxt.cancel()
+                # Let the cancelled read finish: aclose() on a generator still running raises
+                # RuntimeError, which would replace `Released` and become the tool's result.
+                await asyncio.wait({nxt})
             await tap.aclose()
 
     async def _append(self, event: Event) -> Any:

@@ -1,14 +1,45 @@
-"""`agentbus supervisor`: not built yet (see its issue); the command keeps the layout whole."""
+"""`agentbus supervisor`: start, scale and replace agent workers from a pools file."""
 
 from __future__ import annotations
 
-import sys
+import asyncio
+import logging
+import signal
+from pathlib import Path
 
 import click
 
+from agentbus.bus import Bus
+from agentbus.cli import nats_option, run, settings_from
+from agentbus.errors import UsageError
+from services.supervisor.pools import load_pools
+from services.supervisor.spawner import ProcessSpawner
+from services.supervisor.supervisor import Supervisor
 
-@click.command(name="supervisor", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-def command() -> None:
-    """The supervisor service (not built yet)."""
-    click.echo("agentbus supervisor: not built yet in this version", err=True)
-    sys.exit(1)
+
+@click.command(name="supervisor")
+@click.option("--pools", "pools_file", required=True, type=click.Path(dir_okay=False), help="Pools file (TOML).")
+@click.option("--log-dir", default=".agentbus/logs", show_default=True, help="One log file per worker.")
+@click.option("--workdir", default=".agentbus/work", show_default=True, help="Session workspaces of the workers.")
+@nats_option
+def command(pools_file: str, log_dir: str, workdir: str, nats_url: str | None, prefix: str) -> None:
+    """Keep every pool between min and max workers; replace the dead; SIGTERM drains them all."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s supervisor %(levelname)s %(message)s")
+    settings = settings_from(nats_url, prefix)
+
+    async def main() -> None:
+        fleet = load_pools(pools_file)
+        if any(p.spawner == "docker" for p in fleet.pools.values()):
+            raise UsageError('the docker spawner is not built yet; use spawner = "process"')
+        bus = await Bus.connect(settings, name="agentbus-supervisor")
+        spawner = ProcessSpawner(settings, Path(log_dir), Path(workdir))
+        supervisor = Supervisor(bus, fleet, spawner)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(supervisor.shutdown()))
+        try:
+            await supervisor.run()
+        finally:
+            await bus.close()
+
+    run(main)

@@ -1,0 +1,95 @@
+"""The pools file (TOML): which pools exist, their model, tools, size, spawner and default budget.
+
+    [pools.coder]
+    model = "anthropic:claude-sonnet-4-6"   # or "scripted:path.json"
+    tools = ["read_file", "write_file", "bash", "delegate"]
+    min = 1
+    max = 4
+    spawner = "process"                     # or "docker"
+    image = "agentbus:latest"               # docker only
+    concurrency = 4
+    idle_s = 30                             # scale down after this long with an empty queue
+    ack_wait_s = 60                         # a dead worker's task moves on after this long
+    [pools.coder.budget]
+    max_steps = 40
+    max_usd = 2.0
+    [pools.coder.env]
+    SOME_VAR = "value"
+
+A top-level `max_workers` caps the whole fleet (default 16).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+
+from agentbus.errors import UsageError
+from agentbus.messages import Budget
+from agentbus.subjects import valid_token
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    name: str
+    model: str
+    tools: tuple[str, ...] = ("read_file", "write_file", "delegate", "ask_human")
+    min: int = 1
+    max: int = 4
+    spawner: Literal["process", "docker"] = "process"
+    image: str = "agentbus:latest"
+    concurrency: int = 4
+    idle_s: float = 30.0
+    ack_wait_s: float = 60.0  # how soon a dead worker's task goes to another agent
+    budget: Budget = Budget()  # noqa: RUF009 - frozen
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Fleet:
+    pools: dict[str, PoolSpec]
+    max_workers: int = 16
+
+
+def load_pools(path: str | Path) -> Fleet:
+    where = str(path)
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        raise UsageError(f"pools file {where}: {err}") from err
+    pools = {}
+    for name, raw in (data.get("pools") or {}).items():
+        if not valid_token(name):
+            raise UsageError(f"pools file {where}: pool name {name!r} must be letters, digits, '-' or '_'")
+        if "model" not in raw:
+            raise UsageError(f"pools file {where}, pool {name}: `model` is required")
+        try:
+            budget = msgspec.convert(raw.get("budget", {}), Budget)
+        except msgspec.ValidationError as err:
+            raise UsageError(f"pools file {where}, pool {name}, budget: {err}") from err
+        spec = PoolSpec(
+            name=name,
+            model=str(raw["model"]),
+            tools=tuple(raw.get("tools", PoolSpec.tools)),
+            min=int(raw.get("min", 1)),
+            max=int(raw.get("max", 4)),
+            spawner=raw.get("spawner", "process"),
+            image=str(raw.get("image", "agentbus:latest")),
+            concurrency=int(raw.get("concurrency", 4)),
+            idle_s=float(raw.get("idle_s", 30)),
+            ack_wait_s=float(raw.get("ack_wait_s", 60)),
+            budget=budget,
+            env={str(k): str(v) for k, v in (raw.get("env") or {}).items()},
+        )
+        if not 0 <= spec.min <= spec.max or spec.max < 1:
+            raise UsageError(f"pools file {where}, pool {name}: need 0 <= min <= max and max >= 1")
+        if spec.spawner not in ("process", "docker"):
+            raise UsageError(f"pools file {where}, pool {name}: spawner must be 'process' or 'docker'")
+        pools[name] = spec
+    if not pools:
+        raise UsageError(f"pools file {where}: no [pools.NAME] table")
+    return Fleet(pools, int(data.get("max_workers", 16)))

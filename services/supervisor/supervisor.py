@@ -1,0 +1,157 @@
+"""The supervisor: keeps each pool between its min and max, replaces dead workers, grants extra ones.
+
+It decides from two things only: its own worker handles (alive or not) and the pool's
+queue (messages waiting). A worker that dies leaves its task unacked; JetStream hands
+it to another agent after the ack wait, and that agent resumes the session from the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+
+import msgspec
+
+from agentbus.bus import Bus
+from agentbus.messages import ScaleReply, ScaleRequest, WorkerInfo, encode
+from agentbus.subjects import WORKER_TTL_S
+from services.supervisor.pools import Fleet, PoolSpec
+from services.supervisor.spawner import Spawner, WorkerHandle
+
+log = logging.getLogger("agentbus.supervisor")
+
+
+@dataclass
+class PoolState:
+    spec: PoolSpec
+    workers: list[WorkerHandle] = field(default_factory=list)
+    crashes: int = 0
+    next_spawn: float = 0.0
+    idle_since: float | None = None
+
+
+class Supervisor:
+    """`run()` until `shutdown()`; shutdown drains every worker it started."""
+
+    def __init__(
+        self, bus: Bus, fleet: Fleet, spawner: Spawner, *, tick_s: float = 0.5, stale_after_s: float = WORKER_TTL_S
+    ) -> None:
+        self.bus = bus
+        self.fleet = fleet
+        self.spawner = spawner
+        self.tick_s = tick_s
+        self.pools = {name: PoolState(spec) for name, spec in fleet.pools.items()}
+        self._ids = itertools.count(1)
+        self._tag = secrets.token_hex(2)
+        self._draining = asyncio.Event()
+        self._stopped = asyncio.Event()
+        self.replaced = 0
+        self.stale_after_s = stale_after_s
+        self._started: dict[str, float] = {}
+
+    @property
+    def total(self) -> int:
+        return sum(len(p.workers) for p in self.pools.values())
+
+    async def run(self) -> None:
+        await self.bus.provision()
+        for pool in self.pools.values():
+            await self.bus.ensure_consumer(self.bus.ns.pool_consumer(pool.spec.name))
+        stop_serving = await self.bus.serve(self.bus.ns.scale_requests(), self._on_scale_request)
+        log.info("supervisor managing %s (fleet cap %d)", ", ".join(self.pools), self.fleet.max_workers)
+        try:
+            while not self._draining.is_set():
+                beats = await self._heartbeats()
+                for pool in self.pools.values():
+                    self._kill_silent(pool, beats)
+                    await self._reconcile(pool)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._draining.wait(), self.tick_s)
+        finally:
+            await stop_serving()
+            workers = [w for p in self.pools.values() for w in p.workers]
+            log.info("supervisor stopping %d workers (they hand their sessions back)", len(workers))
+            await asyncio.gather(*(w.stop() for w in workers))
+            self._stopped.set()
+
+    async def shutdown(self) -> None:
+        self._draining.set()
+        await self._stopped.wait()
+
+    async def _heartbeats(self) -> dict[str, float]:
+        values = await self.bus.kv_values(self.bus.ns.workers_bucket)
+        beats = {}
+        for key, raw in values.items():
+            with contextlib.suppress(msgspec.MsgspecError):
+                beats[key] = msgspec.json.decode(raw, type=WorkerInfo).heartbeat_ts
+        return beats
+
+    def _kill_silent(self, pool: PoolState, beats: dict[str, float]) -> None:
+        """A worker alive as a process but silent on the bus (hung, partitioned) is killed and replaced."""
+        now = time.time()
+        for w in pool.workers:
+            started = self._started.get(w.worker_id, now)
+            last = beats.get(w.worker_id, started)
+            if w.alive() and now - max(last, started) > self.stale_after_s:
+                log.warning("pool %s: %s silent for %.0fs; killing it", pool.spec.name, w.worker_id, now - last)
+                w.kill()
+
+    async def _reconcile(self, pool: PoolState) -> None:
+        now = time.monotonic()
+        dead = [w for w in pool.workers if not w.alive()]
+        if dead:
+            pool.workers = [w for w in pool.workers if w.alive()]
+            pool.crashes += len(dead)
+            pool.next_spawn = now + min(2.0 ** (pool.crashes - 1), 30.0) * 0.5
+            self.replaced += len(dead)
+            log.warning(
+                "pool %s: %s died; replacing with backoff", pool.spec.name, ", ".join(w.worker_id for w in dead)
+            )
+        waiting, in_flight = await self.bus.consumer_backlog(self.bus.ns.pool_consumer(pool.spec.name))
+        size = len(pool.workers)
+        if size < pool.spec.min or (waiting > 0 and size < pool.spec.max):
+            pool.idle_since = None
+            if now >= pool.next_spawn and self.total < self.fleet.max_workers:
+                await self._spawn(pool)
+        elif waiting == 0 and in_flight == 0 and size > pool.spec.min:
+            pool.idle_since = pool.idle_since or now
+            if now - pool.idle_since >= pool.spec.idle_s:
+                victim = pool.workers.pop()
+                log.info("pool %s idle for %.0fs: stopping %s", pool.spec.name, pool.spec.idle_s, victim.worker_id)
+                await victim.stop()
+                pool.idle_since = now
+        else:
+            pool.idle_since = None
+        if pool.workers and now > pool.next_spawn + 60:
+            pool.crashes = 0  # a quiet minute forgives earlier crashes
+
+    async def _spawn(self, pool: PoolState) -> WorkerHandle:
+        worker_id = f"{pool.spec.name}-{self._tag}-{next(self._ids)}"
+        handle = await self.spawner.spawn(pool.spec, worker_id)
+        self._started[worker_id] = time.time()
+        pool.workers.append(handle)
+        log.info("pool %s: started %s (%d/%d)", pool.spec.name, worker_id, len(pool.workers), pool.spec.max)
+        return handle
+
+    async def _on_scale_request(self, data: bytes) -> bytes:
+        try:
+            req = msgspec.json.decode(data, type=ScaleRequest)
+        except msgspec.MsgspecError as err:
+            return encode(ScaleReply(granted=0, reason=f"malformed request: {err}"))
+        pool = self.pools.get(req.pool)
+        if pool is None:
+            return encode(ScaleReply(granted=0, reason=f"no pool {req.pool!r}; pools: {', '.join(self.pools)}"))
+        room = min(pool.spec.max - len(pool.workers), self.fleet.max_workers - self.total)
+        granted = max(0, min(req.count, room))
+        for _ in range(granted):
+            await self._spawn(pool)
+        if granted < req.count:
+            why = f"pool {req.pool} is at {len(pool.workers)} of max {pool.spec.max}" if room == granted else ""
+            why = why or f"fleet cap {self.fleet.max_workers} reached"
+            return encode(ScaleReply(granted=granted, reason=why))
+        return encode(ScaleReply(granted=granted, reason="granted"))

@@ -1,0 +1,189 @@
+"""Supervisor with the process spawner: scale to a backlog and back, replace a killed worker, grant extra workers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import agentbus
+from agentbus.bus import Bus
+from agentbus.config import Settings
+from agentbus.errors import UsageError
+from agentbus.testing import FakeMessagesAPI, text_response, tool_use_response
+from services.supervisor.pools import Fleet, PoolSpec, load_pools
+from services.supervisor.spawner import ProcessHandle, ProcessSpawner
+from services.supervisor.supervisor import Supervisor
+
+
+def slow(delay: float) -> Any:
+    def respond(request: dict[str, Any]) -> dict[str, Any]:
+        time.sleep(delay)  # the fake API's own thread: a model that takes a while
+        if any(m["role"] == "assistant" for m in request["messages"]):
+            return text_response("done")
+        return tool_use_response("write_file", {"path": "x.txt", "content": "x"})
+
+    return respond
+
+
+@asynccontextmanager
+async def supervised(
+    settings: Settings, tmp_path: Path, api: FakeMessagesAPI, **pool: Any
+) -> AsyncIterator[Supervisor]:
+    env = {"ANTHROPIC_BASE_URL": api.base_url, "ANTHROPIC_API_KEY": "test"}
+    spec = PoolSpec(name="p", model="anthropic:claude-sonnet-4-6", env=env, concurrency=1, **pool)
+    bus = await Bus.connect(settings)
+    sup = Supervisor(
+        bus, Fleet({"p": spec}, max_workers=4), ProcessSpawner(settings, tmp_path / "logs", tmp_path / "w")
+    )
+    runner = asyncio.create_task(sup.run())
+    try:
+        yield sup
+    finally:
+        await sup.shutdown()
+        await runner
+        await bus.close()
+
+
+async def until(check: Any, timeout: float = 30.0) -> Any:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not (value := await check()):
+        assert loop.time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.1)
+    return value
+
+
+@pytest.mark.timeout(120)
+async def test_a_pool_scales_up_to_serve_a_backlog_and_back_down_when_idle(
+    client: agentbus.Client, settings: Settings, tmp_path: Path
+) -> None:
+    with FakeMessagesAPI(responder=slow(0.4)) as api:
+        async with supervised(settings, tmp_path, api, min=1, max=3, idle_s=1.0) as sup:
+            await until(lambda: _size(sup, 1))
+            sids = [await client.submit(f"task {i}", pool="p") for i in range(8)]
+            peak = await until(lambda: _size(sup, 3))
+            states = [await client.wait(sid, timeout=60) for sid in sids]
+            assert all(s.status == "completed" for s in states)
+            await until(lambda: _size(sup, 1), timeout=30)
+            workers = {s.owner for s in states}
+    assert peak
+    assert len(workers) >= 2  # the backlog really was shared
+
+
+async def _size(sup: Supervisor, n: int) -> bool:
+    return len(sup.pools["p"].workers) == n
+
+
+@pytest.mark.timeout(120)
+async def test_a_killed_worker_is_replaced_and_its_session_completes(
+    client: agentbus.Client, settings: Settings, tmp_path: Path
+) -> None:
+    with FakeMessagesAPI(responder=slow(1.5)) as api:
+        async with supervised(settings, tmp_path, api, min=1, max=1, ack_wait_s=3.0) as sup:
+            sid = await client.submit("survive", pool="p")
+            await until(lambda: _running(client, sid))
+            victim = sup.pools["p"].workers[0]
+            assert isinstance(victim, ProcessHandle)
+            victim.proc.send_signal(signal.SIGKILL)
+            state = await client.wait(sid, timeout=90)
+            replacement = sup.pools["p"].workers[0]
+    assert state.status == "completed"
+    assert replacement.worker_id != victim.worker_id
+    assert sup.replaced == 1
+
+
+async def _running(client: agentbus.Client, sid: str) -> bool:
+    return (await client.state(sid)).status == "running"
+
+
+async def test_extra_workers_are_granted_within_the_pool_max_and_refused_beyond_it(
+    client: agentbus.Client, settings: Settings, tmp_path: Path
+) -> None:
+    with FakeMessagesAPI(responder=slow(0)) as api:
+        async with supervised(settings, tmp_path, api, min=1, max=2, idle_s=60):
+            await until(lambda: _registered(client, 1))
+            first = await client.request_workers("p", 1, reason="a big fan-out")
+            second = await client.request_workers("p", 1)
+            unknown = await client.request_workers("nope", 1)
+            await until(lambda: _registered(client, 2))
+    assert (first.granted, first.reason) == (1, "granted")
+    assert second.granted == 0 and "max 2" in second.reason
+    assert unknown.granted == 0 and "no pool 'nope'" in unknown.reason
+
+
+async def _registered(client: agentbus.Client, n: int) -> bool:
+    workers = await client.workers()
+    return len(workers) == n and all(w.pool == "p" and w.heartbeat_ts for w in workers)
+
+
+def test_a_bad_pools_file_is_a_usage_error(tmp_path: Path) -> None:
+    path = tmp_path / "pools.toml"
+    path.write_text('[pools.a]\nmodel = "scripted:x"\nmin = 3\nmax = 1\n')
+    with pytest.raises(UsageError, match="min <= max"):
+        load_pools(path)
+    path.write_text("[pools.a]\nmin = 1\n")
+    with pytest.raises(UsageError, match="model"):
+        load_pools(path)
+
+
+def test_the_readme_example_pools_file_loads() -> None:
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = re.search(r"```toml\n(.*?)```", readme, re.DOTALL)
+    assert block, "README has a pools file example"
+    path = Path(os.environ.get("TMPDIR", "/tmp")) / f"pools-{os.getpid()}.toml"
+    path.write_text(block.group(1))
+    try:
+        fleet = load_pools(path)
+    finally:
+        path.unlink()
+    assert fleet.pools["coder"].budget.max_usd == 2.0
+
+
+@pytest.mark.timeout(120)
+async def test_agentbus_up_with_no_api_key_completes_a_task_and_stops_everything_on_ctrl_c(
+    tmp_path: Path,
+) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "ANTHROPIC_API_KEY"}
+    store = tmp_path / ".agentbus" / "nats"
+    up = subprocess.Popen(  # noqa: ASYNC220 - its output is read in a thread below
+        [sys.executable, "-m", "agentbus.cli", "up", "--port", "0", "--store-dir", str(store)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    lines: list[str] = []
+    try:
+        assert up.stdout is not None
+        url = None
+        while url is None:
+            line = (await asyncio.to_thread(up.stdout.readline)).decode()
+            assert line, "agentbus up exited early:\n" + "".join(lines)
+            lines.append(line)
+            if m := re.search(r"export AGENTBUS_NATS_URL=(\S+)", line):
+                url = m.group(1)
+        assert any("offline scripted model" in x for x in lines)
+        async with agentbus.connect(url) as client:
+            sid = await client.submit("write a haiku about queues", pool="general")
+            state = await client.wait(sid, timeout=60)
+        assert state.status == "completed"
+        up.send_signal(signal.SIGINT)
+        rest = (await asyncio.to_thread(up.communicate, timeout=60))[0].decode()
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
+    assert up.returncode == 0, rest
+    assert "stopped" in rest
+    leftovers = subprocess.run(  # noqa: ASYNC221
+        ["pgrep", "-f", str(store)], capture_output=True, text=True, check=False
+    )
+    assert leftovers.stdout.strip() == ""  # nats-server and every service exited
