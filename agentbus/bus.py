@@ -178,8 +178,11 @@ class Bus:
 
     # --- provisioning -----------------------------------------------------------------------
 
-    async def provision(self) -> None:
-        """Create or update every stream and bucket of the namespace (safe to run from every process)."""
+    async def provision(self, *, update: bool = True) -> None:
+        """Create (and, with `update`, reconfigure) every stream and bucket of the namespace.
+
+        Services update, so a new version's limits take effect; clients only create.
+        """
         try:
             await self._js.account_info()
         except (nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError) as err:
@@ -187,11 +190,11 @@ class Bus:
         except nats.errors.TimeoutError as err:
             raise NatsUnreachable(self.settings.nats_url, "JetStream did not answer") from err
         for spec in self.ns.streams():
-            await self.ensure_stream(spec)
+            await self.ensure_stream(spec, update=update)
         for bucket in self.ns.buckets():
             await self.ensure_bucket(bucket)
 
-    async def ensure_stream(self, spec: StreamSpec) -> None:
+    async def ensure_stream(self, spec: StreamSpec, *, update: bool = True) -> None:
         config = api.StreamConfig(
             name=spec.name,
             subjects=list(spec.subjects),
@@ -210,6 +213,8 @@ class Bus:
         except nats.js.errors.APIError as err:
             if err.err_code != _STREAM_NAME_IN_USE:
                 raise BusError(f"cannot create stream {spec.name}: {err.description}") from err
+            if not update:
+                return
             try:
                 await self._js.update_stream(config)
             except nats.js.errors.APIError as uerr:
@@ -230,9 +235,9 @@ class Bus:
         except nats.js.errors.APIError as err:
             if err.err_code != _CONSUMER_EXISTS:
                 raise BusError(f"cannot create consumer {spec.durable}: {err.description}") from err
-            # Changed limits (ack wait, max deliver): update in place, keeping its position.
-            subject = f"$JS.API.CONSUMER.UPDATE.{spec.stream}.{spec.durable}"
-            await self._api(subject, {"stream_name": spec.stream, "config": config.as_dict(), "action": "update"})
+            # The first creator's limits stand: agents of one pool must agree on ack wait and
+            # max deliver, and the last one to start must not silently change them for all.
+            log.info("consumer %s exists with other limits; keeping them", spec.durable)
 
     async def ensure_bucket(self, spec: BucketSpec) -> None:
         if spec.name in self._kv:
@@ -250,15 +255,6 @@ class Bus:
                 )
             )
         self._kv[spec.name] = kv
-
-    async def _api(self, subject: str, body: dict[str, Any]) -> dict[str, Any]:
-        import json
-
-        msg = await self._nc.request(subject, json.dumps(body).encode(), timeout=self.settings.publish_timeout_s)
-        resp: dict[str, Any] = json.loads(msg.data)
-        if "error" in resp:
-            raise BusError(f"{subject}: {resp['error'].get('description', resp['error'])}")
-        return resp
 
     # --- publishing -------------------------------------------------------------------------
 

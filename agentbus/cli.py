@@ -66,7 +66,15 @@ def nats_option(f: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def settings_from(nats_url: str | None, prefix: str) -> Settings:
-    return Settings.from_env(nats_url=nats_url or nats_url_from_env(), prefix=prefix)
+    """Settings from options and environment; a bad value is a usage error (exit 2), not a traceback."""
+    from agentbus.subjects import Namespace
+
+    try:
+        settings = Settings.from_env(nats_url=nats_url or nats_url_from_env(), prefix=prefix)
+        Namespace(settings.prefix)
+    except ValueError as err:
+        raise click.UsageError(str(err)) from err
+    return settings
 
 
 def run(coro_fn: Callable[[], Awaitable[T]]) -> T:
@@ -177,7 +185,7 @@ def submit(
 ) -> None:
     """Submit PROMPT (`-` reads it from standard input) and print the session id."""
     if prompt == "-":
-        prompt = sys.stdin.read()
+        prompt = sys.stdin.buffer.read().decode("utf-8", errors="replace")
     if opinions and opinion_pools:
         raise click.UsageError("--opinions and --opinion-pool exclude each other")
     fan_out = list(opinion_pools) or [pool or ""] * opinions
@@ -249,14 +257,22 @@ def tap(
 
     async def body(client: Client) -> None:
         sid = None if all_ else session_id
-        if not as_json and sid is not None and start == "new":
+        begin = start
+        if sid is not None and start == "new":
+            # Live from where the log stands now (no gap between reading the state and following).
             state = await client.state(sid)
-            click.echo(
-                f"tapping {sid} ({state.status}, {state.events} events so far; --from-start replays them). "
-                "Ctrl-C stops.",
-                err=True,
-            )
-        async for record in client.tap(sid, start=start, follow=not no_follow):  # type: ignore[arg-type]
+            begin = state.last_seq + 1
+            if not as_json:
+                click.echo(
+                    f"tapping {sid} ({state.status}, {state.events} events so far; --from-start replays them). "
+                    "Ctrl-C stops.",
+                    err=True,
+                )
+            if state.terminal:
+                if not as_json:
+                    click.echo(f"{sid} already ended {state.status}" + (f": {state.reason}" if state.reason else ""))
+                return
+        async for record in client.tap(sid, start=begin, follow=not no_follow):  # type: ignore[arg-type]
             if as_json:
                 _emit_json(to_builtins(record))
             else:

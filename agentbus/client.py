@@ -97,7 +97,8 @@ class Client:
         With `pool` the task goes straight to that pool's queue; without, to the
         router. With `opinions` (a pool per sibling, "" for the router's choice) the
         router runs the task once per entry and records an aggregate in this session.
-        Passing the same `session_id` again is safe: both writes dedupe.
+        Passing the same `session_id` again is safe: an existing session is not recorded
+        twice, and is queued again only while no agent has claimed it.
         """
         sid = new_session_id() if session_id is None else session_id
         self._check_session_id(sid)
@@ -154,7 +155,13 @@ class Client:
             model=model,
             opinions=tuple(opinions),
         )
-        await self.log.append(sid, SessionCreated(id="created", task=task, trace_id=tracing.current_trace_id()))
+        if await self.log.exists(sid):
+            # A repeated submit (a retry, a re-run delegate): never a second session_created, and
+            # no second work item once an agent has the session.
+            if (await self.log.state(sid)).status not in ("pending", "queued"):
+                return sid
+        else:
+            await self.log.append(sid, SessionCreated(id="created", task=task, trace_id=tracing.current_trace_id()))
         if pool is None:
             await self.bus.publish(self.bus.ns.submissions(), encode(WorkItem(session_id=sid)), msg_id=sid)
         else:
@@ -279,7 +286,8 @@ async def connect(
     settings = settings.with_(nats_url=url or settings.nats_url, prefix=prefix or settings.prefix)
     bus = await Bus.connect(settings, name=name)
     try:
-        await bus.provision()
+        # Scripts and the CLI create what is missing but never reconfigure a running system's streams.
+        await bus.provision(update=False)
         yield Client(bus)
     finally:
         await bus.close()

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
@@ -236,6 +237,12 @@ class AnthropicModel:
             options["base_url"] = base_url
         if timeout is not None:
             options["timeout"] = timeout
+        if not (api_key or os.environ.get("ANTHROPIC_API_KEY") or os.environ.get("ANTHROPIC_AUTH_TOKEN")):
+            # Caught here, once, instead of failing every session five times at request time.
+            raise UsageError(
+                f"anthropic:{model} needs ANTHROPIC_API_KEY (or ANTHROPIC_AUTH_TOKEN); "
+                "to run offline use --model scripted:FILE"
+            )
         self._client = anthropic.AsyncAnthropic(**options)
 
     async def __aenter__(self) -> Self:

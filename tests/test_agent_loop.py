@@ -60,3 +60,43 @@ async def test_a_tool_that_fails_becomes_an_error_result_and_the_loop_goes_on(
     assert "unknown tool" in errors[1].output
     started = [r.event for r in await client.show(sid) if isinstance(r.event, ToolCallStarted)]
     assert not any(s.rerun for s in started)
+
+
+async def test_a_tool_call_cut_off_by_max_tokens_is_not_run(
+    client: agentbus.Client, settings: Settings, tmp_path: Path
+) -> None:
+    cut = tool_use_response("write_file", {"path": "half.txt", "content": "trunc"}, id="tu_cut")
+    cut["stop_reason"] = "max_tokens"
+    async with agent(settings, tmp_path) as (api, _):
+        api.script([cut, text_response("ok, stopping")])
+        sid = await client.submit("x", pool="p")
+        state = await client.wait(sid, timeout=20)
+    assert state.status == "completed"
+    result = api.requests[1][0]["messages"][-1]["content"][0]
+    assert result["is_error"] is True and "output token limit" in result["content"]
+    assert not list(tmp_path.glob("*/half.txt"))  # noqa: ASYNC240
+
+
+async def test_an_unexpected_stop_reason_ends_the_session_instead_of_calling_again(
+    client: agentbus.Client, settings: Settings, tmp_path: Path
+) -> None:
+    odd = text_response("stopped early")
+    odd["stop_reason"] = "model_context_window_exceeded"
+    async with agent(settings, tmp_path) as (api, _):
+        api.script([odd])
+        sid = await client.submit("x", pool="p")
+        state = await client.wait(sid, timeout=20)
+    assert state.status == "failed" and "model_context_window_exceeded" in state.reason
+    assert len(api.requests) == 1
+
+
+async def test_a_work_item_for_an_unknown_session_is_dropped_without_inventing_one(
+    client: agentbus.Client, settings: Settings, tmp_path: Path
+) -> None:
+    await client.bus.publish(client.bus.ns.work("p"), b'{"session_id": "ghost123"}', msg_id="ghost")
+    async with agent(settings, tmp_path) as (api, _):
+        api.script([text_response("served")])
+        sid = await client.submit("real", pool="p")
+        assert (await client.wait(sid, timeout=20)).status == "completed"
+    assert "ghost123" not in await client.log.session_ids()
+    assert await (await client.bus.pull(client.bus.ns.pool_consumer("p"))).pending() == 0

@@ -98,3 +98,22 @@ def test_a_fresh_start_revision_drops_the_old_conversation() -> None:
         {"role": "user", "content": [{"type": "text", "text": "do it"}, {"type": "text", "text": "redo"}]}
     ]
     assert conv.round == 2 and not conv.done
+
+
+def test_a_question_asked_again_after_a_crash_keeps_the_answer_given_meanwhile() -> None:
+    ask = ModelResponded(
+        id="step-1",
+        step=1,
+        model="m",
+        content=({"type": "tool_use", "id": "q", "name": "ask_human", "input": {"question": "?"}},),
+        stop_reason="tool_use",
+    )
+    recs = _records(
+        CREATED,
+        ask,
+        QuestionAsked(id="qa", text="?", tool_use_id="q"),
+        HumanMessage(id="h", text="42", author="b"),
+        QuestionAsked(id="qa-again", text="?", tool_use_id="q"),  # re-written after the dedup window
+    )
+    conv = build(recs)
+    assert conv.answer is not None and conv.answer.text == "42"

@@ -419,7 +419,8 @@ def test_unknown_and_scripted_models_cost_nothing() -> None:
 # -- model_from_spec -----------------------------------------------------------------
 
 
-async def test_model_from_spec_builds_each_backend(script_path: Path) -> None:
+async def test_model_from_spec_builds_each_backend(script_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "test")
     anthropic_model = model_from_spec(f"anthropic:{MODEL_ID}")
     assert isinstance(anthropic_model, AnthropicModel)
     await anthropic_model.aclose()
@@ -427,6 +428,13 @@ async def test_model_from_spec_builds_each_backend(script_path: Path) -> None:
     scripted_model = model_from_spec(f"scripted:{script_path}")
     assert isinstance(scripted_model, ScriptedModel)
     assert scripted_model.name == f"scripted:{script_path}"
+
+
+def test_an_anthropic_model_without_a_key_is_refused_up_front(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+    monkeypatch.delenv("ANTHROPIC_AUTH_TOKEN", raising=False)
+    with pytest.raises(UsageError, match=r"ANTHROPIC_API_KEY.*scripted"):
+        model_from_spec(f"anthropic:{MODEL_ID}")
 
 
 @pytest.mark.parametrize("spec", ["openai:gpt-4o", "claude-sonnet-4-6", "anthropic:", ""])

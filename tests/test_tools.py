@@ -98,3 +98,14 @@ async def test_a_plugin_tool_loads_from_the_entry_point_group(monkeypatch: pytes
     loaded = load_tools(["read_file", "echo"])
     assert seen == ["agentbus.tools"]
     assert await loaded["echo"].run({"text": "hi"}, _ctx(tmp_path)) == "hi"
+
+
+async def test_bash_commands_do_not_see_api_keys_or_bus_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-secret")
+    monkeypatch.setenv("AGENTBUS_NATS_URL", "nats://127.0.0.1:4222")
+    monkeypatch.setenv("GITHUB_TOKEN", "ghp-secret")
+    out = await Bash().run({"command": "env"}, _ctx(tmp_path))
+    assert "sk-secret" not in out and "ghp-secret" not in out and "AGENTBUS_NATS_URL" not in out
+    assert "PATH=" in out

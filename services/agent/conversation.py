@@ -38,6 +38,7 @@ class ToolUse:
     name: str
     input: dict[str, Any]
     started: bool = False
+    truncated: bool = False  # the reply was cut off by max_tokens: this call may be incomplete
 
 
 @dataclass
@@ -96,6 +97,8 @@ def build(records: Sequence[Record]) -> Conversation:
                 if b.get("type") == "tool_use"
             ]
             results = {}
+            if ev.stop_reason == "max_tokens" and uses:
+                uses[-1].truncated = True
             if ev.stop_reason == "max_tokens" and not uses:
                 user.append({"type": "text", "text": CUT_OFF_NOTE})
         elif isinstance(ev, ToolCallStarted):
@@ -112,7 +115,8 @@ def build(records: Sequence[Record]) -> Conversation:
             if conv.open_question == ev.tool_use_id:
                 conv.open_question, conv.answer = None, None
         elif isinstance(ev, QuestionAsked):
-            conv.open_question, conv.answer = ev.tool_use_id, None
+            if conv.open_question != ev.tool_use_id:  # a re-asked question keeps an answer already given
+                conv.open_question, conv.answer = ev.tool_use_id, None
         elif isinstance(ev, HumanMessage):
             if conv.open_question and conv.answer is None:
                 conv.answer = ev  # the reply becomes the ask_human tool's result, not a separate turn

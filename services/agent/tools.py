@@ -102,20 +102,49 @@ class Bash:
             stderr=asyncio.subprocess.STDOUT,
             stdin=asyncio.subprocess.DEVNULL,
             start_new_session=True,
-            env={**os.environ, "HOME": str(ctx.workspace)},
+            env=_tool_env(ctx.workspace),
         )
+        assert proc.stdout is not None
+        out = bytearray()
         try:
-            out, _ = await asyncio.wait_for(proc.communicate(), timeout)
+            async with asyncio.timeout(timeout):
+                # Read at most a little past the cap: `yes` must not fill the agent's memory.
+                while len(out) <= MAX_OUTPUT * 4 and (chunk := await proc.stdout.read(65536)):
+                    out += chunk
+                capped = len(out) > MAX_OUTPUT * 4
+                if capped:
+                    _kill_group(proc.pid)
+                await proc.wait()
         except TimeoutError:
-            # The whole process group: a child (`sleep`) would otherwise keep the pipe open.
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
+            _kill_group(proc.pid)
             await proc.wait()
             raise ToolError(f"command timed out after {timeout:g}s") from None
         text = _cap(out.decode(errors="replace"))
+        if capped:
+            return text + "\n[the command was stopped: it printed more than the agent keeps]"
         if proc.returncode:
             raise ToolError(f"exit code {proc.returncode}\n{text}")
         return text or "(no output)"
+
+
+def _kill_group(pid: int) -> None:
+    # The whole process group: a child (`sleep`) would otherwise keep the pipe open.
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+_SECRET_HINTS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "CREDENTIAL")
+
+
+def _tool_env(workspace: Path) -> dict[str, str]:
+    """The environment a model-written command gets: no API keys, no agentbus or NATS settings."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("ANTHROPIC_", "AGENTBUS_", "NATS_", "OTEL_")) and not any(h in k for h in _SECRET_HINTS)
+    }
+    env["HOME"] = str(workspace)
+    return env
 
 
 class Delegate:

@@ -78,6 +78,8 @@ DEFAULT_SYSTEM = (
 )
 
 Outcome = Literal["ended", "released"]
+# Stop reasons after which another call makes sense (end_turn: a human spoke since; the others by design).
+_CONTINUABLE = frozenset({"end_turn", "tool_use", "max_tokens", "pause_turn"})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -126,7 +128,7 @@ class AgentWorker:
         self._draining = asyncio.Event()
         self._stopped = asyncio.Event()
         self._inflight: set[asyncio.Task[None]] = set()
-        self._released: list[Job] = []  # tasks to give back once fetching has stopped
+        self._unclaimed: list[Job] = []  # fetched after the drain began: given back untouched
         self.sessions: set[str] = set()
         self.served = 0
 
@@ -151,20 +153,19 @@ class AgentWorker:
                     await asyncio.wait(self._inflight, return_when=asyncio.FIRST_COMPLETED)
                     continue
                 for job in await puller.fetch(free, timeout=1.0):
-                    if self._draining.is_set():  # arrived after the drain began: give it back unclaimed
-                        self._released.append(job)
+                    if self._draining.is_set():
+                        self._unclaimed.append(job)
                         continue
                     task = asyncio.create_task(self._handle(job))
                     self._inflight.add(task)
                     task.add_done_callback(self._inflight.discard)
         finally:
-            if self._inflight:
-                await asyncio.wait(self._inflight)
-            # Nak only now that no fetch is waiting: a task given back earlier went straight to this
-            # draining agent's last fetch, was claimed again for nothing and cost a delivery.
-            for job in self._released:
+            # No fetch is waiting any more, so a nak cannot come straight back to this agent.
+            for job in self._unclaimed:
                 with contextlib.suppress(Exception):
                     await job.nak()
+            if self._inflight:
+                await asyncio.wait(self._inflight)
             watcher.cancel()
             beat.cancel()
             with contextlib.suppress(Exception):
@@ -208,6 +209,9 @@ class AgentWorker:
         if not valid_token(item.session_id):
             await self._reject(job, f"work item names an invalid session id {item.session_id!r}")
             return
+        if not await self.log.exists(item.session_id):
+            await self._reject(job, f"work item for session {item.session_id}, which has nothing in the log")
+            return
         run = SessionRun(self, item.session_id, job)
         self.sessions.add(item.session_id)
         attrs = {**tracing.messaging_attrs(job.subject, operation="process"), "agentbus.attempt": job.attempt}
@@ -232,7 +236,19 @@ class AgentWorker:
             await job.ack()
             self.served += 1
         else:
-            self._released.append(job)
+            await self._hand_back(job, item.session_id)
+
+    async def _hand_back(self, job: Job, sid: str) -> None:
+        """Draining: queue a fresh item for the session, then ack this one.
+
+        A nak would cost the task one of its deliveries per drain (deploys would slowly
+        fail long sessions) and, sent late, could hand it to a second agent while a
+        first already has it. The new item is stored before the old one is acked.
+        """
+        item = WorkItem(session_id=sid, reason="resume")
+        msg_id = f"{sid}:handback:{job.seq}:{job.attempt}"
+        await self.bus.publish(self.bus.ns.work(self.config.pool), encode(item), msg_id=msg_id)
+        await job.ack()
 
     async def _reject(self, job: Job, reason: str) -> None:
         """Bad input: record why where people look (if we can tell the session), never redeliver."""
@@ -267,6 +283,17 @@ class AgentWorker:
                 reason = f"gave up: delivered {self.config.max_deliver} times and never finished (max_deliver)"
                 await self.log.append(sid, SessionEnded(id="ended", status="failed", reason=reason))
             await self.bus.delete_stored(stream, seq)
+
+
+class _CutOff:
+    """Stands in for a tool whose call was cut off by max_tokens: its input cannot be trusted."""
+
+    name = "cut_off"
+    description = ""
+    input_schema: dict[str, Any] = {}
+
+    async def run(self, input: dict[str, Any], ctx: ToolContext) -> str:
+        raise ToolError("not run: your reply hit the output token limit before this call was complete; send it again")
 
 
 def _request_model(spec: str) -> str:
@@ -350,6 +377,8 @@ class SessionRun:
             if self.w._draining.is_set():
                 return "released"
             conv = build(self.records)
+            if conv.ended:
+                return "ended"  # ended elsewhere (evaluator, a give-up record): nothing left to do
             if conv.cancel:
                 why = f"cancelled by {conv.cancel.author}" + (f": {conv.cancel.reason}" if conv.cancel.reason else "")
                 return await self._end("cancelled", why)
@@ -363,6 +392,8 @@ class SessionRun:
                 return await self._end("completed", "", conv.final_text)
             elif conv.last_stop == "refusal":
                 return await self._end("failed", "the model refused to continue (stop_reason refusal)")
+            elif conv.last_stop is not None and conv.last_stop not in _CONTINUABLE:
+                return await self._end("failed", f"the model stopped with stop_reason {conv.last_stop!r}")
             elif conv.steps >= self.w.config.max_steps:
                 return await self._end("failed", f"max_steps: {conv.steps} model calls without finishing")
             elif stop := self._guard():
@@ -439,7 +470,7 @@ class SessionRun:
             delegate=lambda prompt, pool: self._delegate(use, conv, prompt, pool),
             ask_human=lambda question: self._ask_human(use, question),
         )
-        tool = self.w.tools.get(use.name)
+        tool: Tool | None = _CutOff() if use.truncated else self.w.tools.get(use.name)
         attrs = {"gen_ai.operation.name": "execute_tool", "gen_ai.tool.name": use.name, "gen_ai.tool.call.id": use.id}
         with tracing.span(
             f"execute_tool {use.name}", session_id=self.sid, pool=self.w.config.pool, attributes=attrs
@@ -468,17 +499,26 @@ class SessionRun:
     # --- tools that talk to the bus ---------------------------------------------------------------
 
     async def _ask_human(self, use: ToolUse, question: str) -> str:
-        ack = await self._append(QuestionAsked(id=f"question-{use.id}", text=question, tool_use_id=use.id))
-        await self._append(StatusChanged(id=f"waiting-{use.id}", status="waiting", reason=question[:200]))
+        asked = next(
+            (r for r in self.records if isinstance(r.event, QuestionAsked) and r.event.tool_use_id == use.id), None
+        )
+        if asked is None:  # a re-run waits from the original question, so an answer given meanwhile counts
+            seq = (await self._append(QuestionAsked(id=f"question-{use.id}", text=question, tool_use_id=use.id))).seq
+        else:
+            seq = asked.seq
+        claim = f"{self.job.seq}-{self.job.attempt}"
+        await self._append(StatusChanged(id=f"waiting-{use.id}-{claim}", status="waiting", reason=question[:200]))
         answer: HumanMessage | None = None
-        async for rec in self._follow(ack.seq + 1):
+        async for rec in self._follow(seq + 1):
             if isinstance(rec.event, HumanMessage):
                 answer = rec.event
                 break
             if isinstance(rec.event, CancelRequested):
                 raise ToolError("the session was cancelled while waiting for an answer")
         assert answer is not None
-        await self._append(StatusChanged(id=f"answered-{use.id}", status="running", worker=self.w.config.worker_id))
+        await self._append(
+            StatusChanged(id=f"answered-{use.id}-{claim}", status="running", worker=self.w.config.worker_id)
+        )
         return human_text(answer)
 
     async def _delegate(self, use: ToolUse, conv: Conversation, prompt: str, pool: str | None) -> str:
@@ -497,20 +537,21 @@ class SessionRun:
                 id=f"delegate-{use.id}", child_session=child, pool=target, prompt=prompt, tool_use_id=use.id
             )
         )
-        # The same child id on a re-run: both writes of submit dedupe, so one child per tool call.
-        await self.w.client.submit(
-            prompt,
-            pool=target,
-            parent_session=self.sid,
-            depth=depth,
-            session_id=child,
-            submitter=f"agent:{self.sid}",
-            budget=remaining(effective_budget(self.w.config.budget, self.records), self._state(), time.time()),
-        )
+        # A re-run finds the child it started before: one child per tool call, however late.
+        if not await self.log.exists(child):
+            await self.w.client.submit(
+                prompt,
+                pool=target,
+                parent_session=self.sid,
+                depth=depth,
+                session_id=child,
+                submitter=f"agent:{self.sid}",
+                budget=remaining(effective_budget(self.w.config.budget, self.records), self._state(), time.time()),
+            )
         state = SessionState(session_id=child)
         async for rec in self._follow(1, session_id=child):
             state = fold(state, rec)
-            if state.status in TERMINAL:
+            if state.status in TERMINAL or state.status == "paused":
                 break
         await self._append(
             DelegationCompleted(
@@ -521,6 +562,8 @@ class SessionRun:
                 tool_use_id=use.id,
             )
         )
+        if state.status == "paused":
+            raise ToolError(f"subtask {child} is paused ({state.reason}); resume it or carry on without it")
         if state.status != "completed":
             raise ToolError(f"subtask {child} ended {state.status}: {state.reason}")
         return state.result
@@ -554,7 +597,9 @@ class SessionRun:
             ack = await self.writer.append(event)
         except FencedError:
             foreign = await self.writer.resync()
-            if any(isinstance(r.event, ModelResponded | ToolCallStarted | SessionClaimed) for r in foreign):
+            if any(
+                isinstance(r.event, ModelResponded | ToolCallStarted | SessionClaimed | SessionEnded) for r in foreign
+            ):
                 raise  # another agent is working on this session: it owns it now
             ack = await self.writer.append(event)
         return ack
@@ -593,7 +638,11 @@ class SessionRun:
     async def _hand_to_evaluator(self, round_: int) -> Outcome:
         """The result goes to the evaluator; the session is not over until it says so."""
         await self._append(
-            StatusChanged(id=f"evaluating-{round_}", status="evaluating", reason=f"round {round_} result")
+            StatusChanged(
+                id=f"evaluating-{round_}-{self.job.seq}-{self.job.attempt}",
+                status="evaluating",
+                reason=f"round {round_} result",
+            )
         )
         item = WorkItem(session_id=self.sid, reason="evaluate", round=round_)
         await self.w.bus.publish(self.w.bus.ns.evaluations(), encode(item), msg_id=f"{self.sid}:evaluate:{round_}")

@@ -84,6 +84,10 @@ class Router:
             item = decode_work(job.data)
         except msgspec.MsgspecError as err:
             log.warning("malformed submission on %s: %s", job.subject, err)
+            sid = _named_session(job.data)
+            if sid and await self.log.exists(sid):
+                reason = f"malformed submission: {err}"
+                await self.log.append(sid, InputRejected(id=f"rejected-{job.seq}", reason=reason, source=job.subject))
             await job.term()
             return
         if not valid_token(item.session_id):
@@ -193,6 +197,16 @@ class Router:
                 result=summary,
             ),
         )
+
+
+def _named_session(data: bytes) -> str | None:
+    """The session a malformed item names, if it names a valid one (to record why it was dropped)."""
+    try:
+        obj = msgspec.json.decode(data)
+    except msgspec.DecodeError:
+        return None
+    sid = obj.get("session_id") if isinstance(obj, dict) else None
+    return sid if isinstance(sid, str) and valid_token(sid) else None
 
 
 def _guess_session(data: bytes) -> str | None:

@@ -1,0 +1,91 @@
+"""The `agentbus` command as a person uses it: output, --json, and the documented exit codes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from agentbus.cli import main
+from agentbus.server import NatsServer
+
+
+@pytest.fixture
+def cli(nats_server: NatsServer, prefix: str):  # type: ignore[no-untyped-def]
+    runner = CliRunner()
+
+    def invoke(*args: str, input: str | None = None) -> tuple[int, str, str]:
+        result = runner.invoke(main, [*args, "--nats", nats_server.url, "--prefix", prefix], input=input)
+        return result.exit_code, result.stdout, result.stderr
+
+    return invoke
+
+
+def test_submit_say_show_and_sessions_work_together_with_json(cli) -> None:  # type: ignore[no-untyped-def]
+    code, out, _ = cli("submit", "write a haiku", "--pool", "writers", "--json")
+    assert code == 0
+    sid = json.loads(out)["session_id"]
+    assert cli("say", sid, "make it rhyme", "--as", "alice")[0] == 0
+    code, out, _ = cli("show", sid, "--json")
+    shown = json.loads(out)
+    assert shown["state"]["status"] == "queued"
+    assert [e["event"]["type"] for e in shown["events"]] == ["session_created", "routed", "human_message"]
+    assert shown["events"][2]["event"]["author"] == "alice"
+    code, out, _ = cli("sessions", "--json")
+    assert code == 0 and sid in out
+    code, out, _ = cli("tap", sid, "--no-follow", "--json")
+    assert [json.loads(line)["seq"] for line in out.splitlines()] == [e["seq"] for e in shown["events"]]
+
+
+def test_submit_reads_the_prompt_from_standard_input(cli) -> None:  # type: ignore[no-untyped-def]
+    code, out, _ = cli("submit", "-", "--json", input="from stdin\n")
+    assert code == 0
+    code, out, _ = cli("show", json.loads(out)["session_id"], "--json")
+    assert json.loads(out)["events"][0]["event"]["task"]["prompt"] == "from stdin\n"
+
+
+def test_exit_codes_are_the_documented_ones(cli) -> None:  # type: ignore[no-untyped-def]
+    assert cli("show", "nosuchsession")[0] == 3
+    code, _, err = cli("show", "a.b")
+    assert code == 2 and "session id" in err
+    assert cli("tap")[0] == 2  # neither SESSION nor --all
+    code, _, err = cli("submit", "x", "--pool", "p", "--wait", "--timeout", "0.5")
+    assert code == 5 and "still running" in err
+
+
+def test_tapping_an_ended_session_live_says_so_and_returns(cli, nats_server, prefix) -> None:  # type: ignore[no-untyped-def]
+    import asyncio
+
+    import agentbus
+    from agentbus.messages import SessionEnded
+
+    async def ended_session() -> str:
+        async with agentbus.connect(nats_server.url, prefix=prefix) as client:
+            sid = await client.submit("x", pool="p")
+            await client.log.append(sid, SessionEnded(id="ended", status="completed", result="r"))
+            return sid
+
+    sid = asyncio.run(ended_session())
+    code, out, _ = cli("tap", sid)  # live by default: must not wait for events that will never come
+    assert code == 0
+    assert "already ended completed" in out
+
+
+def test_an_unreachable_server_is_one_line_and_exit_code_4() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "agentbus.cli", "sessions", "--nats", "nats://127.0.0.1:1"],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 4
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]  # one line, no traceback
+    assert "nats://127.0.0.1:1" in proc.stderr
+
+
+def test_a_bad_prefix_is_a_usage_error_not_a_traceback(cli) -> None:  # type: ignore[no-untyped-def]
+    runner = CliRunner()
+    result = runner.invoke(main, ["sessions", "--prefix", "Bad-Prefix"])
+    assert result.exit_code == 2
+    assert "prefix" in result.stderr
