@@ -1,26 +1,28 @@
-"""`make demo`: the whole path on one machine, offline: embedded NATS, one agent, a task, a live tap.
+"""`make demo`: `agentbus up` offline, one task that delegates, fails a check, revises, and passes.
 
-It starts `agentbus server` and `agentbus agent` as real processes (the same commands a
-person would type), submits a task with the scripted model, taps it to the end, and
-stops everything. Nothing needs an API key.
+It runs `agentbus up` (embedded NATS, router, evaluator, supervisor and its agents) exactly
+as a person would, submits a task with a check, taps it live to the end, shows the child
+session it delegated to, and stops everything with Ctrl-C (SIGINT). No API key needed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import sys
 import tempfile
-from importlib.resources import files
+import threading
 from pathlib import Path
 
 import agentbus
+from agentbus.messages import SessionEnded
 from agentbus.render import record_line
-from agentbus.server import NatsServer
 
-SCRIPT = files("agentbus") / "scripted" / "demo.json"
+PROMPT = "Write a haiku about message queues to haiku.txt, with a title from another agent."
+CHECK = 'test "$(wc -l < haiku.txt)" -eq 3'
 
 
 def _say(text: str) -> None:
@@ -29,51 +31,55 @@ def _say(text: str) -> None:
 
 async def _drive(url: str) -> int:
     async with agentbus.connect(url) as bus:
-        sid = await bus.submit("Write a haiku about message queues to haiku.txt.", pool="writers")
-        _say(f"submitted session {sid} to pool 'writers'; tapping it live (agentbus tap {sid} --from-start)")
+        sid = await bus.submit(PROMPT, pool="general", checks=[CHECK])
+        _say(f"submitted {sid} with the check  {CHECK}")
+        _say(f"tapping it live (the same as: agentbus tap {sid} --from-start)")
         async for record in bus.tap(sid, start="start"):
             print("   " + record_line(record), flush=True)
-            if isinstance(record.event, agentbus.messages.SessionEnded):
+            if isinstance(record.event, SessionEnded):
                 break
         state = await bus.state(sid)
+        for child in state.children:
+            _say(f"the subtask it delegated, session {child}:")
+            for record in await bus.show(child):
+                print("   " + record_line(record), flush=True)
         _say(
-            f"session {state.status}: {state.steps} model calls, {state.tool_calls} tool calls, "
-            f"{state.usage.total} tokens, ${state.cost_usd:.4f} (priced as if it were the real model)"
+            f"session {state.status} after {state.round} rounds: {state.steps} model calls, "
+            f"{state.tool_calls} tool calls, {state.usage.total} tokens, ${state.cost_usd:.4f} (as if real)"
         )
-        print(state.result)
+        print(state.result, flush=True)
         return 0 if state.status == "completed" else 1
 
 
 def main() -> int:
-    workdir = Path(tempfile.mkdtemp(prefix="agentbus-demo-"))
-    _say("starting the embedded nats-server (JetStream, 127.0.0.1, free port)")
-    with NatsServer(store_dir=workdir / "nats") as server:
-        _say(f"nats-server ready at {server.url}; starting an agent for pool 'writers' with the offline scripted model")
-        agent = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "agentbus.cli",
-                "agent",
-                "--pool",
-                "writers",
-                "--model",
-                f"scripted:{SCRIPT}",
-                "--workdir",
-                str(workdir / "work"),
-                "--nats",
-                server.url,
-            ],
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-        try:
-            code = asyncio.run(_drive(server.url))
-            _say(f"the agent wrote its file in its session workspace: {next((workdir / 'work').glob('*/haiku.txt'))}")
-        finally:
-            agent.send_signal(signal.SIGTERM)
-            agent.wait(timeout=30)
-        _say("agent drained and stopped; stopping nats-server")
-    return code
+    root = Path(tempfile.mkdtemp(prefix="agentbus-demo-"))
+    env = {k: v for k, v in os.environ.items() if k != "ANTHROPIC_API_KEY"}  # the demo is offline by design
+    _say(f"starting: agentbus up --port 0 --store-dir {root}/.agentbus/nats")
+    up = subprocess.Popen(
+        [sys.executable, "-m", "agentbus.cli", "up", "--port", "0", "--store-dir", str(root / ".agentbus" / "nats")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=root,
+    )  # fmt: skip
+    assert up.stdout is not None
+    url = None
+    while url is None:
+        line = up.stdout.readline().decode()
+        if not line:
+            _say("agentbus up exited before it was ready")
+            return 1
+        print(line, end="", flush=True)
+        if m := re.search(r"export AGENTBUS_NATS_URL=(\S+)", line):
+            url = m.group(1)
+    out = up.stdout
+    # Keep draining `up`'s output so it never blocks on a full pipe; the tap below is what we show.
+    threading.Thread(target=lambda: [None for _ in iter(out.readline, b"")], daemon=True).start()
+    try:
+        code = asyncio.run(_drive(url))
+    finally:
+        _say("Ctrl-C to agentbus up")
+        up.send_signal(signal.SIGINT)
+        up.wait(timeout=90)
+    _say(f"everything stopped (agentbus up exited {up.returncode})")
+    return code or up.returncode
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
@@ -367,12 +368,15 @@ class ScriptedModel:
 
     The position in the script is the number of assistant turns already in the conversation, not
     process memory, so a session resumed in another process gets the right next response.
+    A file may also hold several scripts, each chosen by a regular expression on the session's
+    first user message: `{"scripts": [{"match": "...", "responses": [...]}], "responses": [...]}`
+    (the top-level list is the fallback), so parents, children and graders can differ.
     """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.name = f"scripted:{path}"
-        self._responses = _load_script(self.path)
+        self._scripts = _load_scripts(self.path)
 
     async def __aenter__(self) -> Self:
         return self
@@ -399,14 +403,16 @@ class ScriptedModel:
     ) -> ModelReply:
         """The scripted response for this point in the conversation."""
         index = sum(1 for m in messages if m.get("role") == "assistant")
-        if index >= len(self._responses):
+        first = json.dumps(messages[0].get("content")) if messages else ""
+        responses = next((r for pattern, r in self._scripts if pattern is None or pattern.search(first)), [])
+        if index >= len(responses):
             return ModelReply(
                 content=({"type": "text", "text": "(scripted model: script exhausted)"},),
                 stop_reason="end_turn",
                 usage=Usage(),
                 model="scripted",
             )
-        body = self._responses[index]
+        body = responses[index]
         content = body["content"]
         blocks = [{"type": "text", "text": content}] if isinstance(content, str) else content
         return ModelReply(
@@ -418,15 +424,31 @@ class ScriptedModel:
         )
 
 
-def _load_script(path: Path) -> list[dict[str, Any]]:
-    """The response bodies in a script file: a JSON list, or an object with a "responses" list."""
+def _load_scripts(path: Path) -> list[tuple[re.Pattern[str] | None, list[dict[str, Any]]]]:
+    """(pattern, responses) pairs, the fallback (pattern None) last."""
     try:
         data: Any = json.loads(path.read_text())
     except OSError as err:
         raise UsageError(f"cannot read model script {path}: {err.strerror or err}") from err
     except ValueError as err:
         raise UsageError(f"model script {path} is not valid JSON: {err}") from err
-    responses = data.get("responses") if isinstance(data, dict) else data
+    scripts: list[tuple[re.Pattern[str] | None, list[dict[str, Any]]]] = []
+    if isinstance(data, dict):
+        for i, entry in enumerate(data.get("scripts") or []):
+            try:
+                pattern = re.compile(str(entry["match"]))
+            except (KeyError, TypeError, re.error) as err:
+                raise UsageError(f"model script {path}: scripts[{i}] needs a valid `match` regex ({err})") from err
+            scripts.append((pattern, _check_responses(path, entry.get("responses"))))
+        if "responses" in data or not scripts:
+            scripts.append((None, _check_responses(path, data.get("responses"))))
+    else:
+        scripts.append((None, _check_responses(path, data)))
+    return scripts
+
+
+def _check_responses(path: Path, responses: Any) -> list[dict[str, Any]]:
+    """The response bodies of one script: a JSON list of bodies with content."""
     if not isinstance(responses, list):
         raise UsageError(f'model script {path} must be a JSON list or {{"responses": [...]}}')
     for i, body in enumerate(responses):

@@ -17,6 +17,7 @@ from agentbus.messages import (
     QuestionAsked,
     Record,
     ResumeRequested,
+    RevisionRequested,
     Routed,
     SessionClaimed,
     SessionCreated,
@@ -84,6 +85,10 @@ def summary(ev: Any) -> str:
         case VerdictRecorded(round=rnd, verdict=verdict, criteria=crit, checks=checks):
             failed = [c.criterion for c in crit if not c.passed] + [c.command for c in checks if not c.passed]
             return _clip(f"round {rnd}: {verdict}" + (f" (failed: {'; '.join(failed)})" if failed else ""))
+        case RevisionRequested(round=rnd, critique=critique, fresh_start=fresh):
+            lines = [x.strip() for x in critique.splitlines() if x.strip().startswith("-")]
+            what = "; ".join(lines) or critique
+            return _clip(f"round {rnd}{' (fresh start)' if fresh else ''}: {what}")
         case BudgetExceeded(limit=limit, detail=detail):
             return f"paused: {limit} {detail}".rstrip()
         case SessionEnded(status=status, reason=reason, result=result):

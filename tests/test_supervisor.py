@@ -187,3 +187,17 @@ async def test_agentbus_up_with_no_api_key_completes_a_task_and_stops_everything
         ["pgrep", "-f", str(store)], capture_output=True, text=True, check=False
     )
     assert leftovers.stdout.strip() == ""  # nats-server and every service exited
+
+
+@pytest.mark.timeout(150)
+def test_the_demo_delegates_fails_a_check_revises_and_completes() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "ANTHROPIC_API_KEY"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "agentbus.demo"], capture_output=True, text=True, timeout=140, env=env, check=False
+    )
+    out = proc.stdout
+    assert proc.returncode == 0, out + proc.stderr
+    assert "delegation_completed" in out and "Waiting in Line" in out
+    assert "round 1: needs_revision" in out and "round 2: satisfied" in out
+    assert "session completed after 2 rounds" in out
+    assert "everything stopped (agentbus up exited 0)" in out
