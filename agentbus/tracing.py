@@ -35,6 +35,8 @@ sessions_ended = meter.create_counter("agentbus.sessions.ended", description="Se
 model_calls = meter.create_counter("agentbus.model.calls", description="Model calls")
 tokens = meter.create_counter("agentbus.model.tokens", unit="{token}", description="Tokens by kind")
 dollars = meter.create_counter("agentbus.model.cost", unit="USD", description="Model spend")
+queue_depth = meter.create_gauge("agentbus.queue.depth", description="Tasks waiting per pool (supervisor)")
+workers = meter.create_gauge("agentbus.workers", description="Workers per pool (supervisor)")
 tool_errors = meter.create_counter("agentbus.tool.errors", description="Tool calls that returned an error")
 
 

@@ -619,7 +619,10 @@ class SessionRun:
     async def _pause(self, stop: Stop) -> Outcome:
         """Park the session (status paused); `agentbus resume` raises the limit and queues it again."""
         resumes = sum(1 for r in self.records if isinstance(r.event, ResumeRequested))
-        await self._append(BudgetExceeded(id=f"paused-{resumes}-{stop.limit}", limit=stop.limit, detail=stop.detail))
+        attrs = {"agentbus.budget.limit": stop.limit, "agentbus.budget.detail": stop.detail}
+        with tracing.span("budget pause", attributes=attrs):
+            event = BudgetExceeded(id=f"paused-{resumes}-{stop.limit}", limit=stop.limit, detail=stop.detail)
+            await self._append(event)
         log.info("session %s paused: %s %s", self.sid, stop.limit, stop.detail)
         return "ended"
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
+from agentbus import tracing
 from agentbus.bus import Bus
 from agentbus.messages import ScaleReply, ScaleRequest, WorkerInfo, encode
 from agentbus.subjects import WORKER_TTL_S
@@ -114,6 +115,8 @@ class Supervisor:
             )
         waiting, in_flight = await self.bus.consumer_backlog(self.bus.ns.pool_consumer(pool.spec.name))
         size = len(pool.workers)
+        tracing.queue_depth.set(waiting, {tracing.POOL: pool.spec.name})
+        tracing.workers.set(size, {tracing.POOL: pool.spec.name})
         if size < pool.spec.min or (waiting > 0 and size < pool.spec.max):
             pool.idle_since = None
             if now >= pool.next_spawn and self.total < self.fleet.max_workers:
@@ -132,7 +135,9 @@ class Supervisor:
 
     async def _spawn(self, pool: PoolState) -> WorkerHandle:
         worker_id = f"{pool.spec.name}-{self._tag}-{next(self._ids)}"
-        handle = await self.spawner.spawn(pool.spec, worker_id)
+        attrs = {"agentbus.worker_id": worker_id, "agentbus.spawner": pool.spec.spawner}
+        with tracing.span(f"spawn {pool.spec.name}", pool=pool.spec.name, attributes=attrs):
+            handle = await self.spawner.spawn(pool.spec, worker_id)
         self._started[worker_id] = time.time()
         pool.workers.append(handle)
         log.info("pool %s: started %s (%d/%d)", pool.spec.name, worker_id, len(pool.workers), pool.spec.max)
