@@ -105,6 +105,23 @@ class Job:
         """Still working: reset the ack timer."""
         await self._msg.in_progress()
 
+    @contextlib.asynccontextmanager
+    async def kept_alive(self, every: float) -> AsyncIterator[None]:
+        """In-progress acks every `every` seconds while the body runs (a long model call or check
+        must never look like a dead worker)."""
+
+        async def beat() -> None:
+            while True:
+                await asyncio.sleep(every)
+                with contextlib.suppress(Exception):
+                    await self._msg.in_progress()
+
+        task = asyncio.create_task(beat())
+        try:
+            yield
+        finally:
+            task.cancel()
+
     async def term(self) -> None:
         """Never redeliver (the reason must already be recorded where people look)."""
         await self._msg.term()

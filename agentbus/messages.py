@@ -383,6 +383,21 @@ def decode_event(data: bytes) -> LogEvent:
     return InvalidEvent(reason=f"invalid event: {known_err}", raw=_preview(data), id=str(obj.get("id", "")))
 
 
+def session_id_of(data: bytes) -> str | None:
+    """The session id a payload names, even if the rest of it is malformed (to record why it was dropped).
+
+    None unless it is a JSON object whose `session_id` is a valid subject token.
+    """
+    try:
+        obj = _dict_decoder.decode(data)
+    except (msgspec.MsgspecError, UnicodeDecodeError, RecursionError):
+        return None
+    sid = obj.get("session_id")
+    if isinstance(sid, str) and 0 < len(sid) <= 64 and all(c.isascii() and (c.isalnum() or c in "-_") for c in sid):
+        return sid
+    return None
+
+
 def decode_task(data: bytes) -> Task:
     return _task_decoder.decode(data)
 

@@ -53,6 +53,7 @@ from agentbus.messages import (
     WorkItem,
     decode_work,
     encode,
+    session_id_of,
 )
 from agentbus.models import ModelClient, ModelError, cost_usd, model_from_spec
 from agentbus.session import SessionLog, SessionWriter
@@ -253,7 +254,7 @@ class AgentWorker:
     async def _reject(self, job: Job, reason: str) -> None:
         """Bad input: record why where people look (if we can tell the session), never redeliver."""
         log.warning("%s", reason)
-        sid = _guess_session(job.data)
+        sid = session_id_of(job.data)
         if sid and await self.log.exists(sid):
             await self.log.append(sid, InputRejected(id=f"rejected-{job.seq}", reason=reason, source=job.subject))
         await job.term()
@@ -278,7 +279,7 @@ class AgentWorker:
             data = await self.bus.get_stored(stream, seq)
             if data is None:
                 continue
-            sid = _guess_session(data)
+            sid = session_id_of(data)
             if sid and await self.log.exists(sid):
                 reason = f"gave up: delivered {self.config.max_deliver} times and never finished (max_deliver)"
                 await self.log.append(sid, SessionEnded(id="ended", status="failed", reason=reason))
@@ -329,15 +330,6 @@ def _child_id(sid: str, tool_use_id: str) -> str:
     return f"{sid[:40]}-{hashlib.sha256(tool_use_id.encode()).hexdigest()[:10]}"
 
 
-def _guess_session(data: bytes) -> str | None:
-    try:
-        obj = msgspec.json.decode(data)
-    except msgspec.DecodeError:
-        return None
-    sid = obj.get("session_id") if isinstance(obj, dict) else None
-    return sid if isinstance(sid, str) and valid_token(sid) else None
-
-
 # --- one session ------------------------------------------------------------------------------
 
 
@@ -369,7 +361,7 @@ class SessionRun:
             workspace=str(self._workspace().resolve()),
         )
         await self._append(claim)
-        async with self._keepalive():
+        async with self.job.kept_alive(self.w.config.ack_wait_s / 3):
             return await self._loop()
 
     async def _loop(self) -> Outcome:
@@ -659,22 +651,6 @@ class SessionRun:
         path = self.w.config.workdir / self.sid
         path.mkdir(parents=True, exist_ok=True)
         return path
-
-    @contextlib.asynccontextmanager
-    async def _keepalive(self) -> AsyncIterator[None]:
-        """In-progress acks while the session runs, so a long model call never looks like a dead agent."""
-
-        async def beat() -> None:
-            while True:
-                await asyncio.sleep(self.w.config.ack_wait_s / 3)
-                with contextlib.suppress(Exception):
-                    await self.job.in_progress()
-
-        task = asyncio.create_task(beat())
-        try:
-            yield
-        finally:
-            task.cancel()
 
 
 async def serve(bus: Bus, config: AgentConfig, stop: asyncio.Event, *, model: ModelClient | None = None) -> None:

@@ -8,9 +8,7 @@ replaced by another never records a round twice.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import msgspec
@@ -84,7 +82,7 @@ class Evaluator:
         with tracing.span(
             "evaluate", kind=SpanKind.CONSUMER, parent=job.trace_context, session_id=item.session_id, attributes=attrs
         ):
-            async with _keepalive(job):
+            async with job.kept_alive(20.0):
                 await self.evaluate(item.session_id, item.round)
         await job.ack()
         self.graded += 1
@@ -170,18 +168,3 @@ def final_output(records: list[Record]) -> str:
         if isinstance(rec.event, ModelResponded):
             return "".join(str(b.get("text", "")) for b in rec.event.content if b.get("type") == "text").strip()
     return ""
-
-
-@contextlib.asynccontextmanager
-async def _keepalive(job: Job, every: float = 20.0) -> AsyncIterator[None]:
-    async def beat() -> None:
-        while True:
-            await asyncio.sleep(every)
-            with contextlib.suppress(Exception):
-                await job.in_progress()
-
-    task = asyncio.create_task(beat())
-    try:
-        yield
-    finally:
-        task.cancel()

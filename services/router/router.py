@@ -32,6 +32,7 @@ from agentbus.messages import (
     decode_event,
     decode_work,
     encode,
+    session_id_of,
 )
 from agentbus.session import SessionLog
 from agentbus.subjects import session_id_from_subject, valid_token
@@ -73,7 +74,7 @@ class Router:
 
     async def _handle(self, job: Job) -> None:
         attrs = tracing.messaging_attrs(job.subject, operation="process")
-        sid = _guess_session(job.data)
+        sid = session_id_of(job.data)
         with tracing.span(
             "route", kind=SpanKind.CONSUMER, parent=job.trace_context, session_id=sid, attributes=attrs
         ) as span:
@@ -84,7 +85,7 @@ class Router:
             item = decode_work(job.data)
         except msgspec.MsgspecError as err:
             log.warning("malformed submission on %s: %s", job.subject, err)
-            sid = _named_session(job.data)
+            sid = session_id_of(job.data)
             if sid and await self.log.exists(sid):
                 reason = f"malformed submission: {err}"
                 await self.log.append(sid, InputRejected(id=f"rejected-{job.seq}", reason=reason, source=job.subject))
@@ -197,23 +198,6 @@ class Router:
                 result=summary,
             ),
         )
-
-
-def _named_session(data: bytes) -> str | None:
-    """The session a malformed item names, if it names a valid one (to record why it was dropped)."""
-    try:
-        obj = msgspec.json.decode(data)
-    except msgspec.DecodeError:
-        return None
-    sid = obj.get("session_id") if isinstance(obj, dict) else None
-    return sid if isinstance(sid, str) and valid_token(sid) else None
-
-
-def _guess_session(data: bytes) -> str | None:
-    try:
-        return decode_work(data).session_id
-    except msgspec.MsgspecError:
-        return None
 
 
 def opinion_ids(sid: str, task: Task) -> list[str]:
