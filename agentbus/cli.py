@@ -13,6 +13,7 @@ import signal
 import sys
 import threading
 from collections.abc import Awaitable, Callable
+from functools import wraps
 from typing import Any, TypeVar
 
 import click
@@ -63,6 +64,32 @@ def nats_option(f: Callable[..., Any]) -> Callable[..., Any]:
         metavar="URL",
         help="NATS server [env AGENTBUS_NATS_URL, then NATS_URL; default nats://127.0.0.1:4222].",
     )(f)
+
+
+_BUDGET_FIELDS = (
+    ("--max-steps", "max_steps", int, "model turns"),
+    ("--max-tool-calls", "max_tool_calls", int, "tool calls"),
+    ("--max-tokens", "max_tokens", int, "tokens (input + cache write + cache read + output)"),
+    ("--max-usd", "max_usd", float, "dollars"),
+    ("--max-wall", "max_wall_s", float, "wall time in seconds since submission"),
+)
+
+
+def budget_options(lead: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The five budget limits as options, handed to the command as one `budget: Budget`."""
+
+    def decorate(f: Callable[..., Any]) -> Callable[..., Any]:
+        @wraps(f)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            limits = {name: kwargs.pop(f"budget_{name}") for _, name, _, _ in _BUDGET_FIELDS}
+            return f(*args, budget=Budget(**limits), **kwargs)
+
+        decorated: Callable[..., Any] = wrapper
+        for flag, name, kind, what in reversed(_BUDGET_FIELDS):
+            decorated = click.option(flag, f"budget_{name}", type=kind, help=f"{lead}: {what}.")(decorated)
+        return decorated
+
+    return decorate
 
 
 def settings_from(nats_url: str | None, prefix: str) -> Settings:
@@ -149,11 +176,7 @@ def server(port: int, store_dir: str, sync_always: bool) -> None:
 @click.option("--criterion", "criteria", multiple=True, help="A criterion the evaluator grades (repeatable).")
 @click.option("--check", "checks", multiple=True, help="A command that must exit 0 in the workspace (repeatable).")
 @click.option("--max-rounds", default=3, show_default=True, help="Evaluation rounds before giving up.")
-@click.option("--max-steps", type=int, help="Budget: model turns.")
-@click.option("--max-tool-calls", type=int, help="Budget: tool calls.")
-@click.option("--max-tokens", type=int, help="Budget: tokens (input + cache write + cache read + output).")
-@click.option("--max-usd", type=float, help="Budget: dollars.")
-@click.option("--max-wall", "max_wall_s", type=float, help="Budget: wall time in seconds.")
+@budget_options("Budget")
 @click.option("--tag", "tags", multiple=True, help="Routing tag (repeatable).")
 @click.option("--model", help="Model spec for this session, if the pool allows overrides.")
 @click.option("--opinions", type=int, default=0, help="Fan-out: run the task in N sibling sessions (on --pool).")
@@ -168,11 +191,7 @@ def submit(
     criteria: tuple[str, ...],
     checks: tuple[str, ...],
     max_rounds: int,
-    max_steps: int | None,
-    max_tool_calls: int | None,
-    max_tokens: int | None,
-    max_usd: float | None,
-    max_wall_s: float | None,
+    budget: Budget,
     tags: tuple[str, ...],
     model: str | None,
     opinions: int,
@@ -189,13 +208,6 @@ def submit(
     if opinions and opinion_pools:
         raise click.UsageError("--opinions and --opinion-pool exclude each other")
     fan_out = list(opinion_pools) or [pool or ""] * opinions
-    budget = Budget(
-        max_steps=max_steps,
-        max_tool_calls=max_tool_calls,
-        max_tokens=max_tokens,
-        max_usd=max_usd,
-        max_wall_s=max_wall_s,
-    )
 
     async def body(client: Client) -> None:
         sid = await client.submit(
@@ -368,30 +380,15 @@ def cancel(session_id: str, reason: str, nats_url: str | None, prefix: str) -> N
 
 @main.command()
 @click.argument("session_id")
-@click.option("--max-steps", type=int, help="New limit: model turns.")
-@click.option("--max-tool-calls", type=int, help="New limit: tool calls.")
-@click.option("--max-tokens", type=int, help="New limit: tokens (all kinds).")
-@click.option("--max-usd", type=float, help="New limit: dollars.")
-@click.option("--max-wall", "max_wall_s", type=float, help="New limit: wall time in seconds since submission.")
+@budget_options("New limit")
 @nats_option
 def resume(
     session_id: str,
-    max_steps: int | None,
-    max_tool_calls: int | None,
-    max_tokens: int | None,
-    max_usd: float | None,
-    max_wall_s: float | None,
+    budget: Budget,
     nats_url: str | None,
     prefix: str,
 ) -> None:
     """Continue a paused SESSION, raising the limits you name; it goes back on its pool's queue."""
-    budget = Budget(
-        max_steps=max_steps,
-        max_tool_calls=max_tool_calls,
-        max_tokens=max_tokens,
-        max_usd=max_usd,
-        max_wall_s=max_wall_s,
-    )
 
     async def body(client: Client) -> None:
         seq = await client.resume(session_id, budget=budget)

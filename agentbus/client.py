@@ -176,6 +176,10 @@ class Client:
         await self._require(session_id)
         if not text.strip():
             raise UsageError("message is empty")
+        state = await self.log.state(session_id)
+        if state.terminal:
+            # Recording it would look like success to the person typing, but nothing would read it.
+            raise UsageError(f"session {session_id} already ended {state.status}; nobody would read this")
         event = HumanMessage(id=new_event_id("say"), text=text, author=author or default_author())
         return (await self.log.append(session_id, event, channel="input")).seq
 

@@ -72,6 +72,15 @@ def test_tapping_an_ended_session_live_says_so_and_returns(cli, nats_server, pre
     code, out, _ = cli("tap", sid)  # live by default: must not wait for events that will never come
     assert code == 0
     assert "already ended completed" in out
+    code, _, err = cli("say", sid, "hello?")
+    assert code == 2 and "already ended completed" in err
+
+
+def test_budget_options_reach_the_session(cli) -> None:  # type: ignore[no-untyped-def]
+    code, out, _ = cli("submit", "x", "--pool", "p", "--max-usd", "0.5", "--max-steps", "3", "--json")
+    assert code == 0
+    code, out, _ = cli("show", json.loads(out)["session_id"], "--json")
+    assert json.loads(out)["events"][0]["event"]["task"]["budget"] == {"max_steps": 3, "max_usd": 0.5}
 
 
 def test_an_unreachable_server_is_one_line_and_exit_code_4() -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from agentbus.bus import Bus
-from agentbus.cli import nats_option, run, settings_from
+from agentbus.cli import budget_options, nats_option, run, settings_from
 from agentbus.messages import Budget
 from services.agent.tools import DEFAULT_TOOLS
 from services.agent.worker import AgentConfig, serve
@@ -36,11 +36,7 @@ from services.agent.worker import AgentConfig, serve
     "--ack-wait", default=60.0, show_default=True, help="Seconds before an unacked task goes to another agent."
 )
 @click.option("--max-deliver", default=5, show_default=True, help="Deliveries before a task's session is failed.")
-@click.option("--max-steps", type=int, help="Pool default budget: model turns per session.")
-@click.option("--max-tool-calls", type=int, help="Pool default budget: tool calls per session.")
-@click.option("--max-tokens", "max_session_tokens", type=int, help="Pool default budget: tokens per session.")
-@click.option("--max-usd", type=float, help="Pool default budget: dollars per session.")
-@click.option("--max-wall", "max_wall_s", type=float, help="Pool default budget: seconds per session.")
+@budget_options("Pool default budget per session")
 @click.option("--no-progress", default=3, show_default=True, help="Pause after N turns without progress (0: off).")
 @nats_option
 def command(
@@ -52,11 +48,7 @@ def command(
     max_tokens: int,
     ack_wait: float,
     max_deliver: int,
-    max_steps: int | None,
-    max_tool_calls: int | None,
-    max_session_tokens: int | None,
-    max_usd: float | None,
-    max_wall_s: float | None,
+    budget: Budget,
     no_progress: int,
     nats_url: str | None,
     prefix: str,
@@ -73,13 +65,7 @@ def command(
         max_tokens=max_tokens,
         ack_wait_s=ack_wait,
         max_deliver=max_deliver,
-        budget=Budget(
-            max_steps=max_steps,
-            max_tool_calls=max_tool_calls,
-            max_tokens=max_session_tokens,
-            max_usd=max_usd,
-            max_wall_s=max_wall_s,
-        ),
+        budget=budget,
         no_progress_turns=no_progress,
     )
     settings = settings_from(nats_url, prefix)
