@@ -10,16 +10,28 @@ fenced, so steering never breaks an agent's fence.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Sequence
 from typing import Literal
 
 import msgspec
 
-from agentbus.bus import Bus, Outgoing, PubAck
+from agentbus.bus import Bus, Job, Outgoing, PubAck
 from agentbus.errors import FencedError, NoSuchSession
-from agentbus.messages import Event, Record, decode_event, encode
+from agentbus.messages import (
+    Event,
+    InputRejected,
+    Record,
+    WorkItem,
+    decode_event,
+    decode_work,
+    encode,
+    session_id_of,
+)
 from agentbus.state import SessionState, fold
-from agentbus.subjects import session_id_from_subject
+from agentbus.subjects import session_id_from_subject, valid_token
+
+log = logging.getLogger("agentbus.session")
 
 Channel = Literal["log", "input"]
 From = int | Literal["start", "new"]
@@ -110,6 +122,31 @@ class SessionLog:
         counts = await self.bus.subject_counts(self.ns.sessions_stream, self.ns.sessions_all())
         ids = {sid for subj in counts if (sid := session_id_from_subject(subj))}
         return sorted(ids)
+
+    # --- queued work ------------------------------------------------------------------------
+
+    async def accept_work(self, job: Job) -> WorkItem | None:
+        """The work item a queue message carries, or None after rejecting it as bad input."""
+        try:
+            item = decode_work(job.data)
+        except msgspec.MsgspecError as err:
+            await self.reject(job, f"malformed work item on {job.subject}: {err}")
+            return None
+        if not valid_token(item.session_id):
+            await self.reject(job, f"work item names an invalid session id {item.session_id!r}")
+            return None
+        if not await self.exists(item.session_id):
+            await self.reject(job, f"work item for session {item.session_id}, which has nothing in the log")
+            return None
+        return item
+
+    async def reject(self, job: Job, reason: str) -> None:
+        """Bad input: never redelivered, and the reason recorded in the session it names, if any."""
+        log.warning("%s", reason)
+        sid = session_id_of(job.data)
+        if sid and await self.exists(sid):
+            await self.append(sid, InputRejected(id=f"rejected-{job.seq}", reason=reason, source=job.subject))
+        await job.term()
 
     # --- state ------------------------------------------------------------------------------
 

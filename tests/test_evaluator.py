@@ -208,3 +208,32 @@ def test_recorded_sessions_replay_to_the_same_evaluator_and_router_decisions(nam
             assert isinstance(after, SessionEnded)
             assert after.status == ("completed" if nxt.action == "complete" else "failed")
             assert after.reason == (nxt.reason or "satisfied")
+
+
+async def test_a_malformed_evaluation_request_is_recorded_in_its_session_and_dropped(
+    client: agentbus.Client, settings: Settings
+) -> None:
+    from agentbus.messages import InputRejected
+
+    sid = await client.submit("x", pool="nobody", checks=["true"])
+    bad = json.dumps({"session_id": sid, "round": "two"}).encode()
+    await client.bus.publish(client.bus.ns.evaluations(), bad, msg_id="bad-eval")
+    bus = await Bus.connect(settings)
+    evaluator = Evaluator(bus, None)
+    runner = asyncio.create_task(evaluator.run())
+    try:
+
+        async def rejected() -> list[InputRejected]:
+            return [r.event for r in await client.show(sid) if isinstance(r.event, InputRejected)]
+
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 15
+        while not (found := await rejected()):
+            assert loop.time() < deadline, "the evaluator never recorded the bad request"
+            await asyncio.sleep(0.05)
+    finally:
+        await evaluator.shutdown()
+        await runner
+        await bus.close()
+    assert "malformed work item" in found[0].reason
+    assert (await client.bus.consumer_backlog(client.bus.ns.evaluator_consumer())) == (0, 0)

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast
 
-import msgspec
 from opentelemetry.trace import Span, SpanKind
 
 from agentbus import tracing
@@ -37,7 +36,6 @@ from agentbus.messages import (
     DelegationRequested,
     Event,
     HumanMessage,
-    InputRejected,
     ModelResponded,
     QuestionAsked,
     Record,
@@ -51,7 +49,6 @@ from agentbus.messages import (
     Usage,
     WorkerInfo,
     WorkItem,
-    decode_work,
     encode,
     session_id_of,
 )
@@ -202,16 +199,8 @@ class AgentWorker:
     # --- one queue message ------------------------------------------------------------------
 
     async def _handle(self, job: Job) -> None:
-        try:
-            item = decode_work(job.data)
-        except msgspec.MsgspecError as err:
-            await self._reject(job, f"malformed work item on {job.subject}: {err}")
-            return
-        if not valid_token(item.session_id):
-            await self._reject(job, f"work item names an invalid session id {item.session_id!r}")
-            return
-        if not await self.log.exists(item.session_id):
-            await self._reject(job, f"work item for session {item.session_id}, which has nothing in the log")
+        item = await self.log.accept_work(job)
+        if item is None:
             return
         run = SessionRun(self, item.session_id, job)
         self.sessions.add(item.session_id)
@@ -250,14 +239,6 @@ class AgentWorker:
         msg_id = f"{sid}:handback:{job.seq}:{job.attempt}"
         await self.bus.publish(self.bus.ns.work(self.config.pool), encode(item), msg_id=msg_id)
         await job.ack()
-
-    async def _reject(self, job: Job, reason: str) -> None:
-        """Bad input: record why where people look (if we can tell the session), never redeliver."""
-        log.warning("%s", reason)
-        sid = session_id_of(job.data)
-        if sid and await self.log.exists(sid):
-            await self.log.append(sid, InputRejected(id=f"rejected-{job.seq}", reason=reason, source=job.subject))
-        await job.term()
 
     async def _failed_attempt(self, job: Job, sid: str, err: Exception) -> None:
         if isinstance(err, FencedError):

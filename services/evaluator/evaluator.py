@@ -11,7 +11,6 @@ import asyncio
 import logging
 from pathlib import Path
 
-import msgspec
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
@@ -27,12 +26,10 @@ from agentbus.messages import (
     StatusChanged,
     VerdictRecorded,
     WorkItem,
-    decode_work,
     encode,
 )
 from agentbus.models import ModelClient, ModelError
 from agentbus.session import SessionLog
-from agentbus.subjects import valid_token
 from services.evaluator.grading import GradingError, grade_criteria, run_checks
 from services.evaluator.policy import PIVOT_AFTER, critique_of, decide, verdict_of
 
@@ -69,14 +66,8 @@ class Evaluator:
         await self._stopped.wait()
 
     async def _handle(self, job: Job) -> None:
-        try:
-            item = decode_work(job.data)
-        except msgspec.MsgspecError as err:
-            log.warning("malformed evaluation request: %s", err)
-            await job.term()
-            return
-        if not valid_token(item.session_id):
-            await job.term()
+        item = await self.log.accept_work(job)
+        if item is None:
             return
         attrs = {**tracing.messaging_attrs(job.subject, operation="process"), "agentbus.round": item.round}
         with tracing.span(

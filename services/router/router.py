@@ -20,7 +20,6 @@ from agentbus.messages import (
     TERMINAL,
     DelegationCompleted,
     DelegationRequested,
-    InputRejected,
     OpinionResult,
     OpinionsAggregated,
     Routed,
@@ -30,12 +29,11 @@ from agentbus.messages import (
     Task,
     WorkItem,
     decode_event,
-    decode_work,
     encode,
     session_id_of,
 )
 from agentbus.session import SessionLog
-from agentbus.subjects import session_id_from_subject, valid_token
+from agentbus.subjects import session_id_from_subject
 from services.router.routes import RouteTable
 
 log = logging.getLogger("agentbus.router")
@@ -81,28 +79,13 @@ class Router:
             await self._route(job, span)
 
     async def _route(self, job: Job, span: Span) -> None:
-        try:
-            item = decode_work(job.data)
-        except msgspec.MsgspecError as err:
-            log.warning("malformed submission on %s: %s", job.subject, err)
-            sid = session_id_of(job.data)
-            if sid and await self.log.exists(sid):
-                reason = f"malformed submission: {err}"
-                await self.log.append(sid, InputRejected(id=f"rejected-{job.seq}", reason=reason, source=job.subject))
-            await job.term()
-            return
-        if not valid_token(item.session_id):
-            log.warning("submission names an invalid session id %r", item.session_id)
-            await job.term()
+        item = await self.log.accept_work(job)
+        if item is None:
             return
         records = await self.log.read(item.session_id, limit=1)
         created = records[0].event if records else None
         if not isinstance(created, SessionCreated):
-            if records:
-                reason = "submission has no session_created event first in its log"
-                await self.log.append(item.session_id, InputRejected(id=f"rejected-{job.seq}", reason=reason))
-            log.warning("submission for %s: no session_created; dropped", item.session_id)
-            await job.term()
+            await self.log.reject(job, "submission has no session_created event first in its log")
             return
         if created.task.opinions:
             await self._fan_out(item.session_id, created.task)
