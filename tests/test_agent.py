@@ -12,9 +12,7 @@ import os
 import signal
 import subprocess
 import sys
-import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -36,75 +34,16 @@ from agentbus.messages import (
     Usage,
     event_type,
 )
-from agentbus.models import AnthropicModel
 from agentbus.testing import FakeMessagesAPI, text_response, tool_use_response
-from services.agent.worker import AgentConfig, AgentWorker
+from tests.helpers import MODEL_ID, POOL, Gate, agent, until
 
 pytestmark = pytest.mark.timeout(30)
 
-POOL = "p"
-MODEL_ID = "claude-sonnet-4-6"
 Request = dict[str, Any]
 E = TypeVar("E")
 
 
 # --- helpers ------------------------------------------------------------------------------------
-
-
-class Gate:
-    """Holds a fake-API handler thread inside a model call until the test opens it."""
-
-    def __init__(self) -> None:
-        self.reached = threading.Event()
-        self._open = threading.Event()
-
-    def hold(self) -> None:
-        """Called from the fake server's thread: signal arrival, then wait to be let through."""
-        self.reached.set()
-        self._open.wait(20)
-
-    def open(self) -> None:
-        self._open.set()
-
-    async def wait_reached(self, timeout: float = 10.0) -> None:
-        assert await asyncio.to_thread(self.reached.wait, timeout), "no model call reached the gate in time"
-
-
-@asynccontextmanager
-async def agent(
-    settings: Settings,
-    api: FakeMessagesAPI,
-    workdir: Path,
-    *,
-    gates: tuple[Gate, ...] = (),
-    max_retries: int = 2,
-    **config: Any,
-) -> AsyncIterator[AgentWorker]:
-    """An in-process agent on its own connection; on exit the gates open, then it drains."""
-    model = AnthropicModel(MODEL_ID, api_key="test", base_url=api.base_url, max_retries=max_retries)
-    bus = await Bus.connect(settings, name="test-agent")
-    worker = AgentWorker(bus, AgentConfig(pool=POOL, model=model.name, workdir=workdir, **config), model)
-    runner = asyncio.create_task(worker.run())
-    try:
-        yield worker
-    finally:
-        for gate in gates:
-            gate.open()  # a held model call would otherwise keep the drain waiting
-        await worker.shutdown()
-        await worker.shutdown()  # idempotent
-        await runner
-        await model.aclose()
-        await bus.close()
-
-
-async def until(check: Callable[[], Awaitable[Any]], what: str, timeout: float = 10.0) -> Any:
-    """Poll `check` until it returns something truthy, failing with `what` after `timeout` seconds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not (value := await check()):
-        assert loop.time() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
-    return value
 
 
 async def events(client: agentbus.Client, sid: str, kind: type[E]) -> list[E]:

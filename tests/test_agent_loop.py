@@ -2,48 +2,26 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import agentbus
-from agentbus.bus import Bus
 from agentbus.config import Settings
 from agentbus.messages import (
     ToolCallCompleted,
     ToolCallStarted,
 )
-from agentbus.models import AnthropicModel
-from agentbus.testing import FakeMessagesAPI, text_response, tool_use_response
-from services.agent.worker import AgentConfig, AgentWorker
+from agentbus.testing import text_response, tool_use_response
+from tests.helpers import agent_with_fake
 
 Responder = Callable[[dict[str, Any]], dict[str, Any]]
-
-
-@asynccontextmanager
-async def agent(
-    settings: Settings, tmp_path: Path, *, responder: Responder | None = None, **config: Any
-) -> AsyncIterator[tuple[FakeMessagesAPI, AgentWorker]]:
-    with FakeMessagesAPI(responder=responder) as api:
-        model = AnthropicModel("claude-sonnet-4-6", api_key="test", base_url=api.base_url, max_retries=3)
-        bus = await Bus.connect(settings)
-        worker = AgentWorker(bus, AgentConfig(pool="p", model=model.name, workdir=tmp_path, **config), model)
-        runner = asyncio.create_task(worker.run())
-        try:
-            yield api, worker
-        finally:
-            await worker.shutdown()
-            await runner
-            await model.aclose()
-            await bus.close()
 
 
 async def test_a_tool_that_fails_becomes_an_error_result_and_the_loop_goes_on(
     client: agentbus.Client, settings: Settings, tmp_path: Path
 ) -> None:
-    async with agent(settings, tmp_path) as (api, _):
+    async with agent_with_fake(settings, tmp_path) as (api, _):
         api.script(
             [
                 tool_use_response("read_file", {"path": "../../etc/passwd"}, id="tu_1"),
@@ -67,7 +45,7 @@ async def test_a_tool_call_cut_off_by_max_tokens_is_not_run(
 ) -> None:
     cut = tool_use_response("write_file", {"path": "half.txt", "content": "trunc"}, id="tu_cut")
     cut["stop_reason"] = "max_tokens"
-    async with agent(settings, tmp_path) as (api, _):
+    async with agent_with_fake(settings, tmp_path) as (api, _):
         api.script([cut, text_response("ok, stopping")])
         sid = await client.submit("x", pool="p")
         state = await client.wait(sid, timeout=20)
@@ -82,7 +60,7 @@ async def test_an_unexpected_stop_reason_ends_the_session_instead_of_calling_aga
 ) -> None:
     odd = text_response("stopped early")
     odd["stop_reason"] = "model_context_window_exceeded"
-    async with agent(settings, tmp_path) as (api, _):
+    async with agent_with_fake(settings, tmp_path) as (api, _):
         api.script([odd])
         sid = await client.submit("x", pool="p")
         state = await client.wait(sid, timeout=20)
@@ -94,7 +72,7 @@ async def test_a_work_item_for_an_unknown_session_is_dropped_without_inventing_o
     client: agentbus.Client, settings: Settings, tmp_path: Path
 ) -> None:
     await client.bus.publish(client.bus.ns.work("p"), b'{"session_id": "ghost123"}', msg_id="ghost")
-    async with agent(settings, tmp_path) as (api, _):
+    async with agent_with_fake(settings, tmp_path) as (api, _):
         api.script([text_response("served")])
         sid = await client.submit("real", pool="p")
         assert (await client.wait(sid, timeout=20)).status == "completed"

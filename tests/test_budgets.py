@@ -2,43 +2,21 @@
 
 from __future__ import annotations
 
-import asyncio
 import itertools
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 import agentbus
-from agentbus.bus import Bus
 from agentbus.config import Settings
 from agentbus.errors import UsageError
 from agentbus.messages import Budget, BudgetExceeded, SessionCreated
-from agentbus.models import AnthropicModel
-from agentbus.testing import FakeMessagesAPI, text_response, tool_use_response
-from services.agent.worker import AgentConfig, AgentWorker
+from agentbus.testing import text_response, tool_use_response
+from tests.helpers import agent_with_fake
 
 Responder = Callable[[dict[str, Any]], dict[str, Any]]
-
-
-@asynccontextmanager
-async def agent(
-    settings: Settings, tmp_path: Path, responder: Responder, **config: Any
-) -> AsyncIterator[FakeMessagesAPI]:
-    with FakeMessagesAPI(responder=responder) as api:
-        model = AnthropicModel("claude-sonnet-4-6", api_key="test", base_url=api.base_url, max_retries=0)
-        bus = await Bus.connect(settings)
-        worker = AgentWorker(bus, AgentConfig(pool="p", model=model.name, workdir=tmp_path, **config), model)
-        runner = asyncio.create_task(worker.run())
-        try:
-            yield api
-        finally:
-            await worker.shutdown()
-            await runner
-            await model.aclose()
-            await bus.close()
 
 
 def progressing(finish_after: int | None = None, usage: dict[str, int] | None = None) -> Responder:
@@ -62,7 +40,7 @@ async def _paused(client: agentbus.Client, sid: str) -> BudgetExceeded:
 async def test_max_steps_pauses_with_the_figures_and_resume_with_a_higher_limit_continues(
     client: agentbus.Client, settings: Settings, tmp_path: Path
 ) -> None:
-    async with agent(settings, tmp_path, progressing(finish_after=3)) as api:
+    async with agent_with_fake(settings, tmp_path, progressing(finish_after=3)) as (api, _):
         sid = await client.submit("x", pool="p", budget=Budget(max_steps=2))
         paused = await _paused(client, sid)
         assert (paused.limit, paused.detail) == ("max_steps", "2 of 2 model calls")
@@ -76,7 +54,7 @@ async def test_a_token_ceiling_counts_cached_input_too(
     client: agentbus.Client, settings: Settings, tmp_path: Path
 ) -> None:
     usage = {"input_tokens": 10, "output_tokens": 10, "cache_read_input_tokens": 30, "cache_creation_input_tokens": 10}
-    async with agent(settings, tmp_path, progressing(usage=usage)) as api:
+    async with agent_with_fake(settings, tmp_path, progressing(usage=usage)) as (api, _):
         sid = await client.submit("x", pool="p", budget=Budget(max_tokens=100))
         paused = await _paused(client, sid)
     assert paused.limit == "max_tokens"
@@ -89,7 +67,7 @@ async def test_a_dollar_ceiling_prices_cache_tokens_at_their_own_rates(
 ) -> None:
     # claude-sonnet-4-6: $3/M input, $15/M output, $3.75/M cache write, $0.30/M cache read.
     usage = {"input_tokens": 0, "output_tokens": 0, "cache_read_input_tokens": 1_000_000}
-    async with agent(settings, tmp_path, progressing(usage=usage)):
+    async with agent_with_fake(settings, tmp_path, progressing(usage=usage)):
         sid = await client.submit("x", pool="p", budget=Budget(max_usd=0.5))
         paused = await _paused(client, sid)
     state = await client.state(sid)
@@ -100,7 +78,7 @@ async def test_a_dollar_ceiling_prices_cache_tokens_at_their_own_rates(
 async def test_a_wall_time_limit_pauses_before_the_first_model_call(
     client: agentbus.Client, settings: Settings, tmp_path: Path
 ) -> None:
-    async with agent(settings, tmp_path, progressing()) as api:
+    async with agent_with_fake(settings, tmp_path, progressing()) as (api, _):
         sid = await client.submit("x", pool="p", budget=Budget(max_wall_s=0.001))
         paused = await _paused(client, sid)
     assert paused.limit == "max_wall" and "seconds" in paused.detail
@@ -110,7 +88,7 @@ async def test_a_wall_time_limit_pauses_before_the_first_model_call(
 async def test_the_pool_default_budget_applies_when_the_session_names_none(
     client: agentbus.Client, settings: Settings, tmp_path: Path
 ) -> None:
-    async with agent(settings, tmp_path, progressing(), budget=Budget(max_tool_calls=1)):
+    async with agent_with_fake(settings, tmp_path, progressing(), budget=Budget(max_tool_calls=1)):
         sid = await client.submit("x", pool="p")
         paused = await _paused(client, sid)
     assert (paused.limit, paused.detail) == ("max_tool_calls", "1 of 1 tool calls")
@@ -130,7 +108,7 @@ async def test_a_child_session_inherits_what_is_left_of_its_parents_budget(
             return tool_use_response("delegate", {"prompt": "CHILD task"})
         return text_response("parent done")
 
-    async with agent(settings, tmp_path, responder, concurrency=2):
+    async with agent_with_fake(settings, tmp_path, responder, concurrency=2):
         sid = await client.submit("parent", pool="p", budget=Budget(max_steps=10, max_usd=1.0))
         state = await client.wait(sid, timeout=20)
     assert state.status == "completed"
@@ -150,7 +128,7 @@ async def test_a_model_repeating_one_tool_call_is_paused_for_no_progress(
     def stuck(_: dict[str, Any]) -> dict[str, Any]:
         return tool_use_response("read_file", {"path": "missing.txt"})
 
-    async with agent(settings, tmp_path, stuck) as api:
+    async with agent_with_fake(settings, tmp_path, stuck) as (api, _):
         sid = await client.submit("x", pool="p")
         paused = await _paused(client, sid)
     assert paused.limit == "no_progress"
@@ -161,7 +139,7 @@ async def test_a_model_repeating_one_tool_call_is_paused_for_no_progress(
 async def test_a_model_making_progress_is_not_paused(
     client: agentbus.Client, settings: Settings, tmp_path: Path
 ) -> None:
-    async with agent(settings, tmp_path, progressing(finish_after=8)):
+    async with agent_with_fake(settings, tmp_path, progressing(finish_after=8)):
         sid = await client.submit("x", pool="p")
         state = await client.wait(sid, timeout=30)
     assert state.status == "completed" and state.steps == 9

@@ -24,6 +24,7 @@ from agentbus.testing import FakeMessagesAPI, text_response, tool_use_response
 from services.supervisor.pools import Fleet, PoolSpec, load_pools
 from services.supervisor.spawner import ProcessHandle, ProcessSpawner
 from services.supervisor.supervisor import Supervisor
+from tests.helpers import until
 
 
 def slow(delay: float) -> Any:
@@ -55,27 +56,18 @@ async def supervised(
         await bus.close()
 
 
-async def until(check: Any, timeout: float = 30.0) -> Any:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not (value := await check()):
-        assert loop.time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.1)
-    return value
-
-
 @pytest.mark.timeout(120)
 async def test_a_pool_scales_up_to_serve_a_backlog_and_back_down_when_idle(
     client: agentbus.Client, settings: Settings, tmp_path: Path
 ) -> None:
     with FakeMessagesAPI(responder=slow(0.4)) as api:
         async with supervised(settings, tmp_path, api, min=1, max=3, idle_s=1.0) as sup:
-            await until(lambda: _size(sup, 1))
+            await until(lambda: _size(sup, 1), "the first worker", timeout=30)
             sids = [await client.submit(f"task {i}", pool="p") for i in range(8)]
-            peak = await until(lambda: _size(sup, 3))
+            peak = await until(lambda: _size(sup, 3), "scale-up to max", timeout=30)
             states = [await client.wait(sid, timeout=60) for sid in sids]
             assert all(s.status == "completed" for s in states)
-            await until(lambda: _size(sup, 1), timeout=30)
+            await until(lambda: _size(sup, 1), "scale-down to min", timeout=30)
             workers = {s.owner for s in states}
     assert peak
     assert len(workers) >= 2  # the backlog really was shared
@@ -92,7 +84,7 @@ async def test_a_killed_worker_is_replaced_and_its_session_completes(
     with FakeMessagesAPI(responder=slow(1.5)) as api:
         async with supervised(settings, tmp_path, api, min=1, max=1, ack_wait_s=3.0) as sup:
             sid = await client.submit("survive", pool="p")
-            await until(lambda: _running(client, sid))
+            await until(lambda: _running(client, sid), "the session to run", timeout=30)
             victim = sup.pools["p"].workers[0]
             assert isinstance(victim, ProcessHandle)
             victim.proc.send_signal(signal.SIGKILL)
@@ -112,11 +104,11 @@ async def test_extra_workers_are_granted_within_the_pool_max_and_refused_beyond_
 ) -> None:
     with FakeMessagesAPI(responder=slow(0)) as api:
         async with supervised(settings, tmp_path, api, min=1, max=2, idle_s=60):
-            await until(lambda: _registered(client, 1))
+            await until(lambda: _registered(client, 1), "one registered worker", timeout=30)
             first = await client.request_workers("p", 1, reason="a big fan-out")
             second = await client.request_workers("p", 1)
             unknown = await client.request_workers("nope", 1)
-            await until(lambda: _registered(client, 2))
+            await until(lambda: _registered(client, 2), "two registered workers", timeout=30)
     assert (first.granted, first.reason) == (1, "granted")
     assert second.granted == 0 and "max 2" in second.reason
     assert unknown.granted == 0 and "no pool 'nope'" in unknown.reason

@@ -1,0 +1,85 @@
+"""Test helpers shared by the agent, budget and supervisor tests: an in-process agent, gates, polling."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from agentbus.bus import Bus
+from agentbus.config import Settings
+from agentbus.models import AnthropicModel
+from agentbus.testing import FakeMessagesAPI, Responder
+from services.agent.worker import AgentConfig, AgentWorker
+
+POOL = "p"
+MODEL_ID = "claude-sonnet-4-6"
+
+
+class Gate:
+    """Holds a fake-API handler thread inside a model call until the test opens it."""
+
+    def __init__(self) -> None:
+        self.reached = threading.Event()
+        self._open = threading.Event()
+
+    def hold(self) -> None:
+        """Called from the fake server's thread: signal arrival, then wait to be let through."""
+        self.reached.set()
+        self._open.wait(20)
+
+    def open(self) -> None:
+        self._open.set()
+
+    async def wait_reached(self, timeout: float = 10.0) -> None:
+        assert await asyncio.to_thread(self.reached.wait, timeout), "no model call reached the gate in time"
+
+
+@asynccontextmanager
+async def agent(
+    settings: Settings,
+    api: FakeMessagesAPI,
+    workdir: Path,
+    *,
+    gates: tuple[Gate, ...] = (),
+    max_retries: int = 2,
+    **config: Any,
+) -> AsyncIterator[AgentWorker]:
+    """An in-process agent on its own connection; on exit the gates open, then it drains."""
+    model = AnthropicModel(MODEL_ID, api_key="test", base_url=api.base_url, max_retries=max_retries)
+    bus = await Bus.connect(settings, name="test-agent")
+    worker = AgentWorker(bus, AgentConfig(pool=POOL, model=model.name, workdir=workdir, **config), model)
+    runner = asyncio.create_task(worker.run())
+    try:
+        yield worker
+    finally:
+        for gate in gates:
+            gate.open()  # a held model call would otherwise keep the drain waiting
+        await worker.shutdown()
+        await worker.shutdown()  # idempotent
+        await runner
+        await model.aclose()
+        await bus.close()
+
+
+@asynccontextmanager
+async def agent_with_fake(
+    settings: Settings, workdir: Path, responder: Responder | None = None, **config: Any
+) -> AsyncIterator[tuple[FakeMessagesAPI, AgentWorker]]:
+    """`agent` on a fresh fake Messages API (answering with `responder` once its script runs out)."""
+    with FakeMessagesAPI(responder=responder) as api:
+        async with agent(settings, api, workdir, **config) as worker:
+            yield api, worker
+
+
+async def until(check: Callable[[], Awaitable[Any]], what: str = "a condition", timeout: float = 10.0) -> Any:
+    """Poll `check` until it returns something truthy, failing with `what` after `timeout` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not (value := await check()):
+        assert loop.time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+    return value
