@@ -486,7 +486,7 @@ class Bus:
     async def pull(self, spec: ConsumerSpec) -> Puller:
         await self.ensure_consumer(spec)
         psub = await self._js.pull_subscribe_bind(spec.durable, stream=spec.stream)
-        return Puller(psub, spec, self._js)
+        return Puller(psub, spec)
 
     # --- key-value --------------------------------------------------------------------------
 
@@ -584,9 +584,8 @@ def _span_subject(subject: str) -> str:
 class Puller:
     """A handle on a durable pull consumer: fetch batches of `Job`s."""
 
-    def __init__(self, psub: Any, spec: ConsumerSpec, js: Any) -> None:
+    def __init__(self, psub: Any, spec: ConsumerSpec) -> None:
         self._psub = psub
-        self._js = js
         self.spec = spec
 
     async def fetch(self, batch: int = 1, timeout: float = 5.0) -> Sequence[Job]:
@@ -596,11 +595,6 @@ class Puller:
         except (TimeoutError, nats.errors.TimeoutError):  # nats-py raises either
             return []
         return [Job(m) for m in msgs]
-
-    async def pending(self) -> int:
-        """Messages waiting on this consumer (not yet delivered) plus those delivered but not acked."""
-        info = await self._js.consumer_info(self.spec.stream, self.spec.durable)
-        return int(info.num_pending) + int(info.num_ack_pending)
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):

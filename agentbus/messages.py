@@ -349,7 +349,6 @@ class Record(msgspec.Struct, frozen=True, kw_only=True):
 _encoder = msgspec.json.Encoder()
 _event_decoder: msgspec.json.Decoder[AnyEvent] = msgspec.json.Decoder(AnyEvent)
 _dict_decoder = msgspec.json.Decoder(dict[str, Any])
-_task_decoder = msgspec.json.Decoder(Task)
 _work_decoder = msgspec.json.Decoder(WorkItem)
 
 
@@ -396,10 +395,6 @@ def session_id_of(data: bytes) -> str | None:
     if isinstance(sid, str) and 0 < len(sid) <= 64 and all(c.isascii() and (c.isalnum() or c in "-_") for c in sid):
         return sid
     return None
-
-
-def decode_task(data: bytes) -> Task:
-    return _task_decoder.decode(data)
 
 
 def decode_work(data: bytes) -> WorkItem:

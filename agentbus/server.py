@@ -128,10 +128,6 @@ class NatsServer:
             self.proc.kill()
             self.proc.wait()
 
-    def wait(self) -> int:
-        assert self.proc is not None
-        return self.proc.wait()
-
     def close(self) -> None:
         self.stop()
         if self._tmp is not None:

@@ -83,11 +83,7 @@ def bodies(api: FakeMessagesAPI) -> list[Request]:
 
 async def queued(bus: Bus) -> int:
     """Messages on the pool's queue not yet acked or terminated (waiting or delivered)."""
-    puller = await bus.pull(bus.ns.pool_consumer(POOL))
-    try:
-        return await puller.pending()
-    finally:
-        await puller.close()
+    return sum(await bus.consumer_backlog(bus.ns.pool_consumer(POOL)))
 
 
 # --- 1. a multi-step tool session ------------------------------------------------------------------

@@ -77,4 +77,4 @@ async def test_a_work_item_for_an_unknown_session_is_dropped_without_inventing_o
         sid = await client.submit("real", pool="p")
         assert (await client.wait(sid, timeout=20)).status == "completed"
     assert "ghost123" not in await client.log.session_ids()
-    assert await (await client.bus.pull(client.bus.ns.pool_consumer("p"))).pending() == 0
+    assert await client.bus.consumer_backlog(client.bus.ns.pool_consumer("p")) == (0, 0)

@@ -167,7 +167,7 @@ def test_an_event_written_with_only_required_fields_decodes_with_defaults(event:
 def test_task_and_work_item_round_trip() -> None:
     item = WorkItem(session_id="s1", reason="revision", round=2)
 
-    assert messages.decode_task(messages.encode(TASK)) == TASK
+    assert msgspec.json.decode(messages.encode(TASK), type=messages.Task) == TASK
     assert messages.decode_work(messages.encode(item)) == item
 
 
