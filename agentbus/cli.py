@@ -40,6 +40,15 @@ class _Group(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted([*super().list_commands(ctx), *SERVICES])
 
+    def invoke(self, ctx: click.Context) -> Any:
+        # One place turns every agentbus error into one line and its exit code, including
+        # errors raised while a command reads its files, before any coroutine runs.
+        try:
+            return super().invoke(ctx)
+        except AgentBusError as err:
+            click.echo(f"agentbus: {err}", err=True)
+            ctx.exit(err.exit_code)
+
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name in SERVICES:
             cmd = importlib.import_module(SERVICES[name]).command

@@ -98,3 +98,12 @@ def test_a_bad_prefix_is_a_usage_error_not_a_traceback(cli) -> None:  # type: ig
     result = runner.invoke(main, ["sessions", "--prefix", "Bad-Prefix"])
     assert result.exit_code == 2
     assert "prefix" in result.stderr
+
+
+def test_a_service_given_a_missing_file_says_so_in_one_line() -> None:
+    result = CliRunner().invoke(main, ["router", "--routes", "/nonexistent/routes.toml"])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == (
+        "agentbus: routes file /nonexistent/routes.toml: [Errno 2] No such file or directory: "
+        "'/nonexistent/routes.toml'"
+    )
