@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install test lint format typecheck demo bench clean
+.PHONY: install test lint format typecheck demo bench wheelhouse image clean
 
 install: $(VENV)/.installed
 
@@ -33,6 +33,15 @@ demo: install
 
 bench: install
 	$(BIN)/agentbus bench log --events 5000
+
+# Wheels for agentbus, every dependency and the build backend, so the image builds with no registry.
+wheelhouse: install
+	$(BIN)/pip wheel --quiet --wheel-dir compose/wheelhouse . hatchling
+
+BASE_IMAGE ?= python:3.11-slim
+image: wheelhouse
+	DOCKER_BUILDKIT=0 docker build --network host -f compose/Dockerfile \
+		--build-arg BASE_IMAGE=$(BASE_IMAGE) -t agentbus:latest .
 
 clean:
 	rm -rf $(VENV) .agentbus .pytest_cache .mypy_cache .ruff_cache

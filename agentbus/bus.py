@@ -143,6 +143,8 @@ class Bus:
     async def connect(cls, settings: Settings, *, name: str = "agentbus") -> Bus:
         """Connect, failing fast with `NatsUnreachable` instead of retrying forever."""
         url = settings.nats_url
+        # "nats://a:4222,nats://b:4222" names the seed servers of a cluster, as NATS_URL does for the nats CLI
+        servers = [u.strip() for u in url.split(",") if u.strip()]
 
         async def _quiet(_: Exception) -> None:
             return None
@@ -156,7 +158,7 @@ class Bus:
             # nats-py retries a first connect forever when reconnects are allowed; we want a
             # clear failure now, and reconnects only once a connection has worked.
             nc = await nats.connect(
-                url,
+                servers,
                 name=name,
                 connect_timeout=settings.connect_timeout_s,
                 allow_reconnect=False,

@@ -10,6 +10,7 @@ import json
 import os
 import re
 from collections.abc import Mapping
+from importlib.resources import files
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol, Self
@@ -374,7 +375,7 @@ class ScriptedModel:
     """
 
     def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
+        self.path = bundled_script(str(path)) or Path(path)
         self.name = f"scripted:{path}"
         self._scripts = _load_scripts(self.path)
 
@@ -422,6 +423,15 @@ class ScriptedModel:
             # priced as the model the script names, if any; "scripted" costs nothing
             model=str(body.get("model") or "scripted"),
         )
+
+
+def bundled_script(name: str) -> Path | None:
+    """`scripted:demo` names a script shipped in the package (agentbus/scripted/demo.json), so an
+    offline model works the same in a container as in a checkout."""
+    if "/" in name or name.endswith(".json"):
+        return None
+    candidate = Path(str(files("agentbus") / "scripted" / f"{name}.json"))
+    return candidate if candidate.is_file() else None
 
 
 def _load_scripts(path: Path) -> list[tuple[re.Pattern[str] | None, list[dict[str, Any]]]]:

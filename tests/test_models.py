@@ -441,3 +441,11 @@ def test_an_anthropic_model_without_a_key_is_refused_up_front(monkeypatch: pytes
 def test_model_from_spec_rejects_unknown_or_incomplete_specs(spec: str) -> None:
     with pytest.raises(UsageError):
         model_from_spec(spec)
+
+
+async def test_scripted_demo_names_the_script_shipped_in_the_package(tmp_path: Path) -> None:
+    shipped = model_from_spec("scripted:demo")
+    assert isinstance(shipped, ScriptedModel)
+    assert shipped.path.name == "demo.json" and shipped.path.is_file()
+    with pytest.raises(UsageError, match="cannot read model script"):
+        model_from_spec("scripted:no-such-script")

@@ -193,3 +193,20 @@ def test_the_demo_delegates_fails_a_check_revises_and_completes() -> None:
     assert "round 1: needs_revision" in out and "round 2: satisfied" in out
     assert "session completed after 2 rounds" in out
     assert "everything stopped (agentbus up exited 0)" in out
+
+
+def test_pools_file_strings_take_environment_variables_with_defaults(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "pools.toml"
+    path.write_text(
+        '[pools.a]\nmodel = "${T_MODEL:-scripted:demo}"\nimage = "agentbus:${T_TAG}"\n'
+        'volumes = ["${T_VOL:-work}:/work"]\n'
+    )
+    monkeypatch.setenv("T_TAG", "1.2")
+    monkeypatch.delenv("T_MODEL", raising=False)
+    spec = load_pools(path).pools["a"]
+    assert (spec.model, spec.image, spec.volumes) == ("scripted:demo", "agentbus:1.2", ("work:/work",))
+    monkeypatch.delenv("T_TAG")
+    with pytest.raises(UsageError, match=r"\$\{T_TAG\} is not set"):
+        load_pools(path)

@@ -11,9 +11,9 @@ import click
 
 from agentbus.bus import Bus
 from agentbus.cli import nats_option, run, settings_from
-from agentbus.errors import UsageError
+from services.supervisor.docker_spawner import DockerSpawner, engine
 from services.supervisor.pools import load_pools
-from services.supervisor.spawner import ProcessSpawner
+from services.supervisor.spawner import ProcessSpawner, Spawner, Spawners
 from services.supervisor.supervisor import Supervisor
 
 
@@ -29,11 +29,13 @@ def command(pools_file: str, log_dir: str, workdir: str, nats_url: str | None, p
 
     async def main() -> None:
         fleet = load_pools(pools_file)
+        kinds: dict[str, Spawner] = {"process": ProcessSpawner(settings, Path(log_dir), Path(workdir))}
         if any(p.spawner == "docker" for p in fleet.pools.values()):
-            raise UsageError('the docker spawner is not built yet; use spawner = "process"')
+            # checked before anything starts, so a missing engine is one clear line
+            client = await asyncio.to_thread(engine)
+            kinds["docker"] = DockerSpawner(settings, Path(log_dir), client=client)
         bus = await Bus.connect(settings, name="agentbus-supervisor")
-        spawner = ProcessSpawner(settings, Path(log_dir), Path(workdir))
-        supervisor = Supervisor(bus, fleet, spawner)
+        supervisor = Supervisor(bus, fleet, Spawners(kinds))
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, lambda: asyncio.ensure_future(supervisor.shutdown()))

@@ -7,6 +7,7 @@
     max = 4
     spawner = "process"                     # or "docker"
     image = "agentbus:latest"               # docker only
+    volumes = ["agentbus-work:/work"]       # docker only: keep workspaces across containers
     concurrency = 4
     idle_s = 30                             # scale down after this long with an empty queue
     ack_wait_s = 60                         # a dead worker's task moves on after this long
@@ -16,15 +17,19 @@
     [pools.coder.env]
     SOME_VAR = "value"
 
-A top-level `max_workers` caps the whole fleet (default 16).
+A top-level `max_workers` caps the whole fleet (default 16). Strings may name environment
+variables as `${NAME}` or `${NAME:-default}`, so one file serves several deployments
+(`model = "${AGENTBUS_MODEL:-scripted:demo}"`).
 """
 
 from __future__ import annotations
 
+import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
@@ -42,6 +47,7 @@ class PoolSpec:
     max: int = 4
     spawner: Literal["process", "docker"] = "process"
     image: str = "agentbus:latest"
+    volumes: tuple[str, ...] = ()
     concurrency: int = 4
     idle_s: float = 30.0
     ack_wait_s: float = 60.0  # how soon a dead worker's task goes to another agent
@@ -61,6 +67,7 @@ def load_pools(path: str | Path) -> Fleet:
         data = tomllib.loads(Path(path).read_text())
     except (OSError, tomllib.TOMLDecodeError) as err:
         raise UsageError(f"pools file {where}: {err}") from err
+    data = _expand(data, where)
     pools = {}
     for name, raw in (data.get("pools") or {}).items():
         if not valid_token(name):
@@ -79,6 +86,7 @@ def load_pools(path: str | Path) -> Fleet:
             max=int(raw.get("max", 4)),
             spawner=raw.get("spawner", "process"),
             image=str(raw.get("image", "agentbus:latest")),
+            volumes=tuple(str(v) for v in raw.get("volumes", ())),
             concurrency=int(raw.get("concurrency", 4)),
             idle_s=float(raw.get("idle_s", 30)),
             ack_wait_s=float(raw.get("ack_wait_s", 60)),
@@ -93,3 +101,25 @@ def load_pools(path: str | Path) -> Fleet:
     if not pools:
         raise UsageError(f"pools file {where}: no [pools.NAME] table")
     return Fleet(pools, int(data.get("max_workers", 16)))
+
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _expand(value: Any, where: str) -> Any:
+    """`${NAME}` and `${NAME:-default}` in every string of the file, as compose and the shell do."""
+    if isinstance(value, dict):
+        return {k: _expand(v, where) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand(v, where) for v in value]
+    if not isinstance(value, str):
+        return value
+
+    def sub(m: re.Match[str]) -> str:
+        name, default = m.group(1), m.group(2)
+        found = os.environ.get(name) or default
+        if found is None:
+            raise UsageError(f"pools file {where}: ${{{name}}} is not set (write ${{{name}:-default}} for a default)")
+        return found
+
+    return _VAR.sub(sub, value)

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Protocol
 
@@ -18,13 +19,18 @@ class WorkerHandle(Protocol):
     worker_id: str
     pool: str
 
-    def alive(self) -> bool: ...
-    def kill(self) -> None: ...
+    async def alive(self) -> bool: ...
+    async def kill(self) -> None: ...
     async def stop(self, timeout: float = 30.0) -> None: ...
+    async def reap(self) -> None:
+        """After death: release what is left (a stopped container), keeping its logs."""
 
 
 class Spawner(Protocol):
     async def spawn(self, spec: PoolSpec, worker_id: str) -> WorkerHandle: ...
+
+    async def adopt(self, pools: dict[str, PoolSpec]) -> list[WorkerHandle]:
+        """Workers a previous supervisor left running that this one can manage again."""
 
 
 def agent_args(spec: PoolSpec, settings: Settings) -> list[str]:
@@ -53,22 +59,25 @@ class ProcessHandle:
         self.worker_id = worker_id
         self.pool = pool
 
-    def alive(self) -> bool:
+    async def alive(self) -> bool:
         return self.proc.poll() is None
 
-    def kill(self) -> None:
-        if self.alive():
+    async def kill(self) -> None:
+        if self.proc.poll() is None:
             self.proc.kill()
-        self.proc.wait()
+        await asyncio.to_thread(self.proc.wait)
 
     async def stop(self, timeout: float = 30.0) -> None:
         """SIGTERM: the agent finishes its current step and hands its sessions back."""
-        if self.alive():
+        if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         try:
             await asyncio.wait_for(asyncio.to_thread(self.proc.wait), timeout)
         except TimeoutError:
-            self.kill()
+            await self.kill()
+
+    async def reap(self) -> None:
+        """Popen already collected the exit status; the log file stays."""
 
 
 class ProcessSpawner:
@@ -89,3 +98,24 @@ class ProcessSpawner:
                 cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
             )
         return ProcessHandle(proc, worker_id, spec.name)
+
+    async def adopt(self, pools: dict[str, PoolSpec]) -> list[WorkerHandle]:
+        """Child processes cannot be re-parented; an orphan from a dead supervisor keeps serving
+        its pool until its own stop, and its registry entry expires when it does."""
+        return []
+
+
+class Spawners:
+    """Each pool's workers come from the spawner its `spawner` field names."""
+
+    def __init__(self, by_kind: Mapping[str, Spawner]) -> None:
+        self.by_kind = dict(by_kind)
+
+    async def spawn(self, spec: PoolSpec, worker_id: str) -> WorkerHandle:
+        return await self.by_kind[spec.spawner].spawn(spec, worker_id)
+
+    async def adopt(self, pools: dict[str, PoolSpec]) -> list[WorkerHandle]:
+        found: list[WorkerHandle] = []
+        for spawner in self.by_kind.values():
+            found += await spawner.adopt(pools)
+        return found

@@ -1,8 +1,10 @@
 """The supervisor: keeps each pool between its min and max, replaces dead workers, grants extra ones.
 
-It decides from two things only: its own worker handles (alive or not) and the pool's
-queue (messages waiting). A worker that dies leaves its task unacked; JetStream hands
-it to another agent after the ack wait, and that agent resumes the session from the log.
+It decides from three things only: its own worker handles (alive or not), the registry's
+heartbeats, and the pool's queue (messages waiting). At start it adopts the workers a
+previous supervisor left running (containers, found by their labels). A worker that dies
+leaves its task unacked; JetStream hands it to another agent after the ack wait, and that
+agent resumes the session from the log.
 """
 
 from __future__ import annotations
@@ -63,13 +65,16 @@ class Supervisor:
         await self.bus.provision()
         for pool in self.pools.values():
             await self.bus.ensure_consumer(self.bus.ns.pool_consumer(pool.spec.name))
+        for handle in await self.spawner.adopt(self.fleet.pools):
+            self.pools[handle.pool].workers.append(handle)
+            self._started[handle.worker_id] = time.time()  # a silent adoptee gets the usual grace
         stop_serving = await self.bus.serve(self.bus.ns.scale_requests(), self._on_scale_request)
         log.info("supervisor managing %s (fleet cap %d)", ", ".join(self.pools), self.fleet.max_workers)
         try:
             while not self._draining.is_set():
                 beats = await self._heartbeats()
                 for pool in self.pools.values():
-                    self._kill_silent(pool, beats)
+                    await self._kill_silent(pool, beats)
                     await self._reconcile(pool)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._draining.wait(), self.tick_s)
@@ -92,21 +97,23 @@ class Supervisor:
                 beats[key] = msgspec.json.decode(raw, type=WorkerInfo).heartbeat_ts
         return beats
 
-    def _kill_silent(self, pool: PoolState, beats: dict[str, float]) -> None:
+    async def _kill_silent(self, pool: PoolState, beats: dict[str, float]) -> None:
         """A worker alive as a process but silent on the bus (hung, partitioned) is killed and replaced."""
         now = time.time()
         for w in pool.workers:
             started = self._started.get(w.worker_id, now)
             last = beats.get(w.worker_id, started)
-            if w.alive() and now - max(last, started) > self.stale_after_s:
+            if now - max(last, started) > self.stale_after_s and await w.alive():
                 log.warning("pool %s: %s silent for %.0fs; killing it", pool.spec.name, w.worker_id, now - last)
-                w.kill()
+                await w.kill()
 
     async def _reconcile(self, pool: PoolState) -> None:
         now = time.monotonic()
-        dead = [w for w in pool.workers if not w.alive()]
+        living = await asyncio.gather(*(w.alive() for w in pool.workers))
+        dead = [w for w, up in zip(pool.workers, living, strict=True) if not up]
         if dead:
-            pool.workers = [w for w in pool.workers if w.alive()]
+            pool.workers = [w for w, up in zip(pool.workers, living, strict=True) if up]
+            await asyncio.gather(*(w.reap() for w in dead))
             pool.crashes += len(dead)
             pool.next_spawn = now + min(2.0 ** (pool.crashes - 1), 30.0) * 0.5
             self.replaced += len(dead)

@@ -1,0 +1,181 @@
+"""The docker spawner: one container per worker, on the host network, labelled so a restarted
+supervisor finds its containers again.
+
+Only the supervisor opens the engine socket; the agent containers it starts get no socket,
+no extra privileges, and only the environment listed in `passed_env`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from agentbus.config import Settings
+from agentbus.errors import UsageError
+from services.supervisor.pools import PoolSpec
+from services.supervisor.spawner import WorkerHandle, agent_args
+
+if TYPE_CHECKING:
+    import docker
+    from docker.models.containers import Container
+
+log = logging.getLogger("agentbus.supervisor")
+
+LABEL = "io.agentbus"
+WORKDIR = "/work"  # the agent's workspaces inside the container; mount a shared volume here to keep them
+_PASSED_PREFIXES = ("ANTHROPIC_", "OTEL_", "AGENTBUS_")
+
+
+def passed_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """The supervisor's variables an agent container inherits: model keys, tracing and agentbus settings."""
+    return {k: v for k, v in environ.items() if k.startswith(_PASSED_PREFIXES) and k != "AGENTBUS_WORKER_ID"}
+
+
+class ContainerHandle:
+    def __init__(self, container: Container, worker_id: str, pool: str, log_dir: Path) -> None:
+        self.container = container
+        self.worker_id = worker_id
+        self.pool = pool
+        self.log_dir = log_dir
+
+    @property
+    def name(self) -> str:
+        return str(self.container.name)
+
+    async def alive(self) -> bool:
+        import docker.errors
+
+        try:
+            await asyncio.to_thread(self.container.reload)
+        except docker.errors.NotFound:
+            return False
+        return self.container.status in ("created", "running", "restarting")
+
+    async def kill(self) -> None:
+        import docker.errors
+
+        with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
+            await asyncio.to_thread(self.container.kill)
+
+    async def stop(self, timeout: float = 30.0) -> None:
+        """SIGTERM (the agent hands its sessions back), SIGKILL after `timeout`, then remove."""
+        import docker.errors
+
+        with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
+            await asyncio.to_thread(self.container.stop, timeout=max(1, int(timeout)))
+        await self.reap()
+
+    async def reap(self) -> None:
+        """Copy the container's output to `<log_dir>/<worker id>.log`, then remove the container."""
+        import docker.errors
+
+        def _reap() -> None:
+            with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
+                output = self.container.logs(stdout=True, stderr=True)
+                self.log_dir.mkdir(parents=True, exist_ok=True)
+                with (self.log_dir / f"{self.worker_id}.log").open("ab") as f:
+                    f.write(output)
+            with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
+                self.container.remove(force=True)
+
+        await asyncio.to_thread(_reap)
+
+
+class DockerSpawner:
+    """Starts `agentbus agent` in a container of the pool's image, with host networking so the
+    agent reaches NATS at the same address the supervisor does."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        log_dir: Path,
+        *,
+        client: docker.DockerClient | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.log_dir = log_dir
+        self._client = client
+        self.environ = os.environ if environ is None else environ
+
+    @property
+    def client(self) -> docker.DockerClient:
+        if self._client is None:
+            self._client = engine()
+        return self._client
+
+    def labels(self, spec: PoolSpec, worker_id: str) -> dict[str, str]:
+        return {
+            f"{LABEL}.role": "agent",
+            f"{LABEL}.prefix": self.settings.prefix,
+            f"{LABEL}.pool": spec.name,
+            f"{LABEL}.worker": worker_id,
+        }
+
+    async def spawn(self, spec: PoolSpec, worker_id: str) -> WorkerHandle:
+        name = f"{self.settings.prefix}-{worker_id}"
+        env = {
+            **passed_env(self.environ),
+            **spec.env,
+            "AGENTBUS_WORKER_ID": worker_id,
+            "AGENTBUS_CONTAINER": name,
+            "PYTHONUNBUFFERED": "1",
+        }
+        kwargs: dict[str, Any] = {
+            "command": [*agent_args(spec, self.settings), "--workdir", WORKDIR],
+            "entrypoint": ["agentbus"],
+            "name": name,
+            "network_mode": "host",
+            "init": True,  # reaps the bash tool's children; the agent handles SIGTERM itself
+            "environment": env,
+            "labels": self.labels(spec, worker_id),
+            "volumes": list(spec.volumes),
+        }
+
+        def _run() -> Container:
+            # detach=True returns the Container (the overloads can't see that through **kwargs)
+            return self.client.containers.run(spec.image, detach=True, **kwargs)
+
+        container = await asyncio.to_thread(_run)
+        return ContainerHandle(container, worker_id, spec.name, self.log_dir)
+
+    async def adopt(self, pools: dict[str, PoolSpec]) -> list[WorkerHandle]:
+        """This prefix's agent containers: running ones of a docker pool are managed again; the
+        rest (exited, or of a pool no longer in the file) are stopped and removed, logs kept."""
+        mine = [f"{LABEL}.role=agent", f"{LABEL}.prefix={self.settings.prefix}"]
+        filters: dict[str, str | list[str] | bool] = {"label": mine}
+        found = await asyncio.to_thread(self.client.containers.list, all=True, filters=filters)
+        adopted: list[WorkerHandle] = []
+        for container in found:
+            labels = container.labels
+            handle = ContainerHandle(container, labels[f"{LABEL}.worker"], labels[f"{LABEL}.pool"], self.log_dir)
+            spec = pools.get(handle.pool)
+            if container.status == "running" and spec is not None and spec.spawner == "docker":
+                log.info("pool %s: adopted %s (container %s)", handle.pool, handle.worker_id, handle.name)
+                adopted.append(handle)
+            else:
+                why = "exited" if container.status != "running" else f"pool {handle.pool} is gone"
+                log.info("removing container %s (%s)", handle.name, why)
+                await handle.stop(timeout=30)
+        return adopted
+
+
+def engine() -> docker.DockerClient:
+    """The engine named by DOCKER_HOST (or the local socket), or a UsageError saying how to get one."""
+    import docker
+    import docker.errors
+
+    try:
+        client = docker.from_env()
+        client.ping()
+    except docker.errors.DockerException as err:
+        raise UsageError(
+            f"no Docker engine reachable ({err}); start dockerd or set DOCKER_HOST, "
+            'or use spawner = "process" in the pools file'
+        ) from err
+    return client
