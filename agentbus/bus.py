@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -141,7 +142,21 @@ class Bus:
 
     @classmethod
     async def connect(cls, settings: Settings, *, name: str = "agentbus") -> Bus:
-        """Connect, failing fast with `NatsUnreachable` instead of retrying forever."""
+        """Connect, failing fast with `NatsUnreachable` instead of retrying forever; a service
+        started beside its server (compose, systemd) sets `connect_wait_s` to keep trying that long."""
+        deadline = time.monotonic() + settings.connect_wait_s
+        while True:
+            try:
+                return await cls._connect_once(settings, name=name)
+            except NatsUnreachable as err:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise
+                log.warning("%s; trying again for up to %.0fs", err, left)
+                await asyncio.sleep(min(1.0, left))
+
+    @classmethod
+    async def _connect_once(cls, settings: Settings, *, name: str) -> Bus:
         url = settings.nats_url
         # "nats://a:4222,nats://b:4222" names the seed servers of a cluster, as NATS_URL does for the nats CLI
         servers = [u.strip() for u in url.split(",") if u.strip()]

@@ -28,6 +28,7 @@ class Settings:
     storage: str = "file"  # or "memory"
     max_prompt_bytes: int = 1024 * 1024
     connect_timeout_s: float = 2.0
+    connect_wait_s: float = 0.0  # keep trying an unreachable server this long before failing
     publish_timeout_s: float = 5.0
 
     @classmethod

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
+from agentbus.bus import Bus
 from agentbus.cli import main
+from agentbus.config import Settings
+from agentbus.errors import NatsUnreachable
 from agentbus.server import NatsServer
 
 
@@ -107,3 +113,32 @@ def test_a_service_given_a_missing_file_says_so_in_one_line() -> None:
         "agentbus: routes file /nonexistent/routes.toml: [Errno 2] No such file or directory: "
         "'/nonexistent/routes.toml'"
     )
+
+
+async def test_a_service_started_before_its_server_waits_for_it_when_told_to(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = NatsServer(port=port, store_dir=tmp_path / "nats")
+    settings = Settings(nats_url=server.url, prefix="wait", connect_wait_s=30)
+    with pytest.raises(NatsUnreachable):
+        await Bus.connect(settings.with_(connect_wait_s=0))
+    connecting = asyncio.create_task(Bus.connect(settings))
+    await asyncio.sleep(1.5)
+    assert not connecting.done(), "still trying while no server listens"
+    await asyncio.to_thread(server.start)
+    try:
+        bus = await asyncio.wait_for(connecting, 30)
+        await bus.close()
+    finally:
+        server.stop()
+
+
+async def test_a_comma_separated_url_names_several_servers_and_any_live_one_serves(nats_server: NatsServer) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    for _ in range(4):  # nats-py shuffles the list; the dead one must never matter
+        bus = await Bus.connect(Settings(nats_url=f"nats://127.0.0.1:{dead}, {nats_server.url}", prefix="multi"))
+        assert bus.connected_url == nats_server.url
+        await bus.close()

@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import secrets
 import socket
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
@@ -99,7 +100,10 @@ class AgentConfig:
     budget: Budget = Budget()  # noqa: RUF009 - frozen. The pool default; a session's own budget overrides it
     no_progress_turns: int = NO_PROGRESS_TURNS
     worker_id: str = field(
-        default_factory=lambda: os.environ.get("AGENTBUS_WORKER_ID") or f"{socket.gethostname()}-{os.getpid()}"
+        # the random part: containers on the host network share the hostname and often the pid
+        default_factory=lambda: (
+            os.environ.get("AGENTBUS_WORKER_ID") or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
+        )
     )
     heartbeat_s: float = 3.0
 

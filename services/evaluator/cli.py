@@ -16,7 +16,12 @@ from services.evaluator.policy import PIVOT_AFTER
 
 
 @click.command(name="evaluator")
-@click.option("--model", "model_spec", help="Grader for criteria: anthropic:<model-id> or scripted:<file>.")
+@click.option(
+    "--model",
+    "model_spec",
+    envvar="AGENTBUS_GRADER_MODEL",
+    help="Grader for criteria: anthropic:<model-id> or scripted:<file> [env AGENTBUS_GRADER_MODEL].",
+)
 @click.option(
     "--pivot-after",
     default=PIVOT_AFTER,

@@ -75,7 +75,8 @@ def load_pools(path: str | Path) -> Fleet:
         if "model" not in raw:
             raise UsageError(f"pools file {where}, pool {name}: `model` is required")
         try:
-            budget = msgspec.convert(raw.get("budget", {}), Budget)
+            # strict=False: a limit written as "${AGENTBUS_MAX_USD:-2.0}" arrives as a string
+            budget = msgspec.convert(raw.get("budget", {}), Budget, strict=False)
         except msgspec.ValidationError as err:
             raise UsageError(f"pools file {where}, pool {name}, budget: {err}") from err
         spec = PoolSpec(
