@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import nats
 import nats.errors
@@ -30,6 +30,15 @@ from agentbus.errors import BusError, FencedError, NatsUnreachable
 from agentbus.subjects import BucketSpec, ConsumerSpec, Namespace, StreamSpec
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+# What a failover looks like from the client: a request timing out, nobody answering the
+# API subject yet, or JetStream saying it is temporarily unavailable.
+_TRANSIENT = (
+    TimeoutError,
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.js.errors.ServiceUnavailableError,
+)
 
 MSG_ID = "Nats-Msg-Id"
 EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
@@ -210,6 +219,26 @@ class Bus:
         url = self._nc.connected_url
         return url.geturl() if url else self.settings.nats_url
 
+    async def _through_failover(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
+        """Run an idempotent JetStream request, retrying through a failover (a timeout, no
+        responders or 503 while a cluster elects a new leader or the client reconnects) for up
+        to `failover_s`. Publishes qualify: the retry carries the same Nats-Msg-Id, and the
+        server checks duplicates before the fence, so a stored first attempt is not refused."""
+        deadline = time.monotonic() + self.settings.failover_s
+        delay = 0.1
+        while True:
+            try:
+                return await call()
+            except _TRANSIENT as err:
+                if time.monotonic() + delay > deadline:
+                    raise BusError(
+                        f"{what}: JetStream did not answer within {self.settings.failover_s:.0f}s"
+                        f" ({type(err).__name__})"
+                    ) from err
+                log.info("%s: %s; retrying", what, type(err).__name__)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
     # --- provisioning -----------------------------------------------------------------------
 
     async def provision(self, *, update: bool = True) -> None:
@@ -326,15 +355,13 @@ class Bus:
         if expected_last_subject_seq is not None:
             hdrs[EXPECTED_LAST_SUBJECT_SEQ] = str(expected_last_subject_seq)
         try:
-            ack = await self._js.publish(subject, data, headers=hdrs)
+            ack = await self._through_failover(f"publish to {subject}", lambda: self._publish_once(subject, data, hdrs))
         except nats.js.errors.APIError as err:
             if err.err_code == _WRONG_LAST_SEQUENCE:
                 raise FencedError(subject, expected_last_subject_seq or 0) from err
             raise BusError(f"publish to {subject} refused: {err.description}") from err
         except nats.js.errors.NoStreamResponseError as err:
             raise BusError(f"publish to {subject}: no stream stores this subject (not provisioned?)") from err
-        except (TimeoutError, nats.errors.TimeoutError) as err:
-            raise BusError(f"publish to {subject}: no ack from JetStream in time") from err
         except nats.errors.ConnectionClosedError as err:
             raise NatsUnreachable(self.settings.nats_url, "connection closed") from err
         except nats.errors.MaxPayloadError as err:
@@ -343,6 +370,20 @@ class Bus:
                 f"(max_payload {self._nc.max_payload})"
             ) from err
         return PubAck(ack.stream, ack.seq, bool(ack.duplicate))
+
+    async def _publish_once(self, subject: str, data: bytes, hdrs: dict[str, str]) -> Any:
+        try:
+            return await self._js.publish(subject, data, headers=hdrs)
+        except nats.js.errors.NoStreamResponseError as unanswered:
+            # Nobody answered: either no stream takes this subject (a setup error, reported at
+            # once) or its leader is moving to another server of the cluster (retried).
+            try:
+                await self._js.find_stream_name_by_subject(subject)
+            except nats.js.errors.NotFoundError:
+                raise unanswered from None
+            except _TRANSIENT:
+                pass
+            raise TimeoutError(f"no leader for the stream of {subject}") from unanswered
 
     async def publish_many(self, messages: Iterable[Outgoing]) -> list[PubAck]:
         """Publish with up to 256 acks in flight; returns acks in input order, raises on the first refusal."""
@@ -400,7 +441,11 @@ class Bus:
             # A full queue stalls nats-py's delivery task, so flow control still bounds memory.
             await queue.put(msg)
 
-        sub = await self._js.subscribe(filter_subject, stream=stream, ordered_consumer=True, config=config, cb=_on_msg)
+        # A retried subscribe may leave the first attempt's consumer behind; inactive_threshold removes it.
+        sub = await self._through_failover(
+            f"replay of {filter_subject}",
+            lambda: self._js.subscribe(filter_subject, stream=stream, ordered_consumer=True, config=config, cb=_on_msg),
+        )
         try:
             if not follow:
                 info = await sub.consumer_info()
@@ -446,24 +491,28 @@ class Bus:
     async def last_subject_seq(self, stream: str, subject: str) -> int:
         """Stream sequence of the last message on exactly `subject`, 0 if there is none."""
         try:
-            msg = await self._js.get_last_msg(stream, subject)
+            msg = await self._through_failover(
+                f"last message on {subject}", lambda: self._js.get_last_msg(stream, subject)
+            )
         except nats.js.errors.NotFoundError:
             return 0
         return int(msg.seq or 0)
 
     async def subject_counts(self, stream: str, subjects_filter: str) -> dict[str, int]:
         """Message count per subject matching the filter (one request, however many subjects)."""
-        info = await self._js.stream_info(stream, subjects_filter=subjects_filter)
+        info = await self._through_failover(
+            f"subjects of {stream}", lambda: self._js.stream_info(stream, subjects_filter=subjects_filter)
+        )
         return dict(info.state.subjects or {})
 
     async def stream_last_seq(self, stream: str) -> int:
-        info = await self._js.stream_info(stream)
+        info = await self._through_failover(f"state of {stream}", lambda: self._js.stream_info(stream))
         return int(info.state.last_seq)
 
     async def get_stored(self, stream: str, seq: int) -> bytes | None:
         """The payload stored at `seq`, or None if it is gone."""
         try:
-            msg = await self._js.get_msg(stream, seq)
+            msg = await self._through_failover(f"message {seq} of {stream}", lambda: self._js.get_msg(stream, seq))
         except nats.js.errors.NotFoundError:
             return None
         return bytes(msg.data or b"")
@@ -493,7 +542,9 @@ class Bus:
     async def consumer_backlog(self, spec: ConsumerSpec) -> tuple[int, int]:
         """(messages waiting for a worker, messages delivered and not yet acked) on a durable."""
         try:
-            info = await self._js.consumer_info(spec.stream, spec.durable)
+            info = await self._through_failover(
+                f"backlog of {spec.durable}", lambda: self._js.consumer_info(spec.stream, spec.durable)
+            )
         except nats.js.errors.NotFoundError:
             return (0, 0)
         return (int(info.num_pending or 0), int(info.num_ack_pending or 0))
@@ -510,7 +561,7 @@ class Bus:
     async def kv_get(self, bucket: str, key: str) -> tuple[bytes, int] | None:
         kv = await self._bucket(bucket)
         try:
-            entry = await kv.get(key)
+            entry = await self._through_failover(f"{bucket} {key}", lambda: kv.get(key))
         except nats.js.errors.KeyNotFoundError:
             return None
         return (entry.value or b"", int(entry.revision or 0))
@@ -529,7 +580,7 @@ class Bus:
 
     async def kv_put(self, bucket: str, key: str, value: bytes) -> None:
         kv = await self._bucket(bucket)
-        await kv.put(key, value)
+        await self._through_failover(f"{bucket} {key}", lambda: kv.put(key, value))
 
     async def kv_delete(self, bucket: str, key: str) -> None:
         kv = await self._bucket(bucket)
@@ -610,6 +661,11 @@ class Puller:
         try:
             msgs = await self._psub.fetch(batch, timeout=timeout)
         except (TimeoutError, nats.errors.TimeoutError):  # nats-py raises either
+            return []
+        except (nats.errors.NoRespondersError, nats.js.errors.ServiceUnavailableError) as err:
+            # the consumer's leader is moving (a server of the cluster went away): wait, don't spin
+            log.info("fetch from %s: %s; trying again", self.spec.durable, type(err).__name__)
+            await asyncio.sleep(min(timeout, 0.5))
             return []
         return [Job(m) for m in msgs]
 

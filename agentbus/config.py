@@ -30,6 +30,7 @@ class Settings:
     connect_timeout_s: float = 2.0
     connect_wait_s: float = 0.0  # keep trying an unreachable server this long before failing
     publish_timeout_s: float = 5.0
+    failover_s: float = 15.0  # how long an idempotent request is retried while a cluster recovers
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

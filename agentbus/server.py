@@ -14,6 +14,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -53,8 +54,16 @@ class NatsServer:
         store_dir: str | os.PathLike[str] | None = None,
         host: str = "127.0.0.1",
         sync_always: bool = False,
+        server_name: str | None = None,
+        cluster_port: int | None = None,
+        routes: Sequence[str] = (),
     ) -> None:
+        """`cluster_port` and `routes` make this server one node of a cluster (routes name the
+        other nodes' cluster URLs); each node of a JetStream cluster needs its own `server_name`."""
         self.host = host
+        self.server_name = server_name
+        self.cluster_port = cluster_port
+        self.routes = tuple(routes)
         self.port = port
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         if store_dir is None:
@@ -106,7 +115,14 @@ class NatsServer:
         ]
         if self.sync_always:
             lines.append("  sync_interval: always")
-        lines += ["}", ""]
+        lines.append("}")
+        if self.server_name:
+            lines.append(f'server_name: "{self.server_name}"')
+        if self.cluster_port is not None:
+            routes = ", ".join(f'"{r}"' for r in self.routes)
+            lines += ["cluster {", '  name: "agentbus"', f'  listen: "{self.host}:{self.cluster_port}"']
+            lines += [f"  routes: [{routes}]", "}"]
+        lines.append("")
         return "\n".join(lines)
 
     def _log_text(self) -> str:

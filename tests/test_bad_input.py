@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 
@@ -9,7 +10,9 @@ import pytest
 
 import agentbus
 from agentbus import messages
+from agentbus.bus import Bus
 from agentbus.config import Settings
+from agentbus.errors import BusError
 from agentbus.messages import HumanMessage, InvalidEvent, Record, ToolCallCompleted, UnknownEvent
 
 BAD_IDS = ["a.b", "a b", "a*", "a>", "", "x" * 65, "a/b", "ü"]
@@ -268,3 +271,13 @@ async def test_submit_refuses_fewer_than_one_round(client: agentbus.Client) -> N
         await client.submit("hello", pool="writers", max_rounds=0)
 
     assert await nothing_was_written(client)
+
+
+async def test_a_publish_no_stream_takes_fails_at_once_with_a_clear_reason(settings: Settings) -> None:
+    patient = settings.with_(failover_s=120)  # were it taken for a failover, this would take 2 minutes
+    async with await Bus.connect(patient) as bus:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(BusError, match="no stream stores this subject"):
+            await bus.publish(f"{settings.prefix}-nowhere.x", b"{}", msg_id="m1")
+        assert loop.time() - started < 60
