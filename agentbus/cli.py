@@ -429,6 +429,39 @@ def agents(as_json: bool, nats_url: str | None, prefix: str) -> None:
 
 
 @main.command()
+@click.option("--reset", "reset_pool", metavar="POOL", help="Count POOL's spend from zero (lifts its hold).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per pool, per line.")
+@nats_option
+def spend(reset_pool: str | None, as_json: bool, nats_url: str | None, prefix: str) -> None:
+    """Dollars spent per pool (what the pools file's `ceiling_usd` is checked against), and holds."""
+
+    async def body(client: Client) -> None:
+        if reset_pool is not None:
+            fresh = await client.reset_spend(reset_pool)
+            click.echo(f"pool {fresh.pool}: spend reset to $0; the supervisor lifts a ceiling's hold within a second")
+            return
+        totals, holds = await client.spend()
+        pools = sorted(set(totals) | set(holds))
+        if as_json:
+            for name in pools:
+                total = totals.get(name)
+                hold = holds.get(name)
+                _emit_json({
+                    "pool": name, "usd": total.usd if total else 0.0, "calls": total.calls if total else 0,
+                    "since_ts": total.since_ts if total else 0.0, "hold": to_builtins(hold) if hold else None,
+                })  # fmt: skip
+            return
+        if not pools:
+            click.echo("no spend recorded yet", err=True)
+            return
+        click.echo(render.spend_header())
+        for name in pools:
+            click.echo(render.spend_line(name, totals.get(name), holds.get(name)))
+
+    with_client(settings_from(nats_url, prefix), body)
+
+
+@main.command()
 @click.option("--pools", "pools_file", help="Pools file (default: an offline scripted pool, or Claude with a key).")
 @click.option("--port", default=4222, show_default=True, help="Port of the embedded nats-server (0: any free).")
 @click.option("--store-dir", default=".agentbus/nats", show_default=True, help="JetStream file store.")

@@ -26,7 +26,9 @@ from agentbus.errors import NoSuchSession, SessionUnsuccessful, Timeout, UsageEr
 from agentbus.messages import (
     Budget,
     CancelRequested,
+    Hold,
     HumanMessage,
+    PoolSpend,
     Record,
     ResumeRequested,
     Routed,
@@ -39,6 +41,7 @@ from agentbus.messages import (
     encode,
 )
 from agentbus.session import From, SessionLog
+from agentbus.spend import SpendLedger
 from agentbus.state import SessionState, fold
 from agentbus.subjects import valid_token
 
@@ -247,6 +250,17 @@ class Client:
         values = await self.bus.kv_values(self.bus.ns.workers_bucket)
         infos = [msgspec.json.decode(v, type=WorkerInfo) for v in values.values()]
         return sorted(infos, key=lambda w: (w.pool, w.worker_id))
+
+    async def spend(self) -> tuple[dict[str, PoolSpend], dict[str, Hold]]:
+        """Dollars spent per pool since its last reset, and the pools on hold (over a ceiling)."""
+        ledger = SpendLedger(self.bus)
+        return await ledger.totals(), await ledger.holds()
+
+    async def reset_spend(self, pool: str) -> PoolSpend:
+        """Count the pool's spend from zero again; the supervisor lifts a ceiling's hold on its next look."""
+        if not valid_token(pool):
+            raise UsageError(f"pool name {pool!r} must be letters, digits, '-' or '_'")
+        return await SpendLedger(self.bus).reset(pool)
 
     async def request_workers(self, pool: str, count: int = 1, *, reason: str = "") -> ScaleReply:
         """Ask the supervisor for extra workers in `pool`; granted within the pool's max and the fleet cap."""

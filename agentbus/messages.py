@@ -113,6 +113,26 @@ class ScaleReply(msgspec.Struct, frozen=True, kw_only=True):
     reason: str = ""
 
 
+class PoolSpend(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """Dollars a pool's model calls have cost since `since_ts` (the last reset)."""
+
+    pool: str
+    usd: float = 0.0
+    calls: int = 0
+    since_ts: float = 0.0
+    updated_ts: float = 0.0
+    v: int = SCHEMA_VERSION
+
+
+class Hold(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """Set by the supervisor on a pool over its (or the fleet's) dollar ceiling: no model call runs."""
+
+    limit: str  # pool_ceiling_usd or fleet_ceiling_usd
+    detail: str
+    set_ts: float = 0.0
+    v: int = SCHEMA_VERSION
+
+
 # --- session events ---------------------------------------------------------------------------
 
 

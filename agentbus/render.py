@@ -10,10 +10,12 @@ from agentbus.messages import (
     CancelRequested,
     DelegationCompleted,
     DelegationRequested,
+    Hold,
     HumanMessage,
     InputRejected,
     InvalidEvent,
     ModelResponded,
+    PoolSpend,
     QuestionAsked,
     Record,
     ResumeRequested,
@@ -125,6 +127,17 @@ def worker_line(w: WorkerInfo, now: float | None = None) -> str:
     where = w.container or f"{w.host}:{w.pid}"
     beat = _age((now or time.time()) - w.heartbeat_ts)
     return f"{w.pool:<12} {w.worker_id:<24} {where:<22} {beat:>5}  {', '.join(w.sessions) or '-'}"
+
+
+def spend_header() -> str:
+    return f"{'POOL':<12} {'SPENT':>10} {'CALLS':>6} {'SINCE':>6}  HOLD"
+
+
+def spend_line(pool: str, total: PoolSpend | None, hold: Hold | None, now: float | None = None) -> str:
+    usd, calls = (total.usd, total.calls) if total else (0.0, 0)
+    since = _age((now or time.time()) - total.since_ts) if total and total.since_ts else "-"
+    held = f"{hold.limit}: {hold.detail}" if hold else "-"
+    return f"{pool:<12} {'$' + format(usd, '.4f'):>10} {calls:>6} {since:>6}  {held}"
 
 
 def _age(seconds: float) -> str:

@@ -145,6 +145,10 @@ class Namespace:
         return f"{self._upper}_state"
 
     @property
+    def spend_bucket(self) -> str:
+        return f"{self._upper}_spend"
+
+    @property
     def _upper(self) -> str:
         return self.prefix.upper()
 
@@ -186,6 +190,7 @@ class Namespace:
             BucketSpec(name=self.state_bucket, history=1),
             # An agent that stops heartbeating disappears from the registry by itself.
             BucketSpec(name=self.workers_bucket, history=1, ttl_s=WORKER_TTL_S),
+            BucketSpec(name=self.spend_bucket, history=1),
         )
 
     def router_consumer(self) -> ConsumerSpec:

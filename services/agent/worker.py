@@ -55,6 +55,7 @@ from agentbus.messages import (
 )
 from agentbus.models import ModelClient, ModelError, cost_usd, model_from_spec
 from agentbus.session import SessionLog, SessionWriter
+from agentbus.spend import SpendLedger
 from agentbus.state import SessionState, fold
 from agentbus.subjects import valid_token
 from services.agent.conversation import Conversation, ToolUse, build, human_text
@@ -122,6 +123,7 @@ class AgentWorker:
         self.config = config
         self.log = SessionLog(bus)
         self.client = Client(bus)
+        self.ledger = SpendLedger(bus)
         self.model = model or model_from_spec(config.model)
         self._models: dict[str, ModelClient] = {}
         self.tools: dict[str, Tool] = load_tools(config.tools)
@@ -373,7 +375,7 @@ class SessionRun:
                 return await self._end("failed", f"the model stopped with stop_reason {conv.last_stop!r}")
             elif conv.steps >= self.w.config.max_steps:
                 return await self._end("failed", f"max_steps: {conv.steps} model calls without finishing")
-            elif stop := self._guard():
+            elif stop := self._guard() or await self._held():
                 return await self._pause(stop)
             else:
                 outcome = await self._model_step(conv)
@@ -420,11 +422,16 @@ class SessionRun:
                 content=reply.content,
                 stop_reason=reply.stop_reason,
                 usage=reply.usage,
-                cost_usd=cost_usd(reply.model, reply.usage),
+                cost_usd=(cost := cost_usd(reply.model, reply.usage)),
                 round=conv.round,
                 horizon=horizon,
             )
         )
+        if cost > 0:
+            try:
+                await self.w.ledger.add(self.w.config.pool, cost)
+            except AgentBusError as err:  # the session log has the cost; only the pool's total misses it
+                log.warning("session %s: pool spend not updated: %s", self.sid, err)
         return None
 
     async def _run_tool(self, use: ToolUse, conv: Conversation) -> None:
@@ -586,6 +593,17 @@ class SessionRun:
         state = self._state()
         budget = effective_budget(self.w.config.budget, self.records)
         return over_budget(budget, state, time.time()) or no_progress(self.records, self.w.config.no_progress_turns)
+
+    async def _held(self) -> Stop | None:
+        """A dollar ceiling over the whole pool (or fleet), set by the supervisor, pauses like a budget."""
+        try:
+            hold = await self.w.ledger.hold(self.w.config.pool)
+        except AgentBusError as err:
+            log.warning("session %s: cannot read the pool's hold (%s); going on", self.sid, err)
+            return None
+        if hold is None:
+            return None
+        return Stop(hold.limit, f"{hold.detail}; raise the ceiling or `agentbus spend --reset POOL`, then resume")
 
     def _state(self) -> SessionState:
         state = SessionState(session_id=self.sid)

@@ -11,13 +11,15 @@
     concurrency = 4
     idle_s = 30                             # scale down after this long with an empty queue
     ack_wait_s = 60                         # a dead worker's task moves on after this long
+    ceiling_usd = 50.0                      # the whole pool's spend; over it, sessions pause
     [pools.coder.budget]
     max_steps = 40
     max_usd = 2.0
     [pools.coder.env]
     SOME_VAR = "value"
 
-A top-level `max_workers` caps the whole fleet (default 16). Strings may name environment
+A top-level `max_workers` caps the whole fleet (default 16) and a top-level `ceiling_usd`
+its spend (all pools together; `agentbus spend` shows it and `--reset` starts a new count). Strings may name environment
 variables as `${NAME}` or `${NAME:-default}`, so one file serves several deployments
 (`model = "${AGENTBUS_MODEL:-scripted:demo}"`).
 """
@@ -53,12 +55,14 @@ class PoolSpec:
     ack_wait_s: float = 60.0  # how soon a dead worker's task goes to another agent
     budget: Budget = Budget()  # noqa: RUF009 - frozen
     env: dict[str, str] = field(default_factory=dict)
+    ceiling_usd: float | None = None
 
 
 @dataclass(frozen=True)
 class Fleet:
     pools: dict[str, PoolSpec]
     max_workers: int = 16
+    ceiling_usd: float | None = None
 
 
 def load_pools(path: str | Path) -> Fleet:
@@ -93,6 +97,7 @@ def load_pools(path: str | Path) -> Fleet:
             ack_wait_s=float(raw.get("ack_wait_s", 60)),
             budget=budget,
             env={str(k): str(v) for k, v in (raw.get("env") or {}).items()},
+            ceiling_usd=_dollars(raw.get("ceiling_usd"), f"pools file {where}, pool {name}"),
         )
         if not 0 <= spec.min <= spec.max or spec.max < 1:
             raise UsageError(f"pools file {where}, pool {name}: need 0 <= min <= max and max >= 1")
@@ -101,7 +106,19 @@ def load_pools(path: str | Path) -> Fleet:
         pools[name] = spec
     if not pools:
         raise UsageError(f"pools file {where}: no [pools.NAME] table")
-    return Fleet(pools, int(data.get("max_workers", 16)))
+    return Fleet(pools, int(data.get("max_workers", 16)), _dollars(data.get("ceiling_usd"), f"pools file {where}"))
+
+
+def _dollars(raw: Any, where: str) -> float | None:
+    if raw is None or raw == "":
+        return None
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        raise UsageError(f"{where}: ceiling_usd must be a number of dollars, not {raw!r}") from None
+    if value < 0:
+        raise UsageError(f"{where}: ceiling_usd must not be negative")
+    return value
 
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")

@@ -21,7 +21,8 @@ import msgspec
 
 from agentbus import tracing
 from agentbus.bus import Bus
-from agentbus.messages import ScaleReply, ScaleRequest, WorkerInfo, encode
+from agentbus.messages import Hold, ScaleReply, ScaleRequest, WorkerInfo, encode
+from agentbus.spend import SpendLedger
 from agentbus.subjects import WORKER_TTL_S
 from services.supervisor.pools import Fleet, PoolSpec
 from services.supervisor.spawner import Spawner, WorkerHandle
@@ -56,6 +57,8 @@ class Supervisor:
         self.replaced = 0
         self.stale_after_s = stale_after_s
         self._started: dict[str, float] = {}
+        self.ledger = SpendLedger(bus)
+        self._holding = True  # until the first look: a hold left by an earlier supervisor may be stale
 
     @property
     def total(self) -> int:
@@ -73,6 +76,7 @@ class Supervisor:
         try:
             while not self._draining.is_set():
                 beats = await self._heartbeats()
+                await self._enforce_ceilings()
                 for pool in self.pools.values():
                     await self._kill_silent(pool, beats)
                     await self._reconcile(pool)
@@ -88,6 +92,36 @@ class Supervisor:
     async def shutdown(self) -> None:
         self._draining.set()
         await self._stopped.wait()
+
+    async def _enforce_ceilings(self) -> None:
+        """Hold a pool over its own or the fleet's dollar ceiling (its agents pause sessions before
+        the next model call); lift the hold once the spend is under again (reset, or a raised ceiling)."""
+        pools_with_ceiling = any(p.spec.ceiling_usd is not None for p in self.pools.values())
+        if self.fleet.ceiling_usd is None and not pools_with_ceiling and not self._holding:
+            return
+        totals = await self.ledger.totals()
+        holds = await self.ledger.holds()
+        fleet_spent = sum(t.usd for t in totals.values())
+        held = False
+        for name, pool in self.pools.items():
+            spent = totals[name].usd if name in totals else 0.0
+            ceiling = pool.spec.ceiling_usd
+            want: Hold | None = None
+            if ceiling is not None and spent >= ceiling:
+                detail = f"pool {name} has spent ${spent:.4f} of its ${ceiling:.2f} ceiling"
+                want = Hold(limit="pool_ceiling_usd", detail=detail, set_ts=time.time())
+            elif self.fleet.ceiling_usd is not None and fleet_spent >= self.fleet.ceiling_usd:
+                detail = f"the fleet has spent ${fleet_spent:.4f} of its ${self.fleet.ceiling_usd:.2f} ceiling"
+                want = Hold(limit="fleet_ceiling_usd", detail=detail, set_ts=time.time())
+            have = holds.get(name)
+            held = held or want is not None
+            if want is not None and (have is None or have.limit != want.limit):
+                log.warning("pool %s on hold: %s; its sessions pause before their next model call", name, want.detail)
+                await self.ledger.set_hold(name, want)
+            elif want is None and have is not None:
+                log.info("pool %s: hold lifted (%s)", name, f"${spent:.4f} spent")
+                await self.ledger.clear_hold(name)
+        self._holding = held
 
     async def _heartbeats(self) -> dict[str, float]:
         values = await self.bus.kv_values(self.bus.ns.workers_bucket)

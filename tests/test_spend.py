@@ -1,0 +1,135 @@
+"""Pool and fleet dollar ceilings: agents add what each call cost to a per-pool ledger, the
+supervisor puts a pool over its ceiling on hold, and new work pauses like a session budget
+until the spend is reset (or the ceiling raised)."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+
+import agentbus
+from agentbus.bus import Bus
+from agentbus.config import Settings
+from agentbus.messages import BudgetExceeded
+from agentbus.spend import SpendLedger
+from agentbus.testing import text_response
+from services.supervisor.pools import Fleet, PoolSpec, load_pools
+from services.supervisor.spawner import WorkerHandle
+from services.supervisor.supervisor import Supervisor
+from tests.helpers import POOL, agent_with_fake, until
+
+
+class IdleHandle:
+    """A worker that exists only on paper: the in-process test agent does the work."""
+
+    def __init__(self, worker_id: str, pool: str) -> None:
+        self.worker_id = worker_id
+        self.pool = pool
+
+    async def alive(self) -> bool:
+        return True
+
+    async def kill(self) -> None:
+        pass
+
+    async def stop(self, timeout: float = 30.0) -> None:
+        pass
+
+    async def reap(self) -> None:
+        pass
+
+
+class PaperSpawner:
+    async def spawn(self, spec: PoolSpec, worker_id: str) -> WorkerHandle:
+        return IdleHandle(worker_id, spec.name)
+
+    async def adopt(self, pools: dict[str, PoolSpec]) -> list[WorkerHandle]:
+        return []
+
+
+@asynccontextmanager
+async def supervisor(settings: Settings, fleet: Fleet) -> AsyncIterator[Supervisor]:
+    bus = await Bus.connect(settings)
+    sup = Supervisor(bus, fleet, PaperSpawner(), tick_s=0.1)
+    runner = asyncio.create_task(sup.run())
+    try:
+        yield sup
+    finally:
+        await sup.shutdown()
+        await runner
+        await bus.close()
+
+
+async def _held(client: agentbus.Client) -> bool:
+    return POOL in (await client.spend())[1]
+
+
+async def _free(client: agentbus.Client) -> bool:
+    return POOL not in (await client.spend())[1]
+
+
+@pytest.mark.parametrize("scope", ["pool", "fleet"])
+async def test_a_dollar_ceiling_pauses_new_work_until_the_spend_is_reset(
+    client: agentbus.Client, settings: Settings, tmp_path: Path, scope: str
+) -> None:
+    tiny = 1e-9  # the first priced call goes over it
+    spec = PoolSpec(name=POOL, model="anthropic:x", min=0, max=1, ceiling_usd=tiny if scope == "pool" else None)
+    fleet = Fleet({POOL: spec}, ceiling_usd=tiny if scope == "fleet" else None)
+    async with (
+        supervisor(settings, fleet),
+        agent_with_fake(settings, tmp_path, responder=lambda _: text_response("done")),
+    ):
+        first = await client.submit("spend a little", pool=POOL)
+        assert (await client.wait(first, timeout=30)).status == "completed"
+        await until(lambda: _held(client), "the supervisor to hold the pool", timeout=20)
+        totals, holds = await client.spend()
+
+        second = await client.submit("more", pool=POOL)
+        paused = await client.wait(second, timeout=30)
+        pauses = [r.event for r in await client.show(second) if isinstance(r.event, BudgetExceeded)]
+
+        await client.reset_spend(POOL)
+        await until(lambda: _free(client), "the hold to be lifted after a reset", timeout=20)
+        await client.resume(second)
+        resumed = await client.wait(second, timeout=30)
+
+    assert totals[POOL].usd > 0 and totals[POOL].calls == 1
+    assert holds[POOL].limit == f"{scope}_ceiling_usd"
+    assert paused.status == "paused"
+    assert [p.limit for p in pauses] == [f"{scope}_ceiling_usd"]
+    assert "ceiling" in pauses[0].detail and "spend --reset" in pauses[0].detail
+    assert resumed.status == "completed"
+
+
+async def test_concurrent_agents_never_lose_a_cost(settings: Settings) -> None:
+    async with await Bus.connect(settings) as a, await Bus.connect(settings) as b:
+        ledgers = [SpendLedger(a), SpendLedger(b)]
+        await asyncio.gather(*(ledgers[i % 2].add("p", 0.25) for i in range(40)))
+        total = (await ledgers[0].totals())["p"]
+    assert (total.usd, total.calls) == (10.0, 40)
+
+
+async def test_agentbus_spend_shows_the_total_and_the_hold(client: agentbus.Client, settings: Settings) -> None:
+    ledger = SpendLedger(client.bus)
+    await ledger.add("coder", 1.5)
+    base = [sys.executable, "-m", "agentbus.cli", "spend", "--nats", settings.nats_url, "--prefix", settings.prefix]
+    out = await asyncio.to_thread(subprocess.run, base, capture_output=True, text=True, check=True)
+    assert "coder" in out.stdout and "$1.5000" in out.stdout
+    reset = await asyncio.to_thread(
+        subprocess.run, [*base, "--reset", "coder"], capture_output=True, text=True, check=True
+    )
+    assert "reset" in reset.stdout
+    assert (await ledger.totals())["coder"].usd == 0.0
+
+
+def test_ceilings_come_from_the_pools_file(tmp_path: Path) -> None:
+    path = tmp_path / "pools.toml"
+    path.write_text('ceiling_usd = 100\n[pools.a]\nmodel = "scripted:demo"\nceiling_usd = "${T_CEIL:-25.5}"\n')
+    fleet = load_pools(path)
+    assert (fleet.ceiling_usd, fleet.pools["a"].ceiling_usd) == (100.0, 25.5)
