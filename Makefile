@@ -41,7 +41,7 @@ wheelhouse: install
 BASE_IMAGE ?= python:3.11-slim
 image: wheelhouse
 	DOCKER_BUILDKIT=0 docker build --network host -f compose/Dockerfile \
-		--build-arg BASE_IMAGE=$(BASE_IMAGE) -t agentbus:latest .
+		--build-arg OFFLINE=1 --build-arg BASE_IMAGE=$(BASE_IMAGE) -t agentbus:latest .
 
 clean:
 	rm -rf $(VENV) .agentbus .pytest_cache .mypy_cache .ruff_cache

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -26,7 +27,7 @@ from opentelemetry.trace import SpanKind
 
 from agentbus import tracing
 from agentbus.config import Settings
-from agentbus.errors import BusError, FencedError, NatsUnreachable
+from agentbus.errors import BusError, FencedError, NatsUnreachable, UsageError
 from agentbus.subjects import BucketSpec, ConsumerSpec, Namespace, StreamSpec
 
 log = logging.getLogger(__name__)
@@ -147,12 +148,22 @@ class Bus:
         # JSON escaping can make a prompt up to 6x longer (control characters become \\u00XX).
         self.ns = Namespace(settings.prefix, max_message_bytes=settings.max_prompt_bytes * 6 + 65536)
         self._kv: dict[str, Any] = {}
+        self._updating = False
         self._closed = asyncio.Event()
 
     @classmethod
     async def connect(cls, settings: Settings, *, name: str = "agentbus") -> Bus:
         """Connect, failing fast with `NatsUnreachable` instead of retrying forever; a service
         started beside its server (compose, systemd) sets `connect_wait_s` to keep trying that long."""
+        for server in settings.nats_url.split(","):
+            server = server.strip()
+            # nats-py reads a bare HOST[:PORT] as nats://HOST[:PORT]
+            parsed = urllib.parse.urlparse(server if "//" in server else f"nats://{server}")
+            if parsed.scheme not in ("nats", "tls", "ws", "wss") or not parsed.hostname:
+                # a typo is not worth waiting for: fail now, whatever connect_wait_s says
+                raise UsageError(
+                    f"bad NATS URL {server.strip()!r}: expected nats://HOST:PORT (or tls://, ws://, wss://)"
+                )
         deadline = time.monotonic() + settings.connect_wait_s
         while True:
             try:
@@ -247,13 +258,16 @@ class Bus:
         Services update, so a new version's limits take effect; clients only create.
         """
         try:
-            await self._js.account_info()
-        except (nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError) as err:
-            raise NatsUnreachable(self.settings.nats_url, "the server has no JetStream (start it with -js)") from err
-        except nats.errors.TimeoutError as err:
-            raise NatsUnreachable(self.settings.nats_url, "JetStream did not answer") from err
+            await self._through_failover("JetStream", self._js.account_info)
+        except BusError as err:
+            raise NatsUnreachable(
+                self.settings.nats_url,
+                f"JetStream did not answer for {self.settings.failover_s:.0f}s: the server runs without"
+                " JetStream (start it with -js), or its cluster has not elected a leader yet",
+            ) from err
         for spec in self.ns.streams():
             await self.ensure_stream(spec, update=update)
+        self._updating = update
         for bucket in self.ns.buckets():
             await self.ensure_bucket(bucket)
 
@@ -283,6 +297,19 @@ class Bus:
             except nats.js.errors.APIError as uerr:
                 raise BusError(f"cannot update stream {spec.name}: {uerr.description}") from uerr
 
+    async def _match_replicas(self, stream: str) -> None:
+        """A bucket made at one replica before the deployment moved to a cluster is raised to the
+        configured count, as `ensure_stream(update=True)` does for streams; only services ask."""
+        if not self._updating:
+            return
+        info = await self._js.stream_info(stream)
+        if info.config.num_replicas != self.settings.replicas:
+            info.config.num_replicas = self.settings.replicas
+            try:
+                await self._js.update_stream(info.config)
+            except nats.js.errors.APIError as err:
+                raise BusError(f"cannot set {stream} to {self.settings.replicas} replicas: {err.description}") from err
+
     async def ensure_consumer(self, spec: ConsumerSpec) -> None:
         config = api.ConsumerConfig(
             durable_name=spec.durable,
@@ -307,6 +334,7 @@ class Bus:
             return
         try:
             kv = await self._js.key_value(spec.name)
+            await self._match_replicas(f"KV_{spec.name}")
         except nats.js.errors.BucketNotFoundError:
             kv = await self._js.create_key_value(
                 api.KeyValueConfig(
@@ -427,25 +455,40 @@ class Bus:
         switch from history to live: the usual bug of reading history and then
         subscribing is impossible by construction.
         """
-        if new_only:
-            config = api.ConsumerConfig(deliver_policy=api.DeliverPolicy.NEW)
-        elif start_seq and start_seq > 1:
-            config = api.ConsumerConfig(deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start_seq)
-        else:
-            config = api.ConsumerConfig(deliver_policy=api.DeliverPolicy.ALL)
-        # A backstop only: the finally below deletes the consumer as soon as the reader is done.
-        config.inactive_threshold = 5.0
+
+        def config() -> api.ConsumerConfig:
+            # fresh for every attempt: nats-py writes the deliver subject into the config it is given
+            if new_only:
+                cfg = api.ConsumerConfig(deliver_policy=api.DeliverPolicy.NEW)
+            elif start_seq and start_seq > 1:
+                cfg = api.ConsumerConfig(deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start_seq)
+            else:
+                cfg = api.ConsumerConfig(deliver_policy=api.DeliverPolicy.ALL)
+            # A backstop only: the finally below deletes the consumer as soon as the reader is done.
+            cfg.inactive_threshold = 5.0
+            return cfg
+
         queue: asyncio.Queue[Msg] = asyncio.Queue(maxsize=_REPLAY_BUFFER)
+        attempt = 0
 
-        async def _on_msg(msg: Msg) -> None:
-            # A full queue stalls nats-py's delivery task, so flow control still bounds memory.
-            await queue.put(msg)
+        def receiver(mine: int) -> Callable[[Msg], Awaitable[None]]:
+            async def _on_msg(msg: Msg) -> None:
+                # Only the current attempt's consumer feeds the reader: an earlier attempt that
+                # timed out on the client may still exist on the server and deliver too.
+                if mine == attempt:
+                    # A full queue stalls nats-py's delivery task, so flow control still bounds memory.
+                    await queue.put(msg)
 
-        # A retried subscribe may leave the first attempt's consumer behind; inactive_threshold removes it.
-        sub = await self._through_failover(
-            f"replay of {filter_subject}",
-            lambda: self._js.subscribe(filter_subject, stream=stream, ordered_consumer=True, config=config, cb=_on_msg),
-        )
+            return _on_msg
+
+        async def subscribe() -> Any:
+            nonlocal attempt
+            attempt += 1
+            return await self._js.subscribe(
+                filter_subject, stream=stream, ordered_consumer=True, config=config(), cb=receiver(attempt)
+            )
+
+        sub = await self._through_failover(f"replay of {filter_subject}", subscribe)
         try:
             if not follow:
                 info = await sub.consumer_info()
@@ -569,11 +612,13 @@ class Bus:
     async def kv_put_if(self, bucket: str, key: str, value: bytes, revision: int | None) -> bool:
         """Compare-and-set: write only if the key is still at `revision` (None: only if absent)."""
         kv = await self._bucket(bucket)
+        # A retry after a lost reply finds its own write and reports a conflict: callers re-read
+        # and decide again, which is right for a cache and, for a counter, errs on counting twice.
         try:
             if revision is None:
-                await kv.create(key, value)
+                await self._through_failover(f"{bucket} {key}", lambda: kv.create(key, value))
             else:
-                await kv.update(key, value, last=revision)
+                await self._through_failover(f"{bucket} {key}", lambda: kv.update(key, value, last=revision))
         except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.APIError):
             return False
         return True
@@ -585,7 +630,7 @@ class Bus:
     async def kv_delete(self, bucket: str, key: str) -> None:
         kv = await self._bucket(bucket)
         with contextlib.suppress(nats.js.errors.KeyNotFoundError):
-            await kv.purge(key)
+            await self._through_failover(f"{bucket} {key}", lambda: kv.purge(key))
 
     async def kv_values(self, bucket: str) -> dict[str, bytes]:
         """Every live key's value (expired and deleted keys left out)."""
@@ -621,7 +666,7 @@ class Bus:
     async def kv_keys(self, bucket: str) -> list[str]:
         kv = await self._bucket(bucket)
         try:
-            return list(await kv.keys())
+            return list(await self._through_failover(f"keys of {bucket}", kv.keys))
         except nats.js.errors.NoKeysError:
             return []
 

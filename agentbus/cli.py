@@ -438,7 +438,10 @@ def spend(reset_pool: str | None, as_json: bool, nats_url: str | None, prefix: s
     async def body(client: Client) -> None:
         if reset_pool is not None:
             fresh = await client.reset_spend(reset_pool)
-            click.echo(f"pool {fresh.pool}: spend reset to $0; the supervisor lifts a ceiling's hold within a second")
+            click.echo(
+                f"pool {fresh.pool}: spend reset to $0 and its hold lifted (a supervisor sets it again while"
+                " the fleet is over its ceiling); `agentbus resume` its paused sessions"
+            )
             return
         totals, holds = await client.spend()
         pools = sorted(set(totals) | set(holds))

@@ -253,11 +253,10 @@ class Client:
 
     async def spend(self) -> tuple[dict[str, PoolSpend], dict[str, Hold]]:
         """Dollars spent per pool since its last reset, and the pools on hold (over a ceiling)."""
-        ledger = SpendLedger(self.bus)
-        return await ledger.totals(), await ledger.holds()
+        return await SpendLedger(self.bus).snapshot()
 
     async def reset_spend(self, pool: str) -> PoolSpend:
-        """Count the pool's spend from zero again; the supervisor lifts a ceiling's hold on its next look."""
+        """Count the pool's spend from zero and lift its hold (set again while the fleet is over)."""
         if not valid_token(pool):
             raise UsageError(f"pool name {pool!r} must be letters, digits, '-' or '_'")
         return await SpendLedger(self.bus).reset(pool)

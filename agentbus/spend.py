@@ -4,14 +4,19 @@ Agents add each model call's cost right after recording the call (compare-and-se
 concurrent agents never lose an update). The supervisor compares the totals with the pools
 file's ceilings and sets or clears one hold per pool. An agent reads its pool's hold before
 every model call and, while one is set, pauses the session exactly as a session budget does.
-The ledger can undercount by one call per agent crash (between recording a call and adding
-its cost); the session logs stay the exact record.
+The totals are close, not exact: a call whose cost could not be added (an agent crash right
+after recording it, or the ledger unreachable) is missing, and an update retried after a lost
+reply may count twice. Calls in flight when a hold is set finish. The session logs stay the
+exact record of every call and its cost.
 """
 
 from __future__ import annotations
 
+import asyncio
+import random
 import time
 from collections.abc import Callable
+from typing import TypeVar
 
 import msgspec
 
@@ -21,6 +26,7 @@ from agentbus.messages import Hold, PoolSpend, encode
 
 _ATTEMPTS = 50  # compare-and-set rounds before giving up; contention is a handful of agents
 _Change = Callable[[PoolSpend], PoolSpend]
+_T = TypeVar("_T")
 
 
 def _spend_key(pool: str) -> str:
@@ -44,47 +50,41 @@ class SpendLedger:
         ))  # fmt: skip
 
     async def reset(self, pool: str) -> PoolSpend:
-        """Start the pool's count again from zero (a new billing period, a raised limit)."""
+        """Count the pool's spend from zero (a new billing period) and lift its hold now; a
+        supervisor puts it back on its next look if the fleet as a whole is still over."""
         now = time.time()
-        return await self._update(pool, lambda _: PoolSpend(pool=pool, since_ts=now, updated_ts=now))
+        fresh = await self._update(pool, lambda _: PoolSpend(pool=pool, since_ts=now, updated_ts=now))
+        await self.clear_hold(pool)
+        return fresh
 
     async def _update(self, pool: str, change: _Change) -> PoolSpend:
         key = _spend_key(pool)
-        for _ in range(_ATTEMPTS):
+        for attempt in range(_ATTEMPTS):
             got = await self.bus.kv_get(self.bucket, key)
-            current = _decode(got[0], pool) if got else PoolSpend(pool=pool)
+            current = _decode(got[0], PoolSpend, PoolSpend(pool=pool)) if got else PoolSpend(pool=pool)
             new = change(current)
             if await self.bus.kv_put_if(self.bucket, key, msgspec.json.encode(new), got[1] if got else None):
                 return new
-        raise BusError(f"spend of pool {pool}: {_ATTEMPTS} concurrent updates in a row; not recorded")
+            await asyncio.sleep(random.uniform(0, 0.002 * (attempt + 1)))
+        raise BusError(f"spend of pool {pool}: {_ATTEMPTS} conflicting updates in a row; not recorded")
 
-    async def totals(self) -> dict[str, PoolSpend]:
-        values = await self.bus.kv_values(self.bucket)
-        return {
-            k.removeprefix("pool."): _decode(v, k.removeprefix("pool."))
-            for k, v in values.items()
-            if k.startswith("pool.")
-        }
+    async def snapshot(self) -> tuple[dict[str, PoolSpend], dict[str, Hold]]:
+        """Every pool's total and every hold, from one read of the bucket."""
+        totals: dict[str, PoolSpend] = {}
+        holds: dict[str, Hold] = {}
+        for key, raw in (await self.bus.kv_values(self.bucket)).items():
+            kind, _, pool = key.partition(".")
+            if kind == "pool":
+                totals[pool] = _decode(raw, PoolSpend, PoolSpend(pool=pool))
+            elif kind == "hold":
+                holds[pool] = _decode(raw, Hold, _unreadable(pool, raw))
+        return totals, holds
 
     async def hold(self, pool: str) -> Hold | None:
         got = await self.bus.kv_get(self.bucket, _hold_key(pool))
         if not got or not got[0]:
             return None
-        try:
-            return msgspec.json.decode(got[0], type=Hold)
-        except msgspec.MsgspecError:
-            return Hold(limit="hold", detail=f"unreadable hold on pool {pool}: {got[0][:200]!r}")
-
-    async def holds(self) -> dict[str, Hold]:
-        values = await self.bus.kv_values(self.bucket)
-        out = {}
-        for key, raw in values.items():
-            if key.startswith("hold."):
-                try:
-                    out[key.removeprefix("hold.")] = msgspec.json.decode(raw, type=Hold)
-                except msgspec.MsgspecError:
-                    out[key.removeprefix("hold.")] = Hold(limit="hold", detail="unreadable hold")
-        return out
+        return _decode(got[0], Hold, _unreadable(pool, got[0]))
 
     async def set_hold(self, pool: str, hold: Hold) -> None:
         await self.bus.kv_put(self.bucket, _hold_key(pool), encode(hold))
@@ -93,8 +93,13 @@ class SpendLedger:
         await self.bus.kv_delete(self.bucket, _hold_key(pool))
 
 
-def _decode(raw: bytes, pool: str) -> PoolSpend:
+def _unreadable(pool: str, raw: bytes) -> Hold:
+    # a hold nobody can read still holds: stopping spend is the safe side of a ceiling
+    return Hold(limit="hold", detail=f"unreadable hold on pool {pool}: {raw[:200]!r}")
+
+
+def _decode(raw: bytes, kind: type[_T], fallback: _T) -> _T:
     try:
-        return msgspec.json.decode(raw, type=PoolSpend)
+        return msgspec.json.decode(raw, type=kind)
     except msgspec.MsgspecError:
-        return PoolSpend(pool=pool)  # an unreadable total counts from zero rather than blocking every call
+        return fallback

@@ -24,7 +24,8 @@ TEST_IMAGE = "agentbus:test"
 BASES = ("agentbus-base:bookworm", "python:3.11-slim")
 
 
-def _unavailable(reason: str) -> None:
+def unavailable(reason: str) -> None:
+    """Skip with `reason`, or fail when AGENTBUS_REQUIRE_DOCKER=1 (CI) says these tests must run."""
     if os.environ.get("AGENTBUS_REQUIRE_DOCKER") == "1":
         pytest.fail(f"AGENTBUS_REQUIRE_DOCKER=1 but {reason}")
     pytest.skip(reason)
@@ -39,7 +40,7 @@ def docker_client() -> Iterator[docker.DockerClient]:
         client = docker.from_env(timeout=120)
         client.ping()
     except docker.errors.DockerException as err:
-        _unavailable(
+        unavailable(
             f"no Docker engine reachable ({err}); start one with `dockerd --bridge=none --iptables=false` "
             "(.ci/run does)"
         )
@@ -62,14 +63,16 @@ def agentbus_image(docker_client: docker.DockerClient) -> str:
             base = candidate
             break
     if base is None:
-        _unavailable(f"no base image ({' or '.join(BASES)}); build one with compose/base-image.sh")
+        unavailable(f"no base image ({' or '.join(BASES)}); build one with compose/base-image.sh")
     assert base is not None
+    # the offline path when a wheelhouse is filled (CI), the registry otherwise
+    offline = "1" if any((ROOT / "compose" / "wheelhouse").glob("*.whl")) else "0"
     try:
         docker_client.images.build(
             path=str(ROOT),
             dockerfile="compose/Dockerfile",
             tag=TEST_IMAGE,
-            buildargs={"BASE_IMAGE": base},
+            buildargs={"BASE_IMAGE": base, "OFFLINE": offline},
             network_mode="host",
             rm=True,
         )

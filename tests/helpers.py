@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 from agentbus.bus import Bus
 from agentbus.config import Settings
+from agentbus.messages import WorkerInfo
 from agentbus.models import AnthropicModel
 from agentbus.testing import FakeMessagesAPI, Responder
 from services.agent.worker import AgentConfig, AgentWorker
+from services.supervisor.pools import PoolSpec
+from services.supervisor.spawner import WorkerHandle
 
 POOL = "p"
 MODEL_ID = "claude-sonnet-4-6"
@@ -83,3 +87,40 @@ async def until(check: Callable[[], Awaitable[Any]], what: str = "a condition", 
         assert loop.time() < deadline, f"timed out waiting for {what}"
         await asyncio.sleep(0.02)
     return value
+
+
+def free_port() -> int:
+    """A port nothing listens on right now (the caller binds it soon after)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class IdleHandle:
+    """A supervisor's worker that exists only on paper: an in-process test agent does the work."""
+
+    def __init__(self, worker_id: str, pool: str) -> None:
+        self.worker_id = worker_id
+        self.pool = pool
+
+    async def alive(self) -> bool:
+        return True
+
+    async def kill(self) -> None:
+        pass
+
+    async def stop(self, timeout: float = 30.0) -> None:
+        pass
+
+    async def reap(self) -> None:
+        pass
+
+
+class PaperSpawner:
+    """Lets a supervisor run its loop (ceilings, registry, backlog) without starting processes."""
+
+    async def spawn(self, spec: PoolSpec, worker_id: str) -> WorkerHandle:
+        return IdleHandle(worker_id, spec.name)
+
+    async def adopt(self, pools: dict[str, PoolSpec], registry: Sequence[WorkerInfo]) -> list[WorkerHandle]:
+        return []

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,8 +14,9 @@ from click.testing import CliRunner
 from agentbus.bus import Bus
 from agentbus.cli import main
 from agentbus.config import Settings
-from agentbus.errors import NatsUnreachable
+from agentbus.errors import NatsUnreachable, UsageError
 from agentbus.server import NatsServer
+from tests.helpers import free_port
 
 
 @pytest.fixture
@@ -116,9 +116,7 @@ def test_a_service_given_a_missing_file_says_so_in_one_line() -> None:
 
 
 async def test_a_service_started_before_its_server_waits_for_it_when_told_to(tmp_path: Path) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = NatsServer(port=port, store_dir=tmp_path / "nats")
     settings = Settings(nats_url=server.url, prefix="wait", connect_wait_s=30)
     with pytest.raises(NatsUnreachable):
@@ -135,10 +133,14 @@ async def test_a_service_started_before_its_server_waits_for_it_when_told_to(tmp
 
 
 async def test_a_comma_separated_url_names_several_servers_and_any_live_one_serves(nats_server: NatsServer) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        dead = s.getsockname()[1]
+    dead = free_port()
     for _ in range(4):  # nats-py shuffles the list; the dead one must never matter
         bus = await Bus.connect(Settings(nats_url=f"nats://127.0.0.1:{dead}, {nats_server.url}", prefix="multi"))
         assert bus.connected_url == nats_server.url
         await bus.close()
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:4222", "nats://", "nats://a:1,ftp://b"])
+async def test_a_malformed_url_fails_at_once_even_when_told_to_wait(url: str) -> None:
+    with pytest.raises(UsageError, match="bad NATS URL"):
+        await Bus.connect(Settings(nats_url=url, connect_wait_s=600))

@@ -4,9 +4,8 @@ every stream and bucket has three replicas, and a session outlives the loss of a
 from __future__ import annotations
 
 import asyncio
-import socket
-from collections.abc import Iterator
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
 import nats
@@ -17,23 +16,14 @@ from agentbus.config import Settings
 from agentbus.errors import AgentBusError
 from agentbus.server import NatsServer
 from agentbus.testing import text_response, tool_use_response
-from tests.helpers import POOL, agent_with_fake
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+from services.supervisor.pools import Fleet, PoolSpec
+from services.supervisor.supervisor import Supervisor
+from tests.helpers import POOL, PaperSpawner, agent_with_fake, free_port
 
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[list[NatsServer]]:
-    ports, routes = _free_ports(3), _free_ports(3)
+    ports, routes = [free_port() for _ in range(3)], [free_port() for _ in range(3)]
     urls = [f"nats://127.0.0.1:{p}" for p in routes]
     nodes = [
         NatsServer(port=p, store_dir=tmp_path / f"n{i}", server_name=f"n{i}", cluster_port=r, routes=urls)
@@ -65,31 +55,69 @@ def respond(request: dict[str, object]) -> dict[str, object]:
 
 
 @pytest.mark.timeout(180)
-async def test_three_replicas_keep_a_session_through_the_loss_of_a_server(
+async def test_three_replicas_keep_a_session_through_the_loss_of_its_leader(
     cluster: list[NatsServer], tmp_path: Path, prefix: str
 ) -> None:
     settings = Settings(nats_url=",".join(n.url for n in cluster), prefix=prefix, replicas=3)
     async with AsyncExitStack() as stack:
         client = await _connect_when_ready(settings, stack)
+        sup = await stack.enter_async_context(
+            running(Supervisor(client.bus, Fleet({POOL: PoolSpec(name=POOL, model="x", min=0, max=1)}), PaperSpawner()))
+        )
         async with agent_with_fake(settings, tmp_path / "w", responder=respond):
             first = await client.submit("before the loss", pool=POOL)
             assert (await client.wait(first, timeout=60)).status == "completed"
             before = [r.seq for r in await client.show(first)]
 
-            cluster[0].kill()  # SIGKILL one of three: a quorum of two remains
+            # SIGKILL the server leading the session stream: its log must move to a new leader
+            leader = await _leader(cluster, f"{prefix.upper()}_SESSIONS")
+            victim = next(n for n in cluster if n.server_name == leader)
+            victim.kill()
+            ticks = sup.ticks
             second = await client.submit("after the loss", pool=POOL)
             state = await client.wait(second, timeout=90)
             after = [r.seq for r in await client.show(first)]
+            new_leader = await _leader([n for n in cluster if n is not victim], f"{prefix.upper()}_SESSIONS")
     assert state.status == "completed"
     assert after == before
+    assert new_leader != leader
+    assert sup.ticks > ticks, "the supervisor kept working after the loss"
 
-    nc = await nats.connect(cluster[1].url)
+    survivor = next(n for n in cluster if n is not victim)
+    nc = await nats.connect(survivor.url)
     try:
-        js = nc.jetstream()
-        infos = await js.streams_info()
+        infos = await nc.jetstream().streams_info()
     finally:
         await nc.close()
     mine = [i for i in infos if i.config.name and i.config.name.startswith(prefix.upper())]
     kv = [i for i in infos if i.config.name and i.config.name.startswith(f"KV_{prefix.upper()}")]
     assert mine and kv
     assert {i.config.num_replicas for i in mine + kv} == {3}
+
+
+async def _leader(nodes: list[NatsServer], stream: str) -> str:
+    for node in nodes:
+        try:
+            nc = await nats.connect(node.url, connect_timeout=2, allow_reconnect=False)
+        except Exception:
+            continue
+        try:
+            for _ in range(100):
+                info = await nc.jetstream().stream_info(stream)
+                if info.cluster and info.cluster.leader:
+                    return str(info.cluster.leader)
+                await asyncio.sleep(0.1)
+        finally:
+            await nc.close()
+    raise AssertionError(f"no leader for {stream}")
+
+
+@asynccontextmanager
+async def running(sup: Supervisor) -> AsyncIterator[Supervisor]:
+    task = asyncio.create_task(sup.run())
+    try:
+        yield sup
+        assert not task.done(), "the supervisor stopped on its own"
+    finally:
+        await sup.shutdown()
+        await task

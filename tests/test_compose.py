@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,8 +17,10 @@ import yaml
 
 import agentbus
 from agentbus.config import Settings
+from agentbus.messages import VerdictRecorded
 from services.supervisor.pools import load_pools
-from tests.docker_env import ROOT, agentbus_image, docker_client
+from tests.docker_env import ROOT, agentbus_image, docker_client, unavailable
+from tests.helpers import free_port
 
 if TYPE_CHECKING:
     import docker
@@ -48,10 +49,12 @@ def compose_tools() -> list[list[str]]:
 
 
 def _no_tool() -> None:
-    reason = "neither `docker compose` nor `docker-compose` is installed (.ci/docker-setup installs docker-compose)"
-    if os.environ.get("AGENTBUS_REQUIRE_DOCKER") == "1":
-        pytest.fail(f"AGENTBUS_REQUIRE_DOCKER=1 but {reason}")
-    pytest.skip(reason)
+    unavailable("neither `docker compose` nor `docker-compose` is installed (.ci/docker-setup installs docker-compose)")
+
+
+def _clean_env() -> dict[str, str]:
+    """What finds the compose tool and its plugins, and none of the variables the files read."""
+    return {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "DOCKER_HOST", "DOCKER_CONFIG")}
 
 
 def _load(name: str) -> dict[str, Any]:
@@ -67,9 +70,7 @@ def test_each_compose_variant_validates_with_the_compose_tool(variant: str) -> N
     files = [arg for name in VARIANTS[variant] for arg in ("-f", str(COMPOSE / name))]
     for tool in tools:
         # an empty environment: the defaults alone must make a valid file (no .env needed)
-        out = subprocess.run(
-            [*tool, *files, "config"], capture_output=True, text=True, check=False, env={"PATH": os.environ["PATH"]}
-        )
+        out = subprocess.run([*tool, *files, "config"], capture_output=True, text=True, check=False, env=_clean_env())
         assert out.returncode == 0, f"{' '.join(tool)} config ({variant}): {out.stderr}"
         merged = yaml.safe_load(out.stdout)
         assert set(ROLES) <= set(merged["services"])
@@ -125,12 +126,6 @@ def test_every_env_example_setting_is_used_and_the_pools_file_serves_the_agents_
 # -- a real engine ------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class Deployment:
     def __init__(self, tool: list[str], project: str, env_file: Path) -> None:
         self.base = [*tool, "-p", project, "-f", str(COMPOSE / "host-network.yaml"), "--env-file", str(env_file)]
@@ -152,10 +147,10 @@ def deployment(
     tools = compose_tools()
     if not tools:
         _no_tool()
-    port = _free_port()
+    port = free_port()
     env_file = tmp_path / "compose.env"
     env_file.write_text(
-        f"AGENTBUS_TAG={agentbus_image.split(':')[1]}\nNATS_PORT={port}\nNATS_MONITOR_PORT={_free_port()}\n"
+        f"AGENTBUS_TAG={agentbus_image.split(':')[1]}\nNATS_PORT={port}\nNATS_MONITOR_PORT={free_port()}\n"
         f"NATS_SERVER_NAME=test-{port}\n"
     )
     deploy = Deployment(tools[-1], f"agentbustest{os.getpid()}x{port}", env_file)
@@ -174,14 +169,19 @@ async def test_compose_up_runs_a_task_from_the_host_and_the_session_survives_dow
     deploy.run("up", "-d", "--no-build")
     try:
         async with agentbus.connect(settings=settings) as client:
-            sid = await client.submit("write a haiku about message queues", pool="general")
+            # the check runs in the evaluator's container, on the workspace the agent wrote
+            sid = await client.submit(
+                "write a haiku about message queues", pool="general", checks=["test -s haiku.txt"]
+            )
             state = await client.wait(sid, timeout=180)
+            verdicts = [r.event for r in await client.show(sid) if isinstance(r.event, VerdictRecorded)]
             before = [r.seq for r in await client.show(sid)]
     except BaseException:
         print(deploy.logs())
         raise
     assert state.status == "completed", deploy.logs()
     assert "haiku.txt" in (state.result or "")
+    assert [v.verdict for v in verdicts] == ["satisfied"], "the evaluator saw the agent's file"
 
     deploy.run("down")  # no -v: the named volume keeps the store
     deploy.run("up", "-d", "--no-build")

@@ -87,7 +87,7 @@ async def test_docker_workers_run_sessions_on_the_host_network_and_leave_nothing
     containers: list[Any],
     prefix: str,
 ) -> None:
-    with FakeMessagesAPI(responder=respond(0.3)) as api:
+    with FakeMessagesAPI(responder=respond(1.0)) as api:
         async with supervised(settings, tmp_path, docker_client, _pool(agentbus_image, api, min=1, max=2)) as sup:
             sids = [await client.submit(f"task {i}", pool="p") for i in range(4)]
             states = [await client.wait(sid, timeout=120) for sid in sids]
@@ -95,13 +95,14 @@ async def test_docker_workers_run_sessions_on_the_host_network_and_leave_nothing
             workers = await client.workers()
             handles = list(sup.pools["p"].workers)
     assert [s.status for s in states] == ["completed"] * 4
-    assert running, "the pool's workers are containers"
+    assert len(handles) == 2, "the backlog brought the pool from min 1 to max 2"
+    assert len(running) == 2, "the pool's workers are containers"
     for c in running:
         assert c.attrs["HostConfig"]["NetworkMode"] == "host"
         assert c.attrs["Config"]["User"] == "agentbus"  # the image's non-root user
         assert c.labels[f"{LABEL}.pool"] == "p"
         assert not any("docker.sock" in m.get("Source", "") for m in c.attrs["Mounts"])
-    assert {w.container for w in workers} <= {c.name for c in running}  # the registry names the container
+    assert workers and {w.container for w in workers} <= {c.name for c in running}, "the registry names them"
     assert _mine(docker_client, prefix) == [], "shutdown stops and removes every container"
     for h in handles:
         assert isinstance(h, ContainerHandle)
@@ -216,3 +217,24 @@ def test_agent_containers_get_model_tracing_and_agentbus_settings_and_nothing_el
         "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318",
         "AGENTBUS_REPLICAS": "3",
     }
+
+
+async def test_a_worker_that_cannot_start_is_retried_and_the_supervisor_keeps_going(
+    client: agentbus.Client,
+    settings: Settings,
+    tmp_path: Path,
+    docker_client: docker.DockerClient,
+    containers: list[Any],
+    prefix: str,
+) -> None:
+    spec = _pool("agentbus-no-such-image:none", min=1, max=2)  # not built, and no registry to pull from
+    async with supervised(settings, tmp_path, docker_client, spec) as sup:
+        await until(lambda: _failed(sup, 2), "two failed starts (the second after a backoff)", timeout=120)
+        reply = await client.request_workers("p", 1)
+        assert sup.pools["p"].workers == []
+    assert reply.granted == 0 and "cannot start a worker" in reply.reason
+    assert _mine(docker_client, prefix) == [], "no half-created container is left"
+
+
+async def _failed(sup: Supervisor, n: int) -> bool:
+    return sup.spawn_failures >= n

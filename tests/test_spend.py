@@ -16,41 +16,12 @@ import pytest
 import agentbus
 from agentbus.bus import Bus
 from agentbus.config import Settings
-from agentbus.messages import BudgetExceeded
+from agentbus.messages import BudgetExceeded, Hold
 from agentbus.spend import SpendLedger
 from agentbus.testing import text_response
 from services.supervisor.pools import Fleet, PoolSpec, load_pools
-from services.supervisor.spawner import WorkerHandle
 from services.supervisor.supervisor import Supervisor
-from tests.helpers import POOL, agent_with_fake, until
-
-
-class IdleHandle:
-    """A worker that exists only on paper: the in-process test agent does the work."""
-
-    def __init__(self, worker_id: str, pool: str) -> None:
-        self.worker_id = worker_id
-        self.pool = pool
-
-    async def alive(self) -> bool:
-        return True
-
-    async def kill(self) -> None:
-        pass
-
-    async def stop(self, timeout: float = 30.0) -> None:
-        pass
-
-    async def reap(self) -> None:
-        pass
-
-
-class PaperSpawner:
-    async def spawn(self, spec: PoolSpec, worker_id: str) -> WorkerHandle:
-        return IdleHandle(worker_id, spec.name)
-
-    async def adopt(self, pools: dict[str, PoolSpec]) -> list[WorkerHandle]:
-        return []
+from tests.helpers import POOL, PaperSpawner, agent_with_fake, until
 
 
 @asynccontextmanager
@@ -111,7 +82,7 @@ async def test_concurrent_agents_never_lose_a_cost(settings: Settings) -> None:
     async with await Bus.connect(settings) as a, await Bus.connect(settings) as b:
         ledgers = [SpendLedger(a), SpendLedger(b)]
         await asyncio.gather(*(ledgers[i % 2].add("p", 0.25) for i in range(40)))
-        total = (await ledgers[0].totals())["p"]
+        total = (await ledgers[0].snapshot())[0]["p"]
     assert (total.usd, total.calls) == (10.0, 40)
 
 
@@ -125,7 +96,7 @@ async def test_agentbus_spend_shows_the_total_and_the_hold(client: agentbus.Clie
         subprocess.run, [*base, "--reset", "coder"], capture_output=True, text=True, check=True
     )
     assert "reset" in reset.stdout
-    assert (await ledger.totals())["coder"].usd == 0.0
+    assert (await ledger.snapshot())[0]["coder"].usd == 0.0
 
 
 def test_ceilings_come_from_the_pools_file(tmp_path: Path) -> None:
@@ -133,3 +104,15 @@ def test_ceilings_come_from_the_pools_file(tmp_path: Path) -> None:
     path.write_text('ceiling_usd = 100\n[pools.a]\nmodel = "scripted:demo"\nceiling_usd = "${T_CEIL:-25.5}"\n')
     fleet = load_pools(path)
     assert (fleet.ceiling_usd, fleet.pools["a"].ceiling_usd) == (100.0, 25.5)
+
+
+async def test_a_hold_no_ceiling_explains_is_lifted_and_a_reset_lifts_one_at_once(
+    client: agentbus.Client, settings: Settings
+) -> None:
+    ledger = SpendLedger(client.bus)
+    await ledger.set_hold(POOL, Hold(limit="fleet_ceiling_usd", detail="left by an earlier supervisor"))
+    async with supervisor(settings, Fleet({POOL: PoolSpec(name=POOL, model="scripted:demo", min=0, max=0)})):
+        await until(lambda: _free(client), "the supervisor to lift a hold no ceiling explains", timeout=10)
+    await ledger.set_hold("elsewhere", Hold(limit="pool_ceiling_usd", detail="a pool no supervisor runs"))
+    await client.reset_spend("elsewhere")
+    assert "elsewhere" not in (await client.spend())[1]

@@ -210,3 +210,45 @@ def test_pools_file_strings_take_environment_variables_with_defaults(
     monkeypatch.delenv("T_TAG")
     with pytest.raises(UsageError, match=r"\$\{T_TAG\} is not set"):
         load_pools(path)
+
+
+@pytest.mark.timeout(120)
+async def test_a_restarted_supervisor_adopts_the_process_workers_its_predecessor_left(
+    client: agentbus.Client, settings: Settings, tmp_path: Path
+) -> None:
+    pools = tmp_path / "pools.toml"
+    pools.write_text('[pools.p]\nmodel = "scripted:demo"\nmin = 1\nmax = 1\n')
+    cmd = [sys.executable, "-m", "agentbus.cli", "supervisor", "--pools", str(pools),
+           "--nats", settings.nats_url, "--prefix", settings.prefix,
+           "--log-dir", str(tmp_path / "logs"), "--workdir", str(tmp_path / "w")]  # fmt: skip
+    first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # noqa: ASYNC220
+    try:
+        [orphan] = await until(lambda: _registered_workers(client, 1), "the first supervisor's worker", timeout=60)
+    finally:
+        first.send_signal(signal.SIGKILL)  # a crash: no drain; its worker keeps running, now init's child
+        first.wait()
+
+    bus = await Bus.connect(settings)
+    sup = Supervisor(bus, load_pools(pools), ProcessSpawner(settings, tmp_path / "logs", tmp_path / "w"), tick_s=0.1)
+    runner = asyncio.create_task(sup.run())
+    try:
+        await until(lambda: _size(sup, 1), "adoption", timeout=10)
+        await asyncio.sleep(1)  # ten ticks: an adopted worker must not be doubled
+        adopted = [(w.worker_id, getattr(w, "pid", None)) for w in sup.pools["p"].workers]
+        sid = await client.submit("still served", pool="p")
+        state = await client.wait(sid, timeout=60)
+    finally:
+        await sup.shutdown()
+        await runner
+        await bus.close()
+    assert adopted == [(orphan.worker_id, orphan.pid)]
+    assert state.status == "completed" and state.owner == orphan.worker_id
+    with pytest.raises(ProcessLookupError):  # the adoptee was drained with the rest
+        for _ in range(100):
+            os.kill(orphan.pid, 0)
+            await asyncio.sleep(0.1)
+
+
+async def _registered_workers(client: agentbus.Client, n: int) -> list[Any] | None:
+    workers = await client.workers()
+    return workers if len(workers) == n else None

@@ -11,14 +11,15 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agentbus.config import Settings
 from agentbus.errors import UsageError
+from agentbus.messages import WorkerInfo
 from services.supervisor.pools import PoolSpec
-from services.supervisor.spawner import WorkerHandle, agent_args
+from services.supervisor.spawner import SpawnError, WorkerHandle, agent_args
 
 if TYPE_CHECKING:
     import docker
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("agentbus.supervisor")
 
 LABEL = "io.agentbus"
-WORKDIR = "/work"  # the agent's workspaces inside the container; mount a shared volume here to keep them
+WORKDIR = "/work"  # the agent's workspaces inside the container; a named volume `<prefix>-work` by default
 _PASSED_PREFIXES = ("ANTHROPIC_", "OTEL_", "AGENTBUS_")
 
 
@@ -49,11 +50,17 @@ class ContainerHandle:
 
     async def alive(self) -> bool:
         import docker.errors
+        import requests.exceptions
 
         try:
             await asyncio.to_thread(self.container.reload)
         except docker.errors.NotFound:
             return False
+        except (docker.errors.DockerException, requests.exceptions.RequestException) as err:
+            # The engine is restarting or slow: no news is not death. If the worker is really
+            # gone its heartbeat stops, and the supervisor's silence check replaces it.
+            log.warning("container %s: no status from the engine (%s)", self.name, err)
+            return True
         return self.container.status in ("created", "running", "restarting")
 
     async def kill(self) -> None:
@@ -134,35 +141,52 @@ class DockerSpawner:
             "init": True,  # reaps the bash tool's children; the agent handles SIGTERM itself
             "environment": env,
             "labels": self.labels(spec, worker_id),
-            "volumes": list(spec.volumes),
+            # Workspaces must outlive the container: a session handed back on scale-down or after a
+            # crash continues in another container, which must find the files the log speaks of.
+            "volumes": list(spec.volumes) or [f"{self.settings.prefix}-work:{WORKDIR}"],
         }
 
         def _run() -> Container:
-            # detach=True returns the Container (the overloads can't see that through **kwargs)
-            return self.client.containers.run(spec.image, detach=True, **kwargs)
+            import docker.errors
+            import requests.exceptions
+
+            try:
+                # detach=True returns the Container (the overloads can't see that through **kwargs)
+                return self.client.containers.run(spec.image, detach=True, **kwargs)
+            except (docker.errors.DockerException, requests.exceptions.RequestException) as err:
+                # `run` is create + start: a failed start leaves a created container behind
+                with contextlib.suppress(docker.errors.DockerException, requests.exceptions.RequestException):
+                    self.client.containers.get(name).remove(force=True)
+                raise SpawnError(f"container {name} from image {spec.image}: {_reason(err)}") from err
 
         container = await asyncio.to_thread(_run)
         return ContainerHandle(container, worker_id, spec.name, self.log_dir)
 
-    async def adopt(self, pools: dict[str, PoolSpec]) -> list[WorkerHandle]:
-        """This prefix's agent containers: running ones of a docker pool are managed again; the
-        rest (exited, or of a pool no longer in the file) are stopped and removed, logs kept."""
+    async def adopt(self, pools: dict[str, PoolSpec], registry: Sequence[WorkerInfo]) -> list[WorkerHandle]:
+        """This prefix's agent containers of this file's docker pools: running ones are managed
+        again, exited ones removed (their output kept in the log directory)."""
         mine = [f"{LABEL}.role=agent", f"{LABEL}.prefix={self.settings.prefix}"]
         filters: dict[str, str | list[str] | bool] = {"label": mine}
         found = await asyncio.to_thread(self.client.containers.list, all=True, filters=filters)
         adopted: list[WorkerHandle] = []
         for container in found:
-            labels = container.labels
-            handle = ContainerHandle(container, labels[f"{LABEL}.worker"], labels[f"{LABEL}.pool"], self.log_dir)
-            spec = pools.get(handle.pool)
-            if container.status == "running" and spec is not None and spec.spawner == "docker":
+            worker, pool = container.labels.get(f"{LABEL}.worker"), container.labels.get(f"{LABEL}.pool")
+            spec = pools.get(pool or "")
+            if not worker or spec is None or spec.spawner != "docker":
+                continue  # a pool not in this file may be another supervisor's: left alone
+            handle = ContainerHandle(container, worker, spec.name, self.log_dir)
+            if container.status == "running":
                 log.info("pool %s: adopted %s (container %s)", handle.pool, handle.worker_id, handle.name)
                 adopted.append(handle)
             else:
-                why = "exited" if container.status != "running" else f"pool {handle.pool} is gone"
-                log.info("removing container %s (%s)", handle.name, why)
+                log.info("removing container %s (%s)", handle.name, container.status)
                 await handle.stop(timeout=30)
         return adopted
+
+
+def _reason(err: Exception) -> str:
+    explanation = getattr(err, "explanation", None)
+    return str(explanation or err)
 
 
 def engine() -> docker.DockerClient:

@@ -26,6 +26,7 @@ variables as `${NAME}` or `${NAME:-default}`, so one file serves several deploym
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tomllib
@@ -83,30 +84,39 @@ def load_pools(path: str | Path) -> Fleet:
             budget = msgspec.convert(raw.get("budget", {}), Budget, strict=False)
         except msgspec.ValidationError as err:
             raise UsageError(f"pools file {where}, pool {name}, budget: {err}") from err
-        spec = PoolSpec(
-            name=name,
-            model=str(raw["model"]),
-            tools=tuple(raw.get("tools", PoolSpec.tools)),
-            min=int(raw.get("min", 1)),
-            max=int(raw.get("max", 4)),
-            spawner=raw.get("spawner", "process"),
-            image=str(raw.get("image", "agentbus:latest")),
-            volumes=tuple(str(v) for v in raw.get("volumes", ())),
-            concurrency=int(raw.get("concurrency", 4)),
-            idle_s=float(raw.get("idle_s", 30)),
-            ack_wait_s=float(raw.get("ack_wait_s", 60)),
-            budget=budget,
-            env={str(k): str(v) for k, v in (raw.get("env") or {}).items()},
-            ceiling_usd=_dollars(raw.get("ceiling_usd"), f"pools file {where}, pool {name}"),
-        )
-        if not 0 <= spec.min <= spec.max or spec.max < 1:
-            raise UsageError(f"pools file {where}, pool {name}: need 0 <= min <= max and max >= 1")
+        here = f"pools file {where}, pool {name}"
+        try:
+            spec = PoolSpec(
+                name=name,
+                model=str(raw["model"]),
+                tools=tuple(raw.get("tools", PoolSpec.tools)),
+                min=int(raw.get("min", 1)),
+                max=int(raw.get("max", 4)),
+                spawner=raw.get("spawner", "process"),
+                image=str(raw.get("image", "agentbus:latest")),
+                volumes=tuple(str(v) for v in raw.get("volumes", ())),
+                concurrency=int(raw.get("concurrency", 4)),
+                idle_s=float(raw.get("idle_s", 30)),
+                ack_wait_s=float(raw.get("ack_wait_s", 60)),
+                budget=budget,
+                env={str(k): str(v) for k, v in (raw.get("env") or {}).items()},
+                ceiling_usd=_dollars(raw.get("ceiling_usd"), here),
+            )
+        except (TypeError, ValueError) as err:  # "max = 'two'", or a ${VAR} that is not a number
+            raise UsageError(f"{here}: {err}") from err
+        # max = 0 is a pool this supervisor never adds to (compose's agents serve it alone)
+        if not 0 <= spec.min <= spec.max:
+            raise UsageError(f"{here}: need 0 <= min <= max")
         if spec.spawner not in ("process", "docker"):
             raise UsageError(f"pools file {where}, pool {name}: spawner must be 'process' or 'docker'")
         pools[name] = spec
     if not pools:
         raise UsageError(f"pools file {where}: no [pools.NAME] table")
-    return Fleet(pools, int(data.get("max_workers", 16)), _dollars(data.get("ceiling_usd"), f"pools file {where}"))
+    try:
+        max_workers = int(data.get("max_workers", 16))
+    except (TypeError, ValueError) as err:
+        raise UsageError(f"pools file {where}: max_workers: {err}") from err
+    return Fleet(pools, max_workers, _dollars(data.get("ceiling_usd"), f"pools file {where}"))
 
 
 def _dollars(raw: Any, where: str) -> float | None:
@@ -116,8 +126,8 @@ def _dollars(raw: Any, where: str) -> float | None:
         value = float(raw)
     except (TypeError, ValueError):
         raise UsageError(f"{where}: ceiling_usd must be a number of dollars, not {raw!r}") from None
-    if value < 0:
-        raise UsageError(f"{where}: ceiling_usd must not be negative")
+    if not math.isfinite(value) or value < 0:
+        raise UsageError(f"{where}: ceiling_usd must be a finite number of dollars, not {raw!r}")
     return value
 
 
@@ -135,7 +145,9 @@ def _expand(value: Any, where: str) -> Any:
 
     def sub(m: re.Match[str]) -> str:
         name, default = m.group(1), m.group(2)
-        found = os.environ.get(name) or default
+        found = os.environ.get(name)
+        if default is not None and not found:  # as compose and the shell: ":-" covers unset and empty
+            found = default
         if found is None:
             raise UsageError(f"pools file {where}: ${{{name}}} is not set (write ${{{name}:-default}} for a default)")
         return found

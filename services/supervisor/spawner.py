@@ -3,16 +3,28 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
-from collections.abc import Mapping
+import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
 from agentbus.config import Settings
+from agentbus.errors import AgentBusError
+from agentbus.messages import WorkerInfo
 from services.supervisor.pools import PoolSpec
+
+log = logging.getLogger("agentbus.supervisor")
+
+
+class SpawnError(AgentBusError):
+    """A worker could not be started (no such image, no engine, no executable); retried with backoff."""
 
 
 class WorkerHandle(Protocol):
@@ -29,7 +41,7 @@ class WorkerHandle(Protocol):
 class Spawner(Protocol):
     async def spawn(self, spec: PoolSpec, worker_id: str) -> WorkerHandle: ...
 
-    async def adopt(self, pools: dict[str, PoolSpec]) -> list[WorkerHandle]:
+    async def adopt(self, pools: dict[str, PoolSpec], registry: Sequence[WorkerInfo]) -> list[WorkerHandle]:
         """Workers a previous supervisor left running that this one can manage again."""
 
 
@@ -92,17 +104,78 @@ class ProcessSpawner:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "agentbus.cli", *agent_args(spec, self.settings), "--workdir", str(self.workdir)]
         env = {**os.environ, **spec.env, "AGENTBUS_WORKER_ID": worker_id, "PYTHONUNBUFFERED": "1"}
-        with (self.log_dir / f"{worker_id}.log").open("ab") as log:
+        with (self.log_dir / f"{worker_id}.log").open("ab") as out:
             # A plain Popen (not asyncio's): the handle is polled and signalled, never awaited for output.
-            proc = subprocess.Popen(  # noqa: ASYNC220
-                cmd, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-            )
+            try:
+                proc = subprocess.Popen(  # noqa: ASYNC220
+                    cmd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+                )
+            except OSError as err:
+                raise SpawnError(f"{worker_id}: {err}") from err
         return ProcessHandle(proc, worker_id, spec.name)
 
-    async def adopt(self, pools: dict[str, PoolSpec]) -> list[WorkerHandle]:
-        """Child processes cannot be re-parented; an orphan from a dead supervisor keeps serving
-        its pool until its own stop, and its registry entry expires when it does."""
-        return []
+    async def adopt(self, pools: dict[str, PoolSpec], registry: Sequence[WorkerInfo]) -> list[WorkerHandle]:
+        """Process workers an earlier supervisor on this host left running, found in the registry
+        and confirmed by pid and environment (AGENTBUS_WORKER_ID), are managed again."""
+        here = socket.gethostname()
+        found: list[WorkerHandle] = []
+        for info in registry:
+            if info.host != here or not info.pid or not _is_worker(info.pid, info.worker_id):
+                continue
+            spec = pools.get(info.pool)
+            # a pool not in this file may be another supervisor's: its workers are left alone
+            if spec is not None and spec.spawner == "process":
+                log.info("pool %s: adopted %s (pid %d)", info.pool, info.worker_id, info.pid)
+                found.append(PidHandle(info.pid, info.worker_id, info.pool))
+        return found
+
+
+class PidHandle:
+    """A process worker an earlier supervisor started, found again through the registry. It is not
+    this supervisor's child, so it is watched and signalled by pid (its parent is now init)."""
+
+    def __init__(self, pid: int, worker_id: str, pool: str) -> None:
+        self.pid = pid
+        self.worker_id = worker_id
+        self.pool = pool
+
+    async def alive(self) -> bool:
+        return _is_worker(self.pid, self.worker_id)
+
+    async def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
+        await self._gone(10.0)
+
+    async def stop(self, timeout: float = 30.0) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGTERM)
+        if not await self._gone(timeout):
+            await self.kill()
+
+    async def reap(self) -> None:
+        """Its new parent collects the exit status; the log file stays."""
+
+    async def _gone(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while _is_worker(self.pid, self.worker_id):
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.1)
+        return True
+
+
+def _is_worker(pid: int, worker_id: str) -> bool:
+    """Whether `pid` is a live process started with AGENTBUS_WORKER_ID=`worker_id`: a pid the
+    registry names may since belong to another process, or to another pid namespace."""
+    proc = Path(f"/proc/{pid}")
+    try:
+        if proc.joinpath("stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+            return False  # exited, not yet collected by its parent
+        environ = proc.joinpath("environ").read_bytes().split(b"\0")
+    except (OSError, IndexError):
+        return False
+    return f"AGENTBUS_WORKER_ID={worker_id}".encode() in environ
 
 
 class Spawners:
@@ -114,8 +187,8 @@ class Spawners:
     async def spawn(self, spec: PoolSpec, worker_id: str) -> WorkerHandle:
         return await self.by_kind[spec.spawner].spawn(spec, worker_id)
 
-    async def adopt(self, pools: dict[str, PoolSpec]) -> list[WorkerHandle]:
+    async def adopt(self, pools: dict[str, PoolSpec], registry: Sequence[WorkerInfo]) -> list[WorkerHandle]:
         found: list[WorkerHandle] = []
         for spawner in self.by_kind.values():
-            found += await spawner.adopt(pools)
+            found += await spawner.adopt(pools, registry)
         return found

@@ -21,6 +21,7 @@ import msgspec
 
 from agentbus import tracing
 from agentbus.bus import Bus
+from agentbus.errors import AgentBusError
 from agentbus.messages import Hold, ScaleReply, ScaleRequest, WorkerInfo, encode
 from agentbus.spend import SpendLedger
 from agentbus.subjects import WORKER_TTL_S
@@ -58,6 +59,13 @@ class Supervisor:
         self.stale_after_s = stale_after_s
         self._started: dict[str, float] = {}
         self.ledger = SpendLedger(bus)
+        # one decision at a time: a scale request served mid-tick must not change a pool's
+        # worker list while the tick is looking at it
+        self._lock = asyncio.Lock()
+        self.failed_ticks = 0
+        self.ticks = 0
+        self._retiring: set[asyncio.Task[None]] = set()
+        self.spawn_failures = 0
         self._holding = True  # until the first look: a hold left by an earlier supervisor may be stale
 
     @property
@@ -68,26 +76,37 @@ class Supervisor:
         await self.bus.provision()
         for pool in self.pools.values():
             await self.bus.ensure_consumer(self.bus.ns.pool_consumer(pool.spec.name))
-        for handle in await self.spawner.adopt(self.fleet.pools):
+        for handle in await self.spawner.adopt(self.fleet.pools, await self._registry()):
             self.pools[handle.pool].workers.append(handle)
             self._started[handle.worker_id] = time.time()  # a silent adoptee gets the usual grace
         stop_serving = await self.bus.serve(self.bus.ns.scale_requests(), self._on_scale_request)
         log.info("supervisor managing %s (fleet cap %d)", ", ".join(self.pools), self.fleet.max_workers)
         try:
             while not self._draining.is_set():
-                beats = await self._heartbeats()
-                await self._enforce_ceilings()
-                for pool in self.pools.values():
-                    await self._kill_silent(pool, beats)
-                    await self._reconcile(pool)
+                try:
+                    async with self._lock:
+                        await self._tick()
+                    self.ticks += 1
+                except Exception:
+                    # A failing look (NATS failing over, the engine restarting) is retried on the
+                    # next tick: draining the whole fleet over it would be the worse outage.
+                    self.failed_ticks += 1
+                    log.exception("supervisor tick failed; trying again")
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._draining.wait(), self.tick_s)
         finally:
             await stop_serving()
             workers = [w for p in self.pools.values() for w in p.workers]
             log.info("supervisor stopping %d workers (they hand their sessions back)", len(workers))
-            await asyncio.gather(*(w.stop() for w in workers))
+            await asyncio.gather(*(w.stop() for w in workers), *self._retiring, return_exceptions=True)
             self._stopped.set()
+
+    async def _tick(self) -> None:
+        beats = await self._heartbeats()
+        await self._enforce_ceilings()
+        for pool in self.pools.values():
+            await self._kill_silent(pool, beats)
+            await self._reconcile(pool)
 
     async def shutdown(self) -> None:
         self._draining.set()
@@ -99,8 +118,7 @@ class Supervisor:
         pools_with_ceiling = any(p.spec.ceiling_usd is not None for p in self.pools.values())
         if self.fleet.ceiling_usd is None and not pools_with_ceiling and not self._holding:
             return
-        totals = await self.ledger.totals()
-        holds = await self.ledger.holds()
+        totals, holds = await self.ledger.snapshot()
         fleet_spent = sum(t.usd for t in totals.values())
         held = False
         for name, pool in self.pools.items():
@@ -123,13 +141,16 @@ class Supervisor:
                 await self.ledger.clear_hold(name)
         self._holding = held
 
-    async def _heartbeats(self) -> dict[str, float]:
+    async def _registry(self) -> list[WorkerInfo]:
         values = await self.bus.kv_values(self.bus.ns.workers_bucket)
-        beats = {}
-        for key, raw in values.items():
+        infos = []
+        for raw in values.values():
             with contextlib.suppress(msgspec.MsgspecError):
-                beats[key] = msgspec.json.decode(raw, type=WorkerInfo).heartbeat_ts
-        return beats
+                infos.append(msgspec.json.decode(raw, type=WorkerInfo))
+        return infos
+
+    async def _heartbeats(self) -> dict[str, float]:
+        return {info.worker_id: info.heartbeat_ts for info in await self._registry()}
 
     async def _kill_silent(self, pool: PoolState, beats: dict[str, float]) -> None:
         """A worker alive as a process but silent on the bus (hung, partitioned) is killed and replaced."""
@@ -143,10 +164,11 @@ class Supervisor:
 
     async def _reconcile(self, pool: PoolState) -> None:
         now = time.monotonic()
-        living = await asyncio.gather(*(w.alive() for w in pool.workers))
-        dead = [w for w, up in zip(pool.workers, living, strict=True) if not up]
+        workers = list(pool.workers)
+        living = await asyncio.gather(*(w.alive() for w in workers))
+        dead = [w for w, up in zip(workers, living, strict=True) if not up]
         if dead:
-            pool.workers = [w for w, up in zip(pool.workers, living, strict=True) if up]
+            pool.workers = [w for w in pool.workers if w not in dead]
             await asyncio.gather(*(w.reap() for w in dead))
             pool.crashes += len(dead)
             pool.next_spawn = now + min(2.0 ** (pool.crashes - 1), 30.0) * 0.5
@@ -161,13 +183,22 @@ class Supervisor:
         if size < pool.spec.min or (waiting > 0 and size < pool.spec.max):
             pool.idle_since = None
             if now >= pool.next_spawn and self.total < self.fleet.max_workers:
-                await self._spawn(pool)
+                try:
+                    await self._spawn(pool)
+                except AgentBusError as err:
+                    pool.crashes += 1
+                    pool.next_spawn = now + min(2.0 ** (pool.crashes - 1), 30.0) * 0.5
+                    self.spawn_failures += 1
+                    log.error("pool %s: cannot start a worker: %s", pool.spec.name, err)
         elif waiting == 0 and in_flight == 0 and size > pool.spec.min:
             pool.idle_since = pool.idle_since or now
             if now - pool.idle_since >= pool.spec.idle_s:
                 victim = pool.workers.pop()
                 log.info("pool %s idle for %.0fs: stopping %s", pool.spec.name, pool.spec.idle_s, victim.worker_id)
-                await victim.stop()
+                # in the background: a draining agent may take its ack wait, and the lock is held
+                retiring = asyncio.create_task(victim.stop())
+                self._retiring.add(retiring)
+                retiring.add_done_callback(self._retiring.discard)
                 pool.idle_since = now
         else:
             pool.idle_since = None
@@ -192,10 +223,14 @@ class Supervisor:
         pool = self.pools.get(req.pool)
         if pool is None:
             return encode(ScaleReply(granted=0, reason=f"no pool {req.pool!r}; pools: {', '.join(self.pools)}"))
-        room = min(pool.spec.max - len(pool.workers), self.fleet.max_workers - self.total)
-        granted = max(0, min(req.count, room))
-        for _ in range(granted):
-            await self._spawn(pool)
+        async with self._lock:
+            room = min(pool.spec.max - len(pool.workers), self.fleet.max_workers - self.total)
+            granted = max(0, min(req.count, room))
+            for started in range(granted):
+                try:
+                    await self._spawn(pool)
+                except AgentBusError as err:
+                    return encode(ScaleReply(granted=started, reason=f"cannot start a worker: {err}"))
         if granted < req.count:
             why = f"pool {req.pool} is at {len(pool.workers)} of max {pool.spec.max}" if room == granted else ""
             why = why or f"fleet cap {self.fleet.max_workers} reached"
