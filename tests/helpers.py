@@ -16,8 +16,9 @@ from agentbus.messages import WorkerInfo
 from agentbus.models import AnthropicModel
 from agentbus.testing import FakeMessagesAPI, Responder
 from services.agent.worker import AgentConfig, AgentWorker
-from services.supervisor.pools import PoolSpec
-from services.supervisor.spawner import WorkerHandle
+from services.supervisor.pools import Fleet, PoolSpec
+from services.supervisor.spawner import Spawner, WorkerHandle
+from services.supervisor.supervisor import Supervisor
 
 POOL = "p"
 MODEL_ID = "claude-sonnet-4-6"
@@ -124,3 +125,23 @@ class PaperSpawner:
 
     async def adopt(self, pools: dict[str, PoolSpec], registry: Sequence[WorkerInfo]) -> list[WorkerHandle]:
         return []
+
+
+@asynccontextmanager
+async def supervising(
+    settings: Settings, fleet: Fleet, spawner: Spawner, *, bus: Bus | None = None, tick_s: float = 0.5
+) -> AsyncIterator[Supervisor]:
+    """A supervisor running in this process (on its own connection unless `bus` is given);
+    on exit it drains its workers. It must still be running when the block ends."""
+    own = bus is None
+    bus = bus or await Bus.connect(settings)
+    sup = Supervisor(bus, fleet, spawner, tick_s=tick_s)
+    runner = asyncio.create_task(sup.run())
+    try:
+        yield sup
+        assert not runner.done(), "the supervisor stopped on its own"
+    finally:
+        await sup.shutdown()
+        await runner
+        if own:
+            await bus.close()

@@ -4,8 +4,8 @@ every stream and bucket has three replicas, and a session outlives the loss of a
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import Iterator
+from contextlib import AsyncExitStack
 from pathlib import Path
 
 import nats
@@ -17,8 +17,7 @@ from agentbus.errors import AgentBusError
 from agentbus.server import NatsServer
 from agentbus.testing import text_response, tool_use_response
 from services.supervisor.pools import Fleet, PoolSpec
-from services.supervisor.supervisor import Supervisor
-from tests.helpers import POOL, PaperSpawner, agent_with_fake, free_port
+from tests.helpers import POOL, PaperSpawner, agent_with_fake, free_port, supervising
 
 
 @pytest.fixture
@@ -61,9 +60,8 @@ async def test_three_replicas_keep_a_session_through_the_loss_of_its_leader(
     settings = Settings(nats_url=",".join(n.url for n in cluster), prefix=prefix, replicas=3)
     async with AsyncExitStack() as stack:
         client = await _connect_when_ready(settings, stack)
-        sup = await stack.enter_async_context(
-            running(Supervisor(client.bus, Fleet({POOL: PoolSpec(name=POOL, model="x", min=0, max=1)}), PaperSpawner()))
-        )
+        fleet = Fleet({POOL: PoolSpec(name=POOL, model="x", min=0, max=1)})
+        sup = await stack.enter_async_context(supervising(settings, fleet, PaperSpawner(), bus=client.bus))
         async with agent_with_fake(settings, tmp_path / "w", responder=respond):
             first = await client.submit("before the loss", pool=POOL)
             assert (await client.wait(first, timeout=60)).status == "completed"
@@ -110,14 +108,3 @@ async def _leader(nodes: list[NatsServer], stream: str) -> str:
         finally:
             await nc.close()
     raise AssertionError(f"no leader for {stream}")
-
-
-@asynccontextmanager
-async def running(sup: Supervisor) -> AsyncIterator[Supervisor]:
-    task = asyncio.create_task(sup.run())
-    try:
-        yield sup
-        assert not task.done(), "the supervisor stopped on its own"
-    finally:
-        await sup.shutdown()
-        await task

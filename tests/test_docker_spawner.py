@@ -8,15 +8,13 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
 import agentbus
-from agentbus.bus import Bus
 from agentbus.config import Settings
 from agentbus.testing import FakeMessagesAPI, text_response, tool_use_response
 from services.supervisor.docker_spawner import LABEL, ContainerHandle, DockerSpawner, passed_env
@@ -24,7 +22,7 @@ from services.supervisor.pools import Fleet, PoolSpec
 from services.supervisor.spawner import Spawners
 from services.supervisor.supervisor import Supervisor
 from tests.docker_env import agentbus_image, docker_client
-from tests.helpers import until
+from tests.helpers import supervising, until
 
 if TYPE_CHECKING:
     import docker
@@ -61,20 +59,9 @@ def _pool(image: str, api: FakeMessagesAPI | None = None, **kw: Any) -> PoolSpec
     return PoolSpec(name="p", model=model, spawner="docker", image=image, env=env, concurrency=1, **kw)
 
 
-@asynccontextmanager
-async def supervised(
-    settings: Settings, tmp_path: Path, client: docker.DockerClient, spec: PoolSpec
-) -> AsyncIterator[Supervisor]:
-    bus = await Bus.connect(settings)
+def supervised(settings: Settings, tmp_path: Path, client: docker.DockerClient, spec: PoolSpec) -> Any:
     spawner = DockerSpawner(settings, tmp_path / "logs", client=client, environ={})
-    sup = Supervisor(bus, Fleet({"p": spec}, max_workers=4), Spawners({"docker": spawner}))
-    runner = asyncio.create_task(sup.run())
-    try:
-        yield sup
-    finally:
-        await sup.shutdown()
-        await runner
-        await bus.close()
+    return supervising(settings, Fleet({"p": spec}, max_workers=4), Spawners({"docker": spawner}))
 
 
 @pytest.mark.timeout(240)

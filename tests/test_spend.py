@@ -7,9 +7,8 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -20,21 +19,11 @@ from agentbus.messages import BudgetExceeded, Hold
 from agentbus.spend import SpendLedger
 from agentbus.testing import text_response
 from services.supervisor.pools import Fleet, PoolSpec, load_pools
-from services.supervisor.supervisor import Supervisor
-from tests.helpers import POOL, PaperSpawner, agent_with_fake, until
+from tests.helpers import POOL, PaperSpawner, agent_with_fake, supervising, until
 
 
-@asynccontextmanager
-async def supervisor(settings: Settings, fleet: Fleet) -> AsyncIterator[Supervisor]:
-    bus = await Bus.connect(settings)
-    sup = Supervisor(bus, fleet, PaperSpawner(), tick_s=0.1)
-    runner = asyncio.create_task(sup.run())
-    try:
-        yield sup
-    finally:
-        await sup.shutdown()
-        await runner
-        await bus.close()
+def supervisor(settings: Settings, fleet: Fleet) -> Any:
+    return supervising(settings, fleet, PaperSpawner(), tick_s=0.1)
 
 
 async def _held(client: agentbus.Client) -> bool:

@@ -9,8 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +22,7 @@ from agentbus.testing import FakeMessagesAPI, text_response, tool_use_response
 from services.supervisor.pools import Fleet, PoolSpec, load_pools
 from services.supervisor.spawner import ProcessHandle, ProcessSpawner
 from services.supervisor.supervisor import Supervisor
-from tests.helpers import until
+from tests.helpers import supervising, until
 
 
 def slow(delay: float) -> Any:
@@ -37,23 +35,11 @@ def slow(delay: float) -> Any:
     return respond
 
 
-@asynccontextmanager
-async def supervised(
-    settings: Settings, tmp_path: Path, api: FakeMessagesAPI, **pool: Any
-) -> AsyncIterator[Supervisor]:
+def supervised(settings: Settings, tmp_path: Path, api: FakeMessagesAPI, **pool: Any) -> Any:
     env = {"ANTHROPIC_BASE_URL": api.base_url, "ANTHROPIC_API_KEY": "test"}
     spec = PoolSpec(name="p", model="anthropic:claude-sonnet-4-6", env=env, concurrency=1, **pool)
-    bus = await Bus.connect(settings)
-    sup = Supervisor(
-        bus, Fleet({"p": spec}, max_workers=4), ProcessSpawner(settings, tmp_path / "logs", tmp_path / "w")
-    )
-    runner = asyncio.create_task(sup.run())
-    try:
-        yield sup
-    finally:
-        await sup.shutdown()
-        await runner
-        await bus.close()
+    spawner = ProcessSpawner(settings, tmp_path / "logs", tmp_path / "w")
+    return supervising(settings, Fleet({"p": spec}, max_workers=4), spawner)
 
 
 @pytest.mark.timeout(120)
