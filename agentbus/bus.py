@@ -564,24 +564,6 @@ class Bus:
         with contextlib.suppress(nats.js.errors.NotFoundError, nats.js.errors.APIError):
             await self._js.delete_msg(stream, seq)
 
-    async def max_delivery_advisories(self, spec: ConsumerSpec) -> AsyncIterator[int]:
-        """Stream sequences of messages on `spec` that used up their deliveries.
-
-        JetStream has no dead-letter queue; it only announces the exhaustion on an
-        advisory subject, so whoever cares must listen and record the failure.
-        """
-        import json
-
-        subject = f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{spec.stream}.{spec.durable}"
-        sub = await self._nc.subscribe(subject)
-        try:
-            async for msg in sub.messages:
-                with contextlib.suppress(ValueError, KeyError, TypeError):
-                    yield int(json.loads(msg.data)["stream_seq"])
-        finally:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
-
     async def consumer_backlog(self, spec: ConsumerSpec) -> tuple[int, int]:
         """(messages waiting for a worker, messages delivered and not yet acked) on a durable."""
         try:

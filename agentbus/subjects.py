@@ -118,6 +118,14 @@ class Namespace:
         """Every pool's work queue."""
         return f"{self.prefix}.work.*"
 
+    def exhausted(self, pool: str) -> str:
+        """The server's advisory for a task of `pool` that used up its deliveries unacked."""
+        return f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{self.work_stream}.pool-{_token(pool, 'pool name')}"
+
+    def exhausted_all(self) -> str:
+        """Those advisories for every pool: captured in a stream, so none is lost while no agent runs."""
+        return f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{self.work_stream}.*"
+
     # --- streams, consumers, buckets ----------------------------------------------------
 
     @property
@@ -135,6 +143,10 @@ class Namespace:
     @property
     def evaluations_stream(self) -> str:
         return f"{self._upper}_EVAL"
+
+    @property
+    def exhausted_stream(self) -> str:
+        return f"{self._upper}_EXHAUSTED"
 
     @property
     def workers_bucket(self) -> str:
@@ -182,6 +194,15 @@ class Namespace:
                 retention="workqueue",
                 max_msg_size=self.max_message_bytes,
             ),
+            # JetStream has no dead-letter queue: it only announces an exhausted task on a core
+            # subject. Capturing the announcements keeps them until an agent of the pool records
+            # the failure, even if none was running when the server sent them.
+            StreamSpec(
+                name=self.exhausted_stream,
+                subjects=(self.exhausted_all(),),
+                retention="workqueue",
+                max_msg_size=self.max_message_bytes,
+            ),
         )
 
     def buckets(self) -> tuple[BucketSpec, ...]:
@@ -221,6 +242,16 @@ class Namespace:
             filter_subject=self.evaluations(),
             ack_wait_s=120.0,
             max_deliver=5,
+        )
+
+    def exhausted_consumer(self, pool: str) -> ConsumerSpec:
+        """The durable all agents of one pool share for its exhausted tasks."""
+        return ConsumerSpec(
+            stream=self.exhausted_stream,
+            durable=f"exhausted-{_token(pool, 'pool name')}",
+            filter_subject=self.exhausted(pool),
+            ack_wait_s=30.0,
+            max_deliver=-1,  # recording a failure must not itself give up
         )
 
     def pool_consumer(self, pool: str, *, ack_wait_s: float = 60.0, max_deliver: int = 5) -> ConsumerSpec:

@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import agentbus
+from agentbus.bus import Bus
 from agentbus.config import Settings
 from agentbus.testing import FakeMessagesAPI
-from tests.helpers import agent
+from tests.helpers import agent, until
 
 
 async def test_a_task_that_fails_on_every_delivery_ends_failed_with_the_reason(
@@ -41,3 +42,32 @@ async def test_a_task_whose_last_delivery_dies_unacked_is_failed_from_the_adviso
     assert state.status == "failed"
     assert "max_deliver" in state.reason
     assert api.requests == []
+
+
+async def test_an_exhaustion_announced_while_no_agent_runs_is_recorded_by_the_next_agent(
+    client: agentbus.Client, settings: Settings, tmp_path: Path
+) -> None:
+    """The server sends its advisory once, on a core subject; the stream keeps it for later."""
+    bus = client.bus
+    puller = await bus.pull(bus.ns.pool_consumer("p", ack_wait_s=1.0, max_deliver=1))
+    sid = await client.submit("do it", pool="p")
+    assert len(await puller.fetch(1, timeout=5.0)) == 1  # the one delivery, taken by an agent that dies
+    await puller.close()
+    # no agent anywhere: the advisory must still be kept
+    await until(lambda: _captured(bus), "the max-deliveries advisory to be stored", timeout=30)
+    assert (await client.state(sid)).status != "failed"
+    with FakeMessagesAPI() as api:
+        async with agent(settings, api, tmp_path, max_deliver=1, ack_wait_s=1.0):
+            state = await client.wait(sid, timeout=30)
+            await until(lambda: _drained(bus), "the advisory to be acked", timeout=10)
+    assert state.status == "failed"
+    assert "max_deliver" in state.reason
+    assert api.requests == []
+
+
+async def _captured(bus: Bus) -> bool:
+    return await bus.stream_last_seq(bus.ns.exhausted_stream) > 0
+
+
+async def _drained(bus: Bus) -> bool:
+    return await bus.consumer_backlog(bus.ns.exhausted_consumer("p")) == (0, 0)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import secrets
@@ -260,17 +261,46 @@ class AgentWorker:
             await job.nak(delay=min(2.0**job.attempt, 30.0))
 
     async def _watch_exhausted(self) -> None:
-        """A task whose last delivery died with its agent: fail the session so nobody waits forever."""
+        """A task whose last delivery died with its agent: fail the session so nobody waits forever.
+
+        The server's advisories are kept in a stream (see subjects.md), so one sent while no agent
+        of the pool ran is handled by the next agent to start.
+        """
+        puller = await self.bus.pull(self.bus.ns.exhausted_consumer(self.config.pool))
+        try:
+            while True:
+                try:
+                    for job in await puller.fetch(1, timeout=5.0):
+                        try:
+                            await self._record_exhausted(job.data)
+                        except AgentBusError as err:
+                            log.warning("exhausted task advisory not recorded yet: %s", err)
+                            await job.nak(delay=1.0)
+                        else:
+                            await job.ack()
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # a watcher that dies quietly would lose every later advisory
+                    log.exception("watching exhausted tasks of pool %s; going on", self.config.pool)
+                    await asyncio.sleep(1.0)
+        finally:
+            await puller.close()
+
+    async def _record_exhausted(self, advisory: bytes) -> None:
+        try:
+            seq = int(json.loads(advisory)["stream_seq"])
+        except (ValueError, KeyError, TypeError):
+            log.warning("unreadable max-deliveries advisory dropped: %r", advisory[:200])
+            return
         stream = self.consumer.stream
-        async for seq in self.bus.max_delivery_advisories(self.consumer):
-            data = await self.bus.get_stored(stream, seq)
-            if data is None:
-                continue
-            sid = session_id_of(data)
-            if sid and await self.log.exists(sid):
-                reason = f"gave up: delivered {self.config.max_deliver} times and never finished (max_deliver)"
-                await self.log.append(sid, SessionEnded(id="ended", status="failed", reason=reason))
-            await self.bus.delete_stored(stream, seq)
+        data = await self.bus.get_stored(stream, seq)
+        if data is None:
+            return  # already handled: the task is gone from the queue
+        sid = session_id_of(data)
+        if sid and await self.log.exists(sid):
+            reason = f"gave up: delivered {self.config.max_deliver} times and never finished (max_deliver)"
+            await self.log.append(sid, SessionEnded(id="ended", status="failed", reason=reason))
+        await self.bus.delete_stored(stream, seq)
 
 
 class _CutOff:
