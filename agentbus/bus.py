@@ -46,6 +46,7 @@ EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
 _WRONG_LAST_SEQUENCE = 10071  # JetStream API error code for a failed fence
 _STREAM_NAME_IN_USE = 10058
 _CONSUMER_EXISTS = 10148
+_INSUFFICIENT_RESOURCES = 10023
 _PIPELINE_DEPTH = 256
 _REPLAY_BUFFER = 1024
 
@@ -155,10 +156,13 @@ class Bus:
     async def connect(cls, settings: Settings, *, name: str = "agentbus") -> Bus:
         """Connect, failing fast with `NatsUnreachable` instead of retrying forever; a service
         started beside its server (compose, systemd) sets `connect_wait_s` to keep trying that long."""
-        for server in settings.nats_url.split(","):
-            server = server.strip()
+        for server in filter(None, (u.strip() for u in settings.nats_url.split(","))):
             # nats-py reads a bare HOST[:PORT] as nats://HOST[:PORT]
             parsed = urllib.parse.urlparse(server if "//" in server else f"nats://{server}")
+            try:
+                parsed.port  # noqa: B018 - raises ValueError for a port that is not a number
+            except ValueError:
+                parsed = parsed._replace(netloc="")
             if parsed.scheme not in ("nats", "tls", "ws", "wss") or not parsed.hostname:
                 # a typo is not worth waiting for: fail now, whatever connect_wait_s says
                 raise UsageError(
@@ -266,7 +270,12 @@ class Bus:
                 " JetStream (start it with -js), or its cluster has not elected a leader yet",
             ) from err
         for spec in self.ns.streams():
-            await self.ensure_stream(spec, update=update)
+            try:
+                await self.ensure_stream(spec, update=update)
+            except BusError as err:
+                if not spec.optional:
+                    raise
+                log.warning("going on without stream %s: %s", spec.name, err)
         self._updating = update
         for bucket in self.ns.buckets():
             await self.ensure_bucket(bucket)
@@ -292,23 +301,26 @@ class Bus:
                 raise BusError(f"cannot create stream {spec.name}: {err.description}") from err
             if not update:
                 return
+            await self._keep_replicas(spec.name, config)
             try:
                 await self._js.update_stream(config)
             except nats.js.errors.APIError as uerr:
                 raise BusError(f"cannot update stream {spec.name}: {uerr.description}") from uerr
 
-    async def _match_replicas(self, stream: str) -> None:
-        """A bucket made at one replica before the deployment moved to a cluster is raised to the
-        configured count, as `ensure_stream(update=True)` does for streams; only services ask."""
-        if not self._updating:
-            return
-        info = await self._js.stream_info(stream)
-        if info.config.num_replicas != self.settings.replicas:
-            info.config.num_replicas = self.settings.replicas
-            try:
-                await self._js.update_stream(info.config)
-            except nats.js.errors.APIError as err:
-                raise BusError(f"cannot set {stream} to {self.settings.replicas} replicas: {err.description}") from err
+    async def _keep_replicas(self, stream: str, config: api.StreamConfig | None = None) -> None:
+        """Replication is the operator's call: an existing stream keeps its replica count (an
+        update with another count moves data and can leave the stream leaderless for a while).
+        A count that differs from AGENTBUS_REPLICAS is reported, with the command that changes it."""
+        info = await self._through_failover(f"state of {stream}", lambda: self._js.stream_info(stream))
+        have = info.config.num_replicas or 1
+        if have != self.settings.replicas:
+            log.warning(
+                "stream %s has %d replica(s), AGENTBUS_REPLICAS is %d; keeping %d (change it with "
+                "`nats stream edit %s --replicas %d` when the cluster is quiet)",
+                stream, have, self.settings.replicas, have, stream, self.settings.replicas,
+            )  # fmt: skip
+        if config is not None:
+            config.num_replicas = have
 
     async def ensure_consumer(self, spec: ConsumerSpec) -> None:
         config = api.ConsumerConfig(
@@ -320,8 +332,19 @@ class Bus:
             max_ack_pending=spec.max_ack_pending,
             deliver_policy=api.DeliverPolicy.ALL,
         )
+
+        async def create() -> Any:
+            try:
+                return await self._js.add_consumer(spec.stream, config)
+            except nats.js.errors.APIError as err:
+                if err.err_code == _INSUFFICIENT_RESOURCES:
+                    # the stream's peers are still being placed (just created, or just raised
+                    # to more replicas): a moment later the consumer fits
+                    raise TimeoutError(err.description) from err
+                raise
+
         try:
-            await self._js.add_consumer(spec.stream, config)
+            await self._through_failover(f"consumer {spec.durable}", create)
         except nats.js.errors.APIError as err:
             if err.err_code != _CONSUMER_EXISTS:
                 raise BusError(f"cannot create consumer {spec.durable}: {err.description}") from err
@@ -333,8 +356,9 @@ class Bus:
         if spec.name in self._kv:
             return
         try:
-            kv = await self._js.key_value(spec.name)
-            await self._match_replicas(f"KV_{spec.name}")
+            kv = await self._through_failover(f"bucket {spec.name}", lambda: self._js.key_value(spec.name))
+            if self._updating:
+                await self._keep_replicas(f"KV_{spec.name}")
         except nats.js.errors.BucketNotFoundError:
             kv = await self._js.create_key_value(
                 api.KeyValueConfig(
@@ -469,23 +493,16 @@ class Bus:
             return cfg
 
         queue: asyncio.Queue[Msg] = asyncio.Queue(maxsize=_REPLAY_BUFFER)
-        attempt = 0
 
-        def receiver(mine: int) -> Callable[[Msg], Awaitable[None]]:
-            async def _on_msg(msg: Msg) -> None:
-                # Only the current attempt's consumer feeds the reader: an earlier attempt that
-                # timed out on the client may still exist on the server and deliver too.
-                if mine == attempt:
-                    # A full queue stalls nats-py's delivery task, so flow control still bounds memory.
-                    await queue.put(msg)
-
-            return _on_msg
+        async def _on_msg(msg: Msg) -> None:
+            # A full queue stalls nats-py's delivery task, so flow control still bounds memory.
+            await queue.put(msg)
 
         async def subscribe() -> Any:
-            nonlocal attempt
-            attempt += 1
+            # nats-py creates the consumer, then subscribes to its inbox: an attempt whose reply
+            # was lost leaves a consumer nobody listens to, which inactive_threshold removes.
             return await self._js.subscribe(
-                filter_subject, stream=stream, ordered_consumer=True, config=config(), cb=receiver(attempt)
+                filter_subject, stream=stream, ordered_consumer=True, config=config(), cb=_on_msg
             )
 
         sub = await self._through_failover(f"replay of {filter_subject}", subscribe)
@@ -548,6 +565,13 @@ class Bus:
         )
         return dict(info.state.subjects or {})
 
+    async def stream_exists(self, stream: str) -> bool:
+        try:
+            await self._through_failover(f"state of {stream}", lambda: self._js.stream_info(stream))
+        except nats.js.errors.NotFoundError:
+            return False
+        return True
+
     async def stream_last_seq(self, stream: str) -> int:
         info = await self._through_failover(f"state of {stream}", lambda: self._js.stream_info(stream))
         return int(info.state.last_seq)
@@ -561,8 +585,25 @@ class Bus:
         return bytes(msg.data or b"")
 
     async def delete_stored(self, stream: str, seq: int) -> None:
-        with contextlib.suppress(nats.js.errors.NotFoundError, nats.js.errors.APIError):
-            await self._js.delete_msg(stream, seq)
+        """Remove one stored message; one already gone is fine."""
+        try:
+            await self._through_failover(f"delete {seq} of {stream}", lambda: self._js.delete_msg(stream, seq))
+        except nats.js.errors.NotFoundError:
+            return
+        except nats.js.errors.APIError as err:
+            if err.code == 404 or "not found" in (err.description or "").lower():
+                return
+            raise BusError(f"cannot delete message {seq} of {stream}: {err.description}") from err
+
+    async def announcements(self, subject: str) -> AsyncIterator[bytes]:
+        """Core messages on `subject` while this runs (what the server announces, not stored)."""
+        sub = await self._nc.subscribe(subject)
+        try:
+            async for msg in sub.messages:
+                yield bytes(msg.data)
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
 
     async def consumer_backlog(self, spec: ConsumerSpec) -> tuple[int, int]:
         """(messages waiting for a worker, messages delivered and not yet acked) on a durable."""
@@ -646,11 +687,13 @@ class Bus:
         return sub.unsubscribe
 
     async def kv_keys(self, bucket: str) -> list[str]:
-        kv = await self._bucket(bucket)
-        try:
-            return list(await self._through_failover(f"keys of {bucket}", kv.keys))
-        except nats.js.errors.NoKeysError:
-            return []
+        """Keys with a stored entry (a deleted key may be listed until its marker ages out;
+        `kv_get` reads it as absent). One stream-info request: nats-py's `keys()` runs a
+        watcher with no timeout, which a supervisor ticking twice a second cannot afford."""
+        await self._bucket(bucket)
+        prefix = f"$KV.{bucket}."
+        counts = await self.subject_counts(f"KV_{bucket}", f"{prefix}>")
+        return sorted(subject.removeprefix(prefix) for subject in counts)
 
     async def _bucket(self, name: str) -> Any:
         if name not in self._kv:

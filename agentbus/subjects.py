@@ -36,6 +36,9 @@ class StreamSpec:
     max_msg_size: int = -1
     discard: Literal["old", "new"] = "old"
     allow_direct: bool = True
+    # a stream whose subjects another stream of the account may already hold: provisioning
+    # goes on without it, and its readers fall back to something less durable
+    optional: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -202,6 +205,8 @@ class Namespace:
                 subjects=(self.exhausted_all(),),
                 retention="workqueue",
                 max_msg_size=self.max_message_bytes,
+                # an account archiving `$JS.EVENT.ADVISORY.>` in a stream of its own overlaps
+                optional=True,
             ),
         )
 

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import nats
+
 import agentbus
 from agentbus.bus import Bus
 from agentbus.config import Settings
+from agentbus.server import NatsServer
 from agentbus.testing import FakeMessagesAPI
 from tests.helpers import agent, until
 
@@ -71,3 +74,24 @@ async def _captured(bus: Bus) -> bool:
 
 async def _drained(bus: Bus) -> bool:
     return await bus.consumer_backlog(bus.ns.exhausted_consumer("p")) == (0, 0)
+
+
+async def test_where_the_account_already_archives_advisories_agents_listen_live(tmp_path: Path) -> None:
+    """A stream of the account's own on `$JS.EVENT.ADVISORY.>` overlaps ours: nothing may break."""
+    with NatsServer(store_dir=tmp_path / "nats") as server:
+        nc = await nats.connect(server.url)
+        await nc.jetstream().add_stream(name="ARCHIVE", subjects=["$JS.EVENT.ADVISORY.>"])
+        await nc.close()
+        settings = Settings(nats_url=server.url, prefix="own")
+        async with agentbus.connect(settings=settings) as client:  # provisioning goes on without it
+            assert not await client.bus.stream_exists(client.bus.ns.exhausted_stream)
+            bus = client.bus
+            puller = await bus.pull(bus.ns.pool_consumer("p", ack_wait_s=1.0, max_deliver=1))
+            with FakeMessagesAPI() as api:
+                async with agent(settings, api, tmp_path / "w", max_deliver=1, ack_wait_s=1.0):
+                    sid = await client.submit("do it", pool="p")
+                    assert len(await puller.fetch(1, timeout=5.0)) == 1
+                    await puller.close()
+                    state = await client.wait(sid, timeout=30)
+    assert state.status == "failed"
+    assert "max_deliver" in state.reason

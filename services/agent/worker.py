@@ -146,6 +146,12 @@ class AgentWorker:
         return self._models[spec]
 
     async def run(self) -> None:
+        try:
+            await self._serve()
+        finally:
+            self._stopped.set()  # even when start-up failed, so shutdown() never waits forever
+
+    async def _serve(self) -> None:
         await self.bus.provision()
         puller = await self.bus.pull(self.consumer)
         watcher = asyncio.create_task(self._watch_exhausted())
@@ -264,12 +270,24 @@ class AgentWorker:
         """A task whose last delivery died with its agent: fail the session so nobody waits forever.
 
         The server's advisories are kept in a stream (see subjects.md), so one sent while no agent
-        of the pool ran is handled by the next agent to start.
+        of the pool ran is handled by the next agent to start. Where that stream could not be
+        made, this agent listens to the announcements live instead.
         """
-        puller = await self.bus.pull(self.bus.ns.exhausted_consumer(self.config.pool))
-        try:
-            while True:
-                try:
+        while True:
+            try:
+                puller = await self.bus.pull(self.bus.ns.exhausted_consumer(self.config.pool))
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:
+                if await self._exists_or_unknown(self.bus.ns.exhausted_stream):
+                    log.warning("cannot read stored advisories yet (%s); trying again", err)
+                    await asyncio.sleep(1.0)
+                    continue
+                log.warning("no %s stream; listening for advisories live instead", self.bus.ns.exhausted_stream)
+                await self._listen_exhausted()
+                return
+            try:
+                while True:
                     for job in await puller.fetch(1, timeout=5.0):
                         try:
                             await self._record_exhausted(job.data)
@@ -278,13 +296,26 @@ class AgentWorker:
                             await job.nak(delay=1.0)
                         else:
                             await job.ack()
-                except asyncio.CancelledError:
-                    raise
-                except Exception:  # a watcher that dies quietly would lose every later advisory
-                    log.exception("watching exhausted tasks of pool %s; going on", self.config.pool)
-                    await asyncio.sleep(1.0)
-        finally:
-            await puller.close()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a watcher that dies quietly would leave every later exhaustion unfailed
+                log.exception("watching exhausted tasks of pool %s; starting again", self.config.pool)
+                await asyncio.sleep(1.0)
+            finally:
+                await puller.close()
+
+    async def _exists_or_unknown(self, stream: str) -> bool:
+        try:
+            return await self.bus.stream_exists(stream)
+        except AgentBusError:
+            return True  # can't tell now: keep trying the durable way
+
+    async def _listen_exhausted(self) -> None:
+        async for advisory in self.bus.announcements(self.bus.ns.exhausted(self.config.pool)):
+            try:
+                await self._record_exhausted(advisory)
+            except AgentBusError as err:
+                log.warning("exhausted task not recorded: %s", err)
 
     async def _record_exhausted(self, advisory: bytes) -> None:
         try:

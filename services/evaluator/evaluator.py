@@ -49,6 +49,12 @@ class Evaluator:
         self.graded = 0
 
     async def run(self) -> None:
+        try:
+            await self._serve()
+        finally:
+            self._stopped.set()  # even when start-up failed, so shutdown() never waits forever
+
+    async def _serve(self) -> None:
         await self.bus.provision()
         puller = await self.bus.pull(self.bus.ns.evaluator_consumer())
         log.info("evaluator ready (grader %s)", self.model.name if self.model else "none: checks only")

@@ -52,6 +52,12 @@ class Router:
         self.routed = 0
 
     async def run(self) -> None:
+        try:
+            await self._serve()
+        finally:
+            self._stopped.set()  # even when start-up failed, so shutdown() never waits forever
+
+    async def _serve(self) -> None:
         await self.bus.provision()
         puller = await self.bus.pull(self.bus.ns.router_consumer())
         fanin = asyncio.create_task(self._fanin())

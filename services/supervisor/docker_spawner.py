@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -64,30 +64,25 @@ class ContainerHandle:
         return self.container.status in ("created", "running", "restarting")
 
     async def kill(self) -> None:
-        import docker.errors
-
-        with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
+        with _engine_trouble(f"killing {self.name}"):
             await asyncio.to_thread(self.container.kill)
 
     async def stop(self, timeout: float = 30.0) -> None:
         """SIGTERM (the agent hands its sessions back), SIGKILL after `timeout`, then remove."""
-        import docker.errors
-
-        with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
+        with _engine_trouble(f"stopping {self.name}"):
             await asyncio.to_thread(self.container.stop, timeout=max(1, int(timeout)))
         await self.reap()
 
     async def reap(self) -> None:
         """Copy the container's output to `<log_dir>/<worker id>.log`, then remove the container."""
-        import docker.errors
 
         def _reap() -> None:
-            with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
+            with _engine_trouble(f"saving the output of {self.name}"):
                 output = self.container.logs(stdout=True, stderr=True)
                 self.log_dir.mkdir(parents=True, exist_ok=True)
                 with (self.log_dir / f"{self.worker_id}.log").open("ab") as f:
                     f.write(output)
-            with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
+            with _engine_trouble(f"removing {self.name}"):
                 self.container.remove(force=True)
 
         await asyncio.to_thread(_reap)
@@ -143,13 +138,25 @@ class DockerSpawner:
             "labels": self.labels(spec, worker_id),
             # Workspaces must outlive the container: a session handed back on scale-down or after a
             # crash continues in another container, which must find the files the log speaks of.
-            "volumes": list(spec.volumes) or [f"{self.settings.prefix}-work:{WORKDIR}"],
+            "volumes": _with_workspace(spec.volumes, f"{self.settings.prefix}-work"),
         }
 
         def _run() -> Container:
             import docker.errors
             import requests.exceptions
 
+            if not spec.pull:
+                # A pull can take minutes (or reach a registry the operator never meant to use);
+                # the supervisor starts what the engine has, unless the pool says `pull = true`.
+                try:
+                    self.client.images.get(spec.image)
+                except docker.errors.ImageNotFound:
+                    raise SpawnError(
+                        f"image {spec.image} is not on this engine: build it (`make image`) or pull it, "
+                        "or set `pull = true` on the pool"
+                    ) from None
+                except (docker.errors.DockerException, requests.exceptions.RequestException) as err:
+                    raise SpawnError(f"image {spec.image}: {_reason(err)}") from err
             try:
                 # detach=True returns the Container (the overloads can't see that through **kwargs)
                 return self.client.containers.run(spec.image, detach=True, **kwargs)
@@ -182,6 +189,27 @@ class DockerSpawner:
                 log.info("removing container %s (%s)", handle.name, container.status)
                 await handle.stop(timeout=30)
         return adopted
+
+
+def _with_workspace(volumes: Sequence[str], default: str) -> list[str]:
+    """The pool's volumes, plus the shared workspace volume unless one of them is mounted at /work."""
+    targets = {v.split(":")[1] for v in volumes if v.count(":") >= 1}
+    return [*volumes] if WORKDIR in targets else [*volumes, f"{default}:{WORKDIR}"]
+
+
+@contextlib.contextmanager
+def _engine_trouble(doing: str) -> Iterator[None]:
+    """Engine errors while stopping or cleaning up are logged, not raised: a container already
+    gone is the goal, and one the engine could not reach is found again by its labels."""
+    import docker.errors
+    import requests.exceptions
+
+    try:
+        yield
+    except docker.errors.NotFound:
+        pass
+    except (docker.errors.DockerException, requests.exceptions.RequestException, OSError) as err:
+        log.warning("%s: %s", doing, _reason(err))
 
 
 def _reason(err: Exception) -> str:

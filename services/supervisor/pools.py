@@ -8,6 +8,7 @@
     spawner = "process"                     # or "docker"
     image = "agentbus:latest"               # docker only
     volumes = ["agentbus-work:/work"]       # docker only: keep workspaces across containers
+    pull = false                            # docker only: let the engine pull a missing image
     concurrency = 4
     idle_s = 30                             # scale down after this long with an empty queue
     ack_wait_s = 60                         # a dead worker's task moves on after this long
@@ -51,6 +52,7 @@ class PoolSpec:
     spawner: Literal["process", "docker"] = "process"
     image: str = "agentbus:latest"
     volumes: tuple[str, ...] = ()
+    pull: bool = False  # docker only: let the engine pull a missing image
     concurrency: int = 4
     idle_s: float = 30.0
     ack_wait_s: float = 60.0  # how soon a dead worker's task goes to another agent
@@ -95,6 +97,7 @@ def load_pools(path: str | Path) -> Fleet:
                 spawner=raw.get("spawner", "process"),
                 image=str(raw.get("image", "agentbus:latest")),
                 volumes=tuple(str(v) for v in raw.get("volumes", ())),
+                pull=_flag(raw.get("pull", False), f"{here}: pull"),
                 concurrency=int(raw.get("concurrency", 4)),
                 idle_s=float(raw.get("idle_s", 30)),
                 ack_wait_s=float(raw.get("ack_wait_s", 60)),
@@ -117,6 +120,14 @@ def load_pools(path: str | Path) -> Fleet:
     except (TypeError, ValueError) as err:
         raise UsageError(f"pools file {where}: max_workers: {err}") from err
     return Fleet(pools, max_workers, _dollars(data.get("ceiling_usd"), f"pools file {where}"))
+
+
+def _flag(raw: Any, where: str) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    if isinstance(raw, str) and raw.lower() in ("true", "false", "1", "0", "yes", "no", ""):
+        return raw.lower() in ("true", "1", "yes")
+    raise UsageError(f"{where} must be true or false, not {raw!r}")
 
 
 def _dollars(raw: Any, where: str) -> float | None:

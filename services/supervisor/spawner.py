@@ -101,17 +101,17 @@ class ProcessSpawner:
         self.workdir = workdir
 
     async def spawn(self, spec: PoolSpec, worker_id: str) -> WorkerHandle:
-        self.log_dir.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "agentbus.cli", *agent_args(spec, self.settings), "--workdir", str(self.workdir)]
         env = {**os.environ, **spec.env, "AGENTBUS_WORKER_ID": worker_id, "PYTHONUNBUFFERED": "1"}
-        with (self.log_dir / f"{worker_id}.log").open("ab") as out:
-            # A plain Popen (not asyncio's): the handle is polled and signalled, never awaited for output.
-            try:
+        try:  # a full disk or an unwritable log directory is a failed start, retried with backoff
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            with (self.log_dir / f"{worker_id}.log").open("ab") as out:
+                # A plain Popen (not asyncio's): the handle is polled and signalled, never awaited for output.
                 proc = subprocess.Popen(  # noqa: ASYNC220
                     cmd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
                 )
-            except OSError as err:
-                raise SpawnError(f"{worker_id}: {err}") from err
+        except OSError as err:
+            raise SpawnError(f"{worker_id}: {err}") from err
         return ProcessHandle(proc, worker_id, spec.name)
 
     async def adopt(self, pools: dict[str, PoolSpec], registry: Sequence[WorkerInfo]) -> list[WorkerHandle]:
@@ -143,15 +143,19 @@ class PidHandle:
         return _is_worker(self.pid, self.worker_id)
 
     async def kill(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.pid, signal.SIGKILL)
+        self._signal(signal.SIGKILL)
         await self._gone(10.0)
 
     async def stop(self, timeout: float = 30.0) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.pid, signal.SIGTERM)
+        self._signal(signal.SIGTERM)
         if not await self._gone(timeout):
             await self.kill()
+
+    def _signal(self, sig: signal.Signals) -> None:
+        # checked right before signalling: the worker may have exited and its pid been reused
+        if _is_worker(self.pid, self.worker_id):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, sig)
 
     async def reap(self) -> None:
         """Its new parent collects the exit status; the log file stays."""

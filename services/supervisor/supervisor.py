@@ -2,7 +2,8 @@
 
 It decides from three things only: its own worker handles (alive or not), the registry's
 heartbeats, and the pool's queue (messages waiting). At start it adopts the workers a
-previous supervisor left running (containers, found by their labels). A worker that dies
+previous supervisor left running: containers by their labels, processes on this host by
+the registry's pid and their environment. A worker that dies
 leaves its task unacked; JetStream hands it to another agent after the ack wait, and that
 agent resumes the session from the log.
 """
@@ -29,6 +30,7 @@ from services.supervisor.pools import Fleet, PoolSpec
 from services.supervisor.spawner import Spawner, WorkerHandle
 
 log = logging.getLogger("agentbus.supervisor")
+_REQUEST_PATIENCE_S = 4.0  # under the requester's 5 s timeout (Bus.request)
 
 
 @dataclass
@@ -70,9 +72,16 @@ class Supervisor:
 
     @property
     def total(self) -> int:
-        return sum(len(p.workers) for p in self.pools.values())
+        """Workers counted against the fleet cap, those still draining after a scale-down included."""
+        return sum(len(p.workers) for p in self.pools.values()) + len(self._retiring)
 
     async def run(self) -> None:
+        try:
+            await self._run()
+        finally:
+            self._stopped.set()  # even when start-up failed, so shutdown() never waits forever
+
+    async def _run(self) -> None:
         await self.bus.provision()
         for pool in self.pools.values():
             await self.bus.ensure_consumer(self.bus.ns.pool_consumer(pool.spec.name))
@@ -83,30 +92,43 @@ class Supervisor:
         log.info("supervisor managing %s (fleet cap %d)", ", ".join(self.pools), self.fleet.max_workers)
         try:
             while not self._draining.is_set():
-                try:
-                    async with self._lock:
-                        await self._tick()
-                    self.ticks += 1
-                except Exception:
-                    # A failing look (NATS failing over, the engine restarting) is retried on the
-                    # next tick: draining the whole fleet over it would be the worse outage.
-                    self.failed_ticks += 1
-                    log.exception("supervisor tick failed; trying again")
+                async with self._lock:
+                    ok = await self._tick()
+                self.ticks += ok
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._draining.wait(), self.tick_s)
         finally:
             await stop_serving()
-            workers = [w for p in self.pools.values() for w in p.workers]
+            async with self._lock:  # a scale request still being served finishes first, then sees _draining
+                workers = [w for p in self.pools.values() for w in p.workers]
             log.info("supervisor stopping %d workers (they hand their sessions back)", len(workers))
             await asyncio.gather(*(w.stop() for w in workers), *self._retiring, return_exceptions=True)
-            self._stopped.set()
 
-    async def _tick(self) -> None:
-        beats = await self._heartbeats()
-        await self._enforce_ceilings()
+    async def _tick(self) -> bool:
+        """One look at everything; each part that fails is logged and retried on the next tick
+        (NATS failing over, the engine restarting): draining the fleet over it would be worse."""
+        ok = True
+        beats: dict[str, float] | None = None
+        try:
+            beats = await self._heartbeats()
+        except Exception:
+            ok = False
+            log.exception("supervisor: cannot read the registry; trying again")
+        try:
+            await self._enforce_ceilings()
+        except Exception:
+            ok = False
+            log.exception("supervisor: cannot check the dollar ceilings; trying again")
         for pool in self.pools.values():
-            await self._kill_silent(pool, beats)
-            await self._reconcile(pool)
+            try:
+                if beats is not None:
+                    await self._kill_silent(pool, beats)
+                await self._reconcile(pool)
+            except Exception:
+                ok = False
+                log.exception("supervisor: pool %s: look failed; trying again", pool.spec.name)
+        self.failed_ticks += not ok
+        return ok
 
     async def shutdown(self) -> None:
         self._draining.set()
@@ -196,7 +218,7 @@ class Supervisor:
                 victim = pool.workers.pop()
                 log.info("pool %s idle for %.0fs: stopping %s", pool.spec.name, pool.spec.idle_s, victim.worker_id)
                 # in the background: a draining agent may take its ack wait, and the lock is held
-                retiring = asyncio.create_task(victim.stop())
+                retiring = asyncio.create_task(self._retire(victim))
                 self._retiring.add(retiring)
                 retiring.add_done_callback(self._retiring.discard)
                 pool.idle_since = now
@@ -204,6 +226,12 @@ class Supervisor:
             pool.idle_since = None
         if pool.workers and now > pool.next_spawn + 60:
             pool.crashes = 0  # a quiet minute forgives earlier crashes
+
+    async def _retire(self, worker: WorkerHandle) -> None:
+        try:
+            await worker.stop()
+        except Exception:
+            log.exception("stopping %s failed; it may still be running", worker.worker_id)
 
     async def _spawn(self, pool: PoolState) -> WorkerHandle:
         worker_id = f"{pool.spec.name}-{self._tag}-{next(self._ids)}"
@@ -223,7 +251,16 @@ class Supervisor:
         pool = self.pools.get(req.pool)
         if pool is None:
             return encode(ScaleReply(granted=0, reason=f"no pool {req.pool!r}; pools: {', '.join(self.pools)}"))
+        asked = time.monotonic()
         async with self._lock:
+            if self._draining.is_set():
+                return encode(ScaleReply(granted=0, reason="the supervisor is stopping"))
+            if time.monotonic() - asked > _REQUEST_PATIENCE_S:
+                # the asker has given up waiting for this reply; starting workers now would let a
+                # retried request be granted twice
+                return encode(ScaleReply(granted=0, reason="the supervisor was busy; ask again"))
+            if time.monotonic() < pool.next_spawn:
+                return encode(ScaleReply(granted=0, reason=f"pool {req.pool} is backing off after failed starts"))
             room = min(pool.spec.max - len(pool.workers), self.fleet.max_workers - self.total)
             granted = max(0, min(req.count, room))
             for started in range(granted):
