@@ -59,6 +59,20 @@ async def test_a_pool_scales_up_to_serve_a_backlog_and_back_down_when_idle(
     assert len(workers) >= 2  # the backlog really was shared
 
 
+@pytest.mark.timeout(120)
+async def test_one_waiting_task_starts_one_worker_not_one_per_tick(
+    client: agentbus.Client, settings: Settings, tmp_path: Path
+) -> None:
+    """A new worker takes a second or two to come up; meanwhile the task still waits. Counting
+    the starting worker's slots keeps the supervisor from starting another at every tick."""
+    with FakeMessagesAPI(responder=slow(0.5)) as api:
+        async with supervised(settings, tmp_path, api, min=0, max=3, idle_s=60) as sup:
+            sid = await client.submit("just one", pool="p")
+            assert (await client.wait(sid, timeout=60)).status == "completed"
+            started = sup.started
+    assert started == 1
+
+
 async def _size(sup: Supervisor, n: int) -> bool:
     return len(sup.pools["p"].workers) == n
 

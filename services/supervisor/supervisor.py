@@ -68,6 +68,7 @@ class Supervisor:
         self.ticks = 0
         self._retiring: set[asyncio.Task[None]] = set()
         self.spawn_failures = 0
+        self.started = 0
         self._holding = True  # until the first look: a hold left by an earlier supervisor may be stale
 
     @property
@@ -123,7 +124,7 @@ class Supervisor:
             try:
                 if beats is not None:
                     await self._kill_silent(pool, beats)
-                await self._reconcile(pool)
+                await self._reconcile(pool, beats)
             except Exception:
                 ok = False
                 log.exception("supervisor: pool %s: look failed; trying again", pool.spec.name)
@@ -184,7 +185,7 @@ class Supervisor:
                 log.warning("pool %s: %s silent for %.0fs; killing it", pool.spec.name, w.worker_id, now - last)
                 await w.kill()
 
-    async def _reconcile(self, pool: PoolState) -> None:
+    async def _reconcile(self, pool: PoolState, beats: dict[str, float] | None = None) -> None:
         now = time.monotonic()
         workers = list(pool.workers)
         living = await asyncio.gather(*(w.alive() for w in workers))
@@ -202,7 +203,11 @@ class Supervisor:
         size = len(pool.workers)
         tracing.queue_depth.set(waiting, {tracing.POOL: pool.spec.name})
         tracing.workers.set(size, {tracing.POOL: pool.spec.name})
-        if size < pool.spec.min or (waiting > 0 and size < pool.spec.max):
+        # Workers started but not yet in the registry will take tasks in a moment: count their
+        # slots against the backlog, or one waiting task would start a worker every tick.
+        starting = sum(1 for w in pool.workers if beats is not None and w.worker_id not in beats)
+        unserved = waiting - starting * pool.spec.concurrency
+        if size < pool.spec.min or (unserved > 0 and size < pool.spec.max):
             pool.idle_since = None
             if now >= pool.next_spawn and self.total < self.fleet.max_workers:
                 try:
@@ -239,6 +244,7 @@ class Supervisor:
         with tracing.span(f"spawn {pool.spec.name}", pool=pool.spec.name, attributes=attrs):
             handle = await self.spawner.spawn(pool.spec, worker_id)
         self._started[worker_id] = time.time()
+        self.started += 1
         pool.workers.append(handle)
         log.info("pool %s: started %s (%d/%d)", pool.spec.name, worker_id, len(pool.workers), pool.spec.max)
         return handle
