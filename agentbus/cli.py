@@ -346,9 +346,10 @@ def sessions(status: str | None, as_json: bool, nats_url: str | None, prefix: st
         if not states:
             click.echo("no sessions" + (f" with status {status}" if status else ""), err=True)
             return
-        click.echo(render.session_header())
+        width = max(16, *(len(s.session_id) for s in states))
+        click.echo(render.session_header(width))
         for s in states:
-            click.echo(render.session_line(s))
+            click.echo(render.session_line(s, id_width=width))
 
     with_client(settings_from(nats_url, prefix), body)
 

@@ -104,19 +104,20 @@ def summary(ev: Any) -> str:
     return ""
 
 
-def session_line(s: SessionState, now: float | None = None) -> str:
+def session_line(s: SessionState, now: float | None = None, id_width: int = 16) -> str:
     age = _age((now or time.time()) - s.created_ts) if s.created_ts else "?"
     tokens = s.usage.total
     return _clip(
-        f"{s.session_id}  {s.status:<10} {s.pool or '-':<12} {age:>6}  "
+        f"{s.session_id:<{id_width}}  {s.status:<10} {s.pool or '-':<12} {age:>6}  "
         f"steps {s.steps:<3} tok {tokens:<7} ${s.cost_usd:<8.4f} " + " ".join(s.prompt.split()),
         140,
         squash=False,
     )
 
 
-def session_header() -> str:
-    return f"{'SESSION':<16}  {'STATUS':<10} {'POOL':<12} {'AGE':>6}  {'PROGRESS':<27} PROMPT"
+def session_header(id_width: int = 16) -> str:
+    """`id_width`: the longest id listed (child sessions carry a suffix), so columns line up."""
+    return f"{'SESSION':<{id_width}}  {'STATUS':<10} {'POOL':<12} {'AGE':>6}  {'PROGRESS':<27} PROMPT"
 
 
 def worker_header() -> str:
