@@ -407,7 +407,12 @@ class Bus:
         if expected_last_subject_seq is not None:
             hdrs[EXPECTED_LAST_SUBJECT_SEQ] = str(expected_last_subject_seq)
         try:
-            ack = await self._through_failover(f"publish to {subject}", lambda: self._publish_once(subject, data, hdrs))
+            try:  # the common case without the retry machinery: appends are the hot path
+                ack = await self._publish_once(subject, data, hdrs)
+            except _TRANSIENT:
+                ack = await self._through_failover(
+                    f"publish to {subject}", lambda: self._publish_once(subject, data, hdrs)
+                )
         except nats.js.errors.APIError as err:
             if err.err_code == _WRONG_LAST_SEQUENCE:
                 raise FencedError(subject, expected_last_subject_seq or 0) from err
@@ -438,28 +443,55 @@ class Bus:
             raise TimeoutError(f"no leader for the stream of {subject}") from unanswered
 
     async def publish_many(self, messages: Iterable[Outgoing]) -> list[PubAck]:
-        """Publish with up to 256 acks in flight; returns acks in input order, raises on the first refusal."""
+        """Publish with up to 256 acks in flight; returns acks in input order, raises on the first refusal.
+
+        Through a failover, the messages from the first unanswered one on are sent again one by
+        one with their ids (stored ones come back as duplicates). A later message of the batch
+        that was stored while an earlier one was not then precedes it in the stream.
+        """
         with tracing.span("publish batch", kind=SpanKind.PRODUCER, attributes={"messaging.system": "nats"}):
             return await self._publish_many(messages)
 
     async def _publish_many(self, messages: Iterable[Outgoing]) -> list[PubAck]:
+        batch = list(messages)
         pending: list[asyncio.Future[Any]] = []
         shared: dict[str, str] = {}
         propagate.inject(shared)  # one trace context for the whole batch: inject once, not per message
-        for out in messages:
+        for out in batch:
             hdrs = {MSG_ID: out.msg_id, **shared}
             if out.headers:
                 hdrs.update(out.headers)
             pending.append(await self._js.publish_async(out.subject, out.data, headers=hdrs))
-            if len(pending) >= _PIPELINE_DEPTH and pending[-_PIPELINE_DEPTH].done() is False:
-                await pending[-_PIPELINE_DEPTH]
+            if len(pending) >= _PIPELINE_DEPTH and not pending[-_PIPELINE_DEPTH].done():
+                # settled below, in order; bounded, as an ack lost with its server never comes
+                await asyncio.wait([pending[-_PIPELINE_DEPTH]], timeout=self.settings.publish_timeout_s)
         acks: list[PubAck] = []
-        for fut in pending:
+        for i, fut in enumerate(pending):
+            if not fut.done():
+                # nats-py never fails the future of an ack lost with its server: bound the wait
+                # (only here: most acks are in by now, and a timer per message costs a third)
+                await asyncio.wait([fut], timeout=self.settings.publish_timeout_s)
             try:
-                ack = await fut
+                if not fut.done():
+                    raise TimeoutError("no ack")
+                ack = fut.result()
             except nats.js.errors.APIError as err:
-                raise BusError(f"publish refused: {err.description}") from err
-            acks.append(PubAck(ack.stream, ack.seq, bool(ack.duplicate)))
+                if not isinstance(err, nats.js.errors.ServiceUnavailableError):
+                    for rest in pending[i + 1 :]:
+                        rest.cancel()
+                    raise BusError(f"publish to {batch[i].subject} refused: {err.description}") from err
+            except (*_TRANSIENT, nats.js.errors.NoStreamResponseError):
+                pass
+            else:
+                acks.append(PubAck(ack.stream, ack.seq, bool(ack.duplicate)))
+                continue
+            # No answer for message i (a failover): settle the rest one by one, in order, with
+            # their ids, so whatever was stored already comes back as a duplicate, not twice.
+            for rest in pending[i + 1 :]:
+                rest.cancel()
+            for out in batch[i:]:
+                acks.append(await self._publish(out.subject, out.data, out.msg_id, out.headers, None))
+            break
         return acks
 
     # --- reading ----------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import pytest
 import agentbus
 from agentbus.config import Settings
 from agentbus.errors import AgentBusError
+from agentbus.messages import HumanMessage, Record
 from agentbus.server import NatsServer
 from agentbus.testing import text_response, tool_use_response
 from services.supervisor.pools import Fleet, PoolSpec
@@ -73,6 +74,9 @@ async def test_three_replicas_keep_a_session_through_the_loss_of_its_leader(
             leader = await _leader(cluster, f"{prefix.upper()}_SESSIONS")
             victim = next(n for n in cluster if n.server_name == leader)
             victim.kill()
+            # a pipelined batch sent into the failover: every event stored, none twice
+            notes = [HumanMessage(id=f"note-{i}", text=f"note {i}", author="test") for i in range(50)]
+            acks = await client.log.append_many(first, notes, channel="input")
             second = await client.submit("after the loss", pool=POOL)
             state = await client.wait(second, timeout=90)
             after = [r.seq for r in await client.show(first)]
@@ -81,7 +85,9 @@ async def test_three_replicas_keep_a_session_through_the_loss_of_its_leader(
             ticks = sup.ticks
             await until(lambda: _ticked(sup, ticks + 5), "the supervisor to keep ticking", timeout=30)
     assert state.status == "completed"
-    assert after == before
+    assert after[: len(before)] == before
+    stored = [r.event.id for r in await _read(settings, first) if isinstance(r.event, HumanMessage)]
+    assert sorted(stored) == sorted(n.id for n in notes) and len(acks) == 50
     assert new_leader in {n.server_name for n in survivors}
 
     survivor = next(n for n in cluster if n is not victim)
@@ -94,6 +100,11 @@ async def test_three_replicas_keep_a_session_through_the_loss_of_its_leader(
     kv = [i for i in infos if i.config.name and i.config.name.startswith(f"KV_{prefix.upper()}")]
     assert mine and kv
     assert {i.config.num_replicas for i in mine + kv} == {3}
+
+
+async def _read(settings: Settings, sid: str) -> list[Record]:
+    async with agentbus.connect(settings=settings) as client:
+        return await client.show(sid)
 
 
 async def _leader(nodes: list[NatsServer], stream: str) -> str:
