@@ -461,7 +461,12 @@ class Bus:
             hdrs = {MSG_ID: out.msg_id, **shared}
             if out.headers:
                 hdrs.update(out.headers)
-            pending.append(await self._js.publish_async(out.subject, out.data, headers=hdrs))
+            try:
+                pending.append(await self._js.publish_async(out.subject, out.data, headers=hdrs))
+            except (nats.js.errors.TooManyStalledMsgsError, nats.errors.ConnectionClosedError) as err:
+                for sent in pending:
+                    sent.cancel()  # frees nats-py's slot for each; what was stored stays stored
+                raise BusError(f"publish to {out.subject}: {type(err).__name__}") from err
             if len(pending) >= _PIPELINE_DEPTH and not pending[-_PIPELINE_DEPTH].done():
                 # settled below, in order; bounded, as an ack lost with its server never comes
                 await asyncio.wait([pending[-_PIPELINE_DEPTH]], timeout=self.settings.publish_timeout_s)
@@ -487,7 +492,8 @@ class Bus:
                 continue
             # No answer for message i (a failover): settle the rest one by one, in order, with
             # their ids, so whatever was stored already comes back as a duplicate, not twice.
-            for rest in pending[i + 1 :]:
+            # Cancelling frees nats-py's pending slot that a never-answered future would hold.
+            for rest in pending[i:]:
                 rest.cancel()
             for out in batch[i:]:
                 acks.append(await self._publish(out.subject, out.data, out.msg_id, out.headers, None))
