@@ -55,6 +55,7 @@ from agentbus.messages import (
     session_id_of,
 )
 from agentbus.models import ModelClient, ModelError, cost_usd, model_from_spec
+from agentbus.service import Service
 from agentbus.session import SessionLog, SessionWriter
 from agentbus.spend import SpendLedger
 from agentbus.state import SessionState, fold
@@ -114,8 +115,9 @@ class Released(Exception):
     """The worker is draining: stop here, leave the task for another agent."""
 
 
-class AgentWorker:
-    """Serves one pool: `run()` until `shutdown()`; safe to shut down twice."""
+class AgentWorker(Service):
+    """Serves one pool: `run()` until `shutdown()` (safe twice); on shutdown, running sessions
+    stop at their next step boundary and go back to the queue."""
 
     def __init__(self, bus: Bus, config: AgentConfig, model: ModelClient | None = None) -> None:
         if not valid_token(config.pool):
@@ -130,8 +132,7 @@ class AgentWorker:
         self.tools: dict[str, Tool] = load_tools(config.tools)
         self.tool_schemas = schemas(self.tools)
         self.consumer = bus.ns.pool_consumer(config.pool, ack_wait_s=config.ack_wait_s, max_deliver=config.max_deliver)
-        self._draining = asyncio.Event()
-        self._stopped = asyncio.Event()
+        super().__init__()
         self._inflight: set[asyncio.Task[None]] = set()
         self._unclaimed: list[Job] = []  # fetched after the drain began: given back untouched
         self.sessions: set[str] = set()
@@ -144,12 +145,6 @@ class AgentWorker:
         if spec not in self._models:
             self._models[spec] = model_from_spec(spec)
         return self._models[spec]
-
-    async def run(self) -> None:
-        try:
-            await self._serve()
-        finally:
-            self._stopped.set()  # even when start-up failed, so shutdown() never waits forever
 
     async def _serve(self) -> None:
         await self.bus.provision()
@@ -182,7 +177,6 @@ class AgentWorker:
             with contextlib.suppress(Exception):
                 await self.bus.kv_delete(self.bus.ns.workers_bucket, self.config.worker_id)
             await puller.close()
-            self._stopped.set()
             log.info("agent %s stopped after %d sessions", self.config.worker_id, self.served)
 
     async def _heartbeat(self) -> None:
@@ -203,11 +197,6 @@ class AgentWorker:
             with contextlib.suppress(Exception):
                 await self.bus.kv_put(self.bus.ns.workers_bucket, self.config.worker_id, encode(info))
             await asyncio.sleep(self.config.heartbeat_s)
-
-    async def shutdown(self) -> None:
-        """Stop taking tasks; running sessions stop at their next step boundary and go back to the queue."""
-        self._draining.set()
-        await self._stopped.wait()
 
     # --- one queue message ------------------------------------------------------------------
 

@@ -7,7 +7,6 @@ replaced by another never records a round twice.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from agentbus.messages import (
     encode,
 )
 from agentbus.models import ModelClient, ModelError
+from agentbus.service import Service
 from agentbus.session import SessionLog
 from services.evaluator.grading import GradingError, grade_criteria, run_checks
 from services.evaluator.policy import PIVOT_AFTER, critique_of, decide, verdict_of
@@ -36,7 +36,7 @@ from services.evaluator.policy import PIVOT_AFTER, critique_of, decide, verdict_
 log = logging.getLogger("agentbus.evaluator")
 
 
-class Evaluator:
+class Evaluator(Service):
     """`run()` until `shutdown()`; safe to shut down twice."""
 
     def __init__(self, bus: Bus, model: ModelClient | None, *, pivot_after: int = PIVOT_AFTER) -> None:
@@ -44,15 +44,8 @@ class Evaluator:
         self.model = model
         self.log = SessionLog(bus)
         self.pivot_after = pivot_after
-        self._draining = asyncio.Event()
-        self._stopped = asyncio.Event()
+        super().__init__()
         self.graded = 0
-
-    async def run(self) -> None:
-        try:
-            await self._serve()
-        finally:
-            self._stopped.set()  # even when start-up failed, so shutdown() never waits forever
 
     async def _serve(self) -> None:
         await self.bus.provision()
@@ -64,12 +57,7 @@ class Evaluator:
                     await self._handle(job)
         finally:
             await puller.close()
-            self._stopped.set()
             log.info("evaluator stopped after %d rounds", self.graded)
-
-    async def shutdown(self) -> None:
-        self._draining.set()
-        await self._stopped.wait()
 
     async def _handle(self, job: Job) -> None:
         item = await self.log.accept_work(job)

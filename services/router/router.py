@@ -32,6 +32,7 @@ from agentbus.messages import (
     encode,
     session_id_of,
 )
+from agentbus.service import Service
 from agentbus.session import SessionLog
 from agentbus.subjects import session_id_from_subject
 from services.router.routes import RouteTable
@@ -39,7 +40,7 @@ from services.router.routes import RouteTable
 log = logging.getLogger("agentbus.router")
 
 
-class Router:
+class Router(Service):
     """`run()` until `shutdown()`; safe to shut down twice."""
 
     def __init__(self, bus: Bus, table: RouteTable) -> None:
@@ -47,15 +48,8 @@ class Router:
         self.table = table
         self.log = SessionLog(bus)
         self.client = Client(bus)
-        self._draining = asyncio.Event()
-        self._stopped = asyncio.Event()
+        super().__init__()
         self.routed = 0
-
-    async def run(self) -> None:
-        try:
-            await self._serve()
-        finally:
-            self._stopped.set()  # even when start-up failed, so shutdown() never waits forever
 
     async def _serve(self) -> None:
         await self.bus.provision()
@@ -69,12 +63,7 @@ class Router:
         finally:
             await puller.close()
             await fanin
-            self._stopped.set()
             log.info("router stopped after routing %d sessions", self.routed)
-
-    async def shutdown(self) -> None:
-        self._draining.set()
-        await self._stopped.wait()
 
     async def _handle(self, job: Job) -> None:
         attrs = tracing.messaging_attrs(job.subject, operation="process")

@@ -24,6 +24,7 @@ from agentbus import tracing
 from agentbus.bus import Bus
 from agentbus.errors import AgentBusError
 from agentbus.messages import Hold, ScaleReply, ScaleRequest, WorkerInfo, encode
+from agentbus.service import Service
 from agentbus.spend import SpendLedger
 from agentbus.subjects import WORKER_TTL_S
 from services.supervisor.pools import Fleet, PoolSpec
@@ -42,7 +43,7 @@ class PoolState:
     idle_since: float | None = None
 
 
-class Supervisor:
+class Supervisor(Service):
     """`run()` until `shutdown()`; shutdown drains every worker it started."""
 
     def __init__(
@@ -55,8 +56,7 @@ class Supervisor:
         self.pools = {name: PoolState(spec) for name, spec in fleet.pools.items()}
         self._ids = itertools.count(1)
         self._tag = secrets.token_hex(2)
-        self._draining = asyncio.Event()
-        self._stopped = asyncio.Event()
+        super().__init__()
         self.replaced = 0
         self.stale_after_s = stale_after_s
         self._started: dict[str, float] = {}
@@ -76,13 +76,7 @@ class Supervisor:
         """Workers counted against the fleet cap, those still draining after a scale-down included."""
         return sum(len(p.workers) for p in self.pools.values()) + len(self._retiring)
 
-    async def run(self) -> None:
-        try:
-            await self._run()
-        finally:
-            self._stopped.set()  # even when start-up failed, so shutdown() never waits forever
-
-    async def _run(self) -> None:
+    async def _serve(self) -> None:
         await self.bus.provision()
         for pool in self.pools.values():
             await self.bus.ensure_consumer(self.bus.ns.pool_consumer(pool.spec.name))
@@ -130,10 +124,6 @@ class Supervisor:
                 log.exception("supervisor: pool %s: look failed; trying again", pool.spec.name)
         self.failed_ticks += not ok
         return ok
-
-    async def shutdown(self) -> None:
-        self._draining.set()
-        await self._stopped.wait()
 
     async def _enforce_ceilings(self) -> None:
         """Hold a pool over its own or the fleet's dollar ceiling (its agents pause sessions before
