@@ -294,25 +294,27 @@ class Bus:
             discard=api.DiscardPolicy(spec.discard),
             allow_direct=spec.allow_direct,
         )
-        try:
-            await self._js.add_stream(config)
-        except nats.js.errors.APIError as err:
-            if err.err_code != _STREAM_NAME_IN_USE:
-                raise BusError(f"cannot create stream {spec.name}: {err.description}") from err
-            if not update:
+        # An existing stream is never re-created (with other replicas, a server without a
+        # cluster would refuse even to look); only a missing one is made with the settings.
+        if not await self.stream_exists(spec.name):
+            try:
+                await self._js.add_stream(config)
                 return
+            except nats.js.errors.APIError as err:
+                if err.err_code != _STREAM_NAME_IN_USE:  # in use: another process made it just now
+                    raise BusError(f"cannot create stream {spec.name}: {err.description}") from err
+        if update:
             await self._keep_replicas(spec.name, config)
             try:
                 await self._js.update_stream(config)
-            except nats.js.errors.APIError as uerr:
-                raise BusError(f"cannot update stream {spec.name}: {uerr.description}") from uerr
+            except nats.js.errors.APIError as err:
+                raise BusError(f"cannot update stream {spec.name}: {err.description}") from err
 
     async def _keep_replicas(self, stream: str, config: api.StreamConfig | None = None) -> None:
         """Replication is the operator's call: an existing stream keeps its replica count (an
         update with another count moves data and can leave the stream leaderless for a while).
         A count that differs from AGENTBUS_REPLICAS is reported, with the command that changes it."""
-        info = await self._through_failover(f"state of {stream}", lambda: self._js.stream_info(stream))
-        have = info.config.num_replicas or 1
+        have = await self.stream_replicas(stream)
         if have != self.settings.replicas:
             log.warning(
                 "stream %s has %d replica(s), AGENTBUS_REPLICAS is %d; keeping %d (change it with "
@@ -602,6 +604,10 @@ class Bus:
             f"subjects of {stream}", lambda: self._js.stream_info(stream, subjects_filter=subjects_filter)
         )
         return dict(info.state.subjects or {})
+
+    async def stream_replicas(self, stream: str) -> int:
+        info = await self._through_failover(f"state of {stream}", lambda: self._js.stream_info(stream))
+        return int(info.config.num_replicas or 1)
 
     async def stream_exists(self, stream: str) -> bool:
         try:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import signal
+
+from agentbus.bus import Bus
 
 
 class Service:
@@ -26,3 +29,14 @@ class Service:
 
     async def _serve(self) -> None:
         raise NotImplementedError
+
+
+async def serve_until_signalled(service: Service, bus: Bus) -> None:
+    """A service's process: SIGINT or SIGTERM drains it; the connection closes after it stops."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, lambda: asyncio.ensure_future(service.shutdown()))
+    try:
+        await service.run()
+    finally:
+        await bus.close()

@@ -155,3 +155,13 @@ async def supervising(
         await runner
         if own:
             await bus.close()
+
+
+async def ticks_pass(sup: Supervisor, n: int = 5) -> None:
+    """Let the supervisor make `n` more full passes (to see that it does *not* act)."""
+    target = sup.ticks + n
+    await until(lambda: _at_least(sup, target), f"{n} supervisor ticks", timeout=30)
+
+
+async def _at_least(sup: Supervisor, ticks: int) -> bool:
+    return sup.ticks >= ticks

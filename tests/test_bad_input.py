@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator
 
 import pytest
@@ -281,3 +282,18 @@ async def test_a_publish_no_stream_takes_fails_at_once_with_a_clear_reason(setti
         with pytest.raises(BusError, match="no stream stores this subject"):
             await bus.publish(f"{settings.prefix}-nowhere.x", b"{}", msg_id="m1")
         assert loop.time() - started < 60
+
+
+async def test_a_service_never_changes_replicas_of_what_exists_but_says_how_to(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with await Bus.connect(settings) as bus:
+        await bus.provision()  # everything at one replica
+    caplog.set_level(logging.WARNING, logger="agentbus.bus")
+    async with await Bus.connect(settings.with_(replicas=3)) as bus:
+        await bus.provision(update=True)  # on one server a count of 3 could not even be made
+        sessions = await bus.stream_replicas(bus.ns.sessions_stream)
+    warned = [r.getMessage() for r in caplog.records if "replica" in r.getMessage()]
+    assert sessions == 1
+    assert any(bus.ns.sessions_stream in w and "nats stream edit" in w for w in warned)
+    assert any(f"KV_{bus.ns.workers_bucket}" in w for w in warned), "buckets are checked too"

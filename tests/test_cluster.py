@@ -18,8 +18,7 @@ from agentbus.messages import HumanMessage, Record
 from agentbus.server import NatsServer
 from agentbus.testing import text_response, tool_use_response
 from services.supervisor.pools import Fleet, PoolSpec
-from services.supervisor.supervisor import Supervisor
-from tests.helpers import POOL, PaperSpawner, agent_with_fake, free_ports, supervising, until
+from tests.helpers import POOL, PaperSpawner, agent_with_fake, free_ports, supervising, ticks_pass
 
 
 @pytest.fixture
@@ -82,8 +81,7 @@ async def test_three_replicas_keep_a_session_through_the_loss_of_its_leader(
             after = [r.seq for r in await client.show(first)]
             survivors = [n for n in cluster if n is not victim]
             new_leader = await _leader(survivors, f"{prefix.upper()}_SESSIONS")
-            ticks = sup.ticks
-            await until(lambda: _ticked(sup, ticks + 5), "the supervisor to keep ticking", timeout=30)
+            await ticks_pass(sup, 5)  # the supervisor kept working after the loss
     assert state.status == "completed"
     assert after[: len(before)] == before
     stored = [r.event.id for r in await _read(settings, first) if isinstance(r.event, HumanMessage)]
@@ -122,7 +120,3 @@ async def _leader(nodes: list[NatsServer], stream: str) -> str:
         finally:
             await nc.close()
     raise AssertionError(f"no leader for {stream}")
-
-
-async def _ticked(sup: Supervisor, n: int) -> bool:
-    return sup.ticks >= n

@@ -22,7 +22,7 @@ from services.supervisor.pools import Fleet, PoolSpec
 from services.supervisor.spawner import Spawners
 from services.supervisor.supervisor import Supervisor
 from tests.docker_env import agentbus_image, docker_client
-from tests.helpers import supervising, until
+from tests.helpers import supervising, ticks_pass, until
 
 if TYPE_CHECKING:
     import docker
@@ -153,7 +153,7 @@ async def test_a_restarted_supervisor_adopts_the_containers_it_finds(
     assert orphan.status == "running"
 
     async with supervised(settings, tmp_path, docker_client, _pool(agentbus_image, min=1, max=1)) as sup:
-        await asyncio.sleep(2)  # a few ticks: nothing new may be started
+        await ticks_pass(sup, 5)  # nothing new may be started
         adopted = [w.worker_id for w in sup.pools["p"].workers]
         during = [c.name for c in _mine(docker_client, prefix)]
     assert adopted == [orphan.labels[f"{LABEL}.worker"]]

@@ -15,14 +15,13 @@ from typing import Any
 import pytest
 
 import agentbus
-from agentbus.bus import Bus
 from agentbus.config import Settings
 from agentbus.errors import UsageError
 from agentbus.testing import FakeMessagesAPI, text_response, tool_use_response
 from services.supervisor.pools import Fleet, PoolSpec, load_pools
 from services.supervisor.spawner import ProcessHandle, ProcessSpawner
 from services.supervisor.supervisor import Supervisor
-from tests.helpers import supervising, until
+from tests.helpers import supervising, ticks_pass, until
 
 
 def slow(delay: float) -> Any:
@@ -228,19 +227,13 @@ async def test_a_restarted_supervisor_adopts_the_process_workers_its_predecessor
         first.send_signal(signal.SIGKILL)  # a crash: no drain; its worker keeps running, now init's child
         first.wait()
 
-    bus = await Bus.connect(settings)
-    sup = Supervisor(bus, load_pools(pools), ProcessSpawner(settings, tmp_path / "logs", tmp_path / "w"), tick_s=0.1)
-    runner = asyncio.create_task(sup.run())
-    try:
+    spawner = ProcessSpawner(settings, tmp_path / "logs", tmp_path / "w")
+    async with supervising(settings, load_pools(pools), spawner, tick_s=0.1) as sup:
         await until(lambda: _size(sup, 1), "adoption", timeout=10)
-        await asyncio.sleep(1)  # ten ticks: an adopted worker must not be doubled
+        await ticks_pass(sup, 10)  # an adopted worker must not be doubled
         adopted = [(w.worker_id, getattr(w, "pid", None)) for w in sup.pools["p"].workers]
         sid = await client.submit("still served", pool="p")
         state = await client.wait(sid, timeout=60)
-    finally:
-        await sup.shutdown()
-        await runner
-        await bus.close()
     assert adopted == [(orphan.worker_id, orphan.pid)]
     assert state.status == "completed" and state.owner == orphan.worker_id
     with pytest.raises(ProcessLookupError):  # the adoptee was drained with the rest

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import signal
 
 import click
 
 from agentbus.bus import Bus
 from agentbus.cli import nats_option, run, settings_from
 from agentbus.models import model_from_spec
+from agentbus.service import serve_until_signalled
 from services.evaluator.evaluator import Evaluator
 from services.evaluator.policy import PIVOT_AFTER
 
@@ -38,12 +37,6 @@ def command(model_spec: str | None, pivot_after: int, nats_url: str | None, pref
     async def main() -> None:
         bus = await Bus.connect(settings, name="agentbus-evaluator")
         evaluator = Evaluator(bus, model, pivot_after=pivot_after)
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(evaluator.shutdown()))
-        try:
-            await evaluator.run()
-        finally:
-            await bus.close()
+        await serve_until_signalled(evaluator, bus)
 
     run(main)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import signal
 
 import click
 
 from agentbus.bus import Bus
 from agentbus.cli import nats_option, run, settings_from
+from agentbus.service import serve_until_signalled
 from services.router.router import Router
 from services.router.routes import DEFAULT_POOL, load_routes
 
@@ -31,13 +30,6 @@ def command(routes_file: str | None, default_pool: str, nats_url: str | None, pr
     async def main() -> None:
         bus = await Bus.connect(settings, name="agentbus-router")
         router = Router(bus, table)
-        loop = asyncio.get_running_loop()
-        runner = asyncio.create_task(router.run())
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(router.shutdown()))
-        try:
-            await runner
-        finally:
-            await bus.close()
+        await serve_until_signalled(router, bus)
 
     run(main)

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 from pathlib import Path
 
 import click
 
 from agentbus.bus import Bus
 from agentbus.cli import nats_option, run, settings_from
+from agentbus.service import serve_until_signalled
 from services.supervisor.docker_spawner import DockerSpawner, engine
 from services.supervisor.pools import load_pools
 from services.supervisor.spawner import ProcessSpawner, Spawner, Spawners
@@ -36,12 +36,6 @@ def command(pools_file: str, log_dir: str, workdir: str, nats_url: str | None, p
             kinds["docker"] = DockerSpawner(settings, Path(log_dir), client=client)
         bus = await Bus.connect(settings, name="agentbus-supervisor")
         supervisor = Supervisor(bus, fleet, Spawners(kinds))
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(supervisor.shutdown()))
-        try:
-            await supervisor.run()
-        finally:
-            await bus.close()
+        await serve_until_signalled(supervisor, bus)
 
     run(main)
