@@ -174,8 +174,10 @@ class AgentWorker(Service):
                 await asyncio.wait(self._inflight)
             watcher.cancel()
             beat.cancel()
+            # A courtesy (the registry's TTL drops the entry anyway): never wait out a failover
+            # for it while stopping, as when NATS went away first.
             with contextlib.suppress(Exception):
-                await self.bus.kv_delete(self.bus.ns.workers_bucket, self.config.worker_id)
+                await asyncio.wait_for(self.bus.kv_delete(self.bus.ns.workers_bucket, self.config.worker_id), 2.0)
             await puller.close()
             log.info("agent %s stopped after %d sessions", self.config.worker_id, self.served)
 
