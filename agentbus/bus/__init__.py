@@ -1,0 +1,43 @@
+"""The bus layer: the only package that touches raw nats-py objects.
+
+Everything above it speaks in `PubAck`, `Delivery` and `Job`. Headers are set here
+and only here (`Nats-Msg-Id` for deduplication, `traceparent` for tracing, the
+expected-last-subject-sequence fence), and nats-py's errors become agentbus errors
+where they enter. Each concern lives in its own private module:
+
+- `_core`: connect (fail fast, reconnect quietly), retry idempotent requests through a failover
+- `_provision`: streams, durable consumers and buckets of a namespace
+- `_publish`: acked publishes, one at a time or pipelined
+- `_read`: ordered replay into a live follow, single-message lookups
+- `_queues`: durable pull consumers and the `Job`s they hand out
+- `_kv`: key-value buckets
+- `_requests`: core request/reply
+- `_errors`: JetStream error codes by name
+"""
+
+from __future__ import annotations
+
+from agentbus.bus._errors import ErrorCode
+from agentbus.bus._kv import KeyValue
+from agentbus.bus._publish import EXPECTED_LAST_SUBJECT_SEQ, MSG_ID, Publishing
+from agentbus.bus._queues import Job, Puller, Queues
+from agentbus.bus._read import Reading
+from agentbus.bus._requests import Requests
+from agentbus.bus._types import Delivery, Outgoing, PubAck
+
+
+class Bus(Publishing, Reading, Queues, KeyValue, Requests):
+    """A connection to NATS with JetStream, provisioned for one namespace: `await Bus.connect(settings)`."""
+
+
+__all__ = [
+    "EXPECTED_LAST_SUBJECT_SEQ",
+    "MSG_ID",
+    "Bus",
+    "Delivery",
+    "ErrorCode",
+    "Job",
+    "Outgoing",
+    "PubAck",
+    "Puller",
+]

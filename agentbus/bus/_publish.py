@@ -1,0 +1,164 @@
+"""Publishing: every message acked by JetStream, with its Nats-Msg-Id and trace context set here and only here."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import nats.errors
+import nats.js.errors
+from opentelemetry import propagate
+from opentelemetry.trace import SpanKind
+
+from agentbus import tracing
+from agentbus.bus._core import BusCore
+from agentbus.bus._errors import TRANSIENT, ErrorCode
+from agentbus.bus._types import Outgoing, PubAck
+from agentbus.errors import BusError, FencedError, NatsUnreachable
+
+MSG_ID = "Nats-Msg-Id"
+EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
+_PIPELINE_DEPTH = 256
+# no ack for a message of a batch: settle the rest one by one
+_UNANSWERED: tuple[type[BaseException], ...] = (*TRANSIENT, nats.js.errors.NoStreamResponseError)
+
+
+def span_subject(subject: str) -> str:
+    """A subject with its session id masked, so span names stay few (semconv: low cardinality)."""
+    parts = subject.split(".")
+    if len(parts) >= 4 and parts[1] == "session":
+        parts[2] = "{session}"
+    return ".".join(parts)
+
+
+class Publishing(BusCore):
+    def headers(self, msg_id: str, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+        """The headers every agentbus message carries."""
+        hdrs: dict[str, str] = {MSG_ID: msg_id}
+        propagate.inject(hdrs)
+        if extra:
+            hdrs.update(extra)
+        return hdrs
+
+    async def publish(
+        self,
+        subject: str,
+        data: bytes,
+        *,
+        msg_id: str,
+        headers: Mapping[str, str] | None = None,
+        expected_last_subject_seq: int | None = None,
+    ) -> PubAck:
+        """Publish to JetStream and wait for the stored ack; retries on a lost ack are deduplicated."""
+        attrs = tracing.messaging_attrs(subject, msg_id)
+        with tracing.span(f"publish {span_subject(subject)}", kind=SpanKind.PRODUCER, attributes=attrs):
+            return await self._publish(subject, data, msg_id, headers, expected_last_subject_seq)
+
+    async def _publish(
+        self,
+        subject: str,
+        data: bytes,
+        msg_id: str,
+        headers: Mapping[str, str] | None,
+        expected_last_subject_seq: int | None,
+    ) -> PubAck:
+        hdrs = self.headers(msg_id, headers)
+        if expected_last_subject_seq is not None:
+            hdrs[EXPECTED_LAST_SUBJECT_SEQ] = str(expected_last_subject_seq)
+        try:
+            try:  # the common case without the retry machinery: appends are the hot path
+                ack = await self._publish_once(subject, data, hdrs)
+            except TRANSIENT:
+                ack = await self._through_failover(
+                    f"publish to {subject}", lambda: self._publish_once(subject, data, hdrs)
+                )
+        except nats.js.errors.APIError as err:
+            if err.err_code == ErrorCode.WRONG_LAST_SEQUENCE:
+                raise FencedError(subject, expected_last_subject_seq or 0) from err
+            raise BusError(f"publish to {subject} refused: {err.description}") from err
+        except nats.js.errors.NoStreamResponseError as err:
+            raise BusError(f"publish to {subject}: no stream stores this subject (not provisioned?)") from err
+        except nats.errors.ConnectionClosedError as err:
+            raise NatsUnreachable(self.settings.nats_url, "connection closed") from err
+        except nats.errors.MaxPayloadError as err:
+            raise BusError(
+                f"publish to {subject}: {len(data)} bytes is more than the server accepts "
+                f"(max_payload {self._nc.max_payload})"
+            ) from err
+        return PubAck(ack.stream, ack.seq, bool(ack.duplicate))
+
+    async def _publish_once(self, subject: str, data: bytes, hdrs: dict[str, str]) -> Any:
+        try:
+            return await self._js.publish(subject, data, headers=hdrs)
+        except nats.js.errors.NoStreamResponseError as unanswered:
+            # Nobody answered: either no stream takes this subject (a setup error, reported at
+            # once) or its leader is moving to another server of the cluster (retried).
+            try:
+                await self._js.find_stream_name_by_subject(subject)
+            except nats.js.errors.NotFoundError:
+                raise unanswered from None
+            except TRANSIENT:
+                pass
+            raise TimeoutError(f"no leader for the stream of {subject}") from unanswered
+
+    async def publish_many(self, messages: Iterable[Outgoing]) -> list[PubAck]:
+        """Publish with up to 256 acks in flight; returns acks in input order, raises on the first refusal.
+
+        Through a failover, the messages from the first unanswered one on are sent again one by
+        one with their ids (stored ones come back as duplicates). A later message of the batch
+        that was stored while an earlier one was not then precedes it in the stream.
+        """
+        with tracing.span("publish batch", kind=SpanKind.PRODUCER, attributes={"messaging.system": "nats"}):
+            return await self._publish_many(list(messages))
+
+    async def _publish_many(self, batch: list[Outgoing]) -> list[PubAck]:
+        pending = await self._send_pipelined(batch)
+        acks: list[PubAck] = []
+        for i, fut in enumerate(pending):
+            if not fut.done():
+                # nats-py never fails the future of an ack lost with its server: bound the wait
+                # (only here: most acks are in by now, and a timer per message costs a third)
+                await asyncio.wait([fut], timeout=self.settings.publish_timeout_s)
+            try:
+                if not fut.done():
+                    raise TimeoutError("no ack")
+                ack = fut.result()
+            except nats.js.errors.APIError as err:
+                if not isinstance(err, nats.js.errors.ServiceUnavailableError):
+                    for rest in pending[i + 1 :]:
+                        rest.cancel()
+                    raise BusError(f"publish to {batch[i].subject} refused: {err.description}") from err
+            except _UNANSWERED:
+                pass
+            else:
+                acks.append(PubAck(ack.stream, ack.seq, bool(ack.duplicate)))
+                continue
+            # No answer for message i (a failover): settle the rest one by one, in order, with
+            # their ids, so whatever was stored already comes back as a duplicate, not twice.
+            # Cancelling frees nats-py's pending slot that a never-answered future would hold.
+            for rest in pending[i:]:
+                rest.cancel()
+            for out in batch[i:]:
+                acks.append(await self._publish(out.subject, out.data, out.msg_id, out.headers, None))
+            break
+        return acks
+
+    async def _send_pipelined(self, batch: list[Outgoing]) -> list[asyncio.Future[Any]]:
+        pending: list[asyncio.Future[Any]] = []
+        shared: dict[str, str] = {}
+        propagate.inject(shared)  # one trace context for the whole batch: inject once, not per message
+        for out in batch:
+            hdrs = {MSG_ID: out.msg_id, **shared}
+            if out.headers:
+                hdrs.update(out.headers)
+            try:
+                pending.append(await self._js.publish_async(out.subject, out.data, headers=hdrs))
+            except (nats.js.errors.TooManyStalledMsgsError, nats.errors.ConnectionClosedError) as err:
+                for sent in pending:
+                    sent.cancel()  # frees nats-py's slot for each; what was stored stays stored
+                raise BusError(f"publish to {out.subject}: {type(err).__name__}") from err
+            if len(pending) >= _PIPELINE_DEPTH and not pending[-_PIPELINE_DEPTH].done():
+                # settled by the caller, in order; bounded, as an ack lost with its server never comes
+                await asyncio.wait([pending[-_PIPELINE_DEPTH]], timeout=self.settings.publish_timeout_s)
+        return pending

@@ -1,0 +1,137 @@
+"""Work queues: durable pull consumers handing out `Job`s that their holder settles exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any
+
+import nats.errors
+import nats.js.errors
+from nats.aio.msg import Msg
+
+from agentbus import tracing
+from agentbus.bus._core import logger
+from agentbus.bus._errors import description
+from agentbus.bus._provision import Provisioning
+from agentbus.errors import BusError
+from agentbus.subjects import ConsumerSpec
+
+
+class Job:
+    """A message pulled from a work queue; the holder must settle it exactly once.
+
+    Settling translates nats-py's errors: a failed ack, nak or term raises `BusError`.
+    """
+
+    __slots__ = ("_msg", "attempt", "data", "headers", "seq", "subject")
+
+    def __init__(self, msg: Msg) -> None:
+        self._msg = msg
+        meta = msg.metadata
+        self.subject: str = msg.subject
+        self.data: bytes = msg.data
+        self.headers: Mapping[str, str] = dict(msg.headers or {})
+        self.seq: int = meta.sequence.stream
+        self.attempt: int = meta.num_delivered
+
+    @property
+    def trace_context(self) -> Any:
+        """The trace context of whoever published this job (start the work's span under it)."""
+        return tracing.context_from(self.headers)
+
+    async def ack(self, *, sync: bool = True) -> None:
+        """Done: the server removes it. `sync` waits for the server to confirm, so a lost ack
+        cannot redeliver finished work; skip it only where a redelivery is harmless."""
+        try:
+            if sync:
+                await self._msg.ack_sync(timeout=5.0)
+            else:
+                await self._msg.ack()
+        except Exception as err:
+            raise BusError(f"ack of message {self.seq} on {self.subject}: {description(err)}") from err
+
+    async def nak(self, delay: float | None = None) -> None:
+        """Give it back for another worker (now, or after `delay` seconds)."""
+        try:
+            await self._msg.nak(delay=delay)
+        except Exception as err:
+            raise BusError(f"nak of message {self.seq} on {self.subject}: {description(err)}") from err
+
+    async def in_progress(self) -> None:
+        """Still working: reset the ack timer."""
+        try:
+            await self._msg.in_progress()
+        except Exception as err:
+            raise BusError(f"progress of message {self.seq} on {self.subject}: {description(err)}") from err
+
+    async def term(self) -> None:
+        """Never redeliver (the reason must already be recorded where people look)."""
+        try:
+            await self._msg.term()
+        except Exception as err:
+            raise BusError(f"term of message {self.seq} on {self.subject}: {description(err)}") from err
+
+    @contextlib.asynccontextmanager
+    async def kept_alive(self, every: float) -> AsyncIterator[None]:
+        """In-progress acks every `every` seconds while the body runs (a long model call or check
+        must never look like a dead worker)."""
+
+        async def beat() -> None:
+            while True:
+                await asyncio.sleep(every)
+                with contextlib.suppress(Exception):
+                    await self._msg.in_progress()
+
+        task = asyncio.create_task(beat())
+        try:
+            yield
+        finally:
+            task.cancel()
+
+
+class Puller:
+    """A handle on a durable pull consumer: fetch batches of `Job`s."""
+
+    def __init__(self, psub: Any, spec: ConsumerSpec) -> None:
+        self._psub = psub
+        self.spec = spec
+
+    async def fetch(self, batch: int = 1, timeout: float = 5.0) -> Sequence[Job]:
+        """Up to `batch` jobs; an empty list when none arrived in `timeout`."""
+        try:
+            msgs = await self._psub.fetch(batch, timeout=timeout)
+        except (TimeoutError, nats.errors.TimeoutError):  # nats-py raises either
+            return []
+        except (nats.errors.NoRespondersError, nats.js.errors.ServiceUnavailableError) as err:
+            # the consumer's leader is moving (a server of the cluster went away): wait, don't spin
+            logger.info("fetch from %s: %s; trying again", self.spec.durable, type(err).__name__)
+            await asyncio.sleep(min(timeout, 0.5))
+            return []
+        except nats.errors.ConnectionClosedError as err:
+            raise BusError(f"fetch from {self.spec.durable}: the connection is closed") from err
+        return [Job(m) for m in msgs]
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._psub.unsubscribe()
+
+
+class Queues(Provisioning):
+    async def pull(self, spec: ConsumerSpec) -> Puller:
+        await self.ensure_consumer(spec)
+        psub = await self._through_failover(
+            f"consumer {spec.durable}", lambda: self._js.pull_subscribe_bind(spec.durable, stream=spec.stream)
+        )
+        return Puller(psub, spec)
+
+    async def consumer_backlog(self, spec: ConsumerSpec) -> tuple[int, int]:
+        """(messages waiting for a worker, messages delivered and not yet acked) on a durable."""
+        try:
+            info = await self._through_failover(
+                f"backlog of {spec.durable}", lambda: self._js.consumer_info(spec.stream, spec.durable)
+            )
+        except nats.js.errors.NotFoundError:
+            return (0, 0)
+        return (int(info.num_pending or 0), int(info.num_ack_pending or 0))

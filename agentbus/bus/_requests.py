@@ -1,0 +1,34 @@
+"""Core request/reply, not stored: for questions whose answer is only useful now."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import nats.errors
+from nats.aio.msg import Msg
+from opentelemetry import propagate
+
+from agentbus.bus._core import BusCore
+from agentbus.errors import BusError
+
+
+class Requests(BusCore):
+    async def request(self, subject: str, data: bytes, *, timeout: float = 5.0) -> bytes:
+        try:
+            hdrs: dict[str, str] = {}
+            propagate.inject(hdrs)
+            msg = await self._nc.request(subject, data, timeout=timeout, headers=hdrs or None)
+        except nats.errors.NoRespondersError as err:
+            raise BusError(f"nobody answers on {subject} (is the supervisor running?)") from err
+        except (TimeoutError, nats.errors.TimeoutError) as err:
+            raise BusError(f"no answer on {subject} within {timeout:g}s") from err
+        return bytes(msg.data)
+
+    async def serve(self, subject: str, handler: Callable[[bytes], Awaitable[bytes]]) -> Callable[[], Awaitable[None]]:
+        """Answer requests on `subject` (a queue group, so replicas share them); returns a stop function."""
+
+        async def on_msg(msg: Msg) -> None:
+            await msg.respond(await handler(msg.data))
+
+        sub = await self._nc.subscribe(subject, queue="agentbus", cb=on_msg)
+        return sub.unsubscribe
