@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import getpass
+import logging
 import os
 import secrets
 import time
@@ -22,7 +23,7 @@ from opentelemetry.trace import SpanKind
 from agentbus import tracing
 from agentbus.bus import Bus
 from agentbus.config import Settings
-from agentbus.errors import NoSuchSession, SessionUnsuccessful, Timeout, UsageError
+from agentbus.errors import FencedError, NoSuchSession, SessionUnsuccessful, Timeout, UsageError
 from agentbus.messages import (
     Budget,
     CancelRequested,
@@ -31,20 +32,21 @@ from agentbus.messages import (
     PoolSpend,
     Record,
     ResumeRequested,
-    Routed,
     ScaleReply,
     ScaleRequest,
-    SessionCreated,
+    SessionEnded,
     Task,
     WorkerInfo,
     WorkItem,
     encode,
 )
+from agentbus.queues import WorkQueues
 from agentbus.session import From, SessionLog
 from agentbus.spend import SpendLedger
 from agentbus.state import SessionState, fold
 from agentbus.subjects import valid_token
 
+logger = logging.getLogger("agentbus.client")
 _B32 = "0123456789abcdefghjkmnpqrstvwxyz"  # Crockford: no i, l, o, u
 
 
@@ -74,6 +76,7 @@ class Client:
     def __init__(self, bus: Bus) -> None:
         self.bus = bus
         self.log = SessionLog(bus)
+        self.queues = WorkQueues(self.log)
         self.settings = bus.settings
 
     # --- submitting ---------------------------------------------------------------------------
@@ -158,18 +161,7 @@ class Client:
             model=model,
             opinions=tuple(opinions),
         )
-        if await self.log.exists(sid):
-            # A repeated submit (a retry, a re-run delegate): never a second session_created, and
-            # no second work item once an agent has the session.
-            if (await self.log.state(sid)).status not in ("pending", "queued"):
-                return sid
-        else:
-            await self.log.append(sid, SessionCreated(id="created", task=task, trace_id=tracing.current_trace_id()))
-        if pool is None:
-            await self.bus.publish(self.bus.ns.submissions(), encode(WorkItem(session_id=sid)), msg_id=sid)
-        else:
-            await self.log.append(sid, Routed(id="routed", pool=pool, rule="explicit"))
-            await self.bus.publish(self.bus.ns.work(pool), encode(WorkItem(session_id=sid)), msg_id=f"{sid}:new")
+        await self.queues.open_session(task, trace_id=tracing.current_trace_id())
         return sid
 
     # --- steering -----------------------------------------------------------------------------
@@ -187,10 +179,35 @@ class Client:
         return (await self.log.append(session_id, event, channel="input")).seq
 
     async def cancel(self, session_id: str, *, author: str | None = None, reason: str = "") -> int:
-        """Ask the session to stop at its next step boundary (it ends `cancelled`)."""
+        """Stop the session: one nobody has claimed ends `cancelled` at once (its queued work item is
+        withdrawn); one an agent runs stops at its next step boundary. Returns the event's sequence."""
         await self._require(session_id)
-        event = CancelRequested(id=new_event_id("cancel"), author=author or default_author(), reason=reason)
-        return (await self.log.append(session_id, event, channel="input")).seq
+        who = author or default_author()
+        state = await self.log.state(session_id)
+        if state.terminal:
+            raise UsageError(f"session {session_id} already ended {state.status}; there is nothing to cancel")
+        event = CancelRequested(id=new_event_id("cancel"), author=who, reason=reason)
+        seq = (await self.log.append(session_id, event, channel="input")).seq
+        if state.created_ts and state.owner is None and state.status in ("pending", "queued"):
+            ended = await self._end_unclaimed(session_id, state, who, reason)
+            return ended or seq
+        return seq
+
+    async def _end_unclaimed(self, session_id: str, state: SessionState, who: str, reason: str) -> int | None:
+        """End a session no agent has claimed, fenced on its log as we saw it: if an agent claims it
+        in between, the fence refuses and the cancel request already recorded stops the agent instead."""
+        log_subject = self.bus.ns.session_log(session_id)
+        last = await self.bus.last_subject_seq(self.bus.ns.sessions_stream, log_subject)
+        why = f"cancelled by {who} before any agent took it" + (f": {reason}" if reason else "")
+        try:
+            ack = await self.log.append(
+                session_id, SessionEnded(id="ended", status="cancelled", reason=why), expect_last_seq=last
+            )
+        except FencedError:
+            return None
+        if state.pool is not None:
+            await self.queues.withdraw(session_id, state.pool)
+        return ack.seq
 
     async def resume(self, session_id: str, *, budget: Budget | None = None, author: str | None = None) -> int:
         """Continue a paused session, with raised limits if given; it goes back on its pool's queue."""
@@ -200,8 +217,8 @@ class Client:
             raise UsageError(f"session {session_id} is {state.status}, not paused; only a paused session resumes")
         event = ResumeRequested(id=new_event_id("resume"), author=author or default_author(), budget=budget or Budget())
         seq = (await self.log.append(session_id, event, channel="input")).seq
-        item = WorkItem(session_id=session_id, reason="resume")
-        await self.bus.publish(self.bus.ns.work(state.pool), encode(item), msg_id=f"{session_id}:resume:{seq}")
+        item = WorkItem(session_id=session_id, reason="resume", round=state.round)
+        await self.queues.enqueue(item, state.pool, cause=str(seq))
         return seq
 
     # --- reading ------------------------------------------------------------------------------
@@ -225,8 +242,14 @@ class Client:
         return await self.log.state(session_id)
 
     async def sessions(self, status: str | None = None) -> list[SessionState]:
-        """One state per session, oldest first; `status` filters."""
-        states = [await self.log.state(sid) for sid in await self.log.session_ids()]
+        """One state per session, oldest first; `status` filters. A session whose state cannot be
+        read is left out with a warning, so one bad entry never hides every other."""
+        states = []
+        for sid in await self.log.session_ids():
+            try:
+                states.append(await self.log.state(sid))
+            except NoSuchSession:
+                continue  # its only messages went away between the listing and the read
         return [s for s in states if status is None or s.status == status]
 
     async def wait(
@@ -246,9 +269,14 @@ class Client:
         return state
 
     async def workers(self) -> list[WorkerInfo]:
-        """Every agent whose heartbeat is fresh, by pool then id."""
+        """Every agent whose heartbeat is fresh, by pool then id (an unreadable entry is skipped)."""
         values = await self.bus.kv_values(self.bus.ns.workers_bucket)
-        infos = [msgspec.json.decode(v, type=WorkerInfo) for v in values.values()]
+        infos = []
+        for key, raw in values.items():
+            try:
+                infos.append(msgspec.json.decode(raw, type=WorkerInfo))
+            except (msgspec.MsgspecError, RecursionError, UnicodeDecodeError):
+                logger.warning("worker registry: unreadable entry %s skipped", key)
         return sorted(infos, key=lambda w: (w.pool, w.worker_id))
 
     async def spend(self) -> tuple[dict[str, PoolSpend], dict[str, Hold]]:

@@ -9,6 +9,7 @@ tense; `SCHEMA_VERSION` goes up when an event type is added.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import msgspec
@@ -109,6 +110,8 @@ class ScaleRequest(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class ScaleReply(msgspec.Struct, frozen=True, kw_only=True):
+    """The supervisor's answer to a `ScaleRequest`: how many workers it started, and why not more."""
+
     granted: int
     reason: str = ""
 
@@ -150,32 +153,44 @@ class Event(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag_f
 
 
 class SessionCreated(Event, tag="session_created", frozen=True, kw_only=True):
+    """Someone submitted a task: always the first event of a session (id `created`)."""
+
     task: Task
     trace_id: str | None = None
 
 
 class Routed(Event, tag="routed", frozen=True, kw_only=True):
+    """The session was put on a pool's queue: by its submitter (rule `explicit`) or a router rule."""
+
     pool: str
     rule: str = "explicit"
     model: str | None = None
 
 
 class HumanMessage(Event, tag="human_message", frozen=True, kw_only=True):
+    """A person or script said something to the session; the model reads it at its next step."""
+
     text: str
     author: str
 
 
 class CancelRequested(Event, tag="cancel_requested", frozen=True, kw_only=True):
+    """Someone asked the session to stop; its owner ends it `cancelled` at the next step boundary."""
+
     author: str
     reason: str = ""
 
 
 class ResumeRequested(Event, tag="resume_requested", frozen=True, kw_only=True):
+    """Someone continued a paused session, raising the limits in `budget` (None fields keep theirs)."""
+
     author: str
     budget: Budget = Budget()
 
 
 class StatusChanged(Event, tag="status_changed", frozen=True, kw_only=True):
+    """The session moved to `status` for a reason worth showing (waiting for a person, evaluating, ...)."""
+
     status: Status
     reason: str = ""
     worker: str | None = None
@@ -205,6 +220,21 @@ class ModelResponded(Event, tag="model_responded", frozen=True, kw_only=True):
     horizon: int = 0
 
 
+class ModelCallFailed(Event, tag="model_call_failed", frozen=True, kw_only=True):
+    """A model call failed in a way that may pass (rate limit, overload, outage, unreachable API).
+
+    The task goes back to the queue and is tried again after `retry_in_s`; `attempt` counts the
+    deliveries so far. A failure that cannot pass ends the session instead.
+    """
+
+    step: int
+    model: str
+    error: str
+    status: int | None = None
+    attempt: int = 1
+    retry_in_s: float = 0.0
+
+
 class ToolCallStarted(Event, tag="tool_call_started", frozen=True, kw_only=True):
     """Written just before a tool runs; a start with no completion means the run was cut off."""
 
@@ -216,6 +246,8 @@ class ToolCallStarted(Event, tag="tool_call_started", frozen=True, kw_only=True)
 
 
 class ToolCallCompleted(Event, tag="tool_call_completed", frozen=True, kw_only=True):
+    """A tool's result (or error, with `is_error`), recorded before the model sees it."""
+
     step: int
     tool_use_id: str
     name: str
@@ -224,11 +256,15 @@ class ToolCallCompleted(Event, tag="tool_call_completed", frozen=True, kw_only=T
 
 
 class QuestionAsked(Event, tag="question_asked", frozen=True, kw_only=True):
+    """The model asked the people watching a question (`ask_human`); the next human message answers it."""
+
     text: str
     tool_use_id: str = ""
 
 
 class DelegationRequested(Event, tag="delegation_requested", frozen=True, kw_only=True):
+    """The session started a child session (a `delegate` call, or one sibling of a fan-out)."""
+
     child_session: str
     pool: str | None
     prompt: str
@@ -236,6 +272,8 @@ class DelegationRequested(Event, tag="delegation_requested", frozen=True, kw_onl
 
 
 class DelegationCompleted(Event, tag="delegation_completed", frozen=True, kw_only=True):
+    """A child session ended (or paused); its outcome as the parent received it."""
+
     child_session: str
     status: Status
     result: str = ""
@@ -243,6 +281,8 @@ class DelegationCompleted(Event, tag="delegation_completed", frozen=True, kw_onl
 
 
 class OpinionResult(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """One sibling's outcome inside `OpinionsAggregated`."""
+
     session_id: str
     pool: str
     status: str
@@ -257,6 +297,8 @@ class OpinionsAggregated(Event, tag="opinions_aggregated", frozen=True, kw_only=
 
 
 class CheckResult(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """One check command's outcome in a verdict (exit 0 passes; output capped)."""
+
     command: str
     passed: bool
     exit_code: int | None = None
@@ -264,6 +306,8 @@ class CheckResult(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
 
 
 class CriterionResult(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """The grader's judgement of one criterion in a verdict."""
+
     criterion: str
     passed: bool
     score: float | None = None
@@ -271,6 +315,8 @@ class CriterionResult(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=T
 
 
 class VerdictRecorded(Event, tag="verdict_recorded", frozen=True, kw_only=True):
+    """The evaluator's judgement of one round's result: every criterion and check, and the critique."""
+
     round: int
     verdict: Literal["satisfied", "needs_revision", "failed"]
     criteria: tuple[CriterionResult, ...] = ()
@@ -291,11 +337,15 @@ class RevisionRequested(Event, tag="revision_requested", frozen=True, kw_only=Tr
 
 
 class BudgetExceeded(Event, tag="budget_exceeded", frozen=True, kw_only=True):
+    """A limit stopped the session before its next model call; it is paused until `resume`."""
+
     limit: str  # max_steps, max_tokens, max_usd, max_wall, no_progress, ...
     detail: str = ""
 
 
 class SessionEnded(Event, tag="session_ended", frozen=True, kw_only=True):
+    """The session is over (id `ended`, so it is recorded once whoever writes it); nothing changes its outcome."""
+
     status: Literal["completed", "failed", "cancelled"]
     reason: str = ""
     result: str = ""
@@ -317,6 +367,7 @@ AnyEvent = (
     | StatusChanged
     | SessionClaimed
     | ModelResponded
+    | ModelCallFailed
     | ToolCallStarted
     | ToolCallCompleted
     | QuestionAsked
@@ -418,7 +469,18 @@ def session_id_of(data: bytes) -> str | None:
 
 
 def decode_work(data: bytes) -> WorkItem:
-    return _work_decoder.decode(data)
+    """A queue message's work item; raises `msgspec.MsgspecError` for anything else (deep nesting included)."""
+    try:
+        return _work_decoder.decode(data)
+    except RecursionError as err:  # msgspec's answer to ~1,000 levels of nesting
+        raise msgspec.DecodeError(f"nested too deeply: {err}") from err
+    except UnicodeDecodeError as err:
+        raise msgspec.DecodeError(f"not UTF-8: {err}") from err
+
+
+def text_of(content: Sequence[Mapping[str, Any]], sep: str = "") -> str:
+    """The text blocks of a model reply's content, joined by `sep` and stripped."""
+    return sep.join(str(b.get("text", "")) for b in content if b.get("type") == "text").strip()
 
 
 def to_builtins(obj: msgspec.Struct) -> Any:

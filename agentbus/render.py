@@ -14,6 +14,7 @@ from agentbus.messages import (
     HumanMessage,
     InputRejected,
     InvalidEvent,
+    ModelCallFailed,
     ModelResponded,
     PoolSpend,
     QuestionAsked,
@@ -74,6 +75,9 @@ def summary(ev: Any) -> str:
             tools = [str(b.get("name")) for b in content if b.get("type") == "tool_use"]
             what = f"calls {', '.join(tools)}" if tools else text
             return _clip(f"step {step} {stop} · {tokens} · ${cost:.4f} · {what}")
+        case ModelCallFailed(step=step, error=error, attempt=attempt, retry_in_s=retry):
+            then = f"trying again in {retry:.0f}s" if retry else "giving up"
+            return _clip(f"step {step}, attempt {attempt}: {error}; {then}")
         case ToolCallStarted(name=name, input=inp, rerun=rerun):
             return _clip(f"{name}({_args(inp)})" + (" [re-run after crash]" if rerun else ""))
         case ToolCallCompleted(name=name, output=output, is_error=is_error):

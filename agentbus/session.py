@@ -16,22 +16,13 @@ from typing import Literal
 
 import msgspec
 
-from agentbus.bus import Bus, Job, Outgoing, PubAck
+from agentbus.bus import Bus, Outgoing, PubAck
 from agentbus.errors import FencedError, NoSuchSession
-from agentbus.messages import (
-    Event,
-    InputRejected,
-    Record,
-    WorkItem,
-    decode_event,
-    decode_work,
-    encode,
-    session_id_of,
-)
+from agentbus.messages import Event, Record, decode_event, encode
 from agentbus.state import SessionState, fold
 from agentbus.subjects import session_id_from_subject, valid_token
 
-log = logging.getLogger("agentbus.session")
+logger = logging.getLogger("agentbus.session")
 
 Channel = Literal["log", "input"]
 From = int | Literal["start", "new"]
@@ -118,35 +109,17 @@ class SessionLog:
         return bool(counts)
 
     async def session_ids(self) -> list[str]:
-        """Every session with anything in the log, oldest id first (ids sort by creation time)."""
+        """Every session with anything in the log, oldest id first (ids sort by creation time).
+
+        A subject whose id token is not a valid session id (written by hand, by a foreign
+        client) names no session agentbus could address: it is left out, with a warning.
+        """
         counts = await self.bus.subject_counts(self.ns.sessions_stream, self.ns.sessions_all())
         ids = {sid for subj in counts if (sid := session_id_from_subject(subj))}
-        return sorted(ids)
-
-    # --- queued work ------------------------------------------------------------------------
-
-    async def accept_work(self, job: Job) -> WorkItem | None:
-        """The work item a queue message carries, or None after rejecting it as bad input."""
-        try:
-            item = decode_work(job.data)
-        except msgspec.MsgspecError as err:
-            await self.reject(job, f"malformed work item on {job.subject}: {err}")
-            return None
-        if not valid_token(item.session_id):
-            await self.reject(job, f"work item names an invalid session id {item.session_id!r}")
-            return None
-        if not await self.exists(item.session_id):
-            await self.reject(job, f"work item for session {item.session_id}, which has nothing in the log")
-            return None
-        return item
-
-    async def reject(self, job: Job, reason: str) -> None:
-        """Bad input: never redelivered, and the reason recorded in the session it names, if any."""
-        log.warning("%s", reason)
-        sid = session_id_of(job.data)
-        if sid and await self.exists(sid):
-            await self.append(sid, InputRejected(id=f"rejected-{job.seq}", reason=reason, source=job.subject))
-        await job.term()
+        bad = sorted(sid for sid in ids if not valid_token(sid))
+        if bad:
+            logger.warning("ignoring %d subject(s) with an invalid session id: %s", len(bad), ", ".join(bad[:5]))
+        return sorted(ids - set(bad))
 
     # --- state ------------------------------------------------------------------------------
 
@@ -160,10 +133,9 @@ class SessionLog:
         self.ns.session_log(session_id)  # refuses an id that is not a subject token
         for _ in range(5):
             cached = await self.bus.kv_get(bucket, session_id)
-            if cached is None:
-                state, revision = SessionState(session_id=session_id), None
-            else:
-                state, revision = _state_decoder.decode(cached[0]), cached[1]
+            state, revision = SessionState(session_id=session_id), None
+            if cached is not None:
+                state, revision = _cached_state(session_id, cached[0]), cached[1]
             new = state
             for rec in await self.read(session_id, from_seq=state.last_seq + 1):
                 new = fold(new, rec)
@@ -175,6 +147,18 @@ class SessionLog:
                 return new
             await asyncio.sleep(0)
         return new
+
+
+def _cached_state(session_id: str, raw: bytes) -> SessionState:
+    """A cached fold, or a fresh start when the entry is unreadable or names another session."""
+    try:
+        state = _state_decoder.decode(raw)
+    except (msgspec.MsgspecError, RecursionError, UnicodeDecodeError):
+        logger.warning("session %s: unreadable state cache entry; folding the log afresh", session_id)
+        return SessionState(session_id=session_id)
+    if state.session_id != session_id:
+        return SessionState(session_id=session_id)
+    return state
 
 
 class SessionWriter:

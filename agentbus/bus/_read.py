@@ -142,6 +142,16 @@ class Reading(BusCore):
             return None
         return bytes(msg.data or b"")
 
+    async def next_stored(self, stream: str, subject: str, seq: int) -> tuple[int, bytes] | None:
+        """The first message on `subject` at or after `seq`: (its sequence, its payload), or None."""
+        try:
+            msg = await self._through_failover(
+                f"next message on {subject}", lambda: self._js.get_msg(stream, seq=seq, subject=subject, next=True)
+            )
+        except nats.js.errors.NotFoundError:
+            return None
+        return int(msg.seq or 0), bytes(msg.data or b"")
+
     async def delete_stored(self, stream: str, seq: int) -> None:
         """Remove one stored message; one already gone is fine."""
         try:

@@ -62,7 +62,7 @@ def command(
         tools=tuple(t.strip() for t in tools.split(",") if t.strip()),
         workdir=Path(workdir),
         concurrency=max(1, concurrency),
-        max_tokens=max_tokens,
+        max_output_tokens=max_tokens,
         ack_wait_s=ack_wait,
         max_deliver=max_deliver,
         budget=budget,

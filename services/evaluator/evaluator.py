@@ -25,15 +25,18 @@ from agentbus.messages import (
     StatusChanged,
     VerdictRecorded,
     WorkItem,
-    encode,
+    text_of,
 )
 from agentbus.models import ModelClient, ModelError
-from agentbus.service import Service
+from agentbus.queues import WorkQueues, WorkSettlement
+from agentbus.service import Consumer, Service, consume
 from agentbus.session import SessionLog
+from agentbus.state import SessionState, fold
+from agentbus.subjects import valid_token
 from services.evaluator.grading import GradingError, grade_criteria, run_checks
 from services.evaluator.policy import PIVOT_AFTER, critique_of, decide, verdict_of
 
-log = logging.getLogger("agentbus.evaluator")
+logger = logging.getLogger("agentbus.evaluator")
 
 
 class Evaluator(Service):
@@ -43,33 +46,32 @@ class Evaluator(Service):
         self.bus = bus
         self.model = model
         self.log = SessionLog(bus)
+        self.queues = WorkQueues(self.log)
         self.pivot_after = pivot_after
         super().__init__()
         self.graded = 0
 
     async def _serve(self) -> None:
         await self.bus.provision()
-        puller = await self.bus.pull(self.bus.ns.evaluator_consumer())
-        log.info("evaluator ready (grader %s)", self.model.name if self.model else "none: checks only")
+        consumer = Consumer(
+            spec=self.bus.ns.evaluator_consumer(),
+            handle=self._handle,
+            settle=WorkSettlement(self.queues, "evaluator"),
+            keep_alive=True,  # checks and the grader call can outlast the ack wait
+        )
+        logger.info("evaluator ready (grader %s)", self.model.name if self.model else "none: checks only")
         try:
-            while not self._draining.is_set():
-                for job in await puller.fetch(1, timeout=1.0):
-                    await self._handle(job)
+            await self._supervise(loops=[consume(self.bus, consumer, self._draining)])
         finally:
-            await puller.close()
-            log.info("evaluator stopped after %d rounds", self.graded)
+            logger.info("evaluator stopped after %d rounds", self.graded)
 
     async def _handle(self, job: Job) -> None:
-        item = await self.log.accept_work(job)
-        if item is None:
-            return
+        item = await self.queues.accept(job)
         attrs = {**tracing.messaging_attrs(job.subject, operation="process"), "agentbus.round": item.round}
         with tracing.span(
             "evaluate", kind=SpanKind.CONSUMER, parent=job.trace_context, session_id=item.session_id, attributes=attrs
         ):
-            async with job.kept_alive(20.0):
-                await self.evaluate(item.session_id, item.round)
-        await job.ack()
+            await self.evaluate(item.session_id, item.round)
         self.graded += 1
 
     async def evaluate(self, sid: str, round_: int) -> None:
@@ -89,7 +91,7 @@ class Evaluator(Service):
             {"agentbus.verdict": current.verdict, "agentbus.next": nxt.action, tracing.POOL: task.pool or ""}
         )
         output = final_output(records)
-        log.info("%s round %d: %s -> %s", sid, round_, current.verdict, nxt.action)
+        logger.info("%s round %d: %s -> %s", sid, round_, current.verdict, nxt.action)
         if nxt.action == "complete":
             await self.log.append(sid, SessionEnded(id="ended", status="completed", reason="satisfied", result=output))
             tracing.sessions_ended.add(1, {"status": "completed"})
@@ -97,21 +99,27 @@ class Evaluator(Service):
             await self.log.append(sid, SessionEnded(id="ended", status="failed", reason=nxt.reason, result=output))
             tracing.sessions_ended.add(1, {"status": "failed"})
         else:
-            await self.log.append(
-                sid,
-                RevisionRequested(
-                    id=f"revision-{round_ + 1}", round=round_ + 1, critique=nxt.critique, fresh_start=nxt.fresh_start
-                ),
-            )
-            pool = next((r.event.pool for r in reversed(records) if hasattr(r.event, "pool") and r.event.pool), None)
-            pool = pool or task.pool
-            assert pool is not None, "a session that produced a result was routed to a pool"
-            item = WorkItem(session_id=sid, reason="revision", round=round_ + 1)
-            await self.bus.publish(self.bus.ns.work(pool), encode(item), msg_id=f"{sid}:revision:{round_ + 1}")
+            await self._revise(sid, round_, nxt.critique, nxt.fresh_start, records)
+
+    async def _revise(self, sid: str, round_: int, critique: str, fresh: bool, records: list[Record]) -> None:
+        """Send the work back to the pool the session runs on (from the folded state: a delegation
+        to another pool names that pool in its own events, which must not redirect the revision)."""
+        pool = fold_all(sid, records).pool
+        if pool is None or not valid_token(pool):
+            reason = f"needs revision, but the session has no pool to send it back to ({pool!r})"
+            await self.log.append(sid, SessionEnded(id="ended", status="failed", reason=reason))
+            return
+        revision = RevisionRequested(
+            id=f"revision-{round_ + 1}", round=round_ + 1, critique=critique, fresh_start=fresh
+        )
+        await self.log.append(sid, revision)
+        await self.queues.enqueue(WorkItem(session_id=sid, reason="revision", round=round_ + 1), pool)
 
     async def _grade(self, sid: str, round_: int, records: list[Record]) -> VerdictRecorded:
         task = next(r.event.task for r in records if isinstance(r.event, SessionCreated))
-        await self.log.append(sid, StatusChanged(id=f"grading-{round_}", status="evaluating", reason=f"round {round_}"))
+        await self.log.append(
+            sid, StatusChanged(id=f"grading-{round_}", status="evaluating", reason=f"grading round {round_}")
+        )
         workspace = next(
             (
                 Path(r.event.workspace)
@@ -151,5 +159,12 @@ def final_output(records: list[Record]) -> str:
     """The text of the model's last reply: the result, without the reasoning that led there."""
     for rec in reversed(records):
         if isinstance(rec.event, ModelResponded):
-            return "".join(str(b.get("text", "")) for b in rec.event.content if b.get("type") == "text").strip()
+            return text_of(rec.event.content)
     return ""
+
+
+def fold_all(sid: str, records: list[Record]) -> SessionState:
+    state = SessionState(session_id=sid)
+    for rec in records:
+        state = fold(state, rec)
+    return state
