@@ -89,3 +89,20 @@ def test_the_doc_names_no_subject_the_code_cannot_build() -> None:
     known = set(_builders().values())
     for match in re.finditer(r"`(agentbus\.[a-z<>.*_-]+)`", DOC.read_text()):
         assert match.group(1) in known, f"subjects.md mentions {match.group(1)}, which no builder makes"
+
+
+def test_every_documented_message_id_form_is_the_one_queues_builds() -> None:
+    from agentbus.messages import WorkItem
+    from agentbus.queues import msg_id
+
+    causes = {"<seq>": "41", "handback-<stream seq>-<delivery>": "handback-7-2", "<child session>": "c1"}
+    rows = _table("Message ids")
+    assert {row[0] for row in rows} == {"new", "revision", "evaluate", "resume", "child_result"}
+    for reason, _who, form, _why in rows:
+        round_ = 1 if ":1" in form and "<round>" not in form else 3
+        cause = next((v for k, v in causes.items() if form.endswith(f":{k}")), None)
+        item = WorkItem(session_id="SESSIONX", reason=reason, round=round_)  # type: ignore[arg-type]
+        expected = form.replace("<session>", "SESSIONX").replace("<round>", str(round_))
+        for placeholder, value in causes.items():
+            expected = expected.replace(placeholder, value)
+        assert msg_id(item, cause) == expected, f"{reason}: queues builds {msg_id(item, cause)}, doc says {form}"
