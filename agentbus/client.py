@@ -23,12 +23,14 @@ from opentelemetry.trace import SpanKind
 from agentbus import tracing
 from agentbus.bus import Bus
 from agentbus.config import Settings
+from agentbus.control import Control, new_event_id
 from agentbus.errors import FencedError, NoSuchSession, SessionUnsuccessful, Timeout, UsageError
+from agentbus.inbox import Inbox, InboxItem
 from agentbus.messages import (
     Budget,
     CancelRequested,
     Hold,
-    HumanMessage,
+    MessageDelivered,
     PoolSpend,
     Record,
     ResumeRequested,
@@ -39,6 +41,7 @@ from agentbus.messages import (
     WorkerInfo,
     WorkItem,
     encode,
+    ended_id,
 )
 from agentbus.queues import WorkQueues
 from agentbus.session import From, SessionLog
@@ -58,11 +61,6 @@ def new_session_id() -> str:
     return head + tail
 
 
-def new_event_id(kind: str) -> str:
-    """An id for a one-off event (human message, cancel): unique, so never deduplicated away."""
-    return f"{kind}-{time.time_ns():x}-{secrets.token_hex(3)}"
-
-
 def default_author() -> str:
     try:
         return getpass.getuser()
@@ -77,6 +75,7 @@ class Client:
         self.bus = bus
         self.log = SessionLog(bus)
         self.queues = WorkQueues(self.log)
+        self.control = Control(self.log)
         self.settings = bus.settings
 
     # --- submitting ---------------------------------------------------------------------------
@@ -97,59 +96,24 @@ class Client:
         model: str | None = None,
         session_id: str | None = None,
         opinions: Sequence[str] = (),
+        approve: Sequence[str] = (),
     ) -> str:
         """Record a new session and queue it; returns the session id.
 
         With `pool` the task goes straight to that pool's queue; without, to the
         router. With `opinions` (a pool per sibling, "" for the router's choice) the
         router runs the task once per entry and records an aggregate in this session.
+        `approve` names tools whose calls wait for a person (on top of the pool's list).
         Passing the same `session_id` again is safe: an existing session is not recorded
         twice, and is queued again only while no agent has claimed it.
         """
         sid = new_session_id() if session_id is None else session_id
         self._check_session_id(sid)
-        with tracing.span("submit", kind=SpanKind.PRODUCER, session_id=sid, pool=pool):
-            return await self._submit(
-                sid, prompt, pool, criteria, checks, max_rounds, budget, tags, submitter, parent_session, depth, model,
-                opinions,
-            )  # fmt: skip
-
-    async def _submit(
-        self,
-        sid: str,
-        prompt: str,
-        pool: str | None,
-        criteria: Sequence[str],
-        checks: Sequence[str],
-        max_rounds: int,
-        budget: Budget | None,
-        tags: Sequence[str],
-        submitter: str | None,
-        parent_session: str | None,
-        depth: int,
-        model: str | None,
-        opinions: Sequence[str],
-    ) -> str:
-        for name in (pool, *(p for p in opinions if p)):
-            if name is not None and not valid_token(name):
-                raise UsageError(f"pool name {name!r} must be 1-64 characters of letters, digits, '-' or '_'")
-        if opinions:
-            # A fan-out parent runs nowhere itself: the router starts its siblings and aggregates them.
-            pool = None
-        size = len(prompt.encode("utf-8"))
-        if size > self.settings.max_prompt_bytes:
-            raise UsageError(
-                f"prompt is {size} bytes; the limit is {self.settings.max_prompt_bytes} "
-                "(set AGENTBUS_MAX_PROMPT_BYTES to change it)"
-            )
-        if not prompt.strip():
-            raise UsageError("prompt is empty")
-        if max_rounds < 1:
-            raise UsageError("max_rounds must be at least 1")
         task = Task(
             session_id=sid,
             prompt=prompt,
-            pool=pool,
+            # A fan-out parent runs nowhere itself: the router starts its siblings and aggregates them.
+            pool=None if opinions else pool,
             criteria=tuple(criteria),
             checks=tuple(checks),
             max_rounds=max_rounds,
@@ -160,23 +124,84 @@ class Client:
             depth=depth,
             model=model,
             opinions=tuple(opinions),
+            approve=tuple(approve),
         )
-        await self.queues.open_session(task, trace_id=tracing.current_trace_id())
-        return sid
+        self._check_task(task, pool)
+        with tracing.span("submit", kind=SpanKind.PRODUCER, session_id=sid, pool=pool):
+            await self.queues.open_session(task, trace_id=tracing.current_trace_id())
+            return sid
+
+    def _check_task(self, task: Task, pool: str | None) -> None:
+        for name in (pool, *(p for p in task.opinions if p)):
+            if name is not None and not valid_token(name):
+                raise UsageError(f"pool name {name!r} must be 1-64 characters of letters, digits, '-' or '_'")
+        size = len(task.prompt.encode("utf-8"))
+        if size > self.settings.max_prompt_bytes:
+            raise UsageError(
+                f"prompt is {size} bytes; the limit is {self.settings.max_prompt_bytes} "
+                "(set AGENTBUS_MAX_PROMPT_BYTES to change it)"
+            )
+        if not task.prompt.strip():
+            raise UsageError("prompt is empty")
+        if task.max_rounds < 1:
+            raise UsageError("max_rounds must be at least 1")
+        for tool in task.approve:
+            if not tool or not tool.replace("_", "").replace("-", "").isalnum():
+                raise UsageError(f"--approve names a tool: {tool!r} is not a tool name")
 
     # --- steering -----------------------------------------------------------------------------
 
-    async def say(self, session_id: str, text: str, *, author: str | None = None) -> int:
-        """Append a human message to a session; returns its sequence in the log."""
+    async def say(self, session_id: str, text: str, *, author: str | None = None, queue: bool = False) -> int:
+        """Steer: a message the model reads at its next step; with `queue`, a follow-up delivered when
+        the model would end its turn (on a completed session, the next turn). Returns its sequence."""
         await self._require(session_id)
-        if not text.strip():
-            raise UsageError("message is empty")
-        state = await self.log.state(session_id)
-        if state.terminal:
-            # Recording it would look like success to the person typing, but nothing would read it.
-            raise UsageError(f"session {session_id} already ended {state.status}; nobody would read this")
-        event = HumanMessage(id=new_event_id("say"), text=text, author=author or default_author())
-        return (await self.log.append(session_id, event, channel="input")).seq
+        return await self.control.say(session_id, text, author=author or default_author(), queue=queue)
+
+    async def interrupt(self, session_id: str, text: str = "", *, author: str | None = None) -> int:
+        """Stop the model call or tool in flight now; with `text` the session goes on with it, without
+        it pauses (reason `interrupted`) until someone speaks to it or resumes it."""
+        await self._require(session_id)
+        return await self.control.interrupt(session_id, text, author=author or default_author())
+
+    async def approve(
+        self,
+        session_id: str,
+        call_id: str | None = None,
+        *,
+        deny: bool = False,
+        reason: str = "",
+        author: str | None = None,
+    ) -> tuple[int, str]:
+        """Approve (or `deny`) a tool call that waits for a person; the only waiting call if none is
+        named. Returns (the decision's sequence, the call decided)."""
+        await self._require(session_id)
+        who = author or default_author()
+        return await self.control.approve(session_id, call_id, author=who, deny=deny, reason=reason)
+
+    async def wait_delivered(self, session_id: str, seq: int, *, timeout: float | None = None) -> MessageDelivered:
+        """The receipt of the message at `seq`: which model request carried it. `SessionUnsuccessful`
+        if the session ended first, `Timeout` after `timeout` seconds."""
+        await self._require(session_id)
+        try:
+            return await asyncio.wait_for(self.control.delivered(session_id, seq), timeout)
+        except TimeoutError as err:
+            raise Timeout(f"message #{seq} of {session_id} not delivered after {timeout:g}s") from err
+
+    async def inbox(self, *, follow: bool = False) -> AsyncIterator[InboxItem]:
+        """The sessions that need a person, longest-waiting first; with `follow`, then every change
+        (a session entering, or leaving with `present=False`) as it happens."""
+        inbox = Inbox(self.log)
+        if not follow:
+            for item in await inbox.items():
+                yield item
+            return
+        async for item in inbox.follow():
+            yield item
+
+    async def dismiss(self, session_id: str, *, note: str = "", author: str | None = None) -> int:
+        """Take a session out of every inbox until it next needs a person (someone has looked)."""
+        await self._require(session_id)
+        return await self.control.dismiss(session_id, author=author or default_author(), note=note)
 
     async def cancel(self, session_id: str, *, author: str | None = None, reason: str = "") -> int:
         """Stop the session: one nobody has claimed ends `cancelled` at once (its queued work item is
@@ -201,12 +226,13 @@ class Client:
         why = f"cancelled by {who} before any agent took it" + (f": {reason}" if reason else "")
         try:
             ack = await self.log.append(
-                session_id, SessionEnded(id="ended", status="cancelled", reason=why), expect_last_seq=last
+                session_id, SessionEnded(id=ended_id(state.turn), status="cancelled", reason=why), expect_last_seq=last
             )
         except FencedError:
             return None
         if state.pool is not None:
             await self.queues.withdraw(session_id, state.pool)
+        await self.queues.settled(session_id, state.parent_session)
         return ack.seq
 
     async def resume(self, session_id: str, *, budget: Budget | None = None, author: str | None = None) -> int:

@@ -20,9 +20,10 @@ Status = Literal[
     "pending",  # recorded, not yet routed
     "queued",  # on a pool's work queue
     "running",  # an agent is working on it
-    "waiting",  # waiting for a human reply (ask_human)
+    "waiting",  # parked until a person answers (ask_human) or a delegated subtask ends
+    "awaiting_approval",  # parked until a person approves or denies a tool call
     "evaluating",  # the evaluator is grading the result
-    "paused",  # a budget or no-progress guard stopped it; `resume` continues
+    "paused",  # a budget, a guard or an interrupt stopped it; `resume` (or a message) continues
     "completed",
     "failed",
     "cancelled",
@@ -69,6 +70,7 @@ class Task(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     depth: int = 0
     model: str | None = None
     opinions: tuple[str, ...] = ()  # fan-out: one sibling session per entry, on that pool ("" lets the router pick)
+    approve: tuple[str, ...] = ()  # tools whose calls wait for a person, on top of the pool's list
     v: int = SCHEMA_VERSION
 
 
@@ -80,7 +82,19 @@ class WorkItem(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """
 
     session_id: str
-    reason: Literal["new", "revision", "resume", "child_result", "evaluate"] = "new"
+    # wake: a person answered a parked session; child_result: a delegated subtask ended;
+    # timeout: an approval waited longer than its pool allows
+    reason: Literal["new", "revision", "resume", "child_result", "evaluate", "wake", "timeout"] = "new"
+    round: int = 1
+    v: int = SCHEMA_VERSION
+
+
+class Timer(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """A wake-up due at `due_ts` for one parked session (an approval's timeout), on the timers queue."""
+
+    session_id: str
+    due_ts: float
+    tool_use_id: str = ""
     round: int = 1
     v: int = SCHEMA_VERSION
 
@@ -168,10 +182,82 @@ class Routed(Event, tag="routed", frozen=True, kw_only=True):
 
 
 class HumanMessage(Event, tag="human_message", frozen=True, kw_only=True):
-    """A person or script said something to the session; the model reads it at its next step."""
+    """A person or script said something to the session.
+
+    `steer` reaches the model at its next step; `queue` waits until the model would end its
+    turn, and the session continues with it instead of ending (on a completed session it
+    reopens the conversation for another turn).
+    """
 
     text: str
     author: str
+    mode: Literal["steer", "queue"] = "steer"
+
+
+class InterruptRequested(Event, tag="interrupt_requested", frozen=True, kw_only=True):
+    """Stop now: the model call in flight is cancelled, or the running tool killed. With `text` the
+    conversation goes on with it; without, the session pauses (reason `interrupted`)."""
+
+    author: str
+    text: str = ""
+
+
+class MessageDelivered(Event, tag="message_delivered", frozen=True, kw_only=True):
+    """A receipt: the human message at `message_seq` went into the model request of `step`."""
+
+    message_seq: int
+    message_id: str = ""
+    step: int
+
+
+class ApprovalRequested(Event, tag="approval_requested", frozen=True, kw_only=True):
+    """A tool call that waits for a person before it runs (its tool is on the approve list)."""
+
+    step: int
+    tool_use_id: str
+    name: str
+    input: dict[str, Any] = {}
+    timeout_s: float | None = None
+    on_timeout: Literal["deny", "pause"] = "deny"
+
+
+class ApprovalDecided(Event, tag="approval_decided", frozen=True, kw_only=True):
+    """A person approved or denied a tool call (or its timeout denied it); `author` is who decided."""
+
+    tool_use_id: str
+    approved: bool
+    author: str
+    reason: str = ""
+
+
+class ToolCallParked(Event, tag="tool_call_parked", frozen=True, kw_only=True):
+    """A tool call waits for something outside the agent; the session holds no agent slot meanwhile.
+
+    `waiting_for` is `answer` (ask_human), `approval`, or `subtask` (delegate; `detail` names the child).
+    The answer, the decision or the child's end queues the session again.
+    """
+
+    step: int
+    tool_use_id: str
+    name: str
+    waiting_for: Literal["answer", "approval", "subtask"]
+    detail: str = ""
+
+
+class SessionPaused(Event, tag="session_paused", frozen=True, kw_only=True):
+    """The session stopped for a reason other than a budget (an interrupt, an approval's timeout);
+    `resume` or a message continues it."""
+
+    reason: str
+    detail: str = ""
+    author: str = ""
+
+
+class InboxDismissed(Event, tag="inbox_dismissed", frozen=True, kw_only=True):
+    """Someone looked at the session in the inbox; it leaves every inbox until it next needs a person."""
+
+    author: str
+    note: str = ""
 
 
 class CancelRequested(Event, tag="cancel_requested", frozen=True, kw_only=True):
@@ -322,6 +408,10 @@ class VerdictRecorded(Event, tag="verdict_recorded", frozen=True, kw_only=True):
     criteria: tuple[CriterionResult, ...] = ()
     checks: tuple[CheckResult, ...] = ()
     critique: str = ""
+    # the grader's call, counted in the session's spend (not its steps)
+    grader_model: str = ""
+    usage: Usage = Usage()
+    cost_usd: float = 0.0
 
 
 class RevisionRequested(Event, tag="revision_requested", frozen=True, kw_only=True):
@@ -362,6 +452,13 @@ AnyEvent = (
     SessionCreated
     | Routed
     | HumanMessage
+    | InterruptRequested
+    | MessageDelivered
+    | ApprovalRequested
+    | ApprovalDecided
+    | ToolCallParked
+    | SessionPaused
+    | InboxDismissed
     | CancelRequested
     | ResumeRequested
     | StatusChanged
@@ -476,6 +573,13 @@ def decode_work(data: bytes) -> WorkItem:
         raise msgspec.DecodeError(f"nested too deeply: {err}") from err
     except UnicodeDecodeError as err:
         raise msgspec.DecodeError(f"not UTF-8: {err}") from err
+
+
+def ended_id(turn: int) -> str:
+    """The id of a session's `session_ended` event in `turn` (a follow-up reopens a completed
+    session for another turn, which ends under a new id; within a turn every writer uses the same
+    id, so the end is recorded once whoever writes it)."""
+    return "ended" if turn <= 1 else f"ended-{turn}"
 
 
 def text_of(content: Sequence[Mapping[str, Any]], sep: str = "") -> str:

@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import re
@@ -32,6 +34,7 @@ __all__ = [
     "ModelClient",
     "ModelError",
     "ModelReply",
+    "Partial",
     "Price",
     "ScriptedModel",
     "cost_usd",
@@ -87,6 +90,22 @@ class ModelReply(msgspec.Struct, frozen=True):
     model: str
 
 
+class Partial:
+    """What a model call produced before it was cancelled (an interrupt): text so far, usage so far."""
+
+    def __init__(self) -> None:
+        self.content: tuple[dict[str, Any], ...] = ()
+        self.usage = Usage()
+        self.model = ""
+
+    def capture(self, message: Any) -> None:
+        """From an SDK message snapshot: the text blocks (a tool call cut short is never kept)."""
+        blocks = [b.model_dump(exclude_none=True) for b in getattr(message, "content", None) or ()]
+        self.content = tuple(_replayable(b) for b in blocks if b.get("type") == "text" and b.get("text"))
+        self.usage = _usage_from(getattr(message, "usage", None) or {})
+        self.model = str(getattr(message, "model", "") or "")
+
+
 class ModelClient(Protocol):
     """What the agent needs from a model: one call from a conversation to a reply."""
 
@@ -100,7 +119,11 @@ class ModelClient(Protocol):
         messages: list[dict[str, Any]],
         tools: list[dict[str, Any]],
         max_tokens: int,
-    ) -> ModelReply: ...
+        partial: Partial | None = None,
+    ) -> ModelReply:
+        """One call. With `partial`, the call streams and keeps what arrived so far in it, so a
+        cancelled call (an interrupt) still shows what the model had said."""
+        ...
 
 
 # -- pricing ------------------------------------------------------------------------
@@ -282,13 +305,13 @@ class AnthropicModel:
         messages: list[dict[str, Any]],
         tools: list[dict[str, Any]],
         max_tokens: int,
+        partial: Partial | None = None,
     ) -> ModelReply:
         """One Messages API call; raises `ModelError` once the SDK's retries are spent."""
         request = self.build_request(system=system, messages=messages, tools=tools, max_tokens=max_tokens)
         try:
-            if _must_stream(self.model, max_tokens):
-                async with self._client.messages.stream(**request) as stream:
-                    message = await stream.get_final_message()
+            if partial is not None or _must_stream(self.model, max_tokens):
+                message = await self._streamed(request, partial)
             else:
                 message = await self._client.messages.create(**request)
         except anthropic.APIStatusError as err:
@@ -301,6 +324,18 @@ class AnthropicModel:
             usage=_usage_from(message.usage),
             model=message.model,
         )
+
+    async def _streamed(self, request: dict[str, Any], partial: Partial | None) -> Any:
+        """A streamed call; if it is cancelled, what arrived so far goes into `partial` and the
+        HTTP request is closed (the server sees the connection go)."""
+        async with self._client.messages.stream(**request) as stream:
+            try:
+                return await stream.get_final_message()
+            except asyncio.CancelledError:
+                if partial is not None:
+                    with contextlib.suppress(Exception):  # nothing arrived yet: no snapshot
+                        partial.capture(stream.current_message_snapshot)
+                raise
 
 
 def _cached_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -401,6 +436,7 @@ class ScriptedModel:
         messages: list[dict[str, Any]],
         tools: list[dict[str, Any]],
         max_tokens: int,
+        partial: Partial | None = None,
     ) -> ModelReply:
         """The scripted response for this point in the conversation."""
         index = sum(1 for m in messages if m.get("role") == "assistant")

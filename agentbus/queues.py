@@ -21,9 +21,11 @@ from agentbus.messages import (
     SessionCreated,
     SessionEnded,
     Task,
+    Timer,
     WorkItem,
     decode_work,
     encode,
+    ended_id,
     session_id_of,
 )
 from agentbus.service import Reject, Retry
@@ -84,6 +86,36 @@ class WorkQueues:
         await self.log.append(sid, Routed(id="routed", pool=task.pool, rule="explicit"))
         await self.enqueue(WorkItem(session_id=sid), task.pool)
 
+    async def schedule(self, timer: Timer, *, cause: str) -> PubAck:
+        """Queue a wake-up for later (agents hold it until `due_ts`, then queue the session)."""
+        return await self.bus.publish(
+            self.ns.timers(), encode(timer), msg_id=f"{timer.session_id}:timer:{timer.round}:{cause}"
+        )
+
+    async def settled(self, session_id: str, parent: str | None) -> None:
+        """A session ended or paused: if its parent is parked waiting for it, queue the parent.
+
+        Every writer of an end (or pause) calls this after recording it; a repeat is harmless
+        (the item's id is fixed), and the parent's run checks the child itself before parking,
+        so an end recorded while the parent was still running is not missed either.
+        """
+        if parent is None or not valid_token(parent):
+            return
+        state = await self.log.state(parent)
+        if not (state.parked and state.waiting_for == "subtask" and state.pool):
+            return
+        item = WorkItem(session_id=parent, reason="child_result", round=state.round)
+        await self.enqueue(item, state.pool, cause=session_id)
+
+    async def wake(self, session_id: str, cause: str) -> bool:
+        """Queue a parked session again (a person answered, approved, cancelled or interrupted);
+        False when it is not parked (its agent reads the input at its next step anyway)."""
+        state = await self.log.state(session_id)
+        if not state.parked or not state.pool or not valid_token(state.pool):
+            return False
+        await self.enqueue(WorkItem(session_id=session_id, reason="wake", round=state.round), state.pool, cause=cause)
+        return True
+
     async def withdraw(self, session_id: str, pool: str) -> int:
         """Delete the session's items still waiting on `pool`'s queue; returns how many.
 
@@ -141,7 +173,10 @@ class WorkSettlement:
     async def gave_up(self, job: Job, reason: str) -> None:
         sid = session_id_of(job.data)
         if sid and await self.log.exists(sid):
-            await self.log.append(sid, SessionEnded(id="ended", status="failed", reason=reason))
+            state = await self.log.state(sid)
+            if not state.terminal:
+                await self.log.append(sid, SessionEnded(id=ended_id(state.turn), status="failed", reason=reason))
+                await self.queues.settled(sid, state.parent_session)
         logger.error("session %s failed: %s", sid or "?", reason)
 
     async def handed_back(self, job: Job) -> None:

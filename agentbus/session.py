@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from typing import Literal
 
 import msgspec
@@ -76,7 +76,7 @@ class SessionLog:
 
     async def tap(
         self, session_id: str | None = None, *, start: From = "start", follow: bool = True
-    ) -> AsyncIterator[Record]:
+    ) -> AsyncGenerator[Record, None]:
         """Replay a session (or every session) from `start`, then follow live: no gap, no duplicate."""
         filt = self.ns.sessions_all() if session_id is None else self.ns.session_all(session_id)
         deliveries = self.bus.replay(

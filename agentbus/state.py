@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import json
+
 import msgspec
 
 from agentbus.messages import (
     TERMINAL,
+    ApprovalRequested,
     BudgetExceeded,
     CancelRequested,
     DelegationRequested,
+    HumanMessage,
+    InboxDismissed,
     ModelResponded,
+    QuestionAsked,
     Record,
     ResumeRequested,
     RevisionRequested,
@@ -17,12 +23,16 @@ from agentbus.messages import (
     SessionClaimed,
     SessionCreated,
     SessionEnded,
+    SessionPaused,
     Status,
     StatusChanged,
     ToolCallCompleted,
+    ToolCallParked,
     Usage,
     VerdictRecorded,
 )
+
+_ATTENTION = ("paused", "failed", "awaiting_approval")
 
 
 class SessionState(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -50,10 +60,30 @@ class SessionState(msgspec.Struct, kw_only=True, omit_defaults=True):
     trace_id: str | None = None
     children: tuple[str, ...] = ()
     cancel_requested: bool = False
+    # parked: no agent holds the session; an answer, a decision or a child's end queues it again
+    parked: bool = False
+    waiting_for: str = ""  # answer, approval or subtask, while parked on a tool call
+    question: str = ""  # what the person is asked: the question, or the tool call to approve
+    tool_use_id: str = ""  # the parked tool call
+    turn: int = 1  # a follow-up on a completed session opens the next turn
+    turn_round: int = 1  # the first evaluation round of this turn
+    attention_since: float = 0.0  # when it last started to need a person (0: it does not)
+    dismissed: bool = False  # someone looked since then (inbox --dismiss)
 
     @property
     def terminal(self) -> bool:
         return self.status in TERMINAL
+
+    def needs_person_now(self) -> bool:
+        """`needs_person` regardless of a dismissal."""
+        if self.status in _ATTENTION:
+            return True
+        return self.status == "waiting" and self.waiting_for == "answer"
+
+    @property
+    def needs_person(self) -> bool:
+        """Waiting for an answer or an approval, paused, or failed, and nobody has dismissed it since."""
+        return not self.dismissed and self.needs_person_now()
 
 
 def fold(state: SessionState, record: Record) -> SessionState:
@@ -64,9 +94,34 @@ def fold(state: SessionState, record: Record) -> SessionState:
     ev = record.event
     ts = getattr(ev, "ts", 0.0) or s.updated_ts
     s.updated_ts = max(s.updated_ts, ts)
+    before = (s.status, s.waiting_for)
+    _apply(s, ev)
+    if (s.status, s.waiting_for) != before:
+        _attention(s, ts)
+    return s
+
+
+def _attention(s: SessionState, ts: float) -> None:
+    """A move into a state that needs a person starts a new wait (and undoes an earlier dismissal)."""
+    if s.needs_person_now():
+        s.attention_since, s.dismissed = ts, False
+    else:
+        s.attention_since = 0.0
+
+
+def _apply(s: SessionState, ev: object) -> None:
     if s.terminal:
-        # Nothing changes a finished session's outcome; later events are still counted.
-        return s
+        # Nothing changes a finished session's outcome (later events are still counted), except a
+        # follow-up that reopens a completed one, and someone dismissing it from the inbox.
+        match ev:
+            case HumanMessage(mode="queue") if s.status == "completed":
+                s.status, s.reason, s.result, s.turn = "queued", "follow-up", "", s.turn + 1
+                s.round += 1
+                s.turn_round = s.round
+                s.parked, s.owner = True, None
+            case InboxDismissed():
+                s.dismissed = True
+        return
     match ev:
         case SessionCreated(task=task):
             s.status = "pending" if task.pool is None else s.status
@@ -84,26 +139,45 @@ def fold(state: SessionState, record: Record) -> SessionState:
             s.owner = worker
             s.round = rnd
             s.status = "running"
+            s.parked, s.waiting_for, s.question, s.tool_use_id = False, "", "", ""
         case StatusChanged(status=status, reason=reason, worker=worker):
             s.status = status
             s.reason = reason
             s.owner = worker or s.owner
+            if status == "running":
+                s.parked, s.waiting_for = False, ""
+        case ToolCallParked(waiting_for=what, tool_use_id=call, detail=detail):
+            s.status = "awaiting_approval" if what == "approval" else "waiting"
+            s.parked, s.waiting_for, s.tool_use_id = True, what, call
+            s.reason = {"answer": "waiting for an answer", "approval": "waiting for an approval"}.get(
+                what, f"waiting for subtask {detail}"
+            )
+        case QuestionAsked(text=text):
+            s.question = text
+        case ApprovalRequested(name=name, input=inp):
+            s.question = f"{name} {json.dumps(inp, sort_keys=True)[:300]}"
+        case SessionPaused(reason=reason, detail=detail):
+            s.status = "paused"
+            s.reason = f"{reason}: {detail}" if detail else reason
+            # an interrupted session goes on when someone speaks to it, not only on `resume`
+            s.parked = reason == "interrupted"
+        case InboxDismissed():
+            s.dismissed = True
         case ModelResponded(usage=usage, cost_usd=cost):
             s.steps += 1
-            s.usage = Usage(
-                input_tokens=s.usage.input_tokens + usage.input_tokens,
-                output_tokens=s.usage.output_tokens + usage.output_tokens,
-                cache_creation_input_tokens=s.usage.cache_creation_input_tokens + usage.cache_creation_input_tokens,
-                cache_read_input_tokens=s.usage.cache_read_input_tokens + usage.cache_read_input_tokens,
-            )
+            s.usage = _add(s.usage, usage)
             s.cost_usd += cost
-        case ToolCallCompleted():
+        case ToolCallCompleted(tool_use_id=call):
             s.tool_calls += 1
+            if call == s.tool_use_id:
+                s.waiting_for, s.question, s.tool_use_id = "", "", ""
         case DelegationRequested(child_session=child):
             s.children = (*s.children, child)
-        case VerdictRecorded(round=rnd, verdict=verdict):
+        case VerdictRecorded(round=rnd, verdict=verdict, usage=usage, cost_usd=cost):
             s.round = rnd
             s.reason = f"round {rnd}: {verdict}"
+            s.usage = _add(s.usage, usage)
+            s.cost_usd += cost
         case RevisionRequested(round=rnd):
             s.round = rnd
             s.status = "queued"
@@ -119,6 +193,15 @@ def fold(state: SessionState, record: Record) -> SessionState:
             s.status = status
             s.reason = reason
             s.result = result
+            s.parked, s.waiting_for = False, ""
         case _:
             pass
-    return s
+
+
+def _add(a: Usage, b: Usage) -> Usage:
+    return Usage(
+        input_tokens=a.input_tokens + b.input_tokens,
+        output_tokens=a.output_tokens + b.output_tokens,
+        cache_creation_input_tokens=a.cache_creation_input_tokens + b.cache_creation_input_tokens,
+        cache_read_input_tokens=a.cache_read_input_tokens + b.cache_read_input_tokens,
+    )

@@ -51,6 +51,7 @@ class ConsumerSpec:
     ack_wait_s: float = 60.0
     max_deliver: int = 5
     max_ack_pending: int = 1000
+    deliver: Literal["all", "new"] = "all"  # where a consumer made for the first time starts
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -117,6 +118,14 @@ class Namespace:
         """Requests for extra workers, answered by the supervisor (core request/reply)."""
         return f"{self.prefix}.supervisor.scale"
 
+    def timers(self) -> str:
+        """Wake-ups due later (an approval's timeout), held until their time by the agents."""
+        return f"{self.prefix}.timer"
+
+    def sessions_input_all(self) -> str:
+        """The input channel of every session: what wakes a parked session."""
+        return f"{self.prefix}.session.*.input"
+
     def work_all(self) -> str:
         """Every pool's work queue."""
         return f"{self.prefix}.work.*"
@@ -146,6 +155,10 @@ class Namespace:
     @property
     def evaluations_stream(self) -> str:
         return f"{self._upper}_EVAL"
+
+    @property
+    def timers_stream(self) -> str:
+        return f"{self._upper}_TIMERS"
 
     @property
     def exhausted_stream(self) -> str:
@@ -194,6 +207,12 @@ class Namespace:
             StreamSpec(
                 name=self.evaluations_stream,
                 subjects=(self.evaluations(),),
+                retention="workqueue",
+                max_msg_size=self.max_message_bytes,
+            ),
+            StreamSpec(
+                name=self.timers_stream,
+                subjects=(self.timers(),),
                 retention="workqueue",
                 max_msg_size=self.max_message_bytes,
             ),
@@ -247,6 +266,28 @@ class Namespace:
             filter_subject=self.evaluations(),
             ack_wait_s=120.0,
             max_deliver=5,
+        )
+
+    def wake_consumer(self) -> ConsumerSpec:
+        """The durable every agent shares: a person's input to a parked session queues it again."""
+        return ConsumerSpec(
+            stream=self.sessions_stream,
+            durable="wake",
+            filter_subject=self.sessions_input_all(),
+            ack_wait_s=30.0,
+            max_deliver=10,
+            deliver="new",  # input older than the consumer wakes nothing: nothing was parked then
+        )
+
+    def timers_consumer(self) -> ConsumerSpec:
+        """The durable every agent shares for wake-ups due later; a timer not yet due goes back until it is."""
+        return ConsumerSpec(
+            stream=self.timers_stream,
+            durable="timers",
+            filter_subject=self.timers(),
+            ack_wait_s=30.0,
+            max_deliver=-1,  # a timer waits by being given back with a delay: that must never run out
+            max_ack_pending=100_000,
         )
 
     def exhausted_consumer(self, pool: str) -> ConsumerSpec:

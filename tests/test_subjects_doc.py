@@ -95,9 +95,14 @@ def test_every_documented_message_id_form_is_the_one_queues_builds() -> None:
     from agentbus.messages import WorkItem
     from agentbus.queues import msg_id
 
-    causes = {"<seq>": "41", "handback-<stream seq>-<delivery>": "handback-7-2", "<child session>": "c1"}
+    causes = {
+        "<seq>": "41",
+        "handback-<stream seq>-<delivery>": "handback-7-2",
+        "<child session>": "c1",
+        "<call>-<due>": "toolu_1-1700000000",
+    }
     rows = _table("Message ids")
-    assert {row[0] for row in rows} == {"new", "revision", "evaluate", "resume", "child_result"}
+    assert {row[0] for row in rows} == {"new", "revision", "evaluate", "resume", "child_result", "wake", "timeout"}
     for reason, _who, form, _why in rows:
         round_ = 1 if ":1" in form and "<round>" not in form else 3
         cause = next((v for k, v in causes.items() if form.endswith(f":{k}")), None)

@@ -101,7 +101,7 @@ class Provisioning(BusCore):
             ack_wait=spec.ack_wait_s,
             max_deliver=spec.max_deliver,
             max_ack_pending=spec.max_ack_pending,
-            deliver_policy=api.DeliverPolicy.ALL,
+            deliver_policy=api.DeliverPolicy.NEW if spec.deliver == "new" else api.DeliverPolicy.ALL,
         )
 
         async def create() -> Any:

@@ -165,10 +165,19 @@ class Reading(BusCore):
 
     async def announcements(self, subject: str) -> AsyncIterator[bytes]:
         """Core messages on `subject` while this runs (what the server announces, not stored)."""
+        async for _, data in self.listen(subject):
+            yield data
+
+    async def listen(self, subject: str) -> AsyncIterator[tuple[str, bytes]]:
+        """(subject, payload) of every message published on `subject` while this runs, stored or not.
+
+        A signal, not a record: no consumer on the server, and a message missed (a reconnect, a
+        slow reader) is not delivered again. Readers that must not miss one read the stream.
+        """
         sub = await self._nc.subscribe(subject)
         try:
             async for msg in sub.messages:
-                yield bytes(msg.data)
+                yield msg.subject, bytes(msg.data)
         finally:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()

@@ -1,9 +1,8 @@
 """The conversation as a pure function of the session log.
 
-An agent never keeps the conversation in memory between steps: before every
-model call it rebuilds the Messages API `messages` from the records. A live
-agent and one resuming after a crash therefore send byte-identical requests
-for the same log, which is what makes resume exact and prompt caching hit.
+Before every model call the agent rebuilds the Messages API `messages` from the records, so a
+live agent and one resuming after a crash send byte-identical requests for the same log, which
+is what makes resume exact and prompt caching hit.
 """
 
 from __future__ import annotations
@@ -13,20 +12,29 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agentbus.messages import (
+    ApprovalDecided,
+    ApprovalRequested,
     CancelRequested,
     HumanMessage,
+    InterruptRequested,
+    MessageDelivered,
     ModelResponded,
     QuestionAsked,
     Record,
+    ResumeRequested,
     RevisionRequested,
     SessionCreated,
     SessionEnded,
+    SessionPaused,
     Task,
     ToolCallCompleted,
+    ToolCallParked,
     ToolCallStarted,
+    text_of,
 )
 
 CUT_OFF_NOTE = "(Your previous reply was cut off by the output token limit. Continue exactly where it stopped.)"
+INTERRUPTED_NOTE = "(Your previous reply was interrupted by a person watching this session.)"
 
 
 @dataclass
@@ -39,6 +47,9 @@ class ToolUse:
     input: dict[str, Any]
     started: bool = False
     truncated: bool = False  # the reply was cut off by max_tokens: this call may be incomplete
+    parked: bool = False  # it waits for an answer, an approval or a subtask (not cut off by a crash)
+    approval_requested: bool = False
+    decision: ApprovalDecided | None = None
 
 
 @dataclass
@@ -53,9 +64,12 @@ class Conversation:
     open_question: str | None = None  # tool_use_id of an ask_human still waiting for its answer
     answer: HumanMessage | None = None  # the reply to the open question, if it has arrived
     cancel: CancelRequested | None = None
+    interrupt: Record | None = None  # an interrupt with no text that has not paused the session yet
     ended: SessionEnded | None = None
     final_text: str = ""
     unanswered_humans: int = 0  # human messages (and critiques) after the model's last reply
+    held: int = 0  # follow-ups (`say --queue`) waiting for the model to end its turn
+    undelivered: list[Record] = field(default_factory=list)  # human messages in the request, no receipt yet
     round: int = 1
 
     @property
@@ -68,45 +82,33 @@ def human_text(msg: HumanMessage) -> str:
     return f"[message from {msg.author}] {msg.text}"
 
 
-def build(records: Sequence[Record]) -> Conversation:
-    """Fold records (in stream order) into a `Conversation`."""
-    conv = Conversation()
-    records = in_request_order(records)
-    user: list[dict[str, Any]] = []  # user content waiting to follow the last assistant turn
-    results: dict[str, dict[str, Any]] = {}
-    uses: list[ToolUse] = []
-    for rec in records:
-        ev = rec.event
+def interrupt_text(msg: InterruptRequested) -> str:
+    return f"[{msg.author} interrupted you] {msg.text}"
+
+
+class _Builder:
+    """One pass over the records in request order."""
+
+    def __init__(self) -> None:
+        self.conv = Conversation()
+        self.user: list[dict[str, Any]] = []  # user content waiting to follow the last assistant turn
+        self.results: dict[str, dict[str, Any]] = {}
+        self.uses: list[ToolUse] = []
+        self.held: list[Record] = []  # queued follow-ups not yet released
+        self.delivered: set[int] = set()
+        self.included: list[Record] = []  # human messages put into the request, in order
+
+    def add(self, rec: Record) -> None:
+        ev, conv = rec.event, self.conv
         if isinstance(ev, SessionCreated):
             conv.task = ev.task
-            user.insert(0, {"type": "text", "text": ev.task.prompt})
+            self.user.insert(0, {"type": "text", "text": ev.task.prompt})
         elif isinstance(ev, ModelResponded):
-            _flush_tool_results(user, uses, results)
-            _push(conv.messages, "user", user)
-            user = []
-            _push(conv.messages, "assistant", [dict(b) for b in ev.content])
-            conv.steps = max(conv.steps, ev.step)
-            conv.last_stop = ev.stop_reason
-            conv.unanswered_humans = 0
-            texts = [str(b.get("text", "")) for b in ev.content if b.get("type") == "text"]
-            if texts:
-                conv.final_text = "".join(texts).strip()
-            uses = [
-                ToolUse(ev.step, str(b["id"]), str(b["name"]), dict(b.get("input") or {}))
-                for b in ev.content
-                if b.get("type") == "tool_use"
-            ]
-            results = {}
-            if ev.stop_reason == "max_tokens" and uses:
-                uses[-1].truncated = True
-            if ev.stop_reason == "max_tokens" and not uses:
-                user.append({"type": "text", "text": CUT_OFF_NOTE})
-        elif isinstance(ev, ToolCallStarted):
-            for use in uses:
-                if use.id == ev.tool_use_id:
-                    use.started = True
+            self._model_responded(ev)
+        elif isinstance(ev, ToolCallStarted | ToolCallParked | ApprovalRequested | ApprovalDecided):
+            self._tool_event(ev)
         elif isinstance(ev, ToolCallCompleted):
-            results[ev.tool_use_id] = {
+            self.results[ev.tool_use_id] = {
                 "type": "tool_result",
                 "tool_use_id": ev.tool_use_id,
                 "content": ev.output,
@@ -118,49 +120,150 @@ def build(records: Sequence[Record]) -> Conversation:
             if conv.open_question != ev.tool_use_id:  # a re-asked question keeps an answer already given
                 conv.open_question, conv.answer = ev.tool_use_id, None
         elif isinstance(ev, HumanMessage):
-            if conv.open_question and conv.answer is None:
-                conv.answer = ev  # the reply becomes the ask_human tool's result, not a separate turn
+            self._human(rec, ev)
+        elif isinstance(ev, InterruptRequested):
+            if ev.text:
+                self._say(rec, interrupt_text(ev))
             else:
-                user.append({"type": "text", "text": human_text(ev)})
-                conv.unanswered_humans += 1
+                conv.interrupt = rec
+        elif isinstance(ev, SessionPaused | ResumeRequested):
+            conv.interrupt = None  # handled: the session paused for it, or someone let it go on
+        elif isinstance(ev, MessageDelivered):
+            self.delivered.add(ev.message_seq)
         elif isinstance(ev, RevisionRequested):
-            conv.round = ev.round
-            conv.unanswered_humans += 1
-            if ev.fresh_start and conv.task is not None:
-                # Pivot: the old conversation is dropped; only the task and the critique history remain.
-                conv.messages, uses, results = [], [], {}
-                conv.last_stop, conv.final_text = None, ""
-                user = [{"type": "text", "text": conv.task.prompt}]
-            user.append({"type": "text", "text": ev.critique})
+            self._revision(ev)
         elif isinstance(ev, CancelRequested):
             conv.cancel = conv.cancel or ev
         elif isinstance(ev, SessionEnded):
             conv.ended = ev
-    conv.pending_tools = [u for u in uses if u.id not in results]
-    if not conv.pending_tools:
-        _flush_tool_results(user, uses, results)
-        _push(conv.messages, "user", user)
-    return conv
+
+    def _model_responded(self, ev: ModelResponded) -> None:
+        conv = self.conv
+        self._flush_turn()
+        _push(conv.messages, "assistant", [dict(b) for b in ev.content])
+        conv.steps = max(conv.steps, ev.step)
+        conv.last_stop = ev.stop_reason
+        conv.unanswered_humans = 0
+        if text := text_of(ev.content):
+            conv.final_text = text
+        self.uses = [
+            ToolUse(ev.step, str(b["id"]), str(b["name"]), dict(b.get("input") or {}))
+            for b in ev.content
+            if b.get("type") == "tool_use"
+        ]
+        self.results = {}
+        if ev.stop_reason == "max_tokens" and self.uses:
+            self.uses[-1].truncated = True
+        if ev.stop_reason == "max_tokens" and not self.uses:
+            self.user.append({"type": "text", "text": CUT_OFF_NOTE})
+        if ev.stop_reason == "interrupted":
+            self.uses = []  # a tool call in a cut reply is incomplete: never run it
+            self.user.append({"type": "text", "text": INTERRUPTED_NOTE})
+        if ev.stop_reason == "end_turn" and not self.uses:
+            self._release_held()
+
+    def _tool_event(self, ev: ToolCallStarted | ToolCallParked | ApprovalRequested | ApprovalDecided) -> None:
+        for use in self.uses:
+            if use.id != ev.tool_use_id:
+                continue
+            if isinstance(ev, ToolCallStarted):
+                use.started, use.parked = True, False
+            elif isinstance(ev, ToolCallParked):
+                use.parked = True
+            elif isinstance(ev, ApprovalRequested):
+                use.approval_requested = True
+            else:
+                use.decision = ev
+
+    def _human(self, rec: Record, ev: HumanMessage) -> None:
+        conv = self.conv
+        conv.interrupt = None  # someone spoke after an interrupt: the session goes on with that
+        if ev.mode == "queue":
+            if conv.ended is not None and conv.ended.status == "completed":
+                conv.ended = None  # a follow-up reopens a completed session for another turn
+                conv.round += 1
+            self.held.append(rec)
+            if conv.last_stop == "end_turn" and not self.uses and not self.results:
+                self._release_held()
+            return
+        if conv.open_question and conv.answer is None:
+            conv.answer = ev  # the reply becomes the ask_human tool's result, not a separate turn
+            self.included.append(rec)
+            return
+        self._say(rec, human_text(ev))
+
+    def _say(self, rec: Record, text: str) -> None:
+        self.user.append({"type": "text", "text": text})
+        self.conv.unanswered_humans += 1
+        self.included.append(rec)
+
+    def _release_held(self) -> None:
+        """The model ended its turn: the follow-ups queued so far become the next user turn."""
+        for rec in self.held:
+            assert isinstance(rec.event, HumanMessage)
+            self._say(rec, human_text(rec.event))
+        self.held = []
+
+    def _revision(self, ev: RevisionRequested) -> None:
+        conv = self.conv
+        conv.round = ev.round
+        conv.unanswered_humans += 1
+        if ev.fresh_start and conv.task is not None:
+            # Pivot: the old conversation is dropped; only the task and the critique history remain.
+            conv.messages, self.uses, self.results = [], [], {}
+            conv.last_stop, conv.final_text = None, ""
+            self.user = [{"type": "text", "text": conv.task.prompt}]
+        self.user.append({"type": "text", "text": ev.critique})
+
+    def _flush_turn(self) -> None:
+        _flush_tool_results(self.user, self.uses, self.results)
+        _push(self.conv.messages, "user", self.user)
+        self.user = []
+
+    def finish(self) -> Conversation:
+        conv = self.conv
+        conv.pending_tools = [u for u in self.uses if u.id not in self.results]
+        if not conv.pending_tools:
+            _flush_tool_results(self.user, self.uses, self.results)
+            _push(conv.messages, "user", self.user)
+        conv.held = len(self.held)
+        conv.undelivered = [r for r in self.included if r.seq not in self.delivered]
+        return conv
+
+
+def build(records: Sequence[Record]) -> Conversation:
+    """Fold records (in stream order) into a `Conversation`."""
+    builder = _Builder()
+    for rec in in_request_order(records):
+        builder.add(rec)
+    return builder.finish()
 
 
 def in_request_order(records: Sequence[Record]) -> list[Record]:
-    """Records in the order the model saw them.
+    """Records in the order the model saw them, in one pass.
 
     A human message recorded while a model call was in flight sits before that call's
     response in the log, but the model only sees it after: move it past the response.
     """
-    keyed = []
+    moved: dict[int, list[Record]] = {}  # index of a response -> messages that belong after it
+    out: list[Record] = []
+    next_response: int | None = None
+    # walk backwards so each message knows the first response after it
+    for i in range(len(records) - 1, -1, -1):
+        ev = records[i].event
+        if isinstance(ev, ModelResponded):
+            next_response = i
+        elif isinstance(ev, HumanMessage | InterruptRequested) and next_response is not None:
+            horizon = records[next_response].event.horizon  # type: ignore[union-attr]
+            if horizon and horizon < records[i].seq:
+                moved.setdefault(next_response, []).append(records[i])
+    skip = {id(r) for group in moved.values() for r in group}
     for i, rec in enumerate(records):
-        key = (i, 0, i)
-        if isinstance(rec.event, HumanMessage):
-            for j in range(i + 1, len(records)):
-                nxt = records[j].event
-                if isinstance(nxt, ModelResponded):
-                    if nxt.horizon and nxt.horizon < rec.seq:
-                        key = (j, 1, i)
-                    break
-        keyed.append((key, rec))
-    return [rec for _, rec in sorted(keyed, key=lambda kr: kr[0])]
+        if id(rec) not in skip:
+            out.append(rec)
+        if i in moved:
+            out.extend(reversed(moved[i]))  # gathered backwards: restore log order
+    return out
 
 
 def _flush_tool_results(user: list[dict[str, Any]], uses: list[ToolUse], results: dict[str, dict[str, Any]]) -> None:

@@ -14,9 +14,9 @@ import logging
 
 from agentbus.bus import Bus, Job
 from agentbus.errors import AgentBusError
-from agentbus.messages import SessionEnded, session_id_of
+from agentbus.messages import SessionEnded, ended_id, session_id_of
+from agentbus.queues import WorkQueues
 from agentbus.service import Consumer, LogOnly, Reject, consume
-from agentbus.session import SessionLog
 
 logger = logging.getLogger("agentbus.agent")
 
@@ -24,9 +24,10 @@ logger = logging.getLogger("agentbus.agent")
 class ExhaustedWatcher:
     """Fails the session of each exhausted task of one pool, once, whichever agent of the pool reads it."""
 
-    def __init__(self, bus: Bus, log: SessionLog, pool: str, max_deliver: int) -> None:
+    def __init__(self, bus: Bus, queues: WorkQueues, pool: str, max_deliver: int) -> None:
         self.bus = bus
-        self.log = log
+        self.queues = queues
+        self.log = queues.log
         self.pool = pool
         self.max_deliver = max_deliver
 
@@ -76,9 +77,12 @@ class ExhaustedWatcher:
             return  # already handled: the task is gone from the queue
         sid = session_id_of(data)
         if sid and await self.log.exists(sid):
-            reason = f"gave up: delivered {self.max_deliver} times and never finished (max_deliver)"
-            await self.log.append(sid, SessionEnded(id="ended", status="failed", reason=reason))
-            logger.warning("session %s failed: its task was delivered %d times unfinished", sid, self.max_deliver)
+            state = await self.log.state(sid)
+            if not state.terminal:
+                reason = f"gave up: delivered {self.max_deliver} times and never finished (max_deliver)"
+                await self.log.append(sid, SessionEnded(id=ended_id(state.turn), status="failed", reason=reason))
+                await self.queues.settled(sid, state.parent_session)
+                logger.warning("session %s failed: its task was delivered %d times unfinished", sid, self.max_deliver)
         await self.bus.delete_stored(stream, seq)
 
 

@@ -1,21 +1,24 @@
-"""One session's run, from wherever its log stands to an end, a pause, or a hand-back.
+"""One session's run, from wherever its log stands to an end, a pause, a park or a hand-back.
 
 Rules that make a crash harmless:
 - every model response and tool result is in the log before the loop acts on it;
 - the next request is rebuilt from the log, so a resumed agent sends what the dead one would have;
-- the task's queue message is acked only after the session ended (or was handed on).
+- the task's queue message is acked only after the session ended, parked or was handed on.
+
+A session that waits for a person or a subtask is parked: the run records what it waits
+for and returns, the queue message is acked, and the slot serves other sessions. The
+answer queues the session again (`wake.py`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 from opentelemetry.trace import SpanKind
 
@@ -23,49 +26,44 @@ from agentbus import tracing
 from agentbus.bus import Job, PubAck
 from agentbus.errors import AgentBusError, FencedError
 from agentbus.messages import (
-    TERMINAL,
     Budget,
     BudgetExceeded,
-    CancelRequested,
-    DelegationCompleted,
-    DelegationRequested,
     Event,
-    HumanMessage,
+    InterruptRequested,
+    MessageDelivered,
     ModelCallFailed,
     ModelResponded,
-    QuestionAsked,
     Record,
     ResumeRequested,
     Routed,
     SessionClaimed,
     SessionEnded,
+    SessionPaused,
     StatusChanged,
-    Task,
-    ToolCallCompleted,
     ToolCallStarted,
     WorkItem,
+    ended_id,
 )
-from agentbus.models import ModelClient, ModelError, cost_usd
+from agentbus.models import ModelClient, ModelError, ModelReply, Partial, cost_usd
 from agentbus.queues import WorkQueues
 from agentbus.service import backoff
 from agentbus.session import SessionLog, SessionWriter
 from agentbus.spend import SpendLedger
 from agentbus.state import SessionState, fold
-from agentbus.subjects import valid_token
-from services.agent.conversation import Conversation, ToolUse, build, human_text
-from services.agent.guards import Stop, effective_budget, no_progress, over_budget, remaining
+from services.agent.calls import ToolCalls
+from services.agent.conversation import Conversation, build
+from services.agent.guards import Stop, effective_budget, no_progress, over_budget
+from services.agent.signals import Interrupted, Parked, Released
 from services.agent.telemetry import record_usage, request_model
-from services.agent.tools import Tool, ToolContext, ToolError
+from services.agent.tools import Tool
 
 logger = logging.getLogger("agentbus.agent")
 
-Outcome = Literal["ended", "released"]
+Outcome = Literal["ended", "released", "parked", "skipped"]
 # Stop reasons after which another call makes sense (end_turn: a human spoke since; the others by design).
-_CONTINUABLE = frozenset({"end_turn", "tool_use", "max_tokens", "pause_turn"})
-
-
-class Released(Exception):
-    """The worker is draining: stop here, leave the task for another agent."""
+_CONTINUABLE = frozenset({"end_turn", "tool_use", "max_tokens", "pause_turn", "interrupted"})
+# Reasons to queue a session that only make sense while it is parked; otherwise the item is stale.
+WAKE_REASONS = frozenset({"wake", "child_result", "timeout"})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -90,34 +88,31 @@ class RunContext:
     pool_budget: Budget
     no_progress_turns: int
     workdir: Path
-
-
-class _CutOff:
-    """Stands in for a tool whose call was cut off by max_tokens: its input cannot be trusted."""
-
-    name = "cut_off"
-    description = ""
-    input_schema: dict[str, Any] = {}
-
-    async def run(self, input: dict[str, Any], ctx: ToolContext) -> str:
-        raise ToolError("not run: your reply hit the output token limit before this call was complete; send it again")
-
-
-def child_id(sid: str, tool_use_id: str) -> str:
-    """The child session a `delegate` call starts: one per call, however often it is re-run."""
-    return f"{sid[:40]}-{hashlib.sha256(tool_use_id.encode()).hexdigest()[:10]}"
+    approve: frozenset[str] = frozenset()
+    approval_timeout_s: float | None = None
+    on_approval_timeout: Literal["deny", "pause"] = "deny"
 
 
 class SessionRun:
-    """Runs one session from wherever its log stands to an end, or to a drain."""
+    """Runs one session from wherever its log stands to an end, a park, or a drain."""
 
-    def __init__(self, ctx: RunContext, session_id: str, job: Job) -> None:
+    def __init__(self, ctx: RunContext, session_id: str, job: Job, item: WorkItem) -> None:
         self.ctx = ctx
         self.sid = session_id
         self.job = job
+        self.item = item
         self.log = ctx.log
         self.records: list[Record] = []
         self.writer: SessionWriter | None = None
+        self.calls = ToolCalls(self)
+        self._activity: asyncio.Task[Any] | None = None  # the model call or tool run in flight
+        self._interrupting: InterruptRequested | None = None
+        self.interrupted_by: str | None = None  # who stopped the last activity
+
+    @property
+    def claim(self) -> str:
+        """This delivery of the session's queue message: part of ids written once per claim."""
+        return f"{self.job.seq}-{self.job.attempt}"
 
     async def execute(self) -> Outcome:
         await self._refresh()
@@ -125,22 +120,37 @@ class SessionRun:
         if conv.task is None:
             raise AgentBusError(f"session {self.sid} has no session_created event")
         if conv.ended:
+            await self.ctx.queues.settled(self.sid, conv.task.parent_session)  # in case a crash lost it
             return "ended"
+        if self.item.reason in WAKE_REASONS and not self.state().parked:
+            return "skipped"  # woken twice, or the session moved on: nothing waits for this
         last_log = max((r.seq for r in self.records if r.channel == "log"), default=0)
         self.writer = SessionWriter(self.log, self.sid, last_log)
         claim = SessionClaimed(
-            id=f"claim-{self.job.seq}-{self.job.attempt}",
+            id=f"claim-{self.claim}",
             worker=self.ctx.worker_id,
             attempt=self.job.attempt,
             round=conv.round,
-            workspace=str(self._workspace().resolve()),
+            workspace=str(self.workspace().resolve()),
         )
-        await self._append(claim)
+        await self.append(claim)
         if self.job.attempt == 1 and conv.steps == 0:
             logger.info("session %s started on pool %s", self.sid, self.ctx.pool)
         else:
-            logger.info("session %s resumed at step %d (attempt %d)", self.sid, conv.steps, self.job.attempt)
-        return await self._loop()
+            logger.info("session %s continues at step %d (%s, attempt %d)", self.sid, conv.steps, self.item.reason,
+                        self.job.attempt)  # fmt: skip
+        try:
+            return await self._loop()
+        except Parked as parked:
+            logger.info("session %s parked: %s", self.sid, parked)
+            return "parked"
+
+    def interrupt(self, event: InterruptRequested) -> None:
+        """Stop what is in flight now (called by the worker when the interrupt arrives live); the
+        loop then sees the interrupt in the log and continues with its text or pauses."""
+        if self._activity is not None and not self._activity.done():
+            self._interrupting = event
+            self._activity.cancel()
 
     async def _loop(self) -> Outcome:
         while True:
@@ -158,28 +168,36 @@ class SessionRun:
         """Do the one thing the log says comes next; an outcome when the run is over."""
         if conv.cancel:
             why = f"cancelled by {conv.cancel.author}" + (f": {conv.cancel.reason}" if conv.cancel.reason else "")
-            return await self._end("cancelled", why)
+            await self.calls.close_waiting(conv, f"not finished: the session was {why}")
+            return await self.end("cancelled", why)
+        if conv.interrupt is not None:
+            assert isinstance(conv.interrupt.event, InterruptRequested)
+            return await self.pause("interrupted", f"by {conv.interrupt.event.author}", f"i{conv.interrupt.seq}")
         if conv.pending_tools:
             for use in conv.pending_tools:
-                await self._run_tool(use, conv)
+                if await self.calls.run_call(use, conv) == "paused":
+                    return "ended"
             return None
         if conv.done:
             assert conv.task is not None
             if conv.task.criteria or conv.task.checks:
                 return await self._hand_to_evaluator(conv.round)
-            return await self._end("completed", "", conv.final_text)
+            return await self.end("completed", "", conv.final_text)
         if conv.last_stop == "refusal":
-            return await self._end("failed", "the model refused to continue (stop_reason refusal)")
+            return await self.end("failed", "the model refused to continue (stop_reason refusal)")
         if conv.last_stop is not None and conv.last_stop not in _CONTINUABLE:
-            return await self._end("failed", f"the model stopped with stop_reason {conv.last_stop!r}")
+            return await self.end("failed", f"the model stopped with stop_reason {conv.last_stop!r}")
         if conv.steps >= self.ctx.runaway_steps:
-            return await self._end("failed", f"runaway: {conv.steps} model calls without finishing")
+            return await self.end("failed", f"runaway: {conv.steps} model calls without finishing")
         if stop := self._guard() or await self._held():
-            return await self._pause(stop)
+            return await self._budget_pause(stop)
         return await self._model_step(conv)
+
+    # --- the model call -----------------------------------------------------------------------------
 
     async def _model_step(self, conv: Conversation) -> Outcome | None:
         step = conv.steps + 1
+        await self._deliver(conv, step)
         horizon = self.records[-1].seq if self.records else 0
         model = self.ctx.model_for(self._model_spec(conv))
         attrs = {
@@ -189,29 +207,34 @@ class SessionRun:
             "gen_ai.request.max_tokens": self.ctx.max_output_tokens,
             "agentbus.step": step,
         }
+        name = f"chat {attrs['gen_ai.request.model']}"
         with tracing.span(
-            f"chat {attrs['gen_ai.request.model']}",
-            kind=SpanKind.CLIENT,
-            session_id=self.sid,
-            pool=self.ctx.pool,
-            attributes=attrs,
+            name, kind=SpanKind.CLIENT, session_id=self.sid, pool=self.ctx.pool, attributes=attrs
         ) as span:
+            partial = Partial()
             try:
-                reply = await model.respond(
-                    session_id=self.sid,
-                    system=self.ctx.system,
-                    messages=conv.messages,
-                    tools=self.ctx.tool_schemas,
-                    max_tokens=self.ctx.max_output_tokens,
+                reply = await self.activity(
+                    model.respond(
+                        session_id=self.sid,
+                        system=self.ctx.system,
+                        messages=conv.messages,
+                        tools=self.ctx.tool_schemas,
+                        max_tokens=self.ctx.max_output_tokens,
+                        partial=partial,
+                    )
                 )
+            except Interrupted:
+                reply = ModelReply(content=partial.content, stop_reason="interrupted", usage=partial.usage,
+                                   model=partial.model or request_model(model.name))  # fmt: skip
             except ModelError as err:
                 if err.retryable:
                     await self._model_failed(step, model.name, err)
                     raise
                 logger.warning("session %s: model error: %s", self.sid, err)
-                return await self._end("failed", f"model error: {err}")
+                return await self.end("failed", f"model error: {err}")
             record_usage(span, reply.model, reply.usage, reply.stop_reason)
-        await self._append(
+        cost = cost_usd(reply.model, reply.usage)
+        await self.append(
             ModelResponded(
                 id=f"step-{step}",
                 step=step,
@@ -219,7 +242,7 @@ class SessionRun:
                 content=reply.content,
                 stop_reason=reply.stop_reason,
                 usage=reply.usage,
-                cost_usd=(cost := cost_usd(reply.model, reply.usage)),
+                cost_usd=cost,
                 round=conv.round,
                 horizon=horizon,
             )
@@ -231,12 +254,20 @@ class SessionRun:
                 logger.warning("session %s: pool spend not updated: %s", self.sid, err)
         return None
 
+    async def _deliver(self, conv: Conversation, step: int) -> None:
+        """Receipts: each human message going into this request, recorded before it is sent."""
+        for rec in conv.undelivered:
+            event_id = getattr(rec.event, "id", "")
+            await self.append(
+                MessageDelivered(id=f"delivered-{rec.seq}", message_seq=rec.seq, message_id=event_id, step=step)
+            )
+
     async def _model_failed(self, step: int, model: str, err: ModelError) -> None:
         """A failure that may pass: say so where watchers look, then let the task be tried again."""
         last = self.job.attempt >= self.ctx.max_deliver
         retry_in = 0.0 if last else backoff(self.job.attempt)
         event = ModelCallFailed(
-            id=f"model-failed-{step}-{self.job.seq}-{self.job.attempt}",
+            id=f"model-failed-{step}-{self.claim}",
             step=step,
             model=model,
             error=str(err)[:2000],
@@ -244,161 +275,30 @@ class SessionRun:
             attempt=self.job.attempt,
             retry_in_s=retry_in,
         )
-        await self._append(event)
+        await self.append(event)
         then = "giving up" if last else f"trying again in {retry_in:.0f}s"
         logger.warning("session %s: model call failed (attempt %d): %s; %s", self.sid, self.job.attempt, err, then)
 
-    async def _run_tool(self, use: ToolUse, conv: Conversation) -> None:
-        suffix = f"-rerun{self.job.attempt}" if use.started else ""
-        await self._append(
-            ToolCallStarted(
-                id=f"step-{use.step}-start-{use.id}{suffix}",
-                step=use.step,
-                tool_use_id=use.id,
-                name=use.name,
-                input=use.input,
-                rerun=use.started,
-            )
-        )
-        ctx = ToolContext(
-            session_id=self.sid,
-            workspace=self._workspace(),
-            step=use.step,
-            tool_use_id=use.id,
-            delegate=lambda prompt, pool: self._delegate(use, conv, prompt, pool),
-            ask_human=lambda question: self._ask_human(use, question),
-        )
-        output, is_error = await self._call_tool(use, ctx)
-        await self._append(
-            ToolCallCompleted(
-                id=f"step-{use.step}-result-{use.id}",
-                step=use.step,
-                tool_use_id=use.id,
-                name=use.name,
-                output=output,
-                is_error=is_error,
-            )
-        )
-
-    async def _call_tool(self, use: ToolUse, ctx: ToolContext) -> tuple[str, bool]:
-        """The tool's output, or its error as text for the model (a tool never crashes the loop)."""
-        tool: Tool | None = _CutOff() if use.truncated else self.ctx.tools.get(use.name)
-        attrs = {"gen_ai.operation.name": "execute_tool", "gen_ai.tool.name": use.name, "gen_ai.tool.call.id": use.id}
-        with tracing.span(
-            f"execute_tool {use.name}", session_id=self.sid, pool=self.ctx.pool, attributes=attrs
-        ) as span:
-            try:
-                if tool is None:
-                    raise ToolError(f"unknown tool {use.name!r}; this agent offers {', '.join(self.ctx.tools)}")
-                return await tool.run(use.input, ctx), False
-            except Released:
-                raise
-            except Exception as err:
-                span.set_attribute("error.type", type(err).__name__)
-                tracing.tool_errors.add(1, {"gen_ai.tool.name": use.name, tracing.POOL: self.ctx.pool})
-                return (str(err) or type(err).__name__), True
-
-    # --- tools that talk to the bus ---------------------------------------------------------------
-
-    async def _ask_human(self, use: ToolUse, question: str) -> str:
-        asked = next(
-            (r for r in self.records if isinstance(r.event, QuestionAsked) and r.event.tool_use_id == use.id), None
-        )
-        if asked is None:  # a re-run waits from the original question, so an answer given meanwhile counts
-            seq = (await self._append(QuestionAsked(id=f"question-{use.id}", text=question, tool_use_id=use.id))).seq
-        else:
-            seq = asked.seq
-        claim = f"{self.job.seq}-{self.job.attempt}"
-        await self._append(StatusChanged(id=f"waiting-{use.id}-{claim}", status="waiting", reason=question[:200]))
-        answer: HumanMessage | None = None
-        async for rec in self._follow(seq + 1):
-            if isinstance(rec.event, HumanMessage):
-                answer = rec.event
-                break
-            if isinstance(rec.event, CancelRequested):
-                raise ToolError("the session was cancelled while waiting for an answer")
-        assert answer is not None
-        await self._append(StatusChanged(id=f"answered-{use.id}-{claim}", status="running", worker=self.ctx.worker_id))
-        return human_text(answer)
-
-    async def _delegate(self, use: ToolUse, conv: Conversation, prompt: str, pool: str | None) -> str:
-        task = conv.task
-        assert task is not None
-        child = child_id(self.sid, use.id)
-        await self._start_child(use, task, child, prompt, pool or self.ctx.pool)
-        state = SessionState(session_id=child)
-        async for rec in self._follow(1, session_id=child):
-            state = fold(state, rec)
-            if state.status in TERMINAL or state.status == "paused":
-                break
-        await self._append(
-            DelegationCompleted(
-                id=f"delegated-{use.id}",
-                child_session=child,
-                status=state.status,
-                result=state.result,
-                tool_use_id=use.id,
-            )
-        )
-        if state.status == "paused":
-            raise ToolError(f"subtask {child} is paused ({state.reason}); resume it or carry on without it")
-        if state.status != "completed":
-            raise ToolError(f"subtask {child} ended {state.status}: {state.reason}")
-        return state.result
-
-    async def _start_child(self, use: ToolUse, task: Task, child: str, prompt: str, target: str) -> None:
-        """Record the delegation and open the child session (once per tool call, however late a re-run)."""
-        depth = task.depth + 1
-        if depth > self.ctx.max_depth:
-            raise ToolError(f"delegation refused: depth limit {self.ctx.max_depth} reached")
-        if not valid_token(target):
-            raise ToolError(f"delegation refused: pool name {target!r} must be letters, digits, '-' or '_'")
-        if not prompt.strip():
-            raise ToolError("delegation refused: the subtask's prompt is empty")
-        asked = {r.event.child_session for r in self.records if isinstance(r.event, DelegationRequested)}
-        if len(asked) >= self.ctx.max_children and child not in asked:
-            raise ToolError(f"delegation refused: this session already started {len(asked)} subtasks (the limit)")
-        await self._append(
-            DelegationRequested(
-                id=f"delegate-{use.id}", child_session=child, pool=target, prompt=prompt, tool_use_id=use.id
-            )
-        )
-        budget = remaining(effective_budget(self.ctx.pool_budget, self.records), self._state(), time.time())
-        child_task = Task(
-            session_id=child,
-            prompt=prompt,
-            pool=target,
-            parent_session=self.sid,
-            depth=depth,
-            submitter=f"agent:{self.sid}",
-            budget=budget,
-        )
-        await self.ctx.queues.open_session(child_task, trace_id=tracing.current_trace_id())
-
-    # --- plumbing ---------------------------------------------------------------------------------
-
-    async def _follow(self, start: int, session_id: str | None = None) -> AsyncIterator[Record]:
-        """Tap a session live until the worker drains (then `Released`)."""
-        tap = cast(AsyncGenerator[Record, None], self.log.tap(session_id or self.sid, start=start, follow=True))
-        drain = asyncio.ensure_future(self.ctx.draining.wait())
-        nxt: asyncio.Future[Record] | None = None
+    async def activity(self, work: Any) -> Any:
+        """Run a model call or tool as the one thing an interrupt cancels; raises `Interrupted` then."""
+        self._activity = asyncio.ensure_future(work)
         try:
-            while True:
-                nxt = asyncio.ensure_future(anext(tap))
-                done, _ = await asyncio.wait({nxt, drain}, return_when=asyncio.FIRST_COMPLETED)
-                if nxt not in done:
-                    raise Released()
-                yield nxt.result()
+            return await self._activity
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if self._interrupting is None or (current is not None and current.cancelling()):
+                raise  # the run itself is being cancelled (shutdown), not interrupted
+            self.interrupted_by = self._interrupting.author
+            raise Interrupted() from None
         finally:
-            drain.cancel()
-            if nxt is not None and not nxt.done():
-                nxt.cancel()
-                # Let the cancelled read finish: aclose() on a generator still running raises
-                # RuntimeError, which would replace `Released` and become the tool's result.
-                await asyncio.wait({nxt})
-            await tap.aclose()
+            self._activity = None
+            self._interrupting = None
 
-    async def _append(self, event: Event) -> PubAck:
+    # --- plumbing -----------------------------------------------------------------------------------
+
+    async def append(self, event: Event) -> PubAck:
+        """Append to the log with the owner's fence; a foreign step in between means another agent
+        owns the session now, and this run stops (`FencedError`)."""
         assert self.writer is not None
         try:
             ack = await self.writer.append(event)
@@ -413,9 +313,8 @@ class SessionRun:
 
     def _guard(self) -> Stop | None:
         """Budgets first, then no-progress; checked before every model call, from the log alone."""
-        state = self._state()
         budget = effective_budget(self.ctx.pool_budget, self.records)
-        return over_budget(budget, state, time.time()) or no_progress(self.records, self.ctx.no_progress_turns)
+        return over_budget(budget, self.state(), time.time()) or no_progress(self.records, self.ctx.no_progress_turns)
 
     async def _held(self) -> Stop | None:
         """A dollar ceiling over the whole pool (or fleet), set by the supervisor, pauses like a budget."""
@@ -428,23 +327,30 @@ class SessionRun:
             return None
         return Stop(hold.limit, f"{hold.detail}; raise the ceiling or `agentbus spend --reset POOL`, then resume")
 
-    def _state(self) -> SessionState:
+    def state(self) -> SessionState:
         state = SessionState(session_id=self.sid)
         for rec in self.records:
             state = fold(state, rec)
         return state
 
-    async def _pause(self, stop: Stop) -> Outcome:
+    async def _budget_pause(self, stop: Stop) -> Outcome:
         """Park the session (status paused); `agentbus resume` raises the limit and queues it again."""
         resumes = sum(1 for r in self.records if isinstance(r.event, ResumeRequested))
         attrs = {"agentbus.budget.limit": stop.limit, "agentbus.budget.detail": stop.detail}
         with tracing.span("budget pause", attributes=attrs):
             event = BudgetExceeded(id=f"paused-{resumes}-{stop.limit}", limit=stop.limit, detail=stop.detail)
-            await self._append(event)
-        state = self._state()
-        logger.info(
-            "session %s paused: %s %s (steps %d, $%.4f)", self.sid, stop.limit, stop.detail, state.steps, state.cost_usd
-        )
+            await self.append(event)
+        return await self._paused(f"{stop.limit} {stop.detail}")
+
+    async def pause(self, reason: str, detail: str, key: str) -> Outcome:
+        """Pause for a reason that is not a budget (an interrupt, an approval's timeout)."""
+        await self.append(SessionPaused(id=f"paused-{key}", reason=reason, detail=detail))
+        return await self._paused(f"{reason} {detail}")
+
+    async def _paused(self, why: str) -> Outcome:
+        state = self.state()
+        logger.info("session %s paused: %s (steps %d, $%.4f)", self.sid, why, state.steps, state.cost_usd)
+        await self.ctx.queues.settled(self.sid, state.parent_session)
         return "ended"
 
     def _model_spec(self, conv: Conversation) -> str | None:
@@ -454,21 +360,22 @@ class SessionRun:
         routed = [r.event for r in self.records if isinstance(r.event, Routed)]
         return routed[-1].model if routed and routed[-1].model else None
 
-    async def _end(self, status: Literal["completed", "failed", "cancelled"], reason: str, result: str = "") -> Outcome:
-        await self._append(SessionEnded(id="ended", status=status, reason=reason, result=result))
+    async def end(self, status: Literal["completed", "failed", "cancelled"], reason: str, result: str = "") -> Outcome:
+        state = self.state()
+        await self.append(SessionEnded(id=ended_id(state.turn), status=status, reason=reason, result=result))
         tracing.sessions_ended.add(1, {"status": status, tracing.POOL: self.ctx.pool})
-        state = self._state()
         logger.info(
             "session %s %s%s (steps %d, tool calls %d, $%.4f)",
             self.sid, status, f": {reason}" if reason else "", state.steps, state.tool_calls, state.cost_usd,
         )  # fmt: skip
+        await self.ctx.queues.settled(self.sid, state.parent_session)
         return "ended"
 
     async def _hand_to_evaluator(self, round_: int) -> Outcome:
         """The result goes to the evaluator; the session is not over until it says so."""
-        await self._append(
+        await self.append(
             StatusChanged(
-                id=f"evaluating-{round_}-{self.job.seq}-{self.job.attempt}",
+                id=f"evaluating-{round_}-{self.claim}",
                 status="evaluating",
                 reason=f"round {round_} result handed to the evaluator",
             )
@@ -477,11 +384,17 @@ class SessionRun:
         logger.info("session %s: round %d handed to the evaluator", self.sid, round_)
         return "ended"
 
+    async def refresh(self) -> None:
+        await self._refresh()
+
     async def _refresh(self) -> None:
         start = self.records[-1].seq + 1 if self.records else 1
         self.records.extend(await self.log.read(self.sid, from_seq=start))
 
-    def _workspace(self) -> Path:
+    def workspace(self) -> Path:
         path = self.ctx.workdir / self.sid
         path.mkdir(parents=True, exist_ok=True)
         return path
+
+
+__all__ = ["WAKE_REASONS", "Outcome", "Parked", "Released", "RunContext", "SessionRun"]

@@ -17,23 +17,26 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from opentelemetry.trace import SpanKind
 
 from agentbus import tracing
 from agentbus.bus import Bus, Job
 from agentbus.errors import AgentBusError, FencedError
-from agentbus.messages import Budget, WorkerInfo, encode
+from agentbus.messages import Budget, InterruptRequested, WorkerInfo, decode_event, encode
 from agentbus.models import ModelClient, model_from_spec
 from agentbus.queues import WorkQueues, WorkSettlement
 from agentbus.service import Consumer, HandBack, Retry, Service, consume
 from agentbus.session import SessionLog
 from agentbus.spend import SpendLedger
-from agentbus.subjects import valid_token
+from agentbus.subjects import session_id_from_subject, valid_token
 from services.agent.exhausted import ExhaustedWatcher
 from services.agent.guards import NO_PROGRESS_TURNS
-from services.agent.run import Released, RunContext, SessionRun
+from services.agent.run import RunContext, SessionRun
+from services.agent.signals import Released
 from services.agent.tools import DEFAULT_TOOLS, Tool, load_tools, schemas
+from services.agent.wake import TimerWatcher, WakeWatcher
 
 logger = logging.getLogger("agentbus.agent")
 
@@ -69,6 +72,9 @@ class AgentConfig:
         )
     )
     heartbeat_s: float = 3.0
+    approve: tuple[str, ...] = ()  # tools whose calls wait for a person's approval
+    approval_timeout_s: float | None = None
+    on_approval_timeout: Literal["deny", "pause"] = "deny"
 
 
 class AgentWorker(Service):
@@ -110,7 +116,11 @@ class AgentWorker(Service):
             pool_budget=config.budget,
             no_progress_turns=config.no_progress_turns,
             workdir=config.workdir,
+            approve=frozenset(config.approve),
+            approval_timeout_s=config.approval_timeout_s,
+            on_approval_timeout=config.on_approval_timeout,
         )
+        self._runs: dict[str, SessionRun] = {}
 
     def model_for(self, spec: str | None) -> ModelClient:
         """The pool's model, or a per-session one (cost routing), built once per spec."""
@@ -129,12 +139,18 @@ class AgentWorker(Service):
             concurrency=self.config.concurrency,
             keep_alive=True,
         )
-        watcher = ExhaustedWatcher(self.bus, self.log, self.config.pool, self.config.max_deliver)
+        exhausted = ExhaustedWatcher(self.bus, self.queues, self.config.pool, self.config.max_deliver)
+        wake, timers = WakeWatcher(self.bus, self.queues), TimerWatcher(self.bus, self.queues)
         logger.info("agent %s serving pool %s with %s", self.config.worker_id, self.config.pool, self.model.name)
         try:
             await self._supervise(
-                loops=[consume(self.bus, consumer, self._draining), watcher.run(self._draining)],
-                daemons=[self._heartbeat()],
+                loops=[
+                    consume(self.bus, consumer, self._draining),
+                    exhausted.run(self._draining),
+                    wake.run(self._draining),
+                    timers.run(self._draining),
+                ],
+                daemons=[self._heartbeat(), self._interrupts()],
             )
         finally:
             # A courtesy (the registry's TTL drops the entry anyway): never wait out a failover
@@ -162,10 +178,23 @@ class AgentWorker(Service):
                 await self.bus.kv_put(self.bus.ns.workers_bucket, self.config.worker_id, encode(info))
             await asyncio.sleep(self.config.heartbeat_s)
 
+    async def _interrupts(self) -> None:
+        """Interrupts are acted on the moment they arrive: a live signal (no consumer) to the run that
+        owns the session here. The log keeps them too, so a run between steps still sees them."""
+        async for subject, data in self.bus.listen(self.bus.ns.sessions_input_all()):
+            event = decode_event(data)
+            sid = session_id_from_subject(subject)
+            run = self._runs.get(sid or "")
+            if isinstance(event, InterruptRequested) and run is not None:
+                logger.info("session %s: interrupted by %s", sid, event.author)
+                run.interrupt(event)
+
     async def _handle(self, job: Job) -> None:
-        """One queue message: run its session to an end (ack), or hand it back (draining)."""
+        """One queue message: run its session to an end or a park (ack), or hand it back (draining)."""
         item = await self.queues.accept(job)
         sid = item.session_id
+        if sid in self._runs:
+            raise Retry(delay=self.config.ack_wait_s / 2)  # this worker is running it: never twice at once
         self.sessions.add(sid)
         attrs = {**tracing.messaging_attrs(job.subject, operation="process"), "agentbus.attempt": job.attempt}
         try:
@@ -177,17 +206,20 @@ class AgentWorker(Service):
                 pool=self.config.pool,
                 attributes=attrs,
             ):
-                outcome = await SessionRun(self._context, sid, job).execute()
+                run = SessionRun(self._context, sid, job, item)
+                self._runs[sid] = run
+                outcome = await run.execute()
         except Released:
-            outcome = "released"  # drained while waiting for a human or a subtask: not a failed attempt
+            outcome = "released"
         except FencedError as err:
             logger.warning("session %s: another agent owns it now (%s); leaving it", sid, err)
             raise Retry(delay=self.config.ack_wait_s) from err
         finally:
             self.sessions.discard(sid)
+            self._runs.pop(sid, None)
         if outcome == "released":
             raise HandBack()
-        self.served += 1
+        self.served += outcome == "ended"
 
 
 async def serve(bus: Bus, config: AgentConfig, stop: asyncio.Event, *, model: ModelClient | None = None) -> None:

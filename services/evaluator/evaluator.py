@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Literal
 
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
 from agentbus import tracing
 from agentbus.bus import Bus, Job
+from agentbus.errors import AgentBusError
 from agentbus.messages import (
     ModelResponded,
     Record,
@@ -23,17 +25,20 @@ from agentbus.messages import (
     SessionCreated,
     SessionEnded,
     StatusChanged,
+    Task,
     VerdictRecorded,
     WorkItem,
+    ended_id,
     text_of,
 )
-from agentbus.models import ModelClient, ModelError
+from agentbus.models import ModelClient, ModelError, cost_usd
 from agentbus.queues import WorkQueues, WorkSettlement
 from agentbus.service import Consumer, Service, consume
 from agentbus.session import SessionLog
+from agentbus.spend import SpendLedger
 from agentbus.state import SessionState, fold
 from agentbus.subjects import valid_token
-from services.evaluator.grading import GradingError, grade_criteria, run_checks
+from services.evaluator.grading import Graded, GradingError, grade_criteria, run_checks
 from services.evaluator.policy import PIVOT_AFTER, critique_of, decide, verdict_of
 
 logger = logging.getLogger("agentbus.evaluator")
@@ -47,6 +52,7 @@ class Evaluator(Service):
         self.model = model
         self.log = SessionLog(bus)
         self.queues = WorkQueues(self.log)
+        self.ledger = SpendLedger(bus)
         self.pivot_after = pivot_after
         super().__init__()
         self.graded = 0
@@ -77,37 +83,58 @@ class Evaluator(Service):
     async def evaluate(self, sid: str, round_: int) -> None:
         records = await self.log.read(sid)
         created = next((r.event for r in records if isinstance(r.event, SessionCreated)), None)
-        if created is None or any(isinstance(r.event, SessionEnded) for r in records):
+        state = fold_all(sid, records)
+        if created is None:
             return
         task = created.task
-        verdicts = [r.event for r in records if isinstance(r.event, VerdictRecorded)]
+        if state.terminal:
+            await self.queues.settled(sid, task.parent_session)  # in case a crash lost it
+            return
+        # a follow-up opens a new turn of a completed session: its rounds are counted afresh
+        verdicts = [
+            r.event for r in records if isinstance(r.event, VerdictRecorded) and r.event.round >= state.turn_round
+        ]
         current = next((v for v in verdicts if v.round == round_), None)
         if current is None:
             current = await self._grade(sid, round_, records)
             await self.log.append(sid, current)
             verdicts.append(current)
-        nxt = decide(task, verdicts, pivot_after=self.pivot_after)
+            await self._count_spend(task, current)
+        nxt = decide(task, verdicts, pivot_after=self.pivot_after, first_round=state.turn_round)
         trace.get_current_span().set_attributes(
             {"agentbus.verdict": current.verdict, "agentbus.next": nxt.action, tracing.POOL: task.pool or ""}
         )
         output = final_output(records)
         logger.info("%s round %d: %s -> %s", sid, round_, current.verdict, nxt.action)
         if nxt.action == "complete":
-            await self.log.append(sid, SessionEnded(id="ended", status="completed", reason="satisfied", result=output))
-            tracing.sessions_ended.add(1, {"status": "completed"})
+            await self._end(state, "completed", "satisfied", output)
         elif nxt.action == "fail":
-            await self.log.append(sid, SessionEnded(id="ended", status="failed", reason=nxt.reason, result=output))
-            tracing.sessions_ended.add(1, {"status": "failed"})
+            await self._end(state, "failed", nxt.reason, output)
         else:
             await self._revise(sid, round_, nxt.critique, nxt.fresh_start, records)
+
+    async def _end(self, state: SessionState, status: Literal["completed", "failed"], reason: str, result: str) -> None:
+        end = SessionEnded(id=ended_id(state.turn), status=status, reason=reason, result=result)
+        await self.log.append(state.session_id, end)
+        tracing.sessions_ended.add(1, {"status": status})
+        await self.queues.settled(state.session_id, state.parent_session)
+
+    async def _count_spend(self, task: Task, verdict: VerdictRecorded) -> None:
+        """The grader's call is part of what the session and its pool cost."""
+        if verdict.cost_usd > 0 and task.pool:
+            try:
+                await self.ledger.add(task.pool, verdict.cost_usd)
+            except AgentBusError as err:
+                logger.warning("session %s: pool spend not updated: %s", task.session_id, err)
 
     async def _revise(self, sid: str, round_: int, critique: str, fresh: bool, records: list[Record]) -> None:
         """Send the work back to the pool the session runs on (from the folded state: a delegation
         to another pool names that pool in its own events, which must not redirect the revision)."""
-        pool = fold_all(sid, records).pool
+        state = fold_all(sid, records)
+        pool = state.pool
         if pool is None or not valid_token(pool):
             reason = f"needs revision, but the session has no pool to send it back to ({pool!r})"
-            await self.log.append(sid, SessionEnded(id="ended", status="failed", reason=reason))
+            await self._end(state, "failed", reason, "")
             return
         revision = RevisionRequested(
             id=f"revision-{round_ + 1}", round=round_ + 1, critique=critique, fresh_start=fresh
@@ -134,24 +161,27 @@ class Evaluator(Service):
         try:
             if task.criteria and self.model is None:
                 raise GradingError("the session has criteria but this evaluator has no grader model (--model)")
-            criteria = (
+            graded = (
                 await grade_criteria(self.model, task, output, session_id=f"{sid}-grade-{round_}")
                 if self.model and task.criteria
-                else ()
+                else Graded()
             )
         except (GradingError, ModelError) as err:
             return VerdictRecorded(
                 id=f"verdict-{round_}", round=round_, verdict="failed", checks=checks, critique=str(err)
             )
-        verdict = verdict_of(criteria, checks)
-        critique = critique_of(criteria, checks) if verdict != "satisfied" else ""
+        verdict = verdict_of(graded.criteria, checks)
+        critique = critique_of(graded.criteria, checks) if verdict != "satisfied" else ""
         return VerdictRecorded(
             id=f"verdict-{round_}",
             round=round_,
             verdict=verdict,  # type: ignore[arg-type]
-            criteria=criteria,
+            criteria=graded.criteria,
             checks=checks,
             critique=critique,
+            grader_model=graded.model,
+            usage=graded.usage,
+            cost_usd=cost_usd(graded.model, graded.usage) if graded.model else 0.0,
         )
 
 

@@ -14,10 +14,11 @@ import re
 import shutil
 import signal
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agentbus.messages import CheckResult, CriterionResult, Task
+from agentbus.messages import CheckResult, CriterionResult, Task, Usage, text_of
 from agentbus.models import ModelClient
 
 CHECK_TIMEOUT_S = 120.0
@@ -82,16 +83,22 @@ def grader_request(task: Task, output: str) -> list[dict[str, Any]]:
     return [{"role": "user", "content": [{"type": "text", "text": text}]}]
 
 
-async def grade_criteria(
-    model: ModelClient, task: Task, output: str, *, session_id: str
-) -> tuple[CriterionResult, ...]:
+@dataclass(frozen=True)
+class Graded:
+    """The grader's judgement of every criterion, and what its call used (counted in the session's spend)."""
+
+    criteria: tuple[CriterionResult, ...] = ()
+    model: str = ""
+    usage: Usage = field(default_factory=Usage)
+
+
+async def grade_criteria(model: ModelClient, task: Task, output: str, *, session_id: str) -> Graded:
     if not task.criteria:
-        return ()
+        return Graded()
     reply = await model.respond(
         session_id=session_id, system=GRADER_SYSTEM, messages=grader_request(task, output), tools=[], max_tokens=2048
     )
-    text = "".join(str(b.get("text", "")) for b in reply.content if b.get("type") == "text")
-    return parse_grades(text, task.criteria)
+    return Graded(parse_grades(text_of(reply.content), task.criteria), reply.model, reply.usage)
 
 
 def parse_grades(text: str, criteria: tuple[str, ...]) -> tuple[CriterionResult, ...]:

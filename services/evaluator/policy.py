@@ -42,14 +42,20 @@ def failing_keys(v: VerdictRecorded) -> set[str]:
     }
 
 
-def decide(task: Task, verdicts: list[VerdictRecorded], *, pivot_after: int = PIVOT_AFTER) -> Next:
-    """After the latest verdict in `verdicts` (oldest first): complete, revise (maybe afresh) or fail."""
+def decide(
+    task: Task, verdicts: list[VerdictRecorded], *, pivot_after: int = PIVOT_AFTER, first_round: int = 1
+) -> Next:
+    """After the latest verdict in `verdicts` (oldest first): complete, revise (maybe afresh) or fail.
+
+    `first_round` is the first round of the current turn (a follow-up on a completed session
+    opens a new turn, whose rounds count against `max_rounds` afresh).
+    """
     latest = verdicts[-1]
     if latest.verdict == "satisfied":
         return Next("complete")
     if latest.verdict == "failed":
         return Next("fail", reason=f"evaluation could not run: {latest.critique}")
-    if latest.round >= task.max_rounds:
+    if latest.round - first_round + 1 >= task.max_rounds:
         return Next("fail", reason="max_rounds")
     fresh = False
     if pivot_after > 0 and len(verdicts) >= pivot_after:
