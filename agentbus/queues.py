@@ -107,12 +107,13 @@ class WorkQueues:
         item = WorkItem(session_id=parent, reason="child_result", round=state.round)
         await self.enqueue(item, state.pool, cause=session_id)
 
-    async def wake(self, session_id: str, cause: str) -> bool:
-        """Queue a parked session again (a person answered, approved, cancelled or interrupted);
-        False when it is not parked (its agent reads the input at its next step anyway)."""
+    async def wake(self, session_id: str, seq: int) -> bool:
+        """Queue a parked session again because of the input at `seq` (an answer, an approval, a cancel,
+        an interrupt); False when it is not parked, or parked after that input (its run saw it)."""
         state = await self.log.state(session_id)
-        if not state.parked or not state.pool or not valid_token(state.pool):
+        if not state.parked or seq <= state.parked_at or not state.pool or not valid_token(state.pool):
             return False
+        cause = str(seq)
         await self.enqueue(WorkItem(session_id=session_id, reason="wake", round=state.round), state.pool, cause=cause)
         return True
 

@@ -62,6 +62,7 @@ class SessionState(msgspec.Struct, kw_only=True, omit_defaults=True):
     cancel_requested: bool = False
     # parked: no agent holds the session; an answer, a decision or a child's end queues it again
     parked: bool = False
+    parked_at: int = 0  # the sequence it parked at: only input after it can wake it
     waiting_for: str = ""  # answer, approval or subtask, while parked on a tool call
     question: str = ""  # what the person is asked: the question, or the tool call to approve
     tool_use_id: str = ""  # the parked tool call
@@ -95,7 +96,11 @@ def fold(state: SessionState, record: Record) -> SessionState:
     ts = getattr(ev, "ts", 0.0) or s.updated_ts
     s.updated_ts = max(s.updated_ts, ts)
     before = (s.status, s.waiting_for)
+    was_parked = s.parked
     _apply(s, ev)
+    if s.parked and not was_parked:
+        # a follow-up that reopens a completed session is itself what must wake it
+        s.parked_at = record.seq - 1 if isinstance(ev, HumanMessage) else record.seq
     if (s.status, s.waiting_for) != before:
         _attention(s, ts)
     return s

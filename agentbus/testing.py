@@ -11,6 +11,8 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import select
+import socket
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
@@ -58,7 +60,15 @@ class _Failure(msgspec.Struct, frozen=True, kw_only=True):
     during_stream: bool = False
 
 
-_Entry = dict[str, Any] | _Failure
+class _Stall:
+    """A reply that starts streaming `partial` and then waits for `release` (or for the client to go)."""
+
+    def __init__(self, partial: str, release: threading.Event) -> None:
+        self.partial = partial
+        self.release = release
+
+
+_Entry = dict[str, Any] | _Failure | _Stall
 
 
 def text_response(
@@ -111,6 +121,8 @@ class FakeMessagesAPI:
         self._requests: list[tuple[dict[str, Any], dict[str, str]]] = []
         self._raw_bodies: list[bytes] = []
         self._ids = itertools.count(1)
+        self._disconnects = 0
+        self.stalled = threading.Event()  # set when a stalled reply has sent its partial text
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -196,6 +208,21 @@ class FakeMessagesAPI:
         with self._lock:
             self._queue.extend([failure] * times)
 
+    def stall(self, partial: str = "", *, release: threading.Event | None = None) -> threading.Event:
+        """Queue a streamed reply that sends `partial` text, then holds until the returned event is set
+        (and finishes as an `end_turn` with that text) or the client closes the connection, which
+        `disconnects` counts: what an interrupted model call looks like from the server."""
+        release = release or threading.Event()
+        with self._lock:
+            self._queue.append(_Stall(partial, release))
+        return release
+
+    @property
+    def disconnects(self) -> int:
+        """Stalled replies whose client closed the connection before they were released."""
+        with self._lock:
+            return self._disconnects
+
     @property
     def requests(self) -> list[tuple[dict[str, Any], dict[str, str]]]:
         """Every request received so far, as (parsed JSON body, lower-cased headers); a snapshot."""
@@ -229,7 +256,7 @@ class FakeMessagesAPI:
             entry = self._responder(request)
         if entry is None:
             return _Failure(status=500, error_type="api_error", message="fake API: no scripted response left")
-        if isinstance(entry, _Failure):
+        if isinstance(entry, _Failure | _Stall):
             return entry
         return self._complete(entry, request)
 
@@ -326,6 +353,17 @@ def _halves(text: str) -> list[str]:
     return [p for p in (text[:mid], text[mid:]) if p]
 
 
+def _closed(sock: Any) -> bool:
+    """The peer has closed the connection (readable with nothing to read)."""
+    readable, _, _ = select.select([sock], [], [], 0)
+    if not readable:
+        return False
+    try:
+        return bool(sock.recv(1, socket.MSG_PEEK) == b"")
+    except OSError:
+        return True
+
+
 def _handler_for(api: FakeMessagesAPI) -> type[BaseHTTPRequestHandler]:
     """A request handler class bound to one FakeMessagesAPI."""
 
@@ -353,7 +391,9 @@ def _handler_for(api: FakeMessagesAPI) -> type[BaseHTTPRequestHandler]:
                 return
             reply = api._next_reply(body)
             try:
-                if isinstance(reply, _Failure) and reply.during_stream and body.get("stream"):
+                if isinstance(reply, _Stall):
+                    self._send_stall(reply, body)
+                elif isinstance(reply, _Failure) and reply.during_stream and body.get("stream"):
                     self._send_stream_error(reply, body)
                 elif isinstance(reply, _Failure):
                     self._send_error(reply)
@@ -363,6 +403,29 @@ def _handler_for(api: FakeMessagesAPI) -> type[BaseHTTPRequestHandler]:
                     self._send_json(200, reply)
             except (BrokenPipeError, ConnectionResetError):
                 pass  # the client went away (a test killed it): nothing to answer
+
+        def _send_stall(self, stall: _Stall, request: dict[str, Any]) -> None:
+            message = api._complete(text_response(stall.partial), request)
+            events = list(_sse_events(message)) if request.get("stream") else []
+            if request.get("stream"):
+                self.send_response(HTTPStatus.OK)
+                self.send_header("content-type", "text/event-stream")
+                self.end_headers()
+                for event, data in events[:4]:  # message_start, ping, block start, the first half of the text
+                    self._write_event(event, data)
+                self.wfile.flush()
+            api.stalled.set()
+            while not stall.release.wait(0.02):
+                if _closed(self.connection):
+                    with api._lock:
+                        api._disconnects += 1
+                    return
+            if not request.get("stream"):
+                self._send_json(200, message)
+                return
+            for event, data in events[4:]:
+                self._write_event(event, data)
+            self.wfile.flush()
 
         def _send_json(self, status: int, payload: dict[str, Any], extra: Mapping[str, str] = {}) -> None:
             data = json.dumps(payload).encode()

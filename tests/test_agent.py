@@ -12,7 +12,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -151,12 +151,14 @@ def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
             proc.wait(10)
 
 
-def agent_process(settings: Settings, api: FakeMessagesAPI, workdir: Path, output: Path) -> subprocess.Popen[bytes]:
+def agent_process(
+    settings: Settings, api: FakeMessagesAPI, workdir: Path, output: Path, extra: Sequence[str] = ()
+) -> subprocess.Popen[bytes]:
     """The real `agentbus agent` command as its own OS process; its output goes to `output`."""
     cmd = [
         sys.executable, "-m", "agentbus.cli", "agent", "--pool", POOL, "--model", f"anthropic:{MODEL_ID}",
         "--nats", settings.nats_url, "--prefix", settings.prefix, "--tools", "read_file,write_file,bash",
-        "--workdir", str(workdir), "--ack-wait", "2",
+        "--workdir", str(workdir), "--ack-wait", "2", *extra,
     ]  # fmt: skip
     env = {**os.environ, "ANTHROPIC_BASE_URL": api.base_url, "ANTHROPIC_API_KEY": "test"}
     with output.open("ab") as out:  # the child has its own copy of the descriptor

@@ -38,6 +38,17 @@ from services.agent.worker import AgentConfig, serve
 @click.option("--max-deliver", default=5, show_default=True, help="Deliveries before a task's session is failed.")
 @budget_options("Pool default budget per session")
 @click.option("--no-progress", default=3, show_default=True, help="Pause after N turns without progress (0: off).")
+@click.option(
+    "--approve", "approve", multiple=True, help="A tool whose calls wait for a person's approval (repeatable)."
+)
+@click.option("--approval-timeout", type=float, help="Seconds an approval may wait (default: forever).")
+@click.option(
+    "--on-approval-timeout",
+    type=click.Choice(["deny", "pause"]),
+    default="deny",
+    show_default=True,
+    help="What a timed-out approval does.",
+)
 @nats_option
 def command(
     pool: str,
@@ -50,6 +61,9 @@ def command(
     max_deliver: int,
     budget: Budget,
     no_progress: int,
+    approve: tuple[str, ...],
+    approval_timeout: float | None,
+    on_approval_timeout: str,
     nats_url: str | None,
     prefix: str,
 ) -> None:
@@ -67,6 +81,9 @@ def command(
         max_deliver=max_deliver,
         budget=budget,
         no_progress_turns=no_progress,
+        approve=approve,
+        approval_timeout_s=approval_timeout,
+        on_approval_timeout="pause" if on_approval_timeout == "pause" else "deny",
     )
     settings = settings_from(nats_url, prefix)
 

@@ -52,6 +52,10 @@ class ToolContext:
 
 
 class Tool(Protocol):
+    """A tool the model may call. An optional `repeatable = True` says a call cut off by a crash may
+    simply run again (it only reads, or finds what it did); any other such call is reported to the
+    model as interrupted, because running it twice could repeat a side effect."""
+
     name: str
     description: str
     input_schema: dict[str, Any]
@@ -66,6 +70,7 @@ def _schema(props: dict[str, Any], required: Iterable[str]) -> dict[str, Any]:
 class ReadFile:
     name = "read_file"
     description = "Read a UTF-8 text file from the session workspace."
+    repeatable = True  # reading twice changes nothing: safe to run again after a crash
     input_schema = _schema({"path": {"type": "string", "description": "Path relative to the workspace."}}, ["path"])
 
     async def run(self, input: dict[str, Any], ctx: ToolContext) -> str:
@@ -119,6 +124,10 @@ class Bash:
             _kill_group(proc.pid)
             await proc.wait()
             raise ToolError(f"command timed out after {timeout:g}s") from None
+        except asyncio.CancelledError:  # an interrupt (or a drain): the command must not outlive the call
+            _kill_group(proc.pid)
+            await proc.wait()
+            raise
         text = _cap(out.decode(errors="replace"))
         if capped:
             return text + "\n[the command was stopped: it printed more than the agent keeps]"
@@ -149,6 +158,7 @@ def _tool_env(workspace: Path) -> dict[str, str]:
 
 class Delegate:
     name = "delegate"
+    repeatable = True  # a re-run finds the child it started: one child per call
     description = "Hand a self-contained subtask to another agent (optionally of a named pool) and wait for its result."
     input_schema = _schema({"prompt": {"type": "string"}, "pool": {"type": "string"}}, ["prompt"])
 
@@ -161,6 +171,7 @@ class Delegate:
 
 class AskHuman:
     name = "ask_human"
+    repeatable = True  # a re-run finds the question it asked and any answer given
     description = "Ask the people watching this session a question and wait for their reply."
     input_schema = _schema({"question": {"type": "string"}}, ["question"])
 

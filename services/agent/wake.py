@@ -53,7 +53,7 @@ class WakeWatcher:
         sid = session_id_from_subject(job.subject)
         if sid is None or not valid_token(sid):
             raise Reject(f"input on {job.subject}, which names no valid session")
-        if await self.queues.wake(sid, cause=str(job.seq)):
+        if await self.queues.wake(sid, job.seq):
             logger.info("session %s woken by input #%d", sid, job.seq)
 
 
