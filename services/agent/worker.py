@@ -26,6 +26,7 @@ from typing import Any, Literal, cast
 from opentelemetry.trace import Span, SpanKind
 
 from agentbus import tracing
+from agentbus.budget import Stop, effective_budget, over_budget, remaining
 from agentbus.bus import Bus, Job
 from agentbus.client import Client
 from agentbus.errors import AgentBusError, FencedError
@@ -61,14 +62,7 @@ from agentbus.spend import SpendLedger
 from agentbus.state import SessionState, fold
 from agentbus.subjects import valid_token
 from services.agent.conversation import Conversation, ToolUse, build, human_text
-from services.agent.guards import (
-    NO_PROGRESS_TURNS,
-    Stop,
-    effective_budget,
-    no_progress,
-    over_budget,
-    remaining,
-)
+from services.agent.guards import NO_PROGRESS_TURNS, no_progress
 from services.agent.tools import DEFAULT_TOOLS, Tool, ToolContext, ToolError, load_tools, schemas
 
 log = logging.getLogger("agentbus.agent")
