@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from agentbus.bus import Bus
-from agentbus.cli import budget_options, nats_option, run, settings_from
+from agentbus.cli.options import budget_options, nats_option, run, settings_from
 from agentbus.messages import Budget
 from services.agent.tools import DEFAULT_TOOLS
 from services.agent.worker import AgentConfig, serve

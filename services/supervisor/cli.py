@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from agentbus.bus import Bus
-from agentbus.cli import nats_option, run, settings_from
+from agentbus.cli.options import nats_option, run, settings_from
 from agentbus.service import serve_until_signalled
 from services.supervisor.docker_spawner import DockerSpawner, engine
 from services.supervisor.pools import load_pools
