@@ -104,6 +104,8 @@ def from_mapping(raw: Mapping[str, object], where: str) -> Budget:
         limit = _BY_FIELD.get(key)
         if limit is None:
             raise UsageError(f"{where}: unknown key {key!r}{suggest(key, _BY_FIELD)}")
+        if value == "":  # "${VAR:-}" with VAR unset: no limit, as for ceiling_usd
+            continue
         try:
             values[key] = check(limit, value)
         except UsageError as err:

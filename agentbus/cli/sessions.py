@@ -173,8 +173,21 @@ def show(session_id: str, as_json: bool, nats_url: str | None, prefix: str) -> N
     with_client(settings_from(nats_url, prefix), body)
 
 
+STATUSES = ("pending", "queued", "running", "waiting", "evaluating", "paused", "completed", "failed", "cancelled")
+"""Every session status (`agentbus.messages.Status`, which a test keeps this in step with; not imported
+here, so `agentbus --help` stays light)."""
+
+
+def _status(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is not None and value not in STATUSES:
+        raise click.BadParameter(f"unknown status {value!r}; valid: {', '.join(STATUSES)}", ctx, param)
+    return value
+
+
 @click.command()
-@click.option("--status", help="Only sessions with this status.")
+@click.option(
+    "--status", callback=_status, metavar="STATUS", help=f"Only sessions with this status: {', '.join(STATUSES)}."
+)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per session, per line.")
 @nats_option
 def sessions(status: str | None, as_json: bool, nats_url: str | None, prefix: str) -> None:
