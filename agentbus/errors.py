@@ -75,3 +75,12 @@ class Timeout(AgentBusError, TimeoutError):
 
 class ServerError(AgentBusError):
     """The embedded nats-server could not be started."""
+
+
+class ServerInUse(ServerError):
+    """What a server needs is held by another process: its port, or its store directory (locked).
+
+    Exit code 4, like an unreachable server: in both cases NATS is not there for you to use.
+    """
+
+    exit_code = 4

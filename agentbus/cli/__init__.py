@@ -37,7 +37,7 @@ EXIT_CODES = {
     1: "any other error",
     2: "usage: a bad option, argument, file or session id",
     3: "no such session",
-    4: "cannot reach NATS",
+    4: "NATS unavailable: cannot reach it, or (server, up) its port or store directory is taken",
     5: "a waited-for session ended without success, or the wait timed out",
     130: "interrupted (Ctrl-C)",
 }

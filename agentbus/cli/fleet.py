@@ -21,19 +21,22 @@ if TYPE_CHECKING:
 @click.option("--sync-always", is_flag=True, help="fsync every write (survives power loss; slower).")
 def server(port: int, store_dir: str, sync_always: bool) -> None:
     """Run the embedded nats-server with JetStream until Ctrl-C or SIGTERM."""
+    from agentbus.errors import ServerError
     from agentbus.server import NatsServer
 
-    srv = NatsServer(port=port, store_dir=store_dir, sync_always=sync_always)
-    srv.start()
-    click.echo(f"nats-server ready on {srv.url} (JetStream store: {srv.store_dir}); Ctrl-C stops it")
+    # Signals first: a Ctrl-C while nats-server starts must still stop it in order.
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    while not stop.wait(0.5):
-        if srv.proc is not None and srv.proc.poll() is not None:
-            click.echo(f"agentbus: nats-server exited ({srv.proc.returncode}); see {srv.log_path}", err=True)
-            sys.exit(1)
-    srv.stop()
+    srv = NatsServer(port=port, store_dir=store_dir, sync_always=sync_always)
+    srv.start()  # a busy port or a store another server holds: one line, exit 4 (ServerInUse)
+    try:
+        click.echo(f"nats-server ready on {srv.url} (JetStream store: {srv.store_dir}); Ctrl-C stops it")
+        while not stop.wait(0.5):
+            if srv.proc is not None and srv.proc.poll() is not None:
+                raise ServerError(f"nats-server exited ({srv.proc.returncode}); see {srv.log_path}")
+    finally:
+        srv.stop()
     click.echo("nats-server stopped")
 
 

@@ -140,6 +140,27 @@ def load_pools(path: str | Path) -> Fleet:
     return Fleet(pools, max_workers, _dollars(data.get("ceiling_usd"), f"pools file {where}"))
 
 
+def check_models(fleet: Fleet) -> None:
+    """Each pool's model can be made: a scripted model's file loads, an anthropic model has a key
+    (in the environment or the pool's `env`). Raises UsageError naming the pool."""
+    from agentbus.models import ScriptedModel
+
+    for spec in fleet.pools.values():
+        scheme, _, rest = spec.model.partition(":")
+        here = f"pool {spec.name}, model {spec.model!r}"
+        if scheme == "scripted" and rest:
+            try:
+                ScriptedModel(rest)
+            except UsageError as err:
+                raise UsageError(f"{here}: {err}") from None
+        elif scheme == "anthropic" and rest:
+            env = {**os.environ, **spec.env}
+            if not (env.get("ANTHROPIC_API_KEY") or env.get("ANTHROPIC_AUTH_TOKEN")):
+                raise UsageError(f"{here} needs ANTHROPIC_API_KEY (or a scripted:FILE model to run offline)")
+        else:
+            raise UsageError(f"{here}: expected anthropic:<model-id> or scripted:<file>")
+
+
 def _flag(raw: Any, where: str) -> bool:
     if isinstance(raw, bool):
         return raw
