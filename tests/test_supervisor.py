@@ -181,17 +181,24 @@ async def test_agentbus_up_with_no_api_key_completes_a_task_and_stops_everything
 
 
 @pytest.mark.timeout(150)
-def test_the_demo_delegates_fails_a_check_revises_and_completes() -> None:
+def test_the_demo_delegates_fails_a_check_revises_and_completes(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "ANTHROPIC_API_KEY"}
     proc = subprocess.run(
-        [sys.executable, "-m", "agentbus.demo"], capture_output=True, text=True, timeout=140, env=env, check=False
-    )
+        [sys.executable, "-m", "agentbus.demo"], capture_output=True, text=True, timeout=140,
+        env={**env, "TMPDIR": str(tmp_path)}, check=False,
+    )  # fmt: skip
     out = proc.stdout
     assert proc.returncode == 0, out + proc.stderr
     assert "delegation_completed" in out and "Waiting in Line" in out
     assert "round 1: needs_revision" in out and "round 2: satisfied" in out
     assert "session completed after 2 rounds" in out
     assert "everything stopped (agentbus up exited 0)" in out
+    # what used to look odd: a wait with nothing said, a dangling "Output:", twin status lines
+    assert "waiting for the supervisor to start the first agent of pool general" in out
+    assert "It printed nothing." in out and not any(x.endswith("Output:") for x in out.splitlines())
+    assert "evaluating (round 1 result handed to the evaluator)" in out and "evaluating (grading round 1)" in out
+    assert "up        | stopped" in out  # what `up` says while it stops is shown, not swallowed
+    assert list(tmp_path.iterdir()) == []  # agentbus-demo-* and agentbus-up-* are removed
 
 
 def test_pools_file_strings_take_environment_variables_with_defaults(

@@ -685,7 +685,7 @@ class SessionRun:
             StatusChanged(
                 id=f"evaluating-{round_}-{self.job.seq}-{self.job.attempt}",
                 status="evaluating",
-                reason=f"round {round_} result",
+                reason=f"round {round_} result handed to the evaluator",
             )
         )
         item = WorkItem(session_id=self.sid, reason="evaluate", round=round_)

@@ -111,7 +111,9 @@ class Evaluator(Service):
 
     async def _grade(self, sid: str, round_: int, records: list[Record]) -> VerdictRecorded:
         task = next(r.event.task for r in records if isinstance(r.event, SessionCreated))
-        await self.log.append(sid, StatusChanged(id=f"grading-{round_}", status="evaluating", reason=f"round {round_}"))
+        await self.log.append(
+            sid, StatusChanged(id=f"grading-{round_}", status="evaluating", reason=f"grading round {round_}")
+        )
         workspace = next(
             (
                 Path(r.event.workspace)
