@@ -80,9 +80,11 @@ def submit(
         if as_json:
             emit_json({"session_id": sid, "status": state.status, "result": state.result, "reason": state.reason})
         else:
-            click.echo(f"{sid} {state.status}" + (f" ({state.reason})" if state.reason else ""))
+            from agentbus.render import clean
+
+            click.echo(clean(f"{sid} {state.status}" + (f" ({state.reason})" if state.reason else ""), newlines=False))
             if state.result:
-                click.echo(state.result)
+                click.echo(clean(state.result))
         if state.status != "completed":
             sys.exit(5)
 
@@ -132,7 +134,8 @@ def tap(
                 )
             if state.terminal:
                 if not as_json:
-                    click.echo(f"{sid} already ended {state.status}" + (f": {state.reason}" if state.reason else ""))
+                    line = f"{sid} already ended {state.status}" + (f": {state.reason}" if state.reason else "")
+                    click.echo(render.clean(line, newlines=False))
                 return
         async for record in client.tap(sid, start=begin, follow=not no_follow):  # type: ignore[arg-type]
             if as_json:
@@ -162,13 +165,13 @@ def show(session_id: str, as_json: bool, nats_url: str | None, prefix: str) -> N
             return
         for record in records:
             click.echo(render.record_line(record))
-        click.echo(f"-- {state.status}" + (f" ({state.reason})" if state.reason else ""))
+        click.echo(render.clean(f"-- {state.status}" + (f" ({state.reason})" if state.reason else ""), newlines=False))
         click.echo(
             f"-- steps {state.steps}, tool calls {state.tool_calls}, tokens {state.usage.total}, "
             f"${state.cost_usd:.4f}" + (f", trace {state.trace_id}" if state.trace_id else "")
         )
         if state.result:
-            click.echo(f"-- result: {state.result}")
+            click.echo(f"-- result: {render.clean(state.result)}")
 
     with_client(settings_from(nats_url, prefix), body)
 
