@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 import urllib.parse
@@ -58,6 +59,17 @@ class PubAck:
     stream: str
     seq: int
     duplicate: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumerState:
+    """Where a durable consumer stands: messages waiting for it, delivered and unacked, and the
+    stream sequence of the last one it delivered."""
+
+    name: str
+    waiting: int
+    in_flight: int
+    delivered_seq: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -658,6 +670,32 @@ class Bus:
         except nats.js.errors.NotFoundError:
             return (0, 0)
         return (int(info.num_pending or 0), int(info.num_ack_pending or 0))
+
+    async def consumer_states(self, stream: str) -> list[ConsumerState]:
+        """Every durable consumer on `stream` and where it stands (one request per 256 consumers)."""
+        out: list[ConsumerState] = []
+        while True:
+            page = functools.partial(self._js.consumers_info, stream, offset=len(out) or None)
+            infos = await self._through_failover(f"consumers of {stream}", page)
+            out += [
+                ConsumerState(
+                    name=str(i.name), waiting=int(i.num_pending or 0), in_flight=int(i.num_ack_pending or 0),
+                    delivered_seq=int(i.delivered.stream_seq or 0) if i.delivered else 0,
+                )
+                for i in infos
+            ]  # fmt: skip
+            if len(infos) < 256:
+                return out
+
+    async def first_stored(self, stream: str, subject: str, from_seq: int = 1) -> tuple[int, float] | None:
+        """(sequence, unix time) of the first message on `subject` at or after `from_seq`, or None."""
+        try:
+            msg = await self._through_failover(
+                f"first on {subject}", lambda: self._js.get_msg(stream, seq=from_seq, subject=subject, next=True)
+            )
+        except nats.js.errors.NotFoundError:
+            return None
+        return int(msg.seq or 0), msg.time.timestamp() if msg.time else 0.0
 
     # --- work queues ------------------------------------------------------------------------
 

@@ -73,6 +73,12 @@ class Timeout(AgentBusError, TimeoutError):
     exit_code = 5
 
 
+class Interrupted(AgentBusError):
+    """Ctrl-C while waiting: the wait ends, what was asked for goes on (exit code 130, as a shell's)."""
+
+    exit_code = 130
+
+
 class ServerError(AgentBusError):
     """The embedded nats-server could not be started."""
 

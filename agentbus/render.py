@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agentbus.messages import (
     BudgetExceeded,
@@ -39,6 +39,9 @@ from agentbus.messages import (
     event_type,
 )
 from agentbus.state import SessionState
+
+if TYPE_CHECKING:
+    from agentbus.client import PoolInfo
 
 _WIDTH = 100
 # C0 and C1 control characters (ESC, CR, BEL, backspace, CSI, ...) and DEL, and the bidirectional
@@ -150,6 +153,23 @@ def worker_line(w: WorkerInfo, now: float | None = None) -> str:
     where = w.container or f"{w.host}:{w.pid}"
     beat = _age((now or time.time()) - w.heartbeat_ts)
     line = f"{w.pool:<12} {w.worker_id:<24} {where:<22} {beat:>5}  {', '.join(w.sessions) or '-'}"
+    return clean(line, newlines=False)
+
+
+def pool_header() -> str:
+    return f"{'POOL':<12} {'AGENTS':>6} {'FREE':>5} {'WAITING':>7} {'RUNNING':>7} {'OLDEST':>6}  SERVED BY"
+
+
+def pool_line(p: PoolInfo) -> str:
+    """One pool; an unserved pool says how to serve it, since its tasks wait for nothing."""
+    oldest = _age(p.oldest_waiting_s) if p.oldest_waiting_s is not None else "-"
+    if p.served:
+        by = ", ".join(
+            [*(["supervisor " + s for s in p.supervisors]), *([f"{len(p.workers)} agents"] if p.workers else [])]
+        )
+    else:
+        by = f"nothing: agentbus agent --pool {p.name} --model ..., or [pools.{p.name}] in a pools file"
+    line = f"{p.name:<12} {len(p.workers):>6} {p.free_slots:>5} {p.waiting:>7} {p.in_flight:>7} {oldest:>6}  {by}"
     return clean(line, newlines=False)
 
 

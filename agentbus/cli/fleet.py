@@ -78,6 +78,31 @@ def agents(as_json: bool, nats_url: str | None, prefix: str) -> None:
 
 
 @click.command()
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per pool, per line.")
+@nats_option
+def pools(as_json: bool, nats_url: str | None, prefix: str) -> None:
+    """Every pool: live agents, free slots, tasks waiting and running, the oldest waiting, who serves it."""
+    import dataclasses
+
+    from agentbus import render
+
+    async def body(client: Client) -> None:
+        found = await client.pools()
+        if as_json:
+            for p in found:
+                emit_json({**dataclasses.asdict(p), "served": p.served})
+            return
+        if not found:
+            click.echo("no pools yet: nothing has been submitted to one, and no agent or supervisor runs", err=True)
+            return
+        click.echo(render.pool_header())
+        for p in found:
+            click.echo(render.pool_line(p))
+
+    with_client(settings_from(nats_url, prefix), body)
+
+
+@click.command()
 @click.option(
     "--reset", "reset_pool", metavar="POOL", callback=pool_name, help="Count POOL's spend from zero (lifts its hold)."
 )
@@ -133,4 +158,4 @@ def bench_log(events: int, as_json: bool) -> None:
     emit_json(result) if as_json else click.echo(format_report(result))
 
 
-COMMANDS = (server, up, agents, spend, bench)
+COMMANDS = (server, up, agents, pools, spend, bench)

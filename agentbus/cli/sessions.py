@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import shutil
 import sys
 from typing import TYPE_CHECKING
 
@@ -12,6 +14,7 @@ from agentbus.cli.options import budget_options, emit_json, nats_option, pool_na
 if TYPE_CHECKING:
     from agentbus.client import Client
     from agentbus.messages import Budget
+    from agentbus.state import SessionState
 
 
 @click.command()
@@ -58,6 +61,7 @@ def submit(
     if opinions and opinion_pools:
         raise click.UsageError("--opinions and --opinion-pool exclude each other")
     fan_out = list(opinion_pools) or [pool or ""] * opinions
+    submitted: list[str] = []
 
     async def body(client: Client) -> None:
         sid = await client.submit(
@@ -71,12 +75,20 @@ def submit(
             model=model,
             opinions=fan_out,
         )
+        submitted.append(sid)
+        for name in sorted({p for p in (pool, *fan_out) if p}):
+            if not await client.serves(name):
+                click.echo(_unserved(name), err=True)
         if not wait_:
             emit_json({"session_id": sid}) if as_json else click.echo(sid)
             return
-        if not as_json:
-            click.echo(f"{sid} submitted; waiting (agentbus tap {sid} --from-start to watch)", err=True)
-        state = await client.wait(sid, timeout=timeout)
+        if as_json:
+            state = await client.wait(sid, timeout=timeout)
+        else:
+            click.echo(
+                f"{sid} submitted; waiting (agentbus tap {sid} --from-start to watch; Ctrl-C stops waiting)", err=True
+            )
+            state = await _wait_live(client, sid, timeout)
         if as_json:
             emit_json({"session_id": sid, "status": state.status, "result": state.result, "reason": state.reason})
         else:
@@ -88,7 +100,24 @@ def submit(
         if state.status != "completed":
             sys.exit(5)
 
-    with_client(settings_from(nats_url, prefix), body)
+    try:
+        with_client(settings_from(nats_url, prefix), body)
+    except KeyboardInterrupt:
+        if not submitted:
+            raise
+        sid = submitted[0]
+        from agentbus.errors import Interrupted
+
+        raise Interrupted(
+            f"interrupted; session {sid} goes on (agentbus tap {sid} to watch, agentbus cancel {sid} to stop it)"
+        ) from None
+
+
+def _unserved(pool: str) -> str:
+    return (
+        f"agentbus: warning: no agent or supervisor serves pool {pool}; the task waits until one does "
+        f"(agentbus agent --pool {pool} --model scripted:demo, or [pools.{pool}] in a pools file for agentbus up)"
+    )
 
 
 @click.command()
@@ -261,3 +290,115 @@ def resume(session_id: str, budget: Budget, nats_url: str | None, prefix: str) -
 
 
 COMMANDS = (submit, tap, show, sessions, say, cancel, resume)
+
+
+# --- submit --wait: one live status line --------------------------------------------------------
+
+
+class _LiveStatus:
+    """`submit --wait`'s status: one line rewritten in place when stderr is a terminal, else a plain
+    line each time it changes (so logs and pipes get a readable history, not carriage returns)."""
+
+    def __init__(self, session_id: str) -> None:
+        self.session_id = session_id
+        self.tty = sys.stderr.isatty()
+        self.state: SessionState | None = None
+        self.unserved = False  # queued on a pool that nothing serves right now
+        self._shown = ""
+
+    def show(self) -> None:
+        from agentbus.render import clean
+
+        text = clean(f"{self.session_id}: {self._describe()}", newlines=False)
+        if text == self._shown:
+            return
+        self._shown = text
+        if self.tty:
+            width = shutil.get_terminal_size().columns - 1  # a wrapped line could not be rewritten
+            click.echo("\r\x1b[K" + text[:width], nl=False, err=True)
+        else:
+            click.echo(text, err=True)
+
+    def close(self) -> None:
+        if self.tty and self._shown:
+            click.echo("", err=True)  # end the line that was being rewritten
+
+    def _describe(self) -> str:
+        s = self.state
+        if s is None:
+            return "submitted"
+        match s.status:
+            case "pending":
+                return "waiting for a router to choose its pool"
+            case "queued" if self.unserved:
+                return f"queued on pool {s.pool}; nothing serves it (agentbus agent --pool {s.pool} --model ...)"
+            case "queued":
+                return f"queued on pool {s.pool}"
+            case "running":
+                # the step being worked on: the first before its reply, then the latest replied to
+                return f"running step {max(s.steps, 1)} ({s.tool_calls} tool calls so far, ${s.cost_usd:.4f})"
+            case "waiting":
+                return f"waiting for your answer: agentbus say {s.session_id} TEXT"
+            case "evaluating":
+                return f"evaluating round {s.round}"
+            case _:
+                return s.status + (f" ({s.reason})" if s.reason else "")
+
+
+async def _wait_live(client: Client, session_id: str, timeout: float | None) -> SessionState:
+    """`Client.wait`, saying what the session is doing while it waits."""
+    import asyncio  # here, like every heavier import of this module: `agentbus --help` needs none
+
+    from agentbus.errors import Timeout
+
+    status = _LiveStatus(session_id)
+    try:
+        return await asyncio.wait_for(_follow(client, status), timeout)
+    except TimeoutError as err:
+        raise Timeout(f"session {session_id} still running after {timeout:g}s") from err
+    finally:
+        status.close()
+
+
+async def _follow(client: Client, status: _LiveStatus) -> SessionState:
+    import asyncio
+
+    from agentbus.state import fold
+
+    state = status.state = await client.state(status.session_id)
+    status.show()
+    if _settled(state):
+        return state
+    prober = asyncio.create_task(_probe_served(client, status))
+    try:
+        async for record in client.tap(status.session_id, start=state.last_seq + 1):
+            state = status.state = fold(state, record)
+            status.show()
+            if _settled(state):
+                return state
+    finally:
+        prober.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await prober
+    return state  # pragma: no cover - a tap ends only with the connection
+
+
+def _settled(state: SessionState) -> bool:
+    return state.terminal or state.status == "paused"
+
+
+async def _probe_served(client: Client, status: _LiveStatus) -> None:
+    """While the session is queued, look every 2 s whether anything serves its pool (a refresh of
+    what is shown, not a synchronisation: the tap above is what ends the wait)."""
+    import asyncio
+
+    from agentbus.errors import AgentBusError
+
+    while True:
+        s = status.state
+        with contextlib.suppress(AgentBusError):  # a NATS hiccup leaves the line as it was
+            unserved = s is not None and s.status == "queued" and bool(s.pool) and not await client.serves(str(s.pool))
+            if unserved != status.unserved:
+                status.unserved = unserved
+                status.show()
+        await asyncio.sleep(2)

@@ -14,7 +14,10 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import os
+import re
 import secrets
+import socket
 import time
 from dataclasses import dataclass, field
 
@@ -23,7 +26,7 @@ import msgspec
 from agentbus import tracing
 from agentbus.bus import Bus
 from agentbus.errors import AgentBusError
-from agentbus.messages import Hold, ScaleReply, ScaleRequest, WorkerInfo, encode
+from agentbus.messages import Hold, ScaleReply, ScaleRequest, SupervisorInfo, WorkerInfo, encode
 from agentbus.service import Service
 from agentbus.spend import SpendLedger
 from agentbus.subjects import WORKER_TTL_S
@@ -32,6 +35,7 @@ from services.supervisor.spawner import Spawner, WorkerHandle
 
 log = logging.getLogger("agentbus.supervisor")
 _REQUEST_PATIENCE_S = 4.0  # under the requester's 5 s timeout (Bus.request)
+ANNOUNCE_EVERY_S = 3.0  # like an agent's heartbeat; the bucket's TTL (15 s) drops a silent supervisor
 
 
 @dataclass
@@ -70,6 +74,9 @@ class Supervisor(Service):
         self.spawn_failures = 0
         self.started = 0
         self._holding = True  # until the first look: a hold left by an earlier supervisor may be stale
+        self.supervisor_id = re.sub(r"[^A-Za-z0-9_-]", "_", f"{socket.gethostname()}-{os.getpid()}-{self._tag}")
+        self._announced = 0.0
+        self._since = time.time()
 
     @property
     def total(self) -> int:
@@ -98,6 +105,8 @@ class Supervisor(Service):
                 workers = [w for p in self.pools.values() for w in p.workers]
             log.info("supervisor stopping %d workers (they hand their sessions back)", len(workers))
             await asyncio.gather(*(w.stop() for w in workers), *self._retiring, return_exceptions=True)
+            with contextlib.suppress(Exception):  # bounded: with NATS gone the TTL drops it anyway
+                await asyncio.wait_for(self.bus.kv_delete(self.bus.ns.supervisors_bucket, self.supervisor_id), 2.0)
 
     async def _tick(self) -> bool:
         """One look at everything; each part that fails is logged and retried on the next tick
@@ -114,6 +123,11 @@ class Supervisor(Service):
         except Exception:
             ok = False
             log.exception("supervisor: cannot check the dollar ceilings; trying again")
+        try:
+            await self._announce()
+        except Exception:
+            ok = False
+            log.exception("supervisor: cannot announce the pools it serves; trying again")
         for pool in self.pools.values():
             try:
                 if beats is not None:
@@ -153,6 +167,20 @@ class Supervisor(Service):
                 log.info("pool %s: hold lifted (%s)", name, f"${spent:.4f} spent")
                 await self.ledger.clear_hold(name)
         self._holding = held
+
+    async def _announce(self) -> None:
+        """Heartbeat into the supervisors bucket, naming the pools it may start workers in (max > 0),
+        so `agentbus pools` and `agentbus submit` can tell a pool that will be served from one that won't."""
+        now = time.time()
+        if now - self._announced < ANNOUNCE_EVERY_S:
+            return
+        served = tuple(name for name, pool in self.pools.items() if pool.spec.max > 0)
+        info = SupervisorInfo(
+            supervisor_id=self.supervisor_id, pools=served, host=socket.gethostname(), pid=os.getpid(),
+            started_ts=self._since, heartbeat_ts=now,
+        )  # fmt: skip
+        await self.bus.kv_put(self.bus.ns.supervisors_bucket, self.supervisor_id, encode(info))
+        self._announced = now
 
     async def _registry(self) -> list[WorkerInfo]:
         values = await self.bus.kv_values(self.bus.ns.workers_bucket)
