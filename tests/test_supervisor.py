@@ -252,3 +252,26 @@ async def test_a_restarted_supervisor_adopts_the_process_workers_its_predecessor
 async def _registered_workers(client: agentbus.Client, n: int) -> list[Any] | None:
     workers = await client.workers()
     return workers if len(workers) == n else None
+
+
+async def test_a_task_held_by_a_worker_that_died_gets_a_new_worker_in_a_pool_with_min_0(
+    client: agentbus.Client, settings: Settings
+) -> None:
+    from tests.helpers import PaperSpawner
+
+    spec = client.bus.ns.pool_consumer("orphan", ack_wait_s=1)
+    await client.submit("held by the dead", pool="orphan")
+    puller = await client.bus.pull(spec)
+    try:
+        assert await puller.fetch(1)  # taken, never acked: what a worker killed mid-task leaves
+        fleet = Fleet({"orphan": PoolSpec(name="orphan", model="scripted:demo", min=0, max=1, ack_wait_s=1)})
+        async with supervising(settings, fleet, PaperSpawner()) as sup:
+
+            async def started() -> bool:
+                return sup.started >= 1
+
+            await until(started, "a worker for the task nobody alive holds", timeout=15)
+            await ticks_pass(sup, 3)
+            assert sup.started == 1  # the one it started counts against the task: no second
+    finally:
+        await puller.close()

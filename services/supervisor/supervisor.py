@@ -76,6 +76,7 @@ class Supervisor(Service):
         self._holding = True  # until the first look: a hold left by an earlier supervisor may be stale
         self.supervisor_id = re.sub(r"[^A-Za-z0-9_-]", "_", f"{socket.gethostname()}-{os.getpid()}-{self._tag}")
         self._announced = 0.0
+        self._dead: set[str] = set()  # workers seen dead whose registry entries have not expired yet
         self._since = time.time()
 
     @property
@@ -86,7 +87,8 @@ class Supervisor(Service):
     async def _serve(self) -> None:
         await self.bus.provision()
         for pool in self.pools.values():
-            await self.bus.ensure_consumer(self.bus.ns.pool_consumer(pool.spec.name))
+            # with the pool's ack wait, as its agents ask for it: the first creator's limits stand
+            await self.bus.ensure_consumer(self.bus.ns.pool_consumer(pool.spec.name, ack_wait_s=pool.spec.ack_wait_s))
         for handle in await self.spawner.adopt(self.fleet.pools, await self._registry()):
             self.pools[handle.pool].workers.append(handle)
             self._started[handle.worker_id] = time.time()  # a silent adoptee gets the usual grace
@@ -113,8 +115,12 @@ class Supervisor(Service):
         (NATS failing over, the engine restarting): draining the fleet over it would be worse."""
         ok = True
         beats: dict[str, float] | None = None
+        serving: set[str] | None = None  # pools with a live agent in the registry, anyone's
         try:
-            beats = await self._heartbeats()
+            registry = await self._registry()
+            beats = {info.worker_id: info.heartbeat_ts for info in registry}
+            self._dead &= set(beats)  # forget a dead worker once the registry has too
+            serving = {info.pool for info in registry if info.worker_id not in self._dead}
         except Exception:
             ok = False
             log.exception("supervisor: cannot read the registry; trying again")
@@ -132,7 +138,7 @@ class Supervisor(Service):
             try:
                 if beats is not None:
                     await self._kill_silent(pool, beats)
-                await self._reconcile(pool, beats)
+                await self._reconcile(pool, beats, serving)
             except Exception:
                 ok = False
                 log.exception("supervisor: pool %s: look failed; trying again", pool.spec.name)
@@ -190,9 +196,6 @@ class Supervisor(Service):
                 infos.append(msgspec.json.decode(raw, type=WorkerInfo))
         return infos
 
-    async def _heartbeats(self) -> dict[str, float]:
-        return {info.worker_id: info.heartbeat_ts for info in await self._registry()}
-
     async def _kill_silent(self, pool: PoolState, beats: dict[str, float]) -> None:
         """A worker alive as a process but silent on the bus (hung, partitioned) is killed and replaced."""
         now = time.time()
@@ -203,13 +206,16 @@ class Supervisor(Service):
                 log.warning("pool %s: %s silent for %.0fs; killing it", pool.spec.name, w.worker_id, now - last)
                 await w.kill()
 
-    async def _reconcile(self, pool: PoolState, beats: dict[str, float] | None = None) -> None:
+    async def _reconcile(
+        self, pool: PoolState, beats: dict[str, float] | None = None, serving: set[str] | None = None
+    ) -> None:
         now = time.monotonic()
         workers = list(pool.workers)
         living = await asyncio.gather(*(w.alive() for w in workers))
         dead = [w for w, up in zip(workers, living, strict=True) if not up]
         if dead:
             pool.workers = [w for w in pool.workers if w not in dead]
+            self._dead |= {w.worker_id for w in dead}
             await asyncio.gather(*(w.reap() for w in dead))
             pool.crashes += len(dead)
             pool.next_spawn = now + min(2.0 ** (pool.crashes - 1), 30.0) * 0.5
@@ -218,6 +224,10 @@ class Supervisor(Service):
                 "pool %s: %s died; replacing with backoff", pool.spec.name, ", ".join(w.worker_id for w in dead)
             )
         waiting, in_flight = await self.bus.consumer_backlog(self.bus.ns.pool_consumer(pool.spec.name))
+        if in_flight and serving is not None and pool.spec.name not in serving:
+            # Tasks held by workers that died (none of the pool is left in the registry) come back
+            # only when an agent pulls: in a pool with min = 0 they would wait forever. They wait.
+            waiting += in_flight
         size = len(pool.workers)
         tracing.queue_depth.set(waiting, {tracing.POOL: pool.spec.name})
         tracing.workers.set(size, {tracing.POOL: pool.spec.name})
