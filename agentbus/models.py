@@ -8,6 +8,7 @@ anthropic SDK is imported only when an `AnthropicModel` is made, so `agentbus ta
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -336,6 +337,8 @@ class ScriptedModel:
     A file may also hold several scripts, each chosen by a regular expression on the session's
     first user message: `{"scripts": [{"match": "...", "responses": [...]}], "responses": [...]}`
     (the top-level list is the fallback), so parents, children and graders can differ.
+    A body may carry `"delay_s": N`: the reply then takes N seconds, like a real model call, which
+    leaves time to steer a session or kill its agent by hand (agentbus/scripted/slow.json).
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -378,6 +381,8 @@ class ScriptedModel:
                 model="scripted",
             )
         body = responses[index]
+        if body.get("delay_s"):
+            await asyncio.sleep(float(body["delay_s"]))
         content = body["content"]
         blocks = [{"type": "text", "text": content}] if isinstance(content, str) else content
         return ModelReply(
@@ -428,6 +433,8 @@ def _check_responses(path: Path, responses: Any) -> list[dict[str, Any]]:
     for i, body in enumerate(responses):
         if not isinstance(body, dict) or not isinstance(body.get("content"), list | str):
             raise UsageError(f"model script {path}: response {i} needs a content list")
+        if not isinstance(body.get("delay_s", 0), int | float) or body.get("delay_s", 0) < 0:
+            raise UsageError(f"model script {path}: response {i}: delay_s must be a number of seconds")
     return responses
 
 

@@ -30,7 +30,9 @@ _COLOURS = {"router": "36", "evaluator": "35", "supervisor": "33", "nats": "32",
 
 
 def default_pools(store: Path) -> tuple[Path, str]:
-    """A pools file for a newcomer: Claude if there is a key, else the offline scripted model."""
+    """A pools file for a newcomer: pool `general` on Claude if there is a key, else on the offline
+    scripted model; and pool `slow`, always scripted, a few seconds a step (agentbus/scripted/slow.json),
+    with a short ack wait, so a person can steer a session or kill its agent and watch it resume."""
     if os.environ.get("ANTHROPIC_API_KEY"):
         model, note = "anthropic:claude-sonnet-4-6", "agents use anthropic:claude-sonnet-4-6 (ANTHROPIC_API_KEY is set)"
     else:
@@ -42,6 +44,10 @@ def default_pools(store: Path) -> tuple[Path, str]:
         f'model = "{model}"\n'
         'tools = ["read_file", "write_file", "delegate", "ask_human"]\n'
         "min = 1\nmax = 3\nconcurrency = 4\nidle_s = 20\n"
+        "\n[pools.slow]\n"
+        'model = "scripted:slow"\n'
+        'tools = ["read_file", "write_file", "ask_human"]\n'
+        "min = 0\nmax = 2\nconcurrency = 2\nidle_s = 60\nack_wait_s = 10\n"
     )
     return path, note
 
@@ -108,6 +114,7 @@ def _run(pools_file: str | None, port: int, store: Path, scratch: Path) -> int:
             threading.Thread(target=_pump, args=(name, procs[name].stdout), daemon=True).start()
         _say("up", f"ready. In another terminal: export AGENTBUS_NATS_URL={server.url}")
         _say("up", '  agentbus submit "write a haiku about queues" --pool general; agentbus tap --all --from-start')
+        _say("up", "  pool slow (offline, seconds a step) leaves time to say, or to kill -9 its agent and watch")
         _say("up", "Ctrl-C stops everything")
         while not stop.wait(0.5):
             dead = [n for n, p in procs.items() if p.poll() is not None]
