@@ -164,9 +164,8 @@ def pool_line(p: PoolInfo) -> str:
     """One pool; an unserved pool says how to serve it, since its tasks wait for nothing."""
     oldest = _age(p.oldest_waiting_s) if p.oldest_waiting_s is not None else "-"
     if p.served:
-        by = ", ".join(
-            [*(["supervisor " + s for s in p.supervisors]), *([f"{len(p.workers)} agents"] if p.workers else [])]
-        )
+        agents = [f"{len(p.workers)} agent{'s' if len(p.workers) != 1 else ''}"] if p.workers else []
+        by = ", ".join([*(f"supervisor {s}" for s in p.supervisors), *agents])
     else:
         by = f"nothing: agentbus agent --pool {p.name} --model ..., or [pools.{p.name}] in a pools file"
     line = f"{p.name:<12} {len(p.workers):>6} {p.free_slots:>5} {p.waiting:>7} {p.in_flight:>7} {oldest:>6}  {by}"

@@ -181,3 +181,12 @@ def test_ctrl_c_during_wait_is_one_line_and_exit_130_and_the_session_goes_on(set
     sid = last.split()[3]
     result = _cli(settings, "show", sid, "--json")
     assert json.loads(result.stdout)["state"]["status"] == "queued"
+
+
+def test_a_pool_line_names_who_serves_it() -> None:
+    from agentbus.render import pool_line
+
+    one = pool_line(PoolInfo(name="p", workers=("w1",), free_slots=3, supervisors=("s1",)))
+    assert one.split() == ["p", "1", "3", "0", "0", "-", "supervisor", "s1,", "1", "agent"]
+    two = pool_line(PoolInfo(name="p", workers=("w1", "w2"), waiting=2, oldest_waiting_s=130.0))
+    assert two.endswith("2m  2 agents")
