@@ -121,7 +121,9 @@ async def test_wait_shows_each_status_on_its_own_line_when_not_on_a_terminal(
         result = await asyncio.to_thread(_cli, settings, "submit", "hello", "--pool", POOL, "--wait")
     assert result.exit_code == 0, result.output
     assert "\r" not in result.stderr
-    statuses = [line.split(": ", 1)[1] for line in result.stderr.splitlines()[1:]]
+    sid = result.stdout.split()[0]
+    # only the status lines: the in-process agent's own warnings share this stderr
+    statuses = [line.removeprefix(f"{sid}: ") for line in result.stderr.splitlines() if line.startswith(f"{sid}: ")]
     assert "running step 1 (0 tool calls so far, $0.0000)" in statuses  # claimed, before the reply
     assert statuses[-1] == "completed"
     # queued only if the agent had not claimed it by the first look
