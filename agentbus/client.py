@@ -16,6 +16,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
 import msgspec
 from opentelemetry.trace import SpanKind
@@ -37,6 +38,7 @@ from agentbus.messages import (
     ScaleReply,
     ScaleRequest,
     SessionEnded,
+    SupervisorInfo,
     Task,
     WorkerInfo,
     WorkItem,
@@ -66,6 +68,24 @@ def default_author() -> str:
         return getpass.getuser()
     except Exception:  # no passwd entry in some containers
         return os.environ.get("USER", "someone")
+
+
+@dataclass(frozen=True)
+class PoolInfo:
+    """One pool as `Client.pools()` sees it: who serves it and what waits for it."""
+
+    name: str
+    workers: tuple[str, ...] = ()  # live agents (fresh heartbeat)
+    free_slots: int = 0  # sessions those agents could start now
+    waiting: int = 0  # tasks no agent has taken
+    in_flight: int = 0  # tasks an agent holds, not yet acked
+    oldest_waiting_s: float | None = None  # age of the oldest task no agent has taken
+    supervisors: tuple[str, ...] = ()  # supervisors that start workers for it
+
+    @property
+    def served(self) -> bool:
+        """Whether anything will run its tasks: a live agent, or a supervisor that starts them."""
+        return bool(self.workers or self.supervisors)
 
 
 class Client:
@@ -320,6 +340,49 @@ class Client:
         req = ScaleRequest(pool=pool, count=count, reason=reason, requester=default_author())
         reply = await self.bus.request(self.bus.ns.scale_requests(), encode(req))
         return msgspec.json.decode(reply, type=ScaleReply)
+
+    async def supervisors(self) -> list[SupervisorInfo]:
+        """Every supervisor whose heartbeat is fresh, with the pools it starts workers for."""
+        values = await self.bus.kv_values(self.bus.ns.supervisors_bucket)
+        return sorted((msgspec.json.decode(v, type=SupervisorInfo) for v in values.values()),
+                      key=lambda s: s.supervisor_id)  # fmt: skip
+
+    async def serves(self, pool: str) -> bool:
+        """Whether a live agent or a supervisor serves `pool` (two registry reads; see `pools` for more)."""
+        return any(w.pool == pool for w in await self.workers()) or any(
+            pool in s.pools for s in await self.supervisors()
+        )
+
+    async def pools(self) -> list[PoolInfo]:
+        """Every pool anything knows of: a durable `pool-<name>` on the work stream, a task waiting
+        on `work.<name>`, a live agent, or a supervisor's announcement; by name."""
+        ns = self.bus.ns
+        workers, supervisors = await self.workers(), await self.supervisors()
+        consumers = {c.name.removeprefix("pool-"): c for c in await self.bus.consumer_states(ns.work_stream)
+                     if c.name.startswith("pool-")}  # fmt: skip
+        stored = {
+            s.rsplit(".", 1)[-1]: n for s, n in (await self.bus.subject_counts(ns.work_stream, ns.work_all())).items()
+        }
+        names = set(consumers) | set(stored) | {w.pool for w in workers} | {p for s in supervisors for p in s.pools}
+        out = []
+        for name in sorted(n for n in names if valid_token(n)):
+            mine = [w for w in workers if w.pool == name]
+            consumer = consumers.get(name)
+            # without a consumer nobody has taken anything: every stored task is waiting
+            waiting, in_flight = (consumer.waiting, consumer.in_flight) if consumer else (stored.get(name, 0), 0)
+            oldest = None
+            if waiting:
+                after = consumer.delivered_seq + 1 if consumer else 1
+                first = await self.bus.next_stored(ns.work_stream, ns.work(name), after)
+                first = first or await self.bus.next_stored(ns.work_stream, ns.work(name))  # a redelivery waits
+                oldest = max(time.time() - first.time, 0.0) if first else None
+            out.append(PoolInfo(
+                name=name, workers=tuple(w.worker_id for w in mine),
+                free_slots=sum(max(w.concurrency - len(w.sessions), 0) for w in mine),
+                waiting=waiting, in_flight=in_flight, oldest_waiting_s=oldest,
+                supervisors=tuple(s.supervisor_id for s in supervisors if name in s.pools),
+            ))  # fmt: skip
+        return out
 
     async def _until_settled(self, session_id: str) -> SessionState:
         # Start from the current state, not the first event: a session paused and resumed

@@ -18,6 +18,7 @@ import threading
 from pathlib import Path
 
 import agentbus
+from agentbus.errors import AgentBusError
 from agentbus.messages import SessionEnded
 from agentbus.render import record_line
 
@@ -29,8 +30,20 @@ def _say(text: str) -> None:
     print(f"\033[1m==> {text}\033[0m" if sys.stdout.isatty() else f"==> {text}", flush=True)
 
 
+async def _first_agent(bus: agentbus.Client, pool: str) -> None:
+    """Until the supervisor's first agent of `pool` is in the registry (a new Python process: a
+    second or so, longer on a cold machine), saying so rather than going quiet."""
+    _say(f"waiting for the supervisor to start the first agent of pool {pool} (agentbus agents lists it)")
+    deadline = asyncio.get_running_loop().time() + 120
+    while not any(w.pool == pool for w in await bus.workers()):
+        if asyncio.get_running_loop().time() > deadline:
+            raise AgentBusError(f"no agent of pool {pool} started in 2 minutes; see the supervisor's lines above")
+        await asyncio.sleep(0.1)
+
+
 async def _drive(url: str) -> int:
     async with agentbus.connect(url) as bus:
+        await _first_agent(bus, "general")
         sid = await bus.submit(PROMPT, pool="general", checks=[CHECK])
         _say(f"submitted {sid} with the check  {CHECK}")
         _say(f"tapping it live (the same as: agentbus tap {sid} --from-start)")
@@ -52,7 +65,15 @@ async def _drive(url: str) -> int:
 
 
 def main() -> int:
-    root = Path(tempfile.mkdtemp(prefix="agentbus-demo-"))
+    with tempfile.TemporaryDirectory(prefix="agentbus-demo-", ignore_cleanup_errors=True) as root:
+        try:
+            return _demo(Path(root))
+        except AgentBusError as err:
+            print(f"agentbus demo: {err}", file=sys.stderr)
+            return 1
+
+
+def _demo(root: Path) -> int:
     env = {k: v for k, v in os.environ.items() if k != "ANTHROPIC_API_KEY"}  # the demo is offline by design
     _say(f"starting: agentbus up --port 0 --store-dir {root}/.agentbus/nats")
     up = subprocess.Popen(
@@ -70,14 +91,25 @@ def main() -> int:
         if m := re.search(r"export AGENTBUS_NATS_URL=(\S+)", line):
             url = m.group(1)
     out = up.stdout
-    # Keep draining `up`'s output so it never blocks on a full pipe; the tap below is what we show.
-    threading.Thread(target=lambda: [None for _ in iter(out.readline, b"")], daemon=True).start()
+    stopping = threading.Event()
+
+    def drain() -> None:
+        # Keep reading `up`'s output so it never blocks on a full pipe; while the tap runs, the tap
+        # is what we show, and once stopping, what `up` says about it.
+        for raw in iter(out.readline, b""):
+            if stopping.is_set():
+                print(raw.decode(errors="replace"), end="", flush=True)
+
+    shown = threading.Thread(target=drain, daemon=True)
+    shown.start()
     try:
         code = asyncio.run(_drive(url))
     finally:
-        _say("Ctrl-C to agentbus up")
+        _say("Ctrl-C to agentbus up (the supervisor stops its agents first; they hand back their sessions)")
+        stopping.set()
         up.send_signal(signal.SIGINT)
         up.wait(timeout=90)
+        shown.join(timeout=10)
     _say(f"everything stopped (agentbus up exited {up.returncode})")
     return code or up.returncode
 

@@ -73,5 +73,20 @@ class Timeout(AgentBusError, TimeoutError):
     exit_code = 5
 
 
+class Interrupted(AgentBusError):
+    """Ctrl-C while waiting: the wait ends, what was asked for goes on (exit code 130, as a shell's)."""
+
+    exit_code = 130
+
+
 class ServerError(AgentBusError):
     """The embedded nats-server could not be started."""
+
+
+class ServerInUse(ServerError):
+    """What a server needs is held by another process: its port, or its store directory (locked).
+
+    Exit code 4, like an unreachable server: in both cases NATS is not there for you to use.
+    """
+
+    exit_code = 4

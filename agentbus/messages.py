@@ -112,6 +112,19 @@ class WorkerInfo(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     started_ts: float = 0.0
     heartbeat_ts: float = 0.0
     v: int = SCHEMA_VERSION
+    concurrency: int = 0  # sessions it runs at once (0: an agent too old to say)
+
+
+class SupervisorInfo(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """A supervisor's announcement, refreshed by its heartbeat: the pools it starts workers for."""
+
+    supervisor_id: str
+    pools: tuple[str, ...] = ()  # pools of its file it may start workers in (max > 0)
+    host: str = ""
+    pid: int = 0
+    started_ts: float = 0.0
+    heartbeat_ts: float = 0.0
+    v: int = SCHEMA_VERSION
 
 
 class ScaleRequest(msgspec.Struct, frozen=True, kw_only=True):

@@ -1,7 +1,9 @@
 """Model backends behind one `ModelClient` protocol: the Anthropic API, or a scripted offline model.
 
 `model_from_spec("anthropic:<model-id>")` or `model_from_spec("scripted:<path>")` picks one.
-`cost_usd` prices a call's usage, counting each kind of input token at its own rate.
+Prices live in `agentbus.pricing` (`cost_usd` is re-exported here for older callers). The
+anthropic SDK is imported only when an `AnthropicModel` is made, so `agentbus tap` and
+`agentbus --help` never pay for it.
 """
 
 from __future__ import annotations
@@ -15,18 +17,16 @@ from collections.abc import Mapping
 from importlib.resources import files
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Protocol, Self
+from typing import TYPE_CHECKING, Any, Protocol, Self
 
-import anthropic
 import msgspec
 
 from agentbus.errors import AgentBusError, UsageError
 from agentbus.messages import Usage
+from agentbus.pricing import PRICES, Price, cost_usd, price_for
 
-try:  # the SDK's own table of models that must stream above a token count; private, so optional
-    from anthropic._constants import MODEL_NONSTREAMING_TOKENS as _SDK_NONSTREAMING_TOKENS
-except ImportError:  # pragma: no cover - older or newer SDK layout
-    _SDK_NONSTREAMING_TOKENS = {}
+if TYPE_CHECKING:
+    import anthropic
 
 __all__ = [
     "PRICES",
@@ -39,6 +39,7 @@ __all__ = [
     "ScriptedModel",
     "cost_usd",
     "model_from_spec",
+    "price_for",
 ]
 
 _EPHEMERAL: dict[str, str] = {"type": "ephemeral"}
@@ -124,56 +125,6 @@ class ModelClient(Protocol):
         """One call. With `partial`, the call streams and keeps what arrived so far in it, so a
         cancelled call (an interrupt) still shows what the model had said."""
         ...
-
-
-# -- pricing ------------------------------------------------------------------------
-
-
-class Price(msgspec.Struct, frozen=True, kw_only=True):
-    """USD per million tokens for each kind of token a call can use."""
-
-    input: float
-    output: float
-    cache_write_5m: float  # 1.25 x input
-    cache_read: float  # 0.1 x input
-
-
-def _price(input: float, output: float) -> Price:
-    return Price(input=input, output=output, cache_write_5m=input * 1.25, cache_read=input * 0.1)
-
-
-# Keys are model-id prefixes; the longest matching prefix wins, so Opus 4.5+ (cheaper) overrides
-# the Opus 4 / 4.1 family price. An unlisted later Opus 4.x falls back to the Opus 4 price,
-# which over- rather than under-counts against a budget.
-PRICES: dict[str, Price] = {
-    "claude-opus-4": _price(15.0, 75.0),
-    "claude-opus-4-5": _price(5.0, 25.0),
-    "claude-opus-4-6": _price(5.0, 25.0),
-    "claude-sonnet-4": _price(3.0, 15.0),
-    "claude-haiku-4": _price(1.0, 5.0),
-    "claude-3-5-haiku": _price(0.8, 4.0),
-}
-
-
-def price_for(model: str) -> Price | None:
-    """The price of a model id (an `anthropic:` prefix is ignored), or None if unknown."""
-    model_id = model.removeprefix("anthropic:")
-    matches = [prefix for prefix in PRICES if model_id.startswith(prefix)]
-    return PRICES[max(matches, key=len)] if matches else None
-
-
-def cost_usd(model: str, usage: Usage) -> float:
-    """What one call cost in USD; 0.0 for a model with no known price (scripted, unknown)."""
-    price = price_for(model)
-    if price is None:
-        return 0.0
-    total = (
-        usage.input_tokens * price.input
-        + usage.output_tokens * price.output
-        + usage.cache_creation_input_tokens * price.cache_write_5m
-        + usage.cache_read_input_tokens * price.cache_read
-    )
-    return total / 1_000_000
 
 
 # -- shared helpers -----------------------------------------------------------------
@@ -268,6 +219,8 @@ class AnthropicModel:
                 f"anthropic:{model} needs ANTHROPIC_API_KEY (or ANTHROPIC_AUTH_TOKEN); "
                 "to run offline use --model scripted:FILE"
             )
+        import anthropic  # here, not at the top: only a process that calls Claude pays for the SDK
+
         self._client = anthropic.AsyncAnthropic(**options)
 
     async def __aenter__(self) -> Self:
@@ -308,6 +261,8 @@ class AnthropicModel:
         partial: Partial | None = None,
     ) -> ModelReply:
         """One Messages API call; raises `ModelError` once the SDK's retries are spent."""
+        import anthropic  # loaded by the constructor already; a dictionary lookup here
+
         request = self.build_request(system=system, messages=messages, tools=tools, max_tokens=max_tokens)
         try:
             if partial is not None or _must_stream(self.model, max_tokens):
@@ -366,9 +321,18 @@ def _cached_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def _sdk_nonstreaming_tokens() -> dict[str, int]:
+    """The SDK's own table of models that must stream above a token count; private, so optional."""
+    try:
+        from anthropic._constants import MODEL_NONSTREAMING_TOKENS
+    except ImportError:  # pragma: no cover - older or newer SDK layout
+        return {}
+    return dict(MODEL_NONSTREAMING_TOKENS)
+
+
 def _must_stream(model: str, max_tokens: int) -> bool:
     """Whether the SDK would refuse this as a non-streaming call (it may take over 10 minutes)."""
-    limit = _SDK_NONSTREAMING_TOKENS.get(model)
+    limit = _sdk_nonstreaming_tokens().get(model)
     return max_tokens > _NONSTREAMING_MAX_TOKENS or (limit is not None and max_tokens > limit)
 
 
@@ -407,6 +371,8 @@ class ScriptedModel:
     A file may also hold several scripts, each chosen by a regular expression on the session's
     first user message: `{"scripts": [{"match": "...", "responses": [...]}], "responses": [...]}`
     (the top-level list is the fallback), so parents, children and graders can differ.
+    A body may carry `"delay_s": N`: the reply then takes N seconds, like a real model call, which
+    leaves time to steer a session or kill its agent by hand (agentbus/scripted/slow.json).
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -450,6 +416,8 @@ class ScriptedModel:
                 model="scripted",
             )
         body = responses[index]
+        if body.get("delay_s"):
+            await asyncio.sleep(float(body["delay_s"]))
         content = body["content"]
         blocks = [{"type": "text", "text": content}] if isinstance(content, str) else content
         return ModelReply(
@@ -500,6 +468,8 @@ def _check_responses(path: Path, responses: Any) -> list[dict[str, Any]]:
     for i, body in enumerate(responses):
         if not isinstance(body, dict) or not isinstance(body.get("content"), list | str):
             raise UsageError(f"model script {path}: response {i} needs a content list")
+        if not isinstance(body.get("delay_s", 0), int | float) or body.get("delay_s", 0) < 0:
+            raise UsageError(f"model script {path}: response {i}: delay_s must be a number of seconds")
     return responses
 
 

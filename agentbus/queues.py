@@ -129,8 +129,8 @@ class WorkQueues:
             found = await self.bus.next_stored(stream, subject, seq)
             if found is None:
                 break
-            seq, data = found
-            if session_id_of(data) == session_id:
+            seq = found.seq
+            if session_id_of(found.data) == session_id:
                 await self.bus.delete_stored(stream, seq)
                 removed += 1
             seq += 1

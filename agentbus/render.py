@@ -1,9 +1,15 @@
-"""How records and sessions look on a terminal: one line each, the important part first."""
+"""How records and sessions look on a terminal: one line each, the important part first.
+
+Everything here prints what others wrote (a model, a tool, a person, a worker's registry entry),
+so every line passes through `clean`: a model that writes `\x1b]0;...` or `\r` must not retitle,
+recolour or overwrite the terminal of the person watching.
+"""
 
 from __future__ import annotations
 
+import re
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agentbus.messages import (
     BudgetExceeded,
@@ -35,14 +41,33 @@ from agentbus.messages import (
 )
 from agentbus.state import SessionState
 
+if TYPE_CHECKING:
+    from agentbus.client import PoolInfo
+
 _WIDTH = 100
+# C0 and C1 control characters (ESC, CR, BEL, backspace, CSI, ...) and DEL, and the bidirectional
+# overrides that can make text read differently from what it is; tab and newline are left to callers.
+_UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def clean(text: str, *, newlines: bool = True) -> str:
+    """`text` with every control character shown as an escape (`\\x1b`), never sent to the terminal;
+    with `newlines=False`, newlines and tabs become spaces, so one record stays one line."""
+    if not newlines:
+        text = text.replace("\n", " ").replace("\t", " ")
+    return _UNSAFE.sub(_escape, text)
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
 def record_line(record: Record, *, with_session: bool = False) -> str:
     ev = record.event
     clock = time.strftime("%H:%M:%S", time.localtime(getattr(ev, "ts", 0.0) or time.time()))
     where = f"{record.session_id} " if with_session else ""
-    return f"#{record.seq:<5} {clock} {where}{event_type(ev):<20} {summary(ev)}".rstrip()
+    return clean(f"#{record.seq:<5} {clock} {where}{event_type(ev):<20} {summary(ev)}".rstrip(), newlines=False)
 
 
 def summary(ev: Any) -> str:
@@ -131,7 +156,24 @@ def worker_header() -> str:
 def worker_line(w: WorkerInfo, now: float | None = None) -> str:
     where = w.container or f"{w.host}:{w.pid}"
     beat = _age((now or time.time()) - w.heartbeat_ts)
-    return f"{w.pool:<12} {w.worker_id:<24} {where:<22} {beat:>5}  {', '.join(w.sessions) or '-'}"
+    line = f"{w.pool:<12} {w.worker_id:<24} {where:<22} {beat:>5}  {', '.join(w.sessions) or '-'}"
+    return clean(line, newlines=False)
+
+
+def pool_header() -> str:
+    return f"{'POOL':<12} {'AGENTS':>6} {'FREE':>5} {'WAITING':>7} {'RUNNING':>7} {'OLDEST':>6}  SERVED BY"
+
+
+def pool_line(p: PoolInfo) -> str:
+    """One pool; an unserved pool says how to serve it, since its tasks wait for nothing."""
+    oldest = _age(p.oldest_waiting_s) if p.oldest_waiting_s is not None else "-"
+    if p.served:
+        agents = [f"{len(p.workers)} agent{'s' if len(p.workers) != 1 else ''}"] if p.workers else []
+        by = ", ".join([*(f"supervisor {s}" for s in p.supervisors), *agents])
+    else:
+        by = f"nothing: agentbus agent --pool {p.name} --model ..., or [pools.{p.name}] in a pools file"
+    line = f"{p.name:<12} {len(p.workers):>6} {p.free_slots:>5} {p.waiting:>7} {p.in_flight:>7} {oldest:>6}  {by}"
+    return clean(line, newlines=False)
 
 
 def spend_header() -> str:
@@ -142,7 +184,7 @@ def spend_line(pool: str, total: PoolSpend | None, hold: Hold | None, now: float
     usd, calls = (total.usd, total.calls) if total else (0.0, 0)
     since = _age((now or time.time()) - total.since_ts) if total and total.since_ts else "-"
     held = f"{hold.limit}: {hold.detail}" if hold else "-"
-    return f"{pool:<12} {'$' + format(usd, '.4f'):>10} {calls:>6} {since:>6}  {held}"
+    return clean(f"{pool:<12} {'$' + format(usd, '.4f'):>10} {calls:>6} {since:>6}  {held}", newlines=False)
 
 
 def _age(seconds: float) -> str:
@@ -163,4 +205,5 @@ def _args(inp: dict[str, Any]) -> str:
 def _clip(text: str, width: int = _WIDTH, *, squash: bool = True) -> str:
     if squash:
         text = " ".join(text.split())
+    text = clean(text, newlines=False)  # before measuring: an escape is wider than the character it shows
     return text if len(text) <= width else text[: width - 1] + "…"

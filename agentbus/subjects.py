@@ -169,6 +169,10 @@ class Namespace:
         return f"{self._upper}_workers"
 
     @property
+    def supervisors_bucket(self) -> str:
+        return f"{self._upper}_supervisors"
+
+    @property
     def state_bucket(self) -> str:
         return f"{self._upper}_state"
 
@@ -235,6 +239,8 @@ class Namespace:
             BucketSpec(name=self.state_bucket, history=1),
             # An agent that stops heartbeating disappears from the registry by itself.
             BucketSpec(name=self.workers_bucket, history=1, ttl_s=WORKER_TTL_S),
+            # A supervisor's announcement of the pools it serves, dropped the same way.
+            BucketSpec(name=self.supervisors_bucket, history=1, ttl_s=WORKER_TTL_S),
             BucketSpec(name=self.spend_bucket, history=1),
         )
 

@@ -3,6 +3,11 @@
 The embedded nats-server runs in this process's care; router, evaluator and supervisor are
 the same commands a person would start by hand, as child processes. Ctrl-C stops them in
 order: the supervisor first (its agents hand their sessions back), then the rest, then NATS.
+
+Everything is checked before anything starts: the port, the pools file (by `agentbus supervisor
+--check`, so this module never imports a service) and the store directory's lock. Every child
+dies with this process however it dies (a parent-death signal), and the scratch directory for a
+default pools file is removed on the way out.
 """
 
 from __future__ import annotations
@@ -17,14 +22,17 @@ from importlib.resources import files
 from pathlib import Path
 from typing import IO
 
-from agentbus.server import NatsServer
+from agentbus.errors import AgentBusError, UsageError
+from agentbus.server import NatsServer, check_port_free, die_with_parent
 
 DEMO_SCRIPT = files("agentbus") / "scripted" / "demo.json"
 _COLOURS = {"router": "36", "evaluator": "35", "supervisor": "33", "nats": "32", "up": "1"}
 
 
 def default_pools(store: Path) -> tuple[Path, str]:
-    """A pools file for a newcomer: Claude if there is a key, else the offline scripted model."""
+    """A pools file for a newcomer: pool `general` on Claude if there is a key, else on the offline
+    scripted model; and pool `slow`, always scripted, a few seconds a step (agentbus/scripted/slow.json),
+    with a short ack wait, so a person can steer a session or kill its agent and watch it resume."""
     if os.environ.get("ANTHROPIC_API_KEY"):
         model, note = "anthropic:claude-sonnet-4-6", "agents use anthropic:claude-sonnet-4-6 (ANTHROPIC_API_KEY is set)"
     else:
@@ -36,6 +44,10 @@ def default_pools(store: Path) -> tuple[Path, str]:
         f'model = "{model}"\n'
         'tools = ["read_file", "write_file", "delegate", "ask_human"]\n'
         "min = 1\nmax = 3\nconcurrency = 4\nidle_s = 20\n"
+        "\n[pools.slow]\n"
+        'model = "scripted:slow"\n'
+        'tools = ["read_file", "write_file", "ask_human"]\n'
+        "min = 0\nmax = 2\nconcurrency = 2\nidle_s = 60\nack_wait_s = 10\n"
     )
     return path, note
 
@@ -54,38 +66,55 @@ def _pump(name: str, stream: IO[bytes]) -> None:
 
 
 def run_up(*, pools_file: str | None, port: int, store_dir: str) -> int:
-    store = Path(store_dir)
-    store.mkdir(parents=True, exist_ok=True)
+    """Run until Ctrl-C or SIGTERM (0), or until a process exits on its own (1)."""
+    with tempfile.TemporaryDirectory(prefix="agentbus-up-") as scratch:
+        return _run(pools_file, port, Path(store_dir), Path(scratch))
+
+
+def check_pools(pools: Path) -> str:
+    """What the supervisor says of a pools file (`--check`): keys, limits, each pool's model. Raises
+    the error it reports, so a bad file stops `up` before anything starts."""
+    cmd = [sys.executable, "-m", "agentbus.cli", "supervisor", "--pools", str(pools), "--check"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL, check=False)
+    if proc.returncode != 0:
+        lines = proc.stderr.strip().splitlines() or [f"agentbus supervisor --check exited {proc.returncode}"]
+        message = lines[-1].removeprefix("agentbus: ")
+        raise UsageError(message) if proc.returncode == 2 else AgentBusError(message)
+    return proc.stdout.strip()
+
+
+def _run(pools_file: str | None, port: int, store: Path, scratch: Path) -> int:
+    if port:
+        check_port_free("127.0.0.1", port)  # before anything else: the usual reason `up` cannot start
     if pools_file is None:
-        pools, note = default_pools(Path(tempfile.mkdtemp(prefix="agentbus-up-")))
+        pools, note = default_pools(scratch)
         _say("up", note)
     else:
         pools = Path(pools_file)
-    server = NatsServer(port=port, store_dir=store)
-    server.start()
-    _say("nats", f"nats-server ready on {server.url} (JetStream store {store})")
-    base = [sys.executable, "-m", "agentbus.cli"]
-    nats = ["--nats", server.url]
-    roles = {
-        "router": [*base, "router", *nats],
-        "evaluator": [*base, "evaluator", *nats],
-        "supervisor": [*base, "supervisor", "--pools", str(pools), *nats,
-                       "--log-dir", str(store.parent / "logs"), "--workdir", str(store.parent / "work")],
-    }  # fmt: skip
-    procs: dict[str, subprocess.Popen[bytes]] = {}
+        _say("up", check_pools(pools))
+    # Signals first: a Ctrl-C while nats-server starts must stop it in order, not leave it to die.
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    server = NatsServer(port=port, store_dir=store)
+    server.start()  # takes the store's lock first: a store another server holds is never opened
+    procs: dict[str, subprocess.Popen[bytes]] = {}
     code = 0
     try:
-        for name, cmd in roles.items():
+        _say("nats", f"nats-server ready on {server.url} (JetStream store {store})")
+        for name, cmd in _roles(server.url, pools, store).items():
+            if stop.is_set():
+                break
             procs[name] = subprocess.Popen(
                 cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                # SIGTERM, not SIGKILL: a supervisor orphaned by `kill -9 up` still drains its agents
+                preexec_fn=die_with_parent(signal.SIGTERM),
             )  # fmt: skip
             threading.Thread(target=_pump, args=(name, procs[name].stdout), daemon=True).start()
         _say("up", f"ready. In another terminal: export AGENTBUS_NATS_URL={server.url}")
         _say("up", '  agentbus submit "write a haiku about queues" --pool general; agentbus tap --all --from-start')
+        _say("up", "  pool slow (offline, seconds a step) leaves time to say, or to kill -9 its agent and watch")
         _say("up", "Ctrl-C stops everything")
         while not stop.wait(0.5):
             dead = [n for n, p in procs.items() if p.poll() is not None]
@@ -95,15 +124,33 @@ def run_up(*, pools_file: str | None, port: int, store_dir: str) -> int:
                 break
     finally:
         _say("up", "stopping: supervisor first (agents hand back their sessions), then router, evaluator, NATS")
-        for name in ("supervisor", "router", "evaluator"):
-            p = procs.get(name)
-            if p is not None and p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-                try:
-                    p.wait(45)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
+        _stop(procs)
         server.stop()
         _say("up", "stopped")
     return code
+
+
+def _roles(url: str, pools: Path, store: Path) -> dict[str, list[str]]:
+    """The command line of each process `up` runs, in start order."""
+    base = [sys.executable, "-m", "agentbus.cli"]
+    nats = ["--nats", url]
+    return {
+        "router": [*base, "router", *nats],
+        "evaluator": [*base, "evaluator", *nats],
+        "supervisor": [*base, "supervisor", "--pools", str(pools), *nats,
+                       "--log-dir", str(store.parent / "logs"), "--workdir", str(store.parent / "work")],
+    }  # fmt: skip
+
+
+def _stop(procs: dict[str, subprocess.Popen[bytes]]) -> None:
+    """SIGTERM the supervisor and wait (its agents hand back their sessions), then the rest at once."""
+    for names in (("supervisor",), ("router", "evaluator")):
+        running = [p for n in names if (p := procs.get(n)) is not None and p.poll() is None]
+        for p in running:
+            p.send_signal(signal.SIGTERM)
+        for p in running:
+            try:
+                p.wait(45)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()

@@ -10,6 +10,8 @@ so CI cannot pass by skipping these tests.
 from __future__ import annotations
 
 import os
+import socket
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,21 +33,53 @@ def unavailable(reason: str) -> None:
     pytest.skip(reason)
 
 
+def engine_unreachable() -> str | None:
+    """Why the engine DOCKER_HOST names (else the local socket) cannot be reached, or None.
+
+    docker-py leaks the socket of a connect that fails (docker/transport/unixconn.py never closes
+    it), a ResourceWarning that `filterwarnings = ["error"]` turns into a failed run on a machine
+    without Docker; so look with a socket of our own, closed on every path, before asking it.
+    """
+    host = os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+    url = urllib.parse.urlparse(host)
+    try:
+        if url.scheme in ("unix", "http+unix"):
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(10)
+                sock.connect(url.path)
+        elif url.scheme in ("tcp", "http", "https") and url.hostname:
+            with socket.create_connection((url.hostname, url.port or 2375), timeout=10):
+                pass
+    except OSError as err:
+        return f"{host}: {err.strerror or err}"
+    return None  # reachable, or a scheme (ssh) docker-py must try itself
+
+
 @pytest.fixture(scope="session")
 def docker_client() -> Iterator[docker.DockerClient]:
     import docker
     import docker.errors
 
-    try:
-        client = docker.from_env(timeout=120)
-        client.ping()
-    except docker.errors.DockerException as err:
+    why = engine_unreachable()
+    client = None
+    if why is None:
+        try:
+            client = docker.from_env(timeout=120)
+            client.ping()
+        except docker.errors.DockerException as err:
+            why = str(err)
+            if client is not None:
+                client.close()
+    if why is not None or client is None:
         unavailable(
-            f"no Docker engine reachable ({err}); start one with `dockerd --bridge=none --iptables=false` "
+            f"no Docker engine reachable ({why}); start one with `dockerd --bridge=none --iptables=false` "
             "(.ci/run does)"
         )
-    yield client
-    client.close()
+    assert client is not None
+    try:
+        yield client
+    finally:
+        client.close()
 
 
 @pytest.fixture(scope="session")

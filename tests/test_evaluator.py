@@ -237,3 +237,13 @@ async def test_a_malformed_evaluation_request_is_recorded_in_its_session_and_dro
         await bus.close()
     assert "malformed work item" in found[0].reason
     assert (await client.bus.consumer_backlog(client.bus.ns.evaluator_consumer())) == (0, 0)
+
+
+def test_a_failed_check_that_printed_nothing_says_so_instead_of_ending_on_output() -> None:
+    from agentbus.messages import CheckResult
+    from services.evaluator.policy import critique_of
+
+    silent = critique_of((), (CheckResult(command="test -s x", passed=False, exit_code=1, output=""),))
+    loud = critique_of((), (CheckResult(command="cat x", passed=False, exit_code=1, output="no such file\n"),))
+    assert silent.splitlines()[-1] == "- check `test -s x` failed (exit code 1). It printed nothing."
+    assert loud.splitlines()[-2:] == ["- check `cat x` failed (exit code 1). Output:", "no such file"]

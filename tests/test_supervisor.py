@@ -181,17 +181,24 @@ async def test_agentbus_up_with_no_api_key_completes_a_task_and_stops_everything
 
 
 @pytest.mark.timeout(150)
-def test_the_demo_delegates_fails_a_check_revises_and_completes() -> None:
+def test_the_demo_delegates_fails_a_check_revises_and_completes(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "ANTHROPIC_API_KEY"}
     proc = subprocess.run(
-        [sys.executable, "-m", "agentbus.demo"], capture_output=True, text=True, timeout=140, env=env, check=False
-    )
+        [sys.executable, "-m", "agentbus.demo"], capture_output=True, text=True, timeout=140,
+        env={**env, "TMPDIR": str(tmp_path)}, check=False,
+    )  # fmt: skip
     out = proc.stdout
     assert proc.returncode == 0, out + proc.stderr
     assert "delegation_completed" in out and "Waiting in Line" in out
     assert "round 1: needs_revision" in out and "round 2: satisfied" in out
     assert "session completed after 2 rounds" in out
     assert "everything stopped (agentbus up exited 0)" in out
+    # what used to look odd: a wait with nothing said, a dangling "Output:", twin status lines
+    assert "waiting for the supervisor to start the first agent of pool general" in out
+    assert "It printed nothing." in out and not any(x.endswith("Output:") for x in out.splitlines())
+    assert "evaluating (round 1 result handed to the evaluator)" in out and "evaluating (grading round 1)" in out
+    assert "up        | stopped" in out  # what `up` says while it stops is shown, not swallowed
+    assert list(tmp_path.iterdir()) == []  # agentbus-demo-* and agentbus-up-* are removed
 
 
 def test_pools_file_strings_take_environment_variables_with_defaults(
@@ -245,3 +252,26 @@ async def test_a_restarted_supervisor_adopts_the_process_workers_its_predecessor
 async def _registered_workers(client: agentbus.Client, n: int) -> list[Any] | None:
     workers = await client.workers()
     return workers if len(workers) == n else None
+
+
+async def test_a_task_held_by_a_worker_that_died_gets_a_new_worker_in_a_pool_with_min_0(
+    client: agentbus.Client, settings: Settings
+) -> None:
+    from tests.helpers import PaperSpawner
+
+    spec = client.bus.ns.pool_consumer("orphan", ack_wait_s=1)
+    await client.submit("held by the dead", pool="orphan")
+    puller = await client.bus.pull(spec)
+    try:
+        assert await puller.fetch(1)  # taken, never acked: what a worker killed mid-task leaves
+        fleet = Fleet({"orphan": PoolSpec(name="orphan", model="scripted:demo", min=0, max=1, ack_wait_s=1)})
+        async with supervising(settings, fleet, PaperSpawner()) as sup:
+
+            async def started() -> bool:
+                return sup.started >= 1
+
+            await until(started, "a worker for the task nobody alive holds", timeout=15)
+            await ticks_pass(sup, 3)
+            assert sup.started == 1  # the one it started counts against the task: no second
+    finally:
+        await puller.close()

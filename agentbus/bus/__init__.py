@@ -23,7 +23,7 @@ from agentbus.bus._publish import EXPECTED_LAST_SUBJECT_SEQ, MSG_ID, Publishing
 from agentbus.bus._queues import Job, Puller, Queues
 from agentbus.bus._read import Reading
 from agentbus.bus._requests import Requests
-from agentbus.bus._types import Delivery, Outgoing, PubAck
+from agentbus.bus._types import ConsumerState, Delivery, Outgoing, PubAck, Stored
 
 
 class Bus(Publishing, Reading, Queues, KeyValue, Requests):
@@ -34,10 +34,12 @@ __all__ = [
     "EXPECTED_LAST_SUBJECT_SEQ",
     "MSG_ID",
     "Bus",
+    "ConsumerState",
     "Delivery",
     "ErrorCode",
     "Job",
     "Outgoing",
     "PubAck",
     "Puller",
+    "Stored",
 ]

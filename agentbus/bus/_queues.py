@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
@@ -15,6 +16,7 @@ from agentbus import tracing
 from agentbus.bus._core import logger
 from agentbus.bus._errors import description
 from agentbus.bus._provision import Provisioning
+from agentbus.bus._types import ConsumerState
 from agentbus.errors import BusError
 from agentbus.subjects import ConsumerSpec
 
@@ -125,6 +127,22 @@ class Queues(Provisioning):
             f"consumer {spec.durable}", lambda: self._js.pull_subscribe_bind(spec.durable, stream=spec.stream)
         )
         return Puller(psub, spec)
+
+    async def consumer_states(self, stream: str) -> list[ConsumerState]:
+        """Every durable consumer on `stream` and where it stands (one request per 256 consumers)."""
+        out: list[ConsumerState] = []
+        while True:
+            page = functools.partial(self._js.consumers_info, stream, offset=len(out) or None)
+            infos = await self._through_failover(f"consumers of {stream}", page)
+            out += [
+                ConsumerState(
+                    name=str(i.name), waiting=int(i.num_pending or 0), in_flight=int(i.num_ack_pending or 0),
+                    delivered_seq=int(i.delivered.stream_seq or 0) if i.delivered else 0,
+                )
+                for i in infos
+            ]  # fmt: skip
+            if len(infos) < 256:
+                return out
 
     async def consumer_backlog(self, spec: ConsumerSpec) -> tuple[int, int]:
         """(messages waiting for a worker, messages delivered and not yet acked) on a durable."""

@@ -12,7 +12,7 @@ from nats.aio.msg import Msg
 from nats.js import api
 
 from agentbus.bus._core import BusCore
-from agentbus.bus._types import Delivery
+from agentbus.bus._types import Delivery, Stored
 from agentbus.errors import BusError
 
 _REPLAY_BUFFER = 1024
@@ -142,15 +142,15 @@ class Reading(BusCore):
             return None
         return bytes(msg.data or b"")
 
-    async def next_stored(self, stream: str, subject: str, seq: int) -> tuple[int, bytes] | None:
-        """The first message on `subject` at or after `seq`: (its sequence, its payload), or None."""
+    async def next_stored(self, stream: str, subject: str, seq: int = 1) -> Stored | None:
+        """The first message on `subject` at or after `seq`, or None."""
         try:
             msg = await self._through_failover(
                 f"next message on {subject}", lambda: self._js.get_msg(stream, seq=seq, subject=subject, next=True)
             )
         except nats.js.errors.NotFoundError:
             return None
-        return int(msg.seq or 0), bytes(msg.data or b"")
+        return Stored(int(msg.seq or 0), bytes(msg.data or b""), msg.time.timestamp() if msg.time else 0.0)
 
     async def delete_stored(self, stream: str, seq: int) -> None:
         """Remove one stored message; one already gone is fine."""

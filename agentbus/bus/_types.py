@@ -35,3 +35,23 @@ class Outgoing:
     data: bytes
     msg_id: str
     headers: Mapping[str, str] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumerState:
+    """Where a durable consumer stands: messages waiting for it, delivered and unacked, and the
+    stream sequence of the last one it delivered."""
+
+    name: str
+    waiting: int
+    in_flight: int
+    delivered_seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """One stored message looked up directly (no consumer): its sequence, payload and time."""
+
+    seq: int
+    data: bytes
+    time: float

@@ -14,6 +14,7 @@ import time
 from typing import TYPE_CHECKING, Any, Literal
 
 from agentbus import tracing
+from agentbus.budget import effective_budget, remaining
 from agentbus.messages import (
     TERMINAL,
     ApprovalDecided,
@@ -30,7 +31,6 @@ from agentbus.messages import (
 )
 from agentbus.subjects import valid_token
 from services.agent.conversation import Conversation, ToolUse, human_text
-from services.agent.guards import effective_budget, remaining
 from services.agent.signals import Interrupted, Parked, Released
 from services.agent.tools import Tool, ToolContext, ToolError
 

@@ -10,14 +10,14 @@ from pathlib import Path
 import click
 
 from agentbus.bus import Bus
-from agentbus.cli import budget_options, nats_option, run, settings_from
+from agentbus.cli.options import budget_options, nats_option, pool_name, run, settings_from
 from agentbus.messages import Budget
 from services.agent.tools import DEFAULT_TOOLS
 from services.agent.worker import AgentConfig, serve
 
 
 @click.command(name="agent")
-@click.option("--pool", required=True, help="Pool whose work queue this agent serves.")
+@click.option("--pool", required=True, callback=pool_name, help="Pool whose work queue this agent serves.")
 @click.option("--model", "model_spec", required=True, help="anthropic:<model-id> or scripted:<file.json>.")
 @click.option(
     "--tools",

@@ -1,77 +1,17 @@
-"""Runaway control, checked before every model call: budgets and no-progress detection. Pure functions."""
+"""Runaway control the budget cannot see, checked before every model call: no-progress detection. Pure.
+
+The budget limits themselves (`over_budget`, `remaining`, `Stop`) live in `agentbus.budget`.
+"""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
 
-import msgspec
-
-from agentbus.messages import Budget, ModelResponded, Record, ResumeRequested, SessionCreated, ToolCallCompleted
-from agentbus.state import SessionState
+from agentbus.budget import Stop
+from agentbus.messages import ModelResponded, Record, ResumeRequested, ToolCallCompleted
 
 NO_PROGRESS_TURNS = 3
-
-
-@dataclass(frozen=True)
-class Stop:
-    limit: str  # max_steps, max_tool_calls, max_tokens, max_usd, max_wall, no_progress
-    detail: str
-
-
-def merge(*budgets: Budget) -> Budget:
-    """Later budgets override earlier ones field by field (None leaves the earlier limit)."""
-    out: dict[str, object] = {}
-    for b in budgets:
-        out.update({k: v for k, v in msgspec.structs.asdict(b).items() if v is not None})
-    return Budget(**out)  # type: ignore[arg-type]
-
-
-def effective_budget(pool_default: Budget, records: Sequence[Record]) -> Budget:
-    """Pool defaults, then the session's own budget, then every `resume` raise, in log order."""
-    layers = [pool_default]
-    for rec in records:
-        if isinstance(rec.event, SessionCreated):
-            layers.append(rec.event.task.budget)
-        elif isinstance(rec.event, ResumeRequested):
-            layers.append(rec.event.budget)
-    return merge(*layers)
-
-
-def over_budget(budget: Budget, state: SessionState, now: float) -> Stop | None:
-    """The first limit the session has reached, with the figures."""
-    tokens = state.usage.total
-    wall = now - state.created_ts if state.created_ts else 0.0
-    checks: list[tuple[str, float | None, float, str]] = [
-        ("max_steps", budget.max_steps, state.steps, "model calls"),
-        ("max_tool_calls", budget.max_tool_calls, state.tool_calls, "tool calls"),
-        ("max_tokens", budget.max_tokens, tokens, "tokens (input + cache write + cache read + output)"),
-        ("max_usd", budget.max_usd, state.cost_usd, "USD"),
-        ("max_wall", budget.max_wall_s, wall, "seconds"),
-    ]
-    for name, limit, used, unit in checks:
-        if limit is not None and used >= limit:
-            return Stop(name, f"{_fmt(used)} of {_fmt(limit)} {unit}")
-    return None
-
-
-def remaining(budget: Budget, state: SessionState, now: float) -> Budget:
-    """What is left of a budget: a child session inherits this, not the whole."""
-
-    def left(limit: float | None, used: float) -> float | None:
-        return None if limit is None else max(limit - used, 0)
-
-    wall = now - state.created_ts if state.created_ts else 0.0
-    steps, calls, tokens = (left(budget.max_steps, state.steps), left(budget.max_tool_calls, state.tool_calls),
-                            left(budget.max_tokens, state.usage.total))  # fmt: skip
-    return Budget(
-        max_steps=int(steps) if steps is not None else None,
-        max_tool_calls=int(calls) if calls is not None else None,
-        max_tokens=int(tokens) if tokens is not None else None,
-        max_usd=left(budget.max_usd, state.cost_usd),
-        max_wall_s=left(budget.max_wall_s, wall),
-    )
 
 
 def no_progress(records: Sequence[Record], turns: int = NO_PROGRESS_TURNS) -> Stop | None:
@@ -110,7 +50,3 @@ def no_progress(records: Sequence[Record], turns: int = NO_PROGRESS_TURNS) -> St
     if len(idle) >= turns:
         return Stop("no_progress", f"{len(idle)} turns in a row without anything new (last: {idle[-1]})")
     return None
-
-
-def _fmt(value: float) -> str:
-    return f"{value:.4f}".rstrip("0").rstrip(".") if isinstance(value, float) else str(value)

@@ -23,6 +23,7 @@ from typing import Any, Literal
 from opentelemetry.trace import SpanKind
 
 from agentbus import tracing
+from agentbus.budget import Stop, effective_budget, over_budget
 from agentbus.bus import Job, PubAck
 from agentbus.errors import AgentBusError, FencedError
 from agentbus.messages import (
@@ -52,7 +53,7 @@ from agentbus.spend import SpendLedger
 from agentbus.state import SessionState, fold
 from services.agent.calls import ToolCalls
 from services.agent.conversation import Conversation, build
-from services.agent.guards import Stop, effective_budget, no_progress, over_budget
+from services.agent.guards import no_progress
 from services.agent.signals import Interrupted, Parked, Released
 from services.agent.telemetry import record_usage, request_model
 from services.agent.tools import Tool

@@ -171,6 +171,7 @@ class AgentWorker(Service):
                 pid=os.getpid(),
                 container=os.environ.get("AGENTBUS_CONTAINER", ""),
                 sessions=tuple(sorted(self.sessions)),
+                concurrency=self.config.concurrency,
                 started_ts=started,
                 heartbeat_ts=time.time(),
             )

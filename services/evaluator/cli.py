@@ -7,7 +7,7 @@ import logging
 import click
 
 from agentbus.bus import Bus
-from agentbus.cli import nats_option, run, settings_from
+from agentbus.cli.options import nats_option, run, settings_from
 from agentbus.models import model_from_spec
 from agentbus.service import serve_until_signalled
 from services.evaluator.evaluator import Evaluator

@@ -29,7 +29,11 @@ def critique_of(criteria: tuple[CriterionResult, ...], checks: tuple[CheckResult
     for c in checks:
         if not c.passed:
             code = f"exit code {c.exit_code}" if c.exit_code is not None else "did not finish"
-            parts.append(f"- check `{c.command}` failed ({code}). Output:\n{c.output.rstrip() or '(none)'}")
+            output = c.output.rstrip()
+            # a check that printed nothing says so on its own line, not after a dangling "Output:"
+            parts.append(
+                f"- check `{c.command}` failed ({code}). " + (f"Output:\n{output}" if output else "It printed nothing.")
+            )
     for cr in criteria:
         if not cr.passed:
             parts.append(f"- criterion not met: {cr.criterion}. {cr.critique}".rstrip())

@@ -7,7 +7,7 @@ import logging
 import click
 
 from agentbus.bus import Bus
-from agentbus.cli import nats_option, run, settings_from
+from agentbus.cli.options import nats_option, run, settings_from
 from agentbus.service import serve_until_signalled
 from services.router.router import Router
 from services.router.routes import DEFAULT_POOL, load_routes

@@ -9,10 +9,10 @@ from pathlib import Path
 import click
 
 from agentbus.bus import Bus
-from agentbus.cli import nats_option, run, settings_from
+from agentbus.cli.options import nats_option, run, settings_from
 from agentbus.service import serve_until_signalled
 from services.supervisor.docker_spawner import DockerSpawner, engine
-from services.supervisor.pools import load_pools
+from services.supervisor.pools import check_models, load_pools
 from services.supervisor.spawner import ProcessSpawner, Spawner, Spawners
 from services.supervisor.supervisor import Supervisor
 
@@ -21,14 +21,19 @@ from services.supervisor.supervisor import Supervisor
 @click.option("--pools", "pools_file", required=True, type=click.Path(dir_okay=False), help="Pools file (TOML).")
 @click.option("--log-dir", default=".agentbus/logs", show_default=True, help="One log file per worker.")
 @click.option("--workdir", default=".agentbus/work", show_default=True, help="Session workspaces of the workers.")
+@click.option("--check", is_flag=True, help="Check the pools file and each pool's model, then exit; starts nothing.")
 @nats_option
-def command(pools_file: str, log_dir: str, workdir: str, nats_url: str | None, prefix: str) -> None:
+def command(pools_file: str, log_dir: str, workdir: str, check: bool, nats_url: str | None, prefix: str) -> None:
     """Keep every pool between min and max workers; replace the dead; SIGTERM drains them all."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s supervisor %(levelname)s %(message)s")
     settings = settings_from(nats_url, prefix)
+    fleet = load_pools(pools_file)
+    if check:
+        check_models(fleet)
+        click.echo(f"pools file {pools_file}: pools {', '.join(fleet.pools)}")
+        return
 
     async def main() -> None:
-        fleet = load_pools(pools_file)
         kinds: dict[str, Spawner] = {"process": ProcessSpawner(settings, Path(log_dir), Path(workdir))}
         if any(p.spawner == "docker" for p in fleet.pools.values()):
             # checked before anything starts, so a missing engine is one clear line

@@ -31,12 +31,12 @@ import math
 import os
 import re
 import tomllib
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
-import msgspec
-
+from agentbus import budget
 from agentbus.errors import UsageError
 from agentbus.messages import Budget
 from agentbus.subjects import valid_token
@@ -68,25 +68,43 @@ class Fleet:
     ceiling_usd: float | None = None
 
 
+# Every key the file may hold, by level; anything else is a typo, named with the nearest valid key.
+TOP_KEYS = ("pools", "max_workers", "ceiling_usd")
+POOL_KEYS = tuple(f.name for f in fields(PoolSpec) if f.name != "name")
+
+
+def _known(table: Mapping[str, Any], keys: tuple[str, ...], where: str) -> None:
+    for key in table:
+        if key not in keys:
+            raise UsageError(f"{where}: unknown key {key!r}{budget.suggest(key, keys)}")
+
+
+def _table(raw: Any, where: str) -> Mapping[str, Any]:
+    if not isinstance(raw, Mapping):
+        raise UsageError(f"{where} must be a table, not {raw!r}")
+    return raw
+
+
 def load_pools(path: str | Path) -> Fleet:
+    """The fleet a pools file describes; anything wrong in it is one UsageError naming the place."""
     where = str(path)
     try:
         data = tomllib.loads(Path(path).read_text())
     except (OSError, tomllib.TOMLDecodeError) as err:
         raise UsageError(f"pools file {where}: {err}") from err
     data = _expand(data, where)
+    _known(data, TOP_KEYS, f"pools file {where}")
     pools = {}
-    for name, raw in (data.get("pools") or {}).items():
+    for name, raw in _table(data.get("pools") or {}, f"pools file {where}: [pools]").items():
         if not valid_token(name):
             raise UsageError(f"pools file {where}: pool name {name!r} must be letters, digits, '-' or '_'")
-        if "model" not in raw:
-            raise UsageError(f"pools file {where}, pool {name}: `model` is required")
-        try:
-            # strict=False: a limit written as "${AGENTBUS_MAX_USD:-2.0}" arrives as a string
-            budget = msgspec.convert(raw.get("budget", {}), Budget, strict=False)
-        except msgspec.ValidationError as err:
-            raise UsageError(f"pools file {where}, pool {name}, budget: {err}") from err
         here = f"pools file {where}, pool {name}"
+        raw = _table(raw, f"{here}: [pools.{name}]")
+        _known(raw, POOL_KEYS, here)
+        if "model" not in raw:
+            raise UsageError(f"{here}: `model` is required")
+        # a limit written as "${AGENTBUS_MAX_USD:-2.0}" arrives as a string: from_mapping converts it
+        limits = budget.from_mapping(_table(raw.get("budget", {}), f"{here}: budget"), f"{here}, budget")
         try:
             spec = PoolSpec(
                 name=name,
@@ -101,8 +119,8 @@ def load_pools(path: str | Path) -> Fleet:
                 concurrency=int(raw.get("concurrency", 4)),
                 idle_s=float(raw.get("idle_s", 30)),
                 ack_wait_s=float(raw.get("ack_wait_s", 60)),
-                budget=budget,
-                env={str(k): str(v) for k, v in (raw.get("env") or {}).items()},
+                budget=limits,
+                env={str(k): str(v) for k, v in _table(raw.get("env") or {}, f"{here}: env").items()},
                 ceiling_usd=_dollars(raw.get("ceiling_usd"), here),
             )
         except (TypeError, ValueError) as err:  # "max = 'two'", or a ${VAR} that is not a number
@@ -120,6 +138,27 @@ def load_pools(path: str | Path) -> Fleet:
     except (TypeError, ValueError) as err:
         raise UsageError(f"pools file {where}: max_workers: {err}") from err
     return Fleet(pools, max_workers, _dollars(data.get("ceiling_usd"), f"pools file {where}"))
+
+
+def check_models(fleet: Fleet) -> None:
+    """Each pool's model can be made: a scripted model's file loads, an anthropic model has a key
+    (in the environment or the pool's `env`). Raises UsageError naming the pool."""
+    from agentbus.models import ScriptedModel
+
+    for spec in fleet.pools.values():
+        scheme, _, rest = spec.model.partition(":")
+        here = f"pool {spec.name}, model {spec.model!r}"
+        if scheme == "scripted" and rest:
+            try:
+                ScriptedModel(rest)
+            except UsageError as err:
+                raise UsageError(f"{here}: {err}") from None
+        elif scheme == "anthropic" and rest:
+            env = {**os.environ, **spec.env}
+            if not (env.get("ANTHROPIC_API_KEY") or env.get("ANTHROPIC_AUTH_TOKEN")):
+                raise UsageError(f"{here} needs ANTHROPIC_API_KEY (or a scripted:FILE model to run offline)")
+        else:
+            raise UsageError(f"{here}: expected anthropic:<model-id> or scripted:<file>")
 
 
 def _flag(raw: Any, where: str) -> bool:

@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
+from agentbus import budget
 from agentbus.config import Settings
 from agentbus.errors import AgentBusError
 from agentbus.messages import WorkerInfo
@@ -52,17 +53,7 @@ def agent_args(spec: PoolSpec, settings: Settings) -> list[str]:
         "--concurrency", str(spec.concurrency), "--ack-wait", str(spec.ack_wait_s),
         "--nats", settings.nats_url, "--prefix", settings.prefix,
     ]  # fmt: skip
-    b = spec.budget
-    for flag, value in (
-        ("--max-steps", b.max_steps),
-        ("--max-tool-calls", b.max_tool_calls),
-        ("--max-tokens", b.max_tokens),
-        ("--max-usd", b.max_usd),
-        ("--max-wall", b.max_wall_s),
-    ):
-        if value is not None:
-            args += [flag, str(value)]
-    return args
+    return args + budget.to_argv(spec.budget)
 
 
 class ProcessHandle:

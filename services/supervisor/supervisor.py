@@ -14,7 +14,10 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import os
+import re
 import secrets
+import socket
 import time
 from dataclasses import dataclass, field
 
@@ -23,7 +26,7 @@ import msgspec
 from agentbus import tracing
 from agentbus.bus import Bus
 from agentbus.errors import AgentBusError
-from agentbus.messages import Hold, ScaleReply, ScaleRequest, WorkerInfo, encode
+from agentbus.messages import Hold, ScaleReply, ScaleRequest, SupervisorInfo, WorkerInfo, encode
 from agentbus.service import Service
 from agentbus.spend import SpendLedger
 from agentbus.subjects import WORKER_TTL_S
@@ -32,6 +35,7 @@ from services.supervisor.spawner import Spawner, WorkerHandle
 
 log = logging.getLogger("agentbus.supervisor")
 _REQUEST_PATIENCE_S = 4.0  # under the requester's 5 s timeout (Bus.request)
+ANNOUNCE_EVERY_S = 3.0  # like an agent's heartbeat; the bucket's TTL (15 s) drops a silent supervisor
 
 
 @dataclass
@@ -70,6 +74,10 @@ class Supervisor(Service):
         self.spawn_failures = 0
         self.started = 0
         self._holding = True  # until the first look: a hold left by an earlier supervisor may be stale
+        self.supervisor_id = re.sub(r"[^A-Za-z0-9_-]", "_", f"{socket.gethostname()}-{os.getpid()}-{self._tag}")
+        self._announced = 0.0
+        self._dead: set[str] = set()  # workers seen dead whose registry entries have not expired yet
+        self._since = time.time()
 
     @property
     def total(self) -> int:
@@ -79,7 +87,8 @@ class Supervisor(Service):
     async def _serve(self) -> None:
         await self.bus.provision()
         for pool in self.pools.values():
-            await self.bus.ensure_consumer(self.bus.ns.pool_consumer(pool.spec.name))
+            # with the pool's ack wait, as its agents ask for it: the first creator's limits stand
+            await self.bus.ensure_consumer(self.bus.ns.pool_consumer(pool.spec.name, ack_wait_s=pool.spec.ack_wait_s))
         for handle in await self.spawner.adopt(self.fleet.pools, await self._registry()):
             self.pools[handle.pool].workers.append(handle)
             self._started[handle.worker_id] = time.time()  # a silent adoptee gets the usual grace
@@ -98,14 +107,20 @@ class Supervisor(Service):
                 workers = [w for p in self.pools.values() for w in p.workers]
             log.info("supervisor stopping %d workers (they hand their sessions back)", len(workers))
             await asyncio.gather(*(w.stop() for w in workers), *self._retiring, return_exceptions=True)
+            with contextlib.suppress(Exception):  # bounded: with NATS gone the TTL drops it anyway
+                await asyncio.wait_for(self.bus.kv_delete(self.bus.ns.supervisors_bucket, self.supervisor_id), 2.0)
 
     async def _tick(self) -> bool:
         """One look at everything; each part that fails is logged and retried on the next tick
         (NATS failing over, the engine restarting): draining the fleet over it would be worse."""
         ok = True
         beats: dict[str, float] | None = None
+        serving: set[str] | None = None  # pools with a live agent in the registry, anyone's
         try:
-            beats = await self._heartbeats()
+            registry = await self._registry()
+            beats = {info.worker_id: info.heartbeat_ts for info in registry}
+            self._dead &= set(beats)  # forget a dead worker once the registry has too
+            serving = {info.pool for info in registry if info.worker_id not in self._dead}
         except Exception:
             ok = False
             log.exception("supervisor: cannot read the registry; trying again")
@@ -114,11 +129,16 @@ class Supervisor(Service):
         except Exception:
             ok = False
             log.exception("supervisor: cannot check the dollar ceilings; trying again")
+        try:
+            await self._announce()
+        except Exception:
+            ok = False
+            log.exception("supervisor: cannot announce the pools it serves; trying again")
         for pool in self.pools.values():
             try:
                 if beats is not None:
                     await self._kill_silent(pool, beats)
-                await self._reconcile(pool, beats)
+                await self._reconcile(pool, beats, serving)
             except Exception:
                 ok = False
                 log.exception("supervisor: pool %s: look failed; trying again", pool.spec.name)
@@ -154,6 +174,20 @@ class Supervisor(Service):
                 await self.ledger.clear_hold(name)
         self._holding = held
 
+    async def _announce(self) -> None:
+        """Heartbeat into the supervisors bucket, naming the pools it may start workers in (max > 0),
+        so `agentbus pools` and `agentbus submit` can tell a pool that will be served from one that won't."""
+        now = time.time()
+        if now - self._announced < ANNOUNCE_EVERY_S:
+            return
+        served = tuple(name for name, pool in self.pools.items() if pool.spec.max > 0)
+        info = SupervisorInfo(
+            supervisor_id=self.supervisor_id, pools=served, host=socket.gethostname(), pid=os.getpid(),
+            started_ts=self._since, heartbeat_ts=now,
+        )  # fmt: skip
+        await self.bus.kv_put(self.bus.ns.supervisors_bucket, self.supervisor_id, encode(info))
+        self._announced = now
+
     async def _registry(self) -> list[WorkerInfo]:
         values = await self.bus.kv_values(self.bus.ns.workers_bucket)
         infos = []
@@ -161,9 +195,6 @@ class Supervisor(Service):
             with contextlib.suppress(msgspec.MsgspecError):
                 infos.append(msgspec.json.decode(raw, type=WorkerInfo))
         return infos
-
-    async def _heartbeats(self) -> dict[str, float]:
-        return {info.worker_id: info.heartbeat_ts for info in await self._registry()}
 
     async def _kill_silent(self, pool: PoolState, beats: dict[str, float]) -> None:
         """A worker alive as a process but silent on the bus (hung, partitioned) is killed and replaced."""
@@ -175,13 +206,16 @@ class Supervisor(Service):
                 log.warning("pool %s: %s silent for %.0fs; killing it", pool.spec.name, w.worker_id, now - last)
                 await w.kill()
 
-    async def _reconcile(self, pool: PoolState, beats: dict[str, float] | None = None) -> None:
+    async def _reconcile(
+        self, pool: PoolState, beats: dict[str, float] | None = None, serving: set[str] | None = None
+    ) -> None:
         now = time.monotonic()
         workers = list(pool.workers)
         living = await asyncio.gather(*(w.alive() for w in workers))
         dead = [w for w, up in zip(workers, living, strict=True) if not up]
         if dead:
             pool.workers = [w for w in pool.workers if w not in dead]
+            self._dead |= {w.worker_id for w in dead}
             await asyncio.gather(*(w.reap() for w in dead))
             pool.crashes += len(dead)
             pool.next_spawn = now + min(2.0 ** (pool.crashes - 1), 30.0) * 0.5
@@ -190,6 +224,10 @@ class Supervisor(Service):
                 "pool %s: %s died; replacing with backoff", pool.spec.name, ", ".join(w.worker_id for w in dead)
             )
         waiting, in_flight = await self.bus.consumer_backlog(self.bus.ns.pool_consumer(pool.spec.name))
+        if in_flight and serving is not None and pool.spec.name not in serving:
+            # Tasks held by workers that died (none of the pool is left in the registry) come back
+            # only when an agent pulls: in a pool with min = 0 they would wait forever. They wait.
+            waiting += in_flight
         size = len(pool.workers)
         tracing.queue_depth.set(waiting, {tracing.POOL: pool.spec.name})
         tracing.workers.set(size, {tracing.POOL: pool.spec.name})

@@ -1,0 +1,161 @@
+"""Commands on the system around the sessions: server, up, agents, spend, bench."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from typing import TYPE_CHECKING
+
+import click
+
+from agentbus.cli.options import PORT, emit_json, nats_option, pool_name, run, settings_from, with_client
+
+if TYPE_CHECKING:
+    from agentbus.client import Client
+
+
+@click.command()
+@click.option("--port", type=PORT, default=4222, show_default=True, help="Client port on 127.0.0.1 (0: any free port).")
+@click.option("--store-dir", default=".agentbus/nats", show_default=True, help="JetStream file store.")
+@click.option("--sync-always", is_flag=True, help="fsync every write (survives power loss; slower).")
+def server(port: int, store_dir: str, sync_always: bool) -> None:
+    """Run the embedded nats-server with JetStream until Ctrl-C or SIGTERM."""
+    from agentbus.errors import ServerError
+    from agentbus.server import NatsServer
+
+    # Signals first: a Ctrl-C while nats-server starts must still stop it in order.
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    srv = NatsServer(port=port, store_dir=store_dir, sync_always=sync_always)
+    srv.start()  # a busy port or a store another server holds: one line, exit 4 (ServerInUse)
+    try:
+        click.echo(f"nats-server ready on {srv.url} (JetStream store: {srv.store_dir}); Ctrl-C stops it")
+        while not stop.wait(0.5):
+            if srv.proc is not None and srv.proc.poll() is not None:
+                raise ServerError(f"nats-server exited ({srv.proc.returncode}); see {srv.log_path}")
+    finally:
+        srv.stop()
+    click.echo("nats-server stopped")
+
+
+@click.command()
+@click.option("--pools", "pools_file", help="Pools file (default: an offline scripted pool, or Claude with a key).")
+@click.option(
+    "--port", type=PORT, default=4222, show_default=True, help="Port of the embedded nats-server (0: any free)."
+)
+@click.option("--store-dir", default=".agentbus/nats", show_default=True, help="JetStream file store.")
+def up(pools_file: str | None, port: int, store_dir: str) -> None:
+    """The whole system on this machine: nats-server, router, evaluator, supervisor (which runs the agents)."""
+    from agentbus.up import run_up
+
+    sys.exit(run_up(pools_file=pools_file, port=port, store_dir=store_dir))
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per worker, per line.")
+@nats_option
+def agents(as_json: bool, nats_url: str | None, prefix: str) -> None:
+    """Live agents: pool, worker id, host/container, current sessions, last heartbeat."""
+    from agentbus import render
+    from agentbus.messages import to_builtins
+
+    async def body(client: Client) -> None:
+        workers = await client.workers()
+        if as_json:
+            for w in workers:
+                emit_json(to_builtins(w))
+            return
+        if not workers:
+            click.echo("no live agents", err=True)
+            return
+        click.echo(render.worker_header())
+        for w in workers:
+            click.echo(render.worker_line(w))
+
+    with_client(settings_from(nats_url, prefix), body)
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per pool, per line.")
+@nats_option
+def pools(as_json: bool, nats_url: str | None, prefix: str) -> None:
+    """Every pool: live agents, free slots, tasks waiting and running, the oldest waiting, who serves it."""
+    import dataclasses
+
+    from agentbus import render
+
+    async def body(client: Client) -> None:
+        found = await client.pools()
+        if as_json:
+            for p in found:
+                emit_json({**dataclasses.asdict(p), "served": p.served})
+            return
+        if not found:
+            click.echo("no pools yet: nothing has been submitted to one, and no agent or supervisor runs", err=True)
+            return
+        click.echo(render.pool_header())
+        for p in found:
+            click.echo(render.pool_line(p))
+
+    with_client(settings_from(nats_url, prefix), body)
+
+
+@click.command()
+@click.option(
+    "--reset", "reset_pool", metavar="POOL", callback=pool_name, help="Count POOL's spend from zero (lifts its hold)."
+)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per pool, per line.")
+@nats_option
+def spend(reset_pool: str | None, as_json: bool, nats_url: str | None, prefix: str) -> None:
+    """Dollars spent per pool (what the pools file's `ceiling_usd` is checked against), and holds."""
+    from agentbus import render
+    from agentbus.messages import to_builtins
+
+    async def body(client: Client) -> None:
+        if reset_pool is not None:
+            fresh = await client.reset_spend(reset_pool)
+            click.echo(
+                f"pool {fresh.pool}: spend reset to $0 and its hold lifted (a supervisor sets it again while"
+                " the fleet is over its ceiling); `agentbus resume` its paused sessions"
+            )
+            return
+        totals, holds = await client.spend()
+        pools = sorted(set(totals) | set(holds))
+        if as_json:
+            for name in pools:
+                total = totals.get(name)
+                hold = holds.get(name)
+                emit_json({
+                    "pool": name, "usd": total.usd if total else 0.0, "calls": total.calls if total else 0,
+                    "since_ts": total.since_ts if total else 0.0, "hold": to_builtins(hold) if hold else None,
+                })  # fmt: skip
+            return
+        if not pools:
+            click.echo("no spend recorded yet", err=True)
+            return
+        click.echo(render.spend_header())
+        for name in pools:
+            click.echo(render.spend_line(name, totals.get(name), holds.get(name)))
+
+    with_client(settings_from(nats_url, prefix), body)
+
+
+@click.group()
+def bench() -> None:
+    """Measure agentbus against raw nats-py in the same run."""
+
+
+@bench.command("log")
+@click.option("--events", type=click.IntRange(min=10), default=5000, show_default=True, help="Events per measurement.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object with raw, agentbus and ratio maps.")
+def bench_log(events: int, as_json: bool) -> None:
+    """Session-log append and replay rates next to raw nats-py, on a private server."""
+    from agentbus.bench import format_report, run_log_bench
+
+    result = run(lambda: run_log_bench(events))
+    emit_json(result) if as_json else click.echo(format_report(result))
+
+
+COMMANDS = (server, up, agents, pools, spend, bench)
