@@ -187,6 +187,11 @@ def spend_line(pool: str, total: PoolSpend | None, hold: Hold | None, now: float
     return clean(f"{pool:<12} {'$' + format(usd, '.4f'):>10} {calls:>6} {since:>6}  {held}", newlines=False)
 
 
+def age(seconds: float) -> str:
+    """A duration as people say it: 45s, 12m, 3h, 2d."""
+    return _age(seconds)
+
+
 def _age(seconds: float) -> str:
     seconds = max(seconds, 0)
     if seconds < 120:

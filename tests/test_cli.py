@@ -144,3 +144,25 @@ async def test_a_comma_separated_url_names_several_servers_and_any_live_one_serv
 async def test_a_malformed_url_fails_at_once_even_when_told_to_wait(url: str) -> None:
     with pytest.raises(UsageError, match="bad NATS URL"):
         await Bus.connect(Settings(nats_url=url, connect_wait_s=600))
+
+
+def test_steering_verbs_answer_in_one_line_and_refuse_what_nothing_would_read(cli) -> None:  # type: ignore[no-untyped-def]
+    code, out, _ = cli("submit", "x", "--pool", "nobody", "--approve", "bash", "--json")
+    sid = json.loads(out)["session_id"]
+    code, out, _ = cli("show", sid, "--json")
+    assert json.loads(out)["events"][0]["event"]["task"]["approve"] == ["bash"]
+    code, out, _ = cli("say", sid, "later, please", "--queue")
+    assert code == 0 and out.startswith("queued (#")
+    code, out, _ = cli("interrupt", sid, "stop that")
+    assert code == 0 and "goes on with your text" in out
+    code, _, err = cli("approve", sid)
+    assert code == 2 and err == f"agentbus: session {sid} has no tool call waiting for an approval\n"
+    code, out, err = cli("inbox", "--json")
+    assert code == 0 and out == ""  # a queued session needs nobody
+    code, _, err = cli("inbox", "--dismiss", sid)
+    assert code == 2 and "not in the inbox" in err
+    assert cli("cancel", sid)[0] == 0
+    code, _, err = cli("interrupt", sid)
+    assert code == 2 and "already ended cancelled" in err
+    code, _, err = cli("say", sid, "hello", "--queue")
+    assert code == 2 and "already ended cancelled" in err

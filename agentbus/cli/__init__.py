@@ -16,7 +16,7 @@ from typing import Any, NoReturn
 
 import click
 
-from agentbus.cli import fleet, sessions
+from agentbus.cli import control, fleet, sessions
 from agentbus.errors import AgentBusError
 
 __all__ = ["EXIT_CODES", "SERVICES", "main"]
@@ -44,6 +44,7 @@ EXIT_CODES = {
 
 _SECTIONS = (
     ("Sessions", [str(c.name) for c in sessions.COMMANDS]),
+    ("Steering (each an event in the session's log)", [str(c.name) for c in control.COMMANDS]),
     ("System", [str(c.name) for c in fleet.COMMANDS]),
     ("Services (each a long-running process)", list(SERVICES)),
 )
@@ -138,5 +139,5 @@ def main(ctx: click.Context) -> None:
     ctx.call_on_close(tracing.setup(f"agentbus-{name}"))
 
 
-for _command in (*sessions.COMMANDS, *fleet.COMMANDS):
+for _command in (*sessions.COMMANDS, *control.COMMANDS, *fleet.COMMANDS):
     main.add_command(_command)

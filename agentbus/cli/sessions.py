@@ -1,4 +1,4 @@
-"""Commands on sessions: submit, tap, show, sessions, say, cancel, resume."""
+"""Commands on sessions: submit, tap, show, sessions, cancel, resume (steering verbs are in `control.py`)."""
 
 from __future__ import annotations
 
@@ -34,6 +34,13 @@ if TYPE_CHECKING:
     callback=pool_name,
     help="Fan-out: one sibling per pool (repeatable).",
 )
+@click.option(
+    "--approve",
+    "approve",
+    multiple=True,
+    metavar="TOOL",
+    help="A tool whose calls wait for a person's approval, on top of the pool's list (repeatable).",
+)
 @click.option("--wait", "wait_", is_flag=True, help="Wait until the session ends; exit 5 unless it completed.")
 @click.option("--timeout", type=float, help="With --wait: give up after this many seconds (exit 5).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
@@ -49,6 +56,7 @@ def submit(
     model: str | None,
     opinions: int,
     opinion_pools: tuple[str, ...],
+    approve: tuple[str, ...],
     wait_: bool,
     timeout: float | None,
     as_json: bool,
@@ -74,6 +82,7 @@ def submit(
             tags=tags,
             model=model,
             opinions=fan_out,
+            approve=approve,
         )
         submitted.append(sid)
         for name in sorted({p for p in (pool, *fan_out) if p}):
@@ -205,7 +214,10 @@ def show(session_id: str, as_json: bool, nats_url: str | None, prefix: str) -> N
     with_client(settings_from(nats_url, prefix), body)
 
 
-STATUSES = ("pending", "queued", "running", "waiting", "evaluating", "paused", "completed", "failed", "cancelled")
+STATUSES = (
+    "pending", "queued", "running", "waiting", "awaiting_approval", "evaluating", "paused", "completed", "failed",
+    "cancelled",
+)  # fmt: skip
 """Every session status (`agentbus.messages.Status`, which a test keeps this in step with; not imported
 here, so `agentbus --help` stays light)."""
 
@@ -246,23 +258,6 @@ def sessions(status: str | None, as_json: bool, nats_url: str | None, prefix: st
 
 @click.command()
 @click.argument("session_id")
-@click.argument("text")
-@click.option("--as", "author", help="Author name (default: your OS user).")
-@nats_option
-def say(session_id: str, text: str, author: str | None, nats_url: str | None, prefix: str) -> None:
-    """Send TEXT to SESSION; the agent reads it at its next step (`-` reads standard input)."""
-    if text == "-":
-        text = sys.stdin.read()
-
-    async def body(client: Client) -> None:
-        seq = await client.say(session_id, text, author=author)
-        click.echo(f"said (#{seq})")
-
-    with_client(settings_from(nats_url, prefix), body)
-
-
-@click.command()
-@click.argument("session_id")
 @click.option("--reason", default="", help="Why, for the log.")
 @nats_option
 def cancel(session_id: str, reason: str, nats_url: str | None, prefix: str) -> None:
@@ -289,7 +284,7 @@ def resume(session_id: str, budget: Budget, nats_url: str | None, prefix: str) -
     with_client(settings_from(nats_url, prefix), body)
 
 
-COMMANDS = (submit, tap, show, sessions, say, cancel, resume)
+COMMANDS = (submit, tap, show, sessions, cancel, resume)
 
 
 # --- submit --wait: one live status line --------------------------------------------------------
@@ -337,8 +332,12 @@ class _LiveStatus:
             case "running":
                 # the step being worked on: the first before its reply, then the latest replied to
                 return f"running step {max(s.steps, 1)} ({s.tool_calls} tool calls so far, ${s.cost_usd:.4f})"
+            case "waiting" if s.waiting_for == "subtask":
+                return f"waiting for its subtask ({s.reason})"
             case "waiting":
                 return f"waiting for your answer: agentbus say {s.session_id} TEXT"
+            case "awaiting_approval":
+                return f"waiting for an approval of {s.question[:60]}: agentbus approve {s.session_id}"
             case "evaluating":
                 return f"evaluating round {s.round}"
             case _:
