@@ -1,7 +1,8 @@
 """The `agentbus` command: wiring only, from options to the client API and the services.
 
 Exit codes: 0 ok, 2 usage, 3 no such session, 4 cannot reach NATS, 5 a waited-for
-session ended without success (or the wait timed out), 1 anything else.
+session ended without success (or the wait timed out), 6 not permitted (the role does not allow
+it, or the credentials were refused), 1 anything else.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import json
+import os
 import signal
 import sys
 import threading
@@ -19,6 +21,7 @@ from typing import Any, TypeVar
 import click
 
 from agentbus import render
+from agentbus.auth_cli import auth as auth_group
 from agentbus.client import Client, connect
 from agentbus.config import Settings, nats_url_from_env
 from agentbus.errors import AgentBusError
@@ -57,8 +60,20 @@ class _Group(click.Group):
         return super().get_command(ctx, name)
 
 
+def _creds_to_env(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    if value:  # read by Settings.from_env, and inherited by the processes this one starts
+        os.environ["AGENTBUS_CREDS"] = value
+
+
 def nats_option(f: Callable[..., Any]) -> Callable[..., Any]:
-    """`--nats URL` and `--prefix`, on every command that talks to the bus."""
+    """`--nats URL`, `--creds FILE` and `--prefix`, on every command that talks to the bus."""
+    f = click.option(
+        "--creds",
+        metavar="FILE",
+        expose_value=False,
+        callback=_creds_to_env,
+        help="Credentials file [env AGENTBUS_CREDS; default: those of a server this user started here].",
+    )(f)
     f = click.option(
         "--prefix",
         envvar="AGENTBUS_PREFIX",
@@ -154,17 +169,29 @@ def main(ctx: click.Context) -> None:
 @click.option("--port", default=4222, show_default=True, help="Client port on 127.0.0.1 (0: any free port).")
 @click.option("--store-dir", default=".agentbus/nats", show_default=True, help="JetStream file store.")
 @click.option("--sync-always", is_flag=True, help="fsync every write (survives power loss; slower).")
-def server(port: int, store_dir: str, sync_always: bool) -> None:
-    """Run the embedded nats-server with JetStream until Ctrl-C or SIGTERM."""
+@click.option("--tls-cert", type=click.Path(dir_okay=False, exists=True), help="TLS certificate: clients use tls://.")
+@click.option("--tls-key", type=click.Path(dir_okay=False, exists=True), help="The certificate's private key.")
+@click.option("--tls-ca", default="", help="CA bundle for this user's CLI to check the certificate with.")
+def server(
+    port: int, store_dir: str, sync_always: bool, tls_cert: str | None, tls_key: str | None, tls_ca: str
+) -> None:
+    """Run the embedded nats-server with JetStream until Ctrl-C or SIGTERM (users: `agentbus auth`)."""
+    from agentbus.auth import write_context
     from agentbus.server import NatsServer
 
-    srv = NatsServer(port=port, store_dir=store_dir, sync_always=sync_always)
+    if bool(tls_cert) != bool(tls_key):
+        raise click.UsageError("--tls-cert and --tls-key go together")
+    srv = NatsServer(port=port, store_dir=store_dir, sync_always=sync_always, tls_cert=tls_cert, tls_key=tls_key)
     try:
         srv.start()
     except AgentBusError as err:
         click.echo(f"agentbus: {err}", err=True)
         sys.exit(1)
     click.echo(f"nats-server ready on {srv.url} (JetStream store: {srv.store_dir}); Ctrl-C stops it")
+    if srv.admin_creds is not None:
+        where = write_context(srv.url, srv.admin_creds, tls_ca) if port else None
+        found = "your agentbus commands use them for this server" if where else f"AGENTBUS_CREDS={srv.admin_creds}"
+        click.echo(f"admin credentials: {srv.admin_creds} ({found}); others: agentbus auth add NAME --role ROLE")
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -495,6 +522,9 @@ def bench_log(events: int, as_json: bool) -> None:
         raise click.UsageError("--events must be at least 10")
     result = run(lambda: run_log_bench(events))
     _emit_json(result) if as_json else click.echo(format_report(result))
+
+
+main.add_command(auth_group)  # agentbus auth add | list | revoke
 
 
 if __name__ == "__main__":  # pragma: no cover

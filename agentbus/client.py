@@ -19,7 +19,7 @@ from contextlib import asynccontextmanager
 import msgspec
 from opentelemetry.trace import SpanKind
 
-from agentbus import tracing
+from agentbus import allowlist, tracing
 from agentbus.bus import Bus
 from agentbus.config import Settings
 from agentbus.errors import NoSuchSession, SessionUnsuccessful, Timeout, UsageError
@@ -130,6 +130,8 @@ class Client:
         for name in (pool, *(p for p in opinions if p)):
             if name is not None and not valid_token(name):
                 raise UsageError(f"pool name {name!r} must be 1-64 characters of letters, digits, '-' or '_'")
+        if model and pool:
+            await allowlist.check_submit(self.bus, pool, model)
         if opinions:
             # A fan-out parent runs nowhere itself: the router starts its siblings and aggregates them.
             pool = None
@@ -152,7 +154,7 @@ class Client:
             max_rounds=max_rounds,
             budget=budget or Budget(),
             tags=tuple(tags),
-            submitter=submitter if submitter is not None else default_author(),
+            submitter=submitter or "",  # the authenticated submitter comes from the subject
             parent_session=parent_session,
             depth=depth,
             model=model,
@@ -164,11 +166,12 @@ class Client:
             if (await self.log.state(sid)).status not in ("pending", "queued"):
                 return sid
         else:
-            await self.log.append(sid, SessionCreated(id="created", task=task, trace_id=tracing.current_trace_id()))
+            created = SessionCreated(id="created", task=task, trace_id=tracing.current_trace_id())
+            await self.log.append(sid, created, channel="control")  # the submitter's own channel
         if pool is None:
             await self.bus.publish(self.bus.ns.submissions(), encode(WorkItem(session_id=sid)), msg_id=sid)
         else:
-            await self.log.append(sid, Routed(id="routed", pool=pool, rule="explicit"))
+            await self.log.append(sid, Routed(id="routed", pool=pool, rule="explicit"), channel="control")
             await self.bus.publish(self.bus.ns.work(pool), encode(WorkItem(session_id=sid)), msg_id=f"{sid}:new")
         return sid
 
@@ -183,13 +186,14 @@ class Client:
         if state.terminal:
             # Recording it would look like success to the person typing, but nothing would read it.
             raise UsageError(f"session {session_id} already ended {state.status}; nobody would read this")
-        event = HumanMessage(id=new_event_id("say"), text=text, author=author or default_author())
+        # `author` is a display name at most: readers show the authenticated sender (the subject's last token)
+        event = HumanMessage(id=new_event_id("say"), text=text, author=author or "")
         return (await self.log.append(session_id, event, channel="input")).seq
 
     async def cancel(self, session_id: str, *, author: str | None = None, reason: str = "") -> int:
         """Ask the session to stop at its next step boundary (it ends `cancelled`)."""
         await self._require(session_id)
-        event = CancelRequested(id=new_event_id("cancel"), author=author or default_author(), reason=reason)
+        event = CancelRequested(id=new_event_id("cancel"), author=author or "", reason=reason)
         return (await self.log.append(session_id, event, channel="input")).seq
 
     async def resume(self, session_id: str, *, budget: Budget | None = None, author: str | None = None) -> int:
@@ -198,8 +202,8 @@ class Client:
         state = await self.log.state(session_id)
         if state.status != "paused" or state.pool is None:
             raise UsageError(f"session {session_id} is {state.status}, not paused; only a paused session resumes")
-        event = ResumeRequested(id=new_event_id("resume"), author=author or default_author(), budget=budget or Budget())
-        seq = (await self.log.append(session_id, event, channel="input")).seq
+        event = ResumeRequested(id=new_event_id("resume"), author=author or "", budget=budget or Budget())
+        seq = (await self.log.append(session_id, event, channel="control")).seq  # raising a budget is a command
         item = WorkItem(session_id=session_id, reason="resume")
         await self.bus.publish(self.bus.ns.work(state.pool), encode(item), msg_id=f"{session_id}:resume:{seq}")
         return seq
@@ -226,7 +230,12 @@ class Client:
 
     async def sessions(self, status: str | None = None) -> list[SessionState]:
         """One state per session, oldest first; `status` filters."""
-        states = [await self.log.state(sid) for sid in await self.log.session_ids()]
+        ident = self.bus.identity
+        if ident.lists_sessions:
+            ids = await self.log.session_ids()
+        else:  # a reader granted some sessions sees those, and learns of no others
+            ids = [sid for sid in ident.sessions if await self.log.exists(sid)]
+        states = [await self.log.state(sid) for sid in ids]
         return [s for s in states if status is None or s.status == status]
 
     async def wait(
@@ -263,7 +272,7 @@ class Client:
 
     async def request_workers(self, pool: str, count: int = 1, *, reason: str = "") -> ScaleReply:
         """Ask the supervisor for extra workers in `pool`; granted within the pool's max and the fleet cap."""
-        req = ScaleRequest(pool=pool, count=count, reason=reason, requester=default_author())
+        req = ScaleRequest(pool=pool, count=count, reason=reason, requester=self.bus.user)
         reply = await self.bus.request(self.bus.ns.scale_requests(), encode(req))
         return msgspec.json.decode(reply, type=ScaleReply)
 

@@ -68,7 +68,7 @@ def fold(state: SessionState, record: Record) -> SessionState:
         # Nothing changes a finished session's outcome; later events are still counted.
         return s
     match ev:
-        case SessionCreated(task=task):
+        case SessionCreated(task=task) if state.events == 0:  # only the first record creates a session
             s.status = "pending" if task.pool is None else s.status
             s.pool = task.pool or s.pool
             s.prompt = task.prompt[:200]

@@ -78,6 +78,8 @@ def build(records: Sequence[Record]) -> Conversation:
     for rec in records:
         ev = rec.event
         if isinstance(ev, SessionCreated):
+            if conv.task is not None:
+                continue  # only the first record creates the session; a later one changes nothing
             conv.task = ev.task
             user.insert(0, {"type": "text", "text": ev.task.prompt})
         elif isinstance(ev, ModelResponded):
