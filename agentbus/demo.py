@@ -29,8 +29,8 @@ def _say(text: str) -> None:
     print(f"\033[1m==> {text}\033[0m" if sys.stdout.isatty() else f"==> {text}", flush=True)
 
 
-async def _drive(url: str) -> int:
-    async with agentbus.connect(url) as bus:
+async def _drive(url: str, creds: str) -> int:
+    async with agentbus.connect(url, settings=agentbus.Settings.from_env(creds=creds)) as bus:
         sid = await bus.submit(PROMPT, pool="general", checks=[CHECK])
         _say(f"submitted {sid} with the check  {CHECK}")
         _say(f"tapping it live (the same as: agentbus tap {sid} --from-start)")
@@ -60,8 +60,8 @@ def main() -> int:
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=root,
     )  # fmt: skip
     assert up.stdout is not None
-    url = None
-    while url is None:
+    url, creds = None, None
+    while url is None or creds is None:
         line = up.stdout.readline().decode()
         if not line:
             _say("agentbus up exited before it was ready")
@@ -69,11 +69,13 @@ def main() -> int:
         print(line, end="", flush=True)
         if m := re.search(r"export AGENTBUS_NATS_URL=(\S+)", line):
             url = m.group(1)
+        if m := re.search(r"export AGENTBUS_CREDS=(\S+)", line):
+            creds = m.group(1)  # the admin's, in the demo's own server store
     out = up.stdout
     # Keep draining `up`'s output so it never blocks on a full pipe; the tap below is what we show.
     threading.Thread(target=lambda: [None for _ in iter(out.readline, b"")], daemon=True).start()
     try:
-        code = asyncio.run(_drive(url))
+        code = asyncio.run(_drive(url, creds))
     finally:
         _say("Ctrl-C to agentbus up")
         up.send_signal(signal.SIGINT)

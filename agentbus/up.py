@@ -17,6 +17,9 @@ from importlib.resources import files
 from pathlib import Path
 from typing import IO
 
+from agentbus.auth import write_context
+from agentbus.config import Settings
+from agentbus.roles import Identity
 from agentbus.server import NatsServer
 
 DEMO_SCRIPT = files("agentbus") / "scripted" / "demo.json"
@@ -38,6 +41,22 @@ def default_pools(store: Path) -> tuple[Path, str]:
         "min = 1\nmax = 3\nconcurrency = 4\nidle_s = 20\n"
     )
     return path, note
+
+
+def deployment_creds(server: NatsServer) -> tuple[Path, Path]:
+    """Credentials for `up`'s own processes, made on first start and kept in the server's state
+    directory: `service` for router, evaluator and supervisor, `agent` for the workers."""
+    assert server.auth is not None
+    prefix = Settings.from_env().prefix
+    paths = []
+    changed = False
+    for name, role in (("up-service", "service"), ("up-agents", "agent")):
+        path = server.auth.creds_path(name)
+        changed |= server.auth.ensure(Identity(user=name, role=role, prefix=prefix), path)  # type: ignore[arg-type]
+        paths.append(path)
+    if changed:
+        server.reload()
+    return paths[0], paths[1]
 
 
 def _say(name: str, line: str) -> None:
@@ -64,6 +83,9 @@ def run_up(*, pools_file: str | None, port: int, store_dir: str) -> int:
     server = NatsServer(port=port, store_dir=store)
     server.start()
     _say("nats", f"nats-server ready on {server.url} (JetStream store {store})")
+    service_creds, agent_creds = deployment_creds(server)
+    if port and server.admin_creds is not None:
+        write_context(server.url, server.admin_creds)  # this user's CLI finds the admin's credentials
     base = [sys.executable, "-m", "agentbus.cli"]
     nats = ["--nats", server.url]
     roles = {
@@ -72,6 +94,10 @@ def run_up(*, pools_file: str | None, port: int, store_dir: str) -> int:
         "supervisor": [*base, "supervisor", "--pools", str(pools), *nats,
                        "--log-dir", str(store.parent / "logs"), "--workdir", str(store.parent / "work")],
     }  # fmt: skip
+    # credentials by path in the environment, never on a command line (which any local user can read)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "AGENTBUS_CREDS": str(service_creds)}
+    envs = {name: env for name in roles}
+    envs["supervisor"] = {**env, "AGENTBUS_AGENT_CREDS": str(agent_creds)}
     procs: dict[str, subprocess.Popen[bytes]] = {}
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -81,10 +107,12 @@ def run_up(*, pools_file: str | None, port: int, store_dir: str) -> int:
         for name, cmd in roles.items():
             procs[name] = subprocess.Popen(
                 cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                start_new_session=True, env=envs[name],
             )  # fmt: skip
             threading.Thread(target=_pump, args=(name, procs[name].stdout), daemon=True).start()
         _say("up", f"ready. In another terminal: export AGENTBUS_NATS_URL={server.url}")
+        if not port:
+            _say("up", f"  export AGENTBUS_CREDS={server.admin_creds}")
         _say("up", '  agentbus submit "write a haiku about queues" --pool general; agentbus tap --all --from-start')
         _say("up", "Ctrl-C stops everything")
         while not stop.wait(0.5):

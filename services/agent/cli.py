@@ -38,6 +38,13 @@ from services.agent.worker import AgentConfig, serve
 @click.option("--max-deliver", default=5, show_default=True, help="Deliveries before a task's session is failed.")
 @budget_options("Pool default budget per session")
 @click.option("--no-progress", default=3, show_default=True, help="Pause after N turns without progress (0: off).")
+@click.option(
+    "--allow-model",
+    "allowed_models",
+    multiple=True,
+    metavar="SPEC",
+    help="A model a session may name besides --model (submit --model, a route); repeatable. Others are refused.",
+)
 @nats_option
 def command(
     pool: str,
@@ -50,6 +57,7 @@ def command(
     max_deliver: int,
     budget: Budget,
     no_progress: int,
+    allowed_models: tuple[str, ...],
     nats_url: str | None,
     prefix: str,
 ) -> None:
@@ -67,6 +75,7 @@ def command(
         max_deliver=max_deliver,
         budget=budget,
         no_progress_turns=no_progress,
+        allowed_models=allowed_models,
     )
     settings = settings_from(nats_url, prefix)
 

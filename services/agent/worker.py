@@ -25,7 +25,7 @@ from typing import Any, Literal, cast
 
 from opentelemetry.trace import Span, SpanKind
 
-from agentbus import tracing
+from agentbus import allowlist, tracing
 from agentbus.bus import Bus, Job
 from agentbus.client import Client
 from agentbus.errors import AgentBusError, FencedError
@@ -109,6 +109,7 @@ class AgentConfig:
         )
     )
     heartbeat_s: float = 3.0
+    allowed_models: tuple[str, ...] = ()  # models a session may name besides `model` (--allow-model)
 
 
 class Released(Exception):
@@ -195,6 +196,7 @@ class AgentWorker(Service):
                 sessions=tuple(sorted(self.sessions)),
                 started_ts=started,
                 heartbeat_ts=time.time(),
+                allowed_models=self.config.allowed_models,
             )
             with contextlib.suppress(Exception):
                 await self.bus.kv_put(self.bus.ns.workers_bucket, self.config.worker_id, encode(info))
@@ -438,7 +440,11 @@ class SessionRun:
     async def _model_step(self, conv: Conversation) -> Outcome | None:
         step = conv.steps + 1
         horizon = self.records[-1].seq if self.records else 0
-        model = self.w.model_for(self._model_spec(conv))
+        spec = self._model_spec(conv)
+        if refused := allowlist.refusal(spec, self.w.config.pool, self.w.model.name, self.w.config.allowed_models):
+            log.warning("session %s refused: %s", self.sid, refused)
+            return await self._end("failed", refused)
+        model = self.w.model_for(spec)
         attrs = {
             "gen_ai.operation.name": "chat",
             "gen_ai.system": "anthropic",
