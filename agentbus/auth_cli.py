@@ -8,6 +8,7 @@ and signal the running server to reload it; they need no connection. Refusals an
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import click
@@ -40,7 +41,9 @@ def auth() -> None:
 @click.option("--session", "sessions", multiple=True, metavar="ID", help="codriver/observer: only this session.")
 @click.option("--pool", "pools", multiple=True, metavar="POOL", help="agent: only this pool's work.")
 @click.option("--prefix", envvar="AGENTBUS_PREFIX", default="agentbus", show_default=True, help="Namespace.")
-@click.option("--out", type=click.Path(dir_okay=False), help="Where to write the credentials (mode 0600).")
+@click.option(
+    "--out", type=click.Path(dir_okay=False, allow_dash=True), help="Where to write them (mode 0600); - prints them."
+)
 @click.option("--url", default="", help="The server's address as the user will reach it (kept in the file).")
 @_STORE
 def add(
@@ -56,6 +59,12 @@ def add(
     """Make user NAME and write its credentials file; prints the file's path."""
     ident = identity(name, role, prefix=prefix, sessions=sessions, pools=pools)
     store = _store(store_dir)
+    if out == "-":  # e.g. `docker compose exec -T nats agentbus auth add ... --out - > me.creds`
+        with tempfile.TemporaryDirectory() as tmp:
+            path = store.add(ident, Path(tmp) / "user.creds", url=url)
+            click.echo(path.read_text(), nl=False)
+        store.reload()
+        return
     path = store.add(ident, Path(out) if out else None, url=url)
     store.reload()
     click.echo(str(path))
