@@ -82,6 +82,16 @@ class Provisioning(BusCore):
             return False
         return True
 
+    async def delete_stream(self, stream: str) -> None:
+        """Delete a stream and everything in it (admins only; anyone else gets `NotPermitted`)."""
+        await self._refusable(f"$JS.API.STREAM.DELETE.{stream}", lambda: self._js.delete_stream(stream))
+
+    async def delete_consumer(self, stream: str, consumer: str) -> None:
+        """Delete a consumer (admins only; anyone else gets `NotPermitted`)."""
+        await self._refusable(
+            f"$JS.API.CONSUMER.DELETE.{stream}.{consumer}", lambda: self._js.delete_consumer(stream, consumer)
+        )
+
     async def stream_replicas(self, stream: str) -> int:
         info = await self._through_failover(f"state of {stream}", lambda: self._js.stream_info(stream))
         return int(info.config.num_replicas or 1)
@@ -148,8 +158,8 @@ class Provisioning(BusCore):
     async def ensure_bucket(self, spec: BucketSpec) -> None:
         if spec.name in self._kv:
             return
-        if not self.identity.lists_sessions:
-            # no stream info for a reader scoped to sessions (it would list every key): bind blind,
+        if self.identity.role in ("codriver", "observer"):
+            # no stream info for people who only read sessions (it lists every key): bind blind,
             # reading entries by key with direct gets, as a bound bucket with allow_direct does
             self._kv[spec.name] = KeyValue(
                 name=spec.name, stream=f"KV_{spec.name}", pre=f"$KV.{spec.name}.", js=self._js, direct=True
