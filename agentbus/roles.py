@@ -321,8 +321,10 @@ MATRIX: tuple[Row, ...] = (
     Row("read_other", "read another session", "pub",
         f"$JS.API.CONSUMER.CREATE.{_S}.c1.agentbus.session.<other>.>",
         ("yes", "yes", "yes", "yes", "if all", "if all")),
-    Row("list", "list every session (sessions, tap --all)", "pub",
+    Row("list", "list every session (sessions)", "pub",
         f"$JS.API.STREAM.INFO.{_S}", ("yes", "yes", "yes", "yes", "if all", "if all")),
+    Row("tap_all", "read every session (tap --all)", "pub",
+        f"$JS.API.CONSUMER.CREATE.{_S}.c1.agentbus.session.>", ("yes", "yes", "yes", "yes", "if all", "if all")),
     Row("state_other", "read another session's cached state", "pub",
         "$JS.API.DIRECT.GET.KV_AGENTBUS_state.$KV.AGENTBUS_state.<other>",
         ("yes", "yes", "yes", "yes", "if all", "if all")),
@@ -383,10 +385,11 @@ def allowed(perms: Permissions, row: Row, subject: str) -> bool:
     return perms.may_publish(subject) if row.op == "pub" else perms.may_subscribe(subject)
 
 
-def action_for(subject: str, rows: Iterable[Row] = MATRIX) -> str | None:
+def action_for(subject: str, user: str = "", rows: Iterable[Row] = MATRIX) -> str | None:
     """The table's name for the action a refused subject belongs to (for one-line refusals)."""
     for row in rows:
-        pattern = re.sub(r"<\w+>", "*", row.subject.replace(".c1.", ".*."))
+        pattern = row.subject.replace(".c1.", ".*.").replace("<user>", user or "*")
+        pattern = re.sub(r"<\w+>", "*", pattern)
         pattern = pattern.replace("AGENTBUS", "*").replace("agentbus", "*")
         # `*` inside a token too: stream and bucket names carry the prefix (AGENTBUS_SESSIONS)
         regex = "^" + re.escape(pattern).replace(r"\*", "[^.]*").replace(r"\>", ".+") + "$"

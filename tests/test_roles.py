@@ -116,6 +116,7 @@ ACTIONS: dict[str, Action] = {
     "read": lambda c, nc, w: c.show(w.granted),
     "read_other": lambda c, nc, w: c.show(w.other),
     "list": lambda c, nc, w: c.log.session_ids(),
+    "tap_all": lambda c, nc, w: anext(c.tap(None, start="start", follow=False)),
     "state_other": lambda c, nc, w: c.bus.kv_get(c.bus.ns.state_bucket, w.other),
     "submit": lambda c, nc, w: c.submit("a new task", pool=POOL),
     "submit_router": lambda c, nc, w: c.submit("a task for the router"),

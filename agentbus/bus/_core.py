@@ -102,7 +102,9 @@ class BusCore:
 
     def refused(self, subject: str, detail: str = "") -> NotPermitted:
         """The one-line refusal for `subject`, naming the action (from the permissions table) and the role."""
-        action = roles.action_for(subject) or f"use {subject}"
+        action = roles.action_for(subject, self.identity.user) or f"use {subject}"
+        # services log at INFO, so who was refused what is in their log; the CLI prints one line
+        logger.info("refused: %s (%s %s): %s", action, self.identity.role, self.identity.user, subject)
         return NotPermitted(
             action, user=self.identity.user, role=self.identity.role, detail=detail or f"the server refused {subject}"
         )
@@ -164,6 +166,8 @@ class _Link:
         self.lost_at = 0.0
         self.violations: list[str] = []
         self.auth_error = ""
+        self.established = False
+        self.pending: set[asyncio.Future[None]] = set()
         self._waiting: set[asyncio.Future[None]] = set()
 
     def next_violation(self) -> asyncio.Future[None]:
@@ -232,6 +236,7 @@ async def _connect_once(servers: list[str], settings: Settings, *, name: str) ->
     link = _Link()
     creds, tls_ca = credentials_for(settings)
     options, identity = _options(settings, creds, tls_ca)
+    options.update(connect_timeout=settings.connect_timeout_s, reconnect_time_wait=0.2)
 
     async def on_error(err: Exception) -> None:
         # each failure is reported where it surfaces, as one line; refusals are matched there
@@ -241,6 +246,11 @@ async def _connect_once(servers: list[str], settings: Settings, *, name: str) ->
             logger.debug("server refused %s to %s for %s", found.group(1), found.group(2), identity.user)
         elif "authorization violation" in str(err).lower() or isinstance(err, nats.errors.AuthorizationError):
             link.auth_error = str(err)
+            if link.established and not link.closing:
+                # refused on reconnecting: revoked. Retrying forever would only hide that.
+                logger.error("the server at %s no longer accepts %s (revoked?); closing", url, identity.user)
+                link.closing = True
+                link.pending.add(asyncio.ensure_future(nc.close()))
 
     async def on_closed() -> None:
         link.closed.set()
@@ -258,13 +268,12 @@ async def _connect_once(servers: list[str], settings: Settings, *, name: str) ->
     try:
         # nats-py retries a first connect forever when reconnects are allowed; we want a
         # clear failure now, and reconnects only once a connection has worked.
-        nc = await nats.connect(
+        nc = NATS()
+        await nc.connect(
             servers,
             name=name,
-            connect_timeout=settings.connect_timeout_s,
             allow_reconnect=False,
             max_reconnect_attempts=1,  # the server-pool loop otherwise tries 60 times
-            reconnect_time_wait=0.2,
             drain_timeout=5,
             error_cb=on_error,
             closed_cb=on_closed,
@@ -273,6 +282,10 @@ async def _connect_once(servers: list[str], settings: Settings, *, name: str) ->
             **options,
         )
     except Exception as err:  # nats-py raises bare errors for bad URLs, OSError or its own for the rest
+        # a first attempt that fails is not closed by nats-py: its socket would leak
+        link.closing = True  # not a lost connection: never one
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(nc.close(), 2.0)  # a failed TLS handshake can leave close() waiting
         text = str(err) or type(err).__name__
         if "authorization violation" in text.lower() or isinstance(err, nats.errors.AuthorizationError):
             raise _not_authenticated(url, creds) from err
@@ -280,6 +293,7 @@ async def _connect_once(servers: list[str], settings: Settings, *, name: str) ->
             hint = "AGENTBUS_TLS_CA names the CA that signed the server's certificate"
             raise NatsUnreachable(url, f"TLS: {text} ({hint})") from err
         raise NatsUnreachable(url, text) from err
+    link.established = True
     nc.options["allow_reconnect"] = True
     nc.options["max_reconnect_attempts"] = -1
     nc.options["reconnect_time_wait"] = 0.5
