@@ -20,7 +20,7 @@ from agentbus.messages import HumanMessage, SessionEnded, StatusChanged
 from agentbus.roles import Identity
 from agentbus.server import NatsServer
 from tests.conftest import AsUser
-from tests.helpers import POOL
+from tests.helpers import POOL, raw_connect
 
 
 async def test_an_observer_granted_one_session_follows_it_live_from_the_start_and_reads_nothing_else(
@@ -167,3 +167,25 @@ def test_the_server_keeps_its_users_across_restarts(tmp_path: Path) -> None:
         assert [u.identity.user for u in store.users()] == ["admin"]
     with NatsServer(store_dir=tmp_path, admin="someone-else") as again:
         assert again.admin_creds == creds and read_creds(creds).seed == seed
+
+
+async def test_a_tap_whose_consumer_vanishes_goes_on_from_the_next_sequence_with_no_gap_or_duplicate(
+    client: agentbus.Client, settings: Settings
+) -> None:
+    sid = await client.submit("follow me", pool=POOL)
+    tap = client.tap(sid, start="start")
+    before = [await anext(tap) for _ in range(2)]
+    # what a failover does to a reader's memory consumer: it is gone, and its heartbeats with it
+    nc = await raw_connect(settings)
+    try:
+        stream = client.bus.ns.sessions_stream
+        taps = [c.name for c in await nc.jetstream().consumers_info(stream) if c.name.startswith("tap")]
+        assert len(taps) == 1
+        await nc.jetstream().delete_consumer(stream, taps[0])
+    finally:
+        await nc.close()
+    for i in range(3):
+        await client.log.append(sid, StatusChanged(id=f"after-{i}", status="running", reason=str(i)))
+    after = [await asyncio.wait_for(anext(tap), 30) for _ in range(3)]
+    await tap.aclose()
+    assert [r.seq for r in before + after] == [r.seq for r in await client.show(sid)]
