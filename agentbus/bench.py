@@ -39,6 +39,8 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
 
 import agentbus
+from agentbus.auth import read_creds
+from agentbus.config import Settings
 from agentbus.messages import Event, HumanMessage, ToolCallCompleted, encode
 from agentbus.server import NatsServer
 from agentbus.session import SessionLog
@@ -264,12 +266,17 @@ def _server_version(nc: NATS) -> str:
     return f"{text}-{version.dev}" if version.dev else text
 
 
-async def _measure(url: str, events: int, repeats: int) -> dict[str, Any]:
+async def _measure(url: str, creds: str, events: int, repeats: int) -> dict[str, Any]:
     job, warm = _Workload.of(events), _Workload.of(WARMUP_EVENTS)
     run = secrets.token_hex(3)
     best: dict[str, dict[str, float]] = {"raw": {}, "agentbus": {}}
-    async with agentbus.connect(url, prefix=f"bench{run}", name="agentbus-bench") as client:
-        nc = await nats.connect(url, name="raw-bench")
+    settings = Settings(nats_url=url, prefix=f"bench{run}", creds=creds)
+    async with agentbus.connect(settings=settings, name="agentbus-bench") as client:
+        # both sides authenticate the same way (the server's admin, an nkey)
+        admin = read_creds(creds)
+        nc = await nats.connect(
+            url, name="raw-bench", nkeys_seed_str=admin.seed, inbox_prefix=admin.identity.inbox_prefix
+        )
         try:
             js = nc.jetstream(timeout=client.settings.publish_timeout_s)
             raw = _Raw(js, f"RAWBENCH{run}".upper())
@@ -319,7 +326,7 @@ async def run_log_bench(events: int = 5000, *, store_dir: str | None = None, rep
     server = NatsServer(store_dir=store_dir)
     await asyncio.to_thread(server.start)
     try:
-        return await _measure(server.url, events, repeats)
+        return await _measure(server.url, str(server.admin_creds), events, repeats)
     finally:
         await asyncio.to_thread(server.close)
 

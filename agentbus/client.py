@@ -9,6 +9,7 @@ async with agentbus.connect() as bus:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import getpass
 import logging
 import os
@@ -21,11 +22,11 @@ from dataclasses import dataclass
 import msgspec
 from opentelemetry.trace import SpanKind
 
-from agentbus import tracing
+from agentbus import allowlist, tracing
 from agentbus.bus import Bus
 from agentbus.config import Settings
 from agentbus.control import Control, new_event_id
-from agentbus.errors import FencedError, NoSuchSession, SessionUnsuccessful, Timeout, UsageError
+from agentbus.errors import NoSuchSession, NotPermitted, SessionUnsuccessful, Timeout, UsageError
 from agentbus.inbox import Inbox, InboxItem
 from agentbus.messages import (
     Budget,
@@ -37,13 +38,11 @@ from agentbus.messages import (
     ResumeRequested,
     ScaleReply,
     ScaleRequest,
-    SessionEnded,
     SupervisorInfo,
     Task,
     WorkerInfo,
     WorkItem,
     encode,
-    ended_id,
 )
 from agentbus.queues import WorkQueues
 from agentbus.session import From, SessionLog
@@ -139,7 +138,7 @@ class Client:
             max_rounds=max_rounds,
             budget=budget or Budget(),
             tags=tuple(tags),
-            submitter=submitter if submitter is not None else default_author(),
+            submitter=submitter or "",  # the authenticated submitter comes from the subject
             parent_session=parent_session,
             depth=depth,
             model=model,
@@ -147,6 +146,8 @@ class Client:
             approve=tuple(approve),
         )
         self._check_task(task, pool)
+        if model and pool:
+            await allowlist.check_submit(self.bus, pool, model)
         with tracing.span("submit", kind=SpanKind.PRODUCER, session_id=sid, pool=pool):
             await self.queues.open_session(task, trace_id=tracing.current_trace_id())
             return sid
@@ -175,13 +176,13 @@ class Client:
         """Steer: a message the model reads at its next step; with `queue`, a follow-up delivered when
         the model would end its turn (on a completed session, the next turn). Returns its sequence."""
         await self._require(session_id)
-        return await self.control.say(session_id, text, author=author or default_author(), queue=queue)
+        return await self.control.say(session_id, text, author=author or "", queue=queue)
 
     async def interrupt(self, session_id: str, text: str = "", *, author: str | None = None) -> int:
         """Stop the model call or tool in flight now; with `text` the session goes on with it, without
         it pauses (reason `interrupted`) until someone speaks to it or resumes it."""
         await self._require(session_id)
-        return await self.control.interrupt(session_id, text, author=author or default_author())
+        return await self.control.interrupt(session_id, text, author=author or "")
 
     async def approve(
         self,
@@ -195,8 +196,7 @@ class Client:
         """Approve (or `deny`) a tool call that waits for a person; the only waiting call if none is
         named. Returns (the decision's sequence, the call decided)."""
         await self._require(session_id)
-        who = author or default_author()
-        return await self.control.approve(session_id, call_id, author=who, deny=deny, reason=reason)
+        return await self.control.approve(session_id, call_id, author=author or "", deny=deny, reason=reason)
 
     async def wait_delivered(self, session_id: str, seq: int, *, timeout: float | None = None) -> MessageDelivered:
         """The receipt of the message at `seq`: which model request carried it. `SessionUnsuccessful`
@@ -221,39 +221,25 @@ class Client:
     async def dismiss(self, session_id: str, *, note: str = "", author: str | None = None) -> int:
         """Take a session out of every inbox until it next needs a person (someone has looked)."""
         await self._require(session_id)
-        return await self.control.dismiss(session_id, author=author or default_author(), note=note)
+        return await self.control.dismiss(session_id, author=author or "", note=note)
 
     async def cancel(self, session_id: str, *, author: str | None = None, reason: str = "") -> int:
-        """Stop the session: one nobody has claimed ends `cancelled` at once (its queued work item is
-        withdrawn); one an agent runs stops at its next step boundary. Returns the event's sequence."""
+        """Stop the session: one no agent has claimed is `cancelled` at once (the fold says so, and its
+        queued work item is withdrawn); one an agent runs stops at its next step boundary, or now if it
+        is parked. Returns the request's sequence."""
         await self._require(session_id)
-        who = author or default_author()
         state = await self.log.state(session_id)
         if state.terminal:
             raise UsageError(f"session {session_id} already ended {state.status}; there is nothing to cancel")
-        event = CancelRequested(id=new_event_id("cancel"), author=who, reason=reason)
+        event = CancelRequested(id=new_event_id("cancel"), author=author or "", reason=reason)
         seq = (await self.log.append(session_id, event, channel="input")).seq
-        if state.created_ts and state.owner is None and state.status in ("pending", "queued"):
-            ended = await self._end_unclaimed(session_id, state, who, reason)
-            return ended or seq
+        after = await self.log.state(session_id)
+        if after.status == "cancelled":  # nobody had claimed it
+            if after.pool is not None:
+                with contextlib.suppress(NotPermitted):  # a role that may not: the next agent drops it
+                    await self.queues.withdraw(session_id, after.pool)
+            await self.queues.settled(session_id, after.parent_session)
         return seq
-
-    async def _end_unclaimed(self, session_id: str, state: SessionState, who: str, reason: str) -> int | None:
-        """End a session no agent has claimed, fenced on its log as we saw it: if an agent claims it
-        in between, the fence refuses and the cancel request already recorded stops the agent instead."""
-        log_subject = self.bus.ns.session_log(session_id)
-        last = await self.bus.last_subject_seq(self.bus.ns.sessions_stream, log_subject)
-        why = f"cancelled by {who} before any agent took it" + (f": {reason}" if reason else "")
-        try:
-            ack = await self.log.append(
-                session_id, SessionEnded(id=ended_id(state.turn), status="cancelled", reason=why), expect_last_seq=last
-            )
-        except FencedError:
-            return None
-        if state.pool is not None:
-            await self.queues.withdraw(session_id, state.pool)
-        await self.queues.settled(session_id, state.parent_session)
-        return ack.seq
 
     async def resume(self, session_id: str, *, budget: Budget | None = None, author: str | None = None) -> int:
         """Continue a paused session, with raised limits if given; it goes back on its pool's queue."""
@@ -261,8 +247,8 @@ class Client:
         state = await self.log.state(session_id)
         if state.status != "paused" or state.pool is None:
             raise UsageError(f"session {session_id} is {state.status}, not paused; only a paused session resumes")
-        event = ResumeRequested(id=new_event_id("resume"), author=author or default_author(), budget=budget or Budget())
-        seq = (await self.log.append(session_id, event, channel="input")).seq
+        event = ResumeRequested(id=new_event_id("resume"), author=author or "", budget=budget or Budget())
+        seq = (await self.log.append(session_id, event, channel="control")).seq  # raising a budget is a command
         item = WorkItem(session_id=session_id, reason="resume", round=state.round)
         await self.queues.enqueue(item, state.pool, cause=str(seq))
         return seq
@@ -290,8 +276,13 @@ class Client:
     async def sessions(self, status: str | None = None) -> list[SessionState]:
         """One state per session, oldest first; `status` filters. A session whose state cannot be
         read is left out with a warning, so one bad entry never hides every other."""
+        ident = self.bus.identity
+        if ident.lists_sessions:
+            ids = await self.log.session_ids()
+        else:  # a reader granted some sessions sees those, and learns of no others
+            ids = [sid for sid in ident.sessions if await self.log.exists(sid)]
         states = []
-        for sid in await self.log.session_ids():
+        for sid in ids:
             try:
                 states.append(await self.log.state(sid))
             except NoSuchSession:
@@ -337,7 +328,7 @@ class Client:
 
     async def request_workers(self, pool: str, count: int = 1, *, reason: str = "") -> ScaleReply:
         """Ask the supervisor for extra workers in `pool`; granted within the pool's max and the fleet cap."""
-        req = ScaleRequest(pool=pool, count=count, reason=reason, requester=default_author())
+        req = ScaleRequest(pool=pool, count=count, reason=reason, requester=self.bus.user)
         reply = await self.bus.request(self.bus.ns.scale_requests(), encode(req))
         return msgspec.json.decode(reply, type=ScaleReply)
 

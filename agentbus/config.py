@@ -31,6 +31,8 @@ class Settings:
     connect_wait_s: float = 0.0  # keep trying an unreachable server this long before failing
     publish_timeout_s: float = 5.0
     failover_s: float = 15.0  # how long an idempotent request is retried while a cluster recovers
+    creds: str = ""  # credentials file (AGENTBUS_CREDS); else the local context of the server, if any
+    tls_ca: str = ""  # CA bundle that signed the server's certificate (AGENTBUS_TLS_CA), for tls:// URLs
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

@@ -41,8 +41,8 @@ async def _first_agent(bus: agentbus.Client, pool: str) -> None:
         await asyncio.sleep(0.1)
 
 
-async def _drive(url: str) -> int:
-    async with agentbus.connect(url) as bus:
+async def _drive(url: str, creds: str) -> int:
+    async with agentbus.connect(url, settings=agentbus.Settings.from_env(creds=creds)) as bus:
         await _first_agent(bus, "general")
         sid = await bus.submit(PROMPT, pool="general", checks=[CHECK])
         _say(f"submitted {sid} with the check  {CHECK}")
@@ -81,8 +81,8 @@ def _demo(root: Path) -> int:
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=root,
     )  # fmt: skip
     assert up.stdout is not None
-    url = None
-    while url is None:
+    url, creds = None, None
+    while url is None or creds is None:
         line = up.stdout.readline().decode()
         if not line:
             _say("agentbus up exited before it was ready")
@@ -90,6 +90,8 @@ def _demo(root: Path) -> int:
         print(line, end="", flush=True)
         if m := re.search(r"export AGENTBUS_NATS_URL=(\S+)", line):
             url = m.group(1)
+        if m := re.search(r"export AGENTBUS_CREDS=(\S+)", line):
+            creds = m.group(1)  # the admin's, in the demo's own server store
     out = up.stdout
     stopping = threading.Event()
 
@@ -103,7 +105,7 @@ def _demo(root: Path) -> int:
     shown = threading.Thread(target=drain, daemon=True)
     shown.start()
     try:
-        code = asyncio.run(_drive(url))
+        code = asyncio.run(_drive(url, creds))
     finally:
         _say("Ctrl-C to agentbus up (the supervisor stops its agents first; they hand back their sessions)")
         stopping.set()

@@ -90,3 +90,23 @@ class ServerInUse(ServerError):
     """
 
     exit_code = 4
+
+
+class NotPermitted(AgentBusError, PermissionError):
+    """The server refused an operation this user's role does not allow (or an allow-list refused it)."""
+
+    exit_code = 6
+
+    def __init__(self, action: str, *, user: str = "", role: str | None = None, detail: str = "") -> None:
+        who = f"{role or 'unknown role'} {user}".strip() if user or role else "this user"
+        msg = f"not permitted: {action} ({who})"
+        super().__init__(f"{msg}: {detail}" if detail else msg)
+        self.action = action
+        self.user = user
+        self.role = role
+
+
+class NotAuthenticated(AgentBusError):
+    """The server refused the credentials (none given, unknown, revoked), or they could not be read."""
+
+    exit_code = 6

@@ -111,6 +111,7 @@ class WorkerInfo(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     sessions: tuple[str, ...] = ()
     started_ts: float = 0.0
     heartbeat_ts: float = 0.0
+    allowed_models: tuple[str, ...] = ()  # models a submitter may choose besides `model` (--allow-model)
     v: int = SCHEMA_VERSION
     concurrency: int = 0  # sessions it runs at once (0: an agent too old to say)
 
@@ -521,8 +522,11 @@ class Record(msgspec.Struct, frozen=True, kw_only=True):
 
     seq: int
     session_id: str
-    channel: str  # "log" or "input"
+    channel: str  # "log", "input" or "control"
     event: LogEvent
+    # The authenticated user who wrote it, from the subject's last token (input and control
+    # channels; "" on the log and on messages recorded before senders were in the subject).
+    sender: str = ""
 
 
 # --- encoding --------------------------------------------------------------------------------
@@ -611,6 +615,7 @@ def to_builtins(obj: msgspec.Struct) -> Any:
             "seq": obj.seq,
             "session_id": obj.session_id,
             "channel": obj.channel,
+            **({"sender": obj.sender} if obj.sender else {}),
             "event": to_builtins(obj.event),
         }
     return msgspec.to_builtins(obj)

@@ -78,12 +78,12 @@ class WorkQueues:
         if await self.log.exists(sid):
             if (await self.log.state(sid)).status not in ("pending", "queued"):
                 return
-        else:
-            await self.log.append(sid, SessionCreated(id="created", task=task, trace_id=trace_id))
+        else:  # on the submitter's own channel: the subject says who submitted it
+            await self.log.append(sid, SessionCreated(id="created", task=task, trace_id=trace_id), channel="control")
         if task.pool is None:
             await self.enqueue(WorkItem(session_id=sid), "router")
             return
-        await self.log.append(sid, Routed(id="routed", pool=task.pool, rule="explicit"))
+        await self.log.append(sid, Routed(id="routed", pool=task.pool, rule="explicit"), channel="control")
         await self.enqueue(WorkItem(session_id=sid), task.pool)
 
     async def schedule(self, timer: Timer, *, cause: str) -> PubAck:

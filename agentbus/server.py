@@ -30,6 +30,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 
+from agentbus.auth import AuthStore, local_user_name
 from agentbus.errors import ServerError, ServerInUse
 
 _LISTEN = re.compile(r"Listening for client connections on [^\s:]+:(\d+)")
@@ -71,9 +72,19 @@ class NatsServer:
         server_name: str | None = None,
         cluster_port: int | None = None,
         routes: Sequence[str] = (),
+        auth: bool = True,
+        auth_dir: str | os.PathLike[str] | None = None,
+        admin: str | None = None,
+        tls_cert: str | os.PathLike[str] | None = None,
+        tls_key: str | os.PathLike[str] | None = None,
     ) -> None:
         """`cluster_port` and `routes` make this server one node of a cluster (routes name the
-        other nodes' cluster URLs); each node of a JetStream cluster needs its own `server_name`."""
+        other nodes' cluster URLs); each node of a JetStream cluster needs its own `server_name`.
+
+        With `auth` (the default) only users of `auth_dir` (default `<store>/auth`, shared by the
+        nodes of a cluster) may connect; on first start it holds one user, `admin` (default: the
+        OS user's name), whose credentials are then at `admin_creds`. `tls_cert` and `tls_key`
+        make every client connection TLS (`tls://` URLs)."""
         self.host = host
         self.server_name = server_name
         self.cluster_port = cluster_port
@@ -88,10 +99,19 @@ class NatsServer:
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = self.store_dir / "nats-server.log"
         self._lock: int | None = None  # the locked file descriptor while this object owns the store
+        self.auth: AuthStore | None = AuthStore(Path(auth_dir or self.store_dir / "auth")) if auth else None
+        self.admin = admin or local_user_name()
+        self.admin_creds: Path | None = None
+        self.tls = (Path(tls_cert), Path(tls_key)) if tls_cert and tls_key else None
 
     @property
     def url(self) -> str:
-        return f"nats://{self.host}:{self.port}"
+        return f"{'tls' if self.tls else 'nats'}://{self.host}:{self.port}"
+
+    def reload(self) -> None:
+        """Make the server read its users again (after `auth.add` or `auth.revoke`) and wait until it has."""
+        if self.auth is not None:
+            self.auth.reload(log_files=[self.log_path])
 
     def start(self, timeout: float = 15.0) -> NatsServer:
         """Start and wait until ready. Raises `ServerInUse` (exit code 4) when the port or the
@@ -108,6 +128,8 @@ class NatsServer:
     def _start(self, timeout: float) -> NatsServer:
         self.log_path.unlink(missing_ok=True)
         conf = self.store_dir / "nats-server.conf"
+        if self.auth is not None:
+            self.admin_creds = self.auth.init(self.admin)
         conf.write_text(self._config())
         assert self._lock is not None
         self.proc = subprocess.Popen(
@@ -178,6 +200,7 @@ class NatsServer:
         if self.sync_always:
             lines.append("  sync_interval: always")
         lines.append("}")
+        lines += self._security_config()
         if self.server_name:
             lines.append(f'server_name: "{self.server_name}"')
         if self.cluster_port is not None:
@@ -186,6 +209,19 @@ class NatsServer:
             lines += [f"  routes: [{routes}]", "}"]
         lines.append("")
         return "\n".join(lines)
+
+    def _security_config(self) -> list[str]:
+        lines = []
+        if self.auth is not None:
+            # include paths are relative to this file, even ones that look absolute
+            block = os.path.relpath(self.auth.config_file, self.store_dir)
+            pid = self.auth.pid_file(self.server_name or f"{os.getpid()}-{id(self):x}")
+            pid.parent.mkdir(parents=True, exist_ok=True)
+            lines += [f'pid_file: "{pid}"', f'include "{block}"']
+        if self.tls is not None:
+            cert, key = (str(p.resolve()).replace("\\", "/") for p in self.tls)
+            lines += ["tls {", f'  cert_file: "{cert}"', f'  key_file: "{key}"', "}"]
+        return lines
 
     def _log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -9,26 +9,22 @@ fenced, so steering never breaks an agent's fence.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncGenerator, Sequence
 from typing import Literal
 
-import msgspec
-
+from agentbus import statecache
+from agentbus.authority import honoured
 from agentbus.bus import Bus, Outgoing, PubAck
-from agentbus.errors import FencedError, NoSuchSession
+from agentbus.errors import FencedError
 from agentbus.messages import Event, Record, decode_event, encode
-from agentbus.state import SessionState, fold
-from agentbus.subjects import session_id_from_subject, valid_token
+from agentbus.state import SessionState
+from agentbus.subjects import parse_session_subject, session_id_from_subject, valid_token
 
 logger = logging.getLogger("agentbus.session")
 
-Channel = Literal["log", "input"]
+Channel = Literal["log", "input", "control"]
 From = int | Literal["start", "new"]
-
-_state_decoder = msgspec.json.Decoder(SessionState)
-_state_encoder = msgspec.json.Encoder()
 
 
 class SessionLog:
@@ -39,7 +35,12 @@ class SessionLog:
         self.ns = bus.ns
 
     def _subject(self, session_id: str, channel: Channel) -> str:
-        return self.ns.session_log(session_id) if channel == "log" else self.ns.session_input(session_id)
+        if channel == "log":
+            return self.ns.session_log(session_id)
+        # people's channels end in the connection's own user name: the server refuses any other
+        if channel == "input":
+            return self.ns.session_input(session_id, self.bus.user)
+        return self.ns.session_control(session_id, self.bus.user)
 
     # --- writing ----------------------------------------------------------------------------
 
@@ -87,13 +88,9 @@ class SessionLog:
             follow=follow,
         )
         async for d in deliveries:
-            parts = d.subject.rsplit(".", 1)
-            yield Record(
-                seq=d.seq,
-                session_id=session_id_from_subject(d.subject) or "",
-                channel=parts[-1],
-                event=decode_event(d.data),
-            )
+            sid, channel, sender = parse_session_subject(d.subject) or ("", "log", "")
+            event = honoured(channel, sender, decode_event(d.data))  # the subject says who wrote it
+            yield Record(seq=d.seq, session_id=sid, channel=channel, event=event, sender=sender)
 
     async def read(self, session_id: str, from_seq: int = 1, limit: int | None = None) -> list[Record]:
         """The session's records with stream sequence >= `from_seq` (at most `limit`)."""
@@ -105,8 +102,12 @@ class SessionLog:
         return out
 
     async def exists(self, session_id: str) -> bool:
-        counts = await self.bus.subject_counts(self.ns.sessions_stream, self.ns.session_all(session_id))
-        return bool(counts)
+        return await self.last_seq(session_id) > 0
+
+    async def last_seq(self, session_id: str) -> int:
+        """The stream sequence of the session's last record on any channel (0: no such session);
+        one direct get, which a user granted only this session may make."""
+        return await self.bus.last_subject_seq(self.ns.sessions_stream, self.ns.session_all(session_id))
 
     async def session_ids(self) -> list[str]:
         """Every session with anything in the log, oldest id first (ids sort by creation time).
@@ -126,39 +127,10 @@ class SessionLog:
     async def state(self, session_id: str) -> SessionState:
         """The folded state, from the KV cache plus whatever the log holds past it.
 
-        The log is the truth; the cache only saves re-reading it. Writes use
-        compare-and-set, so two readers refreshing at once cannot move it back.
+        The log is the truth; the cache only saves re-reading it, and is checked against the
+        session's last sequence before it is used (`agentbus.statecache`).
         """
-        bucket = self.ns.state_bucket
-        self.ns.session_log(session_id)  # refuses an id that is not a subject token
-        for _ in range(5):
-            cached = await self.bus.kv_get(bucket, session_id)
-            state, revision = SessionState(session_id=session_id), None
-            if cached is not None:
-                state, revision = _cached_state(session_id, cached[0]), cached[1]
-            new = state
-            for rec in await self.read(session_id, from_seq=state.last_seq + 1):
-                new = fold(new, rec)
-            if new.last_seq == 0:
-                raise NoSuchSession(session_id)
-            if new.last_seq == state.last_seq:
-                return new
-            if await self.bus.kv_put_if(bucket, session_id, _state_encoder.encode(new), revision):
-                return new
-            await asyncio.sleep(0)
-        return new
-
-
-def _cached_state(session_id: str, raw: bytes) -> SessionState:
-    """A cached fold, or a fresh start when the entry is unreadable or names another session."""
-    try:
-        state = _state_decoder.decode(raw)
-    except (msgspec.MsgspecError, RecursionError, UnicodeDecodeError):
-        logger.warning("session %s: unreadable state cache entry; folding the log afresh", session_id)
-        return SessionState(session_id=session_id)
-    if state.session_id != session_id:
-        return SessionState(session_id=session_id)
-    return state
+        return await statecache.state(self, session_id)
 
 
 class SessionWriter:

@@ -13,6 +13,7 @@ exact record of every call and its cost.
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 from collections.abc import Callable
@@ -21,9 +22,10 @@ from typing import TypeVar
 import msgspec
 
 from agentbus.bus import Bus
-from agentbus.errors import BusError
+from agentbus.errors import BusError, NotPermitted
 from agentbus.messages import Hold, PoolSpend, encode
 
+log = logging.getLogger("agentbus.spend")
 _ATTEMPTS = 50  # compare-and-set rounds before giving up; contention is a handful of agents
 _Change = Callable[[PoolSpend], PoolSpend]
 _T = TypeVar("_T")
@@ -54,7 +56,12 @@ class SpendLedger:
         supervisor puts it back on its next look if the fleet as a whole is still over."""
         now = time.time()
         fresh = await self._update(pool, lambda _: PoolSpend(pool=pool, since_ts=now, updated_ts=now))
-        await self.clear_hold(pool)
+        try:
+            await self.clear_hold(pool)
+        except NotPermitted:
+            # holds are the supervisor's (and admins'): it lifts this one at its next look, now
+            # that the pool is under its ceiling again
+            log.info("pool %s: spend reset; the supervisor lifts its hold", pool)
         return fresh
 
     async def _update(self, pool: str, change: _Change) -> PoolSpend:

@@ -128,7 +128,7 @@ def _apply(s: SessionState, ev: object) -> None:
                 s.dismissed = True
         return
     match ev:
-        case SessionCreated(task=task):
+        case SessionCreated(task=task) if s.events == 1:  # only the first record creates a session
             s.status = "pending" if task.pool is None else s.status
             s.pool = task.pool or s.pool
             s.prompt = task.prompt[:200]
@@ -189,6 +189,19 @@ def _apply(s: SessionState, ev: object) -> None:
         case BudgetExceeded(limit=limit, detail=detail):
             s.status = "paused"
             s.reason = f"{limit}: {detail}" if detail else limit
+        case CancelRequested(author=author, reason=why) if (
+            s.created_ts
+            and s.owner is None
+            and s.status
+            in (
+                "pending",
+                "queued",
+            )
+        ):
+            # nobody has the session: the request itself ends it (an agent that takes it later stops at once)
+            s.status, s.cancel_requested = "cancelled", True
+            s.reason = f"cancelled by {author or 'someone'} before any agent took it" + (f": {why}" if why else "")
+            s.parked = False
         case CancelRequested():
             s.cancel_requested = True
         case ResumeRequested():

@@ -86,21 +86,35 @@ class Namespace:
         """Events written by the processes that own a session's work (fenced by the owner)."""
         return f"{self.prefix}.session.{_token(session_id, 'session id')}.log"
 
-    def session_input(self, session_id: str) -> str:
-        """Events from people and scripts: human messages, cancel and resume requests."""
-        return f"{self.prefix}.session.{_token(session_id, 'session id')}.input"
+    def session_input(self, session_id: str, user: str) -> str:
+        """Steering from one authenticated user (human messages, cancel requests): the last
+        token is the sender, and the server lets each user publish only under their own name."""
+        return f"{self.prefix}.session.{_token(session_id, 'session id')}.input.{_token(user, 'user name')}"
+
+    def session_control(self, session_id: str, user: str) -> str:
+        """Commands that start or fund a session (the submitted task, resume requests) from one
+        authenticated user; apart from `input`, so a co-driver who may steer cannot also raise a budget."""
+        return f"{self.prefix}.session.{_token(session_id, 'session id')}.control.{_token(user, 'user name')}"
 
     def session_all(self, session_id: str) -> str:
-        """Both channels of one session, in stream order."""
-        return f"{self.prefix}.session.{_token(session_id, 'session id')}.*"
+        """Every channel of one session, in stream order (one filter, so one scoped consumer reads it)."""
+        return f"{self.prefix}.session.{_token(session_id, 'session id')}.>"
 
     def sessions_all(self) -> str:
         """Every channel of every session."""
-        return f"{self.prefix}.session.*.*"
+        return f"{self.prefix}.session.>"
 
     def sessions_log_all(self) -> str:
         """The owner channel of every session (what the router's fan-in watches for ends)."""
         return f"{self.prefix}.session.*.log"
+
+    def sessions_input_all(self) -> str:
+        """The steering channels of every session and user."""
+        return f"{self.prefix}.session.*.input.*"
+
+    def sessions_control_all(self) -> str:
+        """The command channels of every session and user."""
+        return f"{self.prefix}.session.*.control.*"
 
     def submissions(self) -> str:
         """Tasks with no explicit pool, waiting for a router to choose one."""
@@ -121,10 +135,6 @@ class Namespace:
     def timers(self) -> str:
         """Wake-ups due later (an approval's timeout), held until their time by the agents."""
         return f"{self.prefix}.timer"
-
-    def sessions_input_all(self) -> str:
-        """The input channel of every session: what wakes a parked session."""
-        return f"{self.prefix}.session.*.input"
 
     def work_all(self) -> str:
         """Every pool's work queue."""
@@ -189,7 +199,7 @@ class Namespace:
         return (
             StreamSpec(
                 name=self.sessions_stream,
-                subjects=(self.sessions_all(),),
+                subjects=(self.sessions_log_all(), self.sessions_input_all(), self.sessions_control_all()),
                 retention="limits",
                 # A resumed agent re-appends what it may have written before dying; the
                 # window must outlast ack wait plus a restart for that re-append to dedupe.
@@ -323,9 +333,22 @@ def _token(value: str, what: str) -> str:
     return value
 
 
-def session_id_from_subject(subject: str) -> str | None:
-    """The session id in a session-log subject, or None if it is not one."""
+def parse_session_subject(subject: str) -> tuple[str, str, str] | None:
+    """(session id, channel, sender) of a session subject, or None if it is not one.
+
+    `<prefix>.session.<id>.log` has no sender; `<prefix>.session.<id>.input.<user>` and
+    `.control.<user>` name the authenticated user who wrote it. A 4-token `.input` subject is a
+    message recorded before senders were part of the subject (sender "").
+    """
     parts = subject.split(".")
-    if len(parts) == 4 and parts[1] == "session":
-        return parts[2]
+    if len(parts) == 4 and parts[1] == "session" and parts[3] in ("log", "input"):
+        return parts[2], parts[3], ""
+    if len(parts) == 5 and parts[1] == "session" and parts[3] in ("input", "control"):
+        return parts[2], parts[3], parts[4]
     return None
+
+
+def session_id_from_subject(subject: str) -> str | None:
+    """The session id in a session subject (any channel), or None if it is not one."""
+    parsed = parse_session_subject(subject)
+    return parsed[0] if parsed else None

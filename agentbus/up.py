@@ -22,7 +22,10 @@ from importlib.resources import files
 from pathlib import Path
 from typing import IO
 
+from agentbus.auth import write_context
+from agentbus.config import Settings
 from agentbus.errors import AgentBusError, UsageError
+from agentbus.roles import Identity
 from agentbus.server import NatsServer, check_port_free, die_with_parent
 
 DEMO_SCRIPT = files("agentbus") / "scripted" / "demo.json"
@@ -50,6 +53,22 @@ def default_pools(store: Path) -> tuple[Path, str]:
         "min = 0\nmax = 2\nconcurrency = 2\nidle_s = 60\nack_wait_s = 10\n"
     )
     return path, note
+
+
+def deployment_creds(server: NatsServer) -> tuple[Path, Path]:
+    """Credentials for `up`'s own processes, made on first start and kept in the server's state
+    directory: `service` for router, evaluator and supervisor, `agent` for the workers."""
+    assert server.auth is not None
+    prefix = Settings.from_env().prefix
+    paths = []
+    changed = False
+    for name, role in (("up-service", "service"), ("up-agents", "agent")):
+        path = server.auth.creds_path(name)
+        changed |= server.auth.ensure(Identity(user=name, role=role, prefix=prefix), path)  # type: ignore[arg-type]
+        paths.append(path)
+    if changed:
+        server.reload()
+    return paths[0], paths[1]
 
 
 def _say(name: str, line: str) -> None:
@@ -102,17 +121,20 @@ def _run(pools_file: str | None, port: int, store: Path, scratch: Path) -> int:
     code = 0
     try:
         _say("nats", f"nats-server ready on {server.url} (JetStream store {store})")
+        envs = _environments(server, port)
         for name, cmd in _roles(server.url, pools, store).items():
             if stop.is_set():
                 break
             procs[name] = subprocess.Popen(
                 cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                start_new_session=True, env=envs[name],
                 # SIGTERM, not SIGKILL: a supervisor orphaned by `kill -9 up` still drains its agents
                 preexec_fn=die_with_parent(signal.SIGTERM),
             )  # fmt: skip
             threading.Thread(target=_pump, args=(name, procs[name].stdout), daemon=True).start()
         _say("up", f"ready. In another terminal: export AGENTBUS_NATS_URL={server.url}")
+        if not port:
+            _say("up", f"  export AGENTBUS_CREDS={server.admin_creds}")
         _say("up", '  agentbus submit "write a haiku about queues" --pool general; agentbus tap --all --from-start')
         _say("up", "  pool slow (offline, seconds a step) leaves time to say, or to kill -9 its agent and watch")
         _say("up", "Ctrl-C stops everything")
@@ -128,6 +150,20 @@ def _run(pools_file: str | None, port: int, store: Path, scratch: Path) -> int:
         server.stop()
         _say("up", "stopped")
     return code
+
+
+def _environments(server: NatsServer, port: int) -> dict[str, dict[str, str]]:
+    """Each process's environment: credentials by path, never on a command line (which any local
+    user can read); the supervisor hands its agents their own."""
+    service_creds, agent_creds = deployment_creds(server)
+    if port and server.admin_creds is not None:
+        write_context(server.url, server.admin_creds)  # this user's CLI finds the admin's credentials
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "AGENTBUS_CREDS": str(service_creds)}
+    return {
+        "router": env,
+        "evaluator": env,
+        "supervisor": {**env, "AGENTBUS_AGENT_CREDS": str(agent_creds)},
+    }
 
 
 def _roles(url: str, pools: Path, store: Path) -> dict[str, list[str]]:

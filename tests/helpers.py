@@ -165,3 +165,28 @@ async def ticks_pass(sup: Supervisor, n: int = 5) -> None:
 
 async def _at_least(sup: Supervisor, ticks: int) -> bool:
     return sup.ticks >= ticks
+
+
+async def raw_connect(settings: Settings, **options: Any) -> Any:
+    """A plain nats-py connection as the settings' user (what an attacker with those credentials
+    could do without agentbus); refused requests surface on `errors`, a list kept on the client."""
+    import nats
+
+    from agentbus.auth import read_creds
+
+    creds = read_creds(settings.creds)
+    errors: list[str] = []
+
+    async def on_error(err: Exception) -> None:
+        errors.append(str(err))
+
+    nc = await nats.connect(
+        settings.nats_url,
+        nkeys_seed_str=creds.seed,
+        inbox_prefix=creds.identity.inbox_prefix,
+        error_cb=on_error,
+        allow_reconnect=False,
+        **options,
+    )
+    nc.agentbus_errors = errors
+    return nc

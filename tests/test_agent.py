@@ -281,7 +281,8 @@ async def test_a_message_said_during_a_model_call_reaches_the_model_in_the_next_
     assert "use blue" not in json.dumps(requests[0])
     second = last_user(requests[1])
     assert second[0]["type"] == "tool_result" and second[0]["tool_use_id"] == "tu_c"  # tool results come first
-    assert {"type": "text", "text": "[message from ann] use blue"} in [
+    # the sender is the authenticated user (the test's admin); "ann" only a display name beside it
+    assert {"type": "text", "text": '[message from admin (as "ann")] use blue'} in [
         {k: v for k, v in b.items() if k != "cache_control"} for b in second
     ]
 
@@ -525,7 +526,7 @@ async def test_a_session_waiting_for_a_human_outlives_its_agent_and_the_answer_w
         assert len(api.requests) == 2
 
     assert state.status == "completed", state.reason
-    assert state.result == "going with [message from erin] green"
+    assert state.result == 'going with [message from admin (as "erin")] green'
     claims = [c.worker for c in await events(client, sid, SessionClaimed)]
     assert claims == ["first", "second"]
     started = await events(client, sid, ToolCallStarted)

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import nats
-
 import agentbus
 from agentbus.bus import Bus
 from agentbus.config import Settings
 from agentbus.server import NatsServer
 from agentbus.testing import FakeMessagesAPI
-from tests.helpers import agent, until
+from tests.helpers import agent, raw_connect, until
 
 
 async def test_a_task_that_fails_on_every_delivery_ends_failed_with_the_reason(
@@ -79,10 +77,10 @@ async def _drained(bus: Bus) -> bool:
 async def test_where_the_account_already_archives_advisories_agents_listen_live(tmp_path: Path) -> None:
     """A stream of the account's own on `$JS.EVENT.ADVISORY.>` overlaps ours: nothing may break."""
     with NatsServer(store_dir=tmp_path / "nats") as server:
-        nc = await nats.connect(server.url)
+        settings = Settings(nats_url=server.url, prefix="own", creds=str(server.admin_creds))
+        nc = await raw_connect(settings)
         await nc.jetstream().add_stream(name="ARCHIVE", subjects=["$JS.EVENT.ADVISORY.>"])
         await nc.close()
-        settings = Settings(nats_url=server.url, prefix="own")
         async with agentbus.connect(settings=settings) as client:  # provisioning goes on without it
             assert not await client.bus.stream_exists(client.bus.ns.exhausted_stream)
             bus = client.bus

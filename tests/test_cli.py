@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from agentbus.bus import Bus
 from agentbus.cli import main
 from agentbus.config import Settings
-from agentbus.errors import NatsUnreachable, UsageError
+from agentbus.errors import NotAuthenticated, UsageError
 from agentbus.server import NatsServer
 from tests.helpers import free_port
 
@@ -39,7 +39,9 @@ def test_submit_say_show_and_sessions_work_together_with_json(cli) -> None:  # t
     shown = json.loads(out)
     assert shown["state"]["status"] == "queued"
     assert [e["event"]["type"] for e in shown["events"]] == ["session_created", "routed", "human_message"]
-    assert shown["events"][2]["event"]["author"] == "alice"
+    # the sender is who the credentials say (the server's admin here); --as is only a display name
+    assert shown["events"][2]["sender"] == "admin"
+    assert shown["events"][2]["event"]["author"] == 'admin (as "alice")'
     code, out, _ = cli("sessions", "--json")
     assert code == 0 and sid in out
     code, out, _ = cli("tap", sid, "--no-follow", "--json")
@@ -117,10 +119,12 @@ def test_a_service_given_a_missing_file_says_so_in_one_line() -> None:
 
 async def test_a_service_started_before_its_server_waits_for_it_when_told_to(tmp_path: Path) -> None:
     port = free_port()
-    server = NatsServer(port=port, store_dir=tmp_path / "nats")
-    settings = Settings(nats_url=server.url, prefix="wait", connect_wait_s=30)
-    with pytest.raises(NatsUnreachable):
-        await Bus.connect(settings.with_(connect_wait_s=0))
+    server = NatsServer(port=port, store_dir=tmp_path / "nats", admin="admin")
+    # its credentials do not exist yet either: made when the server first starts
+    creds = tmp_path / "nats" / "auth" / "admin.creds"
+    settings = Settings(nats_url=server.url, prefix="wait", connect_wait_s=30, creds=str(creds))
+    with pytest.raises(NotAuthenticated, match="cannot read credentials"):
+        await Bus.connect(settings.with_(connect_wait_s=0))  # not told to wait: fails at once
     connecting = asyncio.create_task(Bus.connect(settings))
     await asyncio.sleep(1.5)
     assert not connecting.done(), "still trying while no server listens"
@@ -135,7 +139,8 @@ async def test_a_service_started_before_its_server_waits_for_it_when_told_to(tmp
 async def test_a_comma_separated_url_names_several_servers_and_any_live_one_serves(nats_server: NatsServer) -> None:
     dead = free_port()
     for _ in range(4):  # nats-py shuffles the list; the dead one must never matter
-        bus = await Bus.connect(Settings(nats_url=f"nats://127.0.0.1:{dead}, {nats_server.url}", prefix="multi"))
+        urls = f"nats://127.0.0.1:{dead}, {nats_server.url}"
+        bus = await Bus.connect(Settings(nats_url=urls, prefix="multi", creds=str(nats_server.admin_creds)))
         assert bus.connected_url == nats_server.url
         await bus.close()
 

@@ -8,7 +8,6 @@ from collections.abc import Iterator
 from contextlib import AsyncExitStack
 from pathlib import Path
 
-import nats
 import pytest
 
 import agentbus
@@ -18,7 +17,7 @@ from agentbus.messages import HumanMessage, Record
 from agentbus.server import NatsServer
 from agentbus.testing import text_response, tool_use_response
 from services.supervisor.pools import Fleet, PoolSpec
-from tests.helpers import POOL, PaperSpawner, agent_with_fake, free_ports, supervising, ticks_pass
+from tests.helpers import POOL, PaperSpawner, agent_with_fake, free_ports, raw_connect, supervising, ticks_pass
 
 
 @pytest.fixture
@@ -27,7 +26,16 @@ def cluster(tmp_path: Path) -> Iterator[list[NatsServer]]:
     ports, routes = ports[:3], ports[3:]
     urls = [f"nats://127.0.0.1:{p}" for p in routes]
     nodes = [
-        NatsServer(port=p, store_dir=tmp_path / f"n{i}", server_name=f"n{i}", cluster_port=r, routes=urls)
+        # one users file for the three: every node authorizes the same users the same way
+        NatsServer(
+            port=p,
+            store_dir=tmp_path / f"n{i}",
+            server_name=f"n{i}",
+            cluster_port=r,
+            routes=urls,
+            auth_dir=tmp_path / "auth",
+            admin="admin",
+        )
         for i, (p, r) in enumerate(zip(ports, routes, strict=True))
     ]
     try:
@@ -59,7 +67,8 @@ def respond(request: dict[str, object]) -> dict[str, object]:
 async def test_three_replicas_keep_a_session_through_the_loss_of_its_leader(
     cluster: list[NatsServer], tmp_path: Path, prefix: str
 ) -> None:
-    settings = Settings(nats_url=",".join(n.url for n in cluster), prefix=prefix, replicas=3)
+    creds = str(cluster[0].admin_creds)
+    settings = Settings(nats_url=",".join(n.url for n in cluster), prefix=prefix, replicas=3, creds=creds)
     async with AsyncExitStack() as stack:
         client = await _connect_when_ready(settings, stack)
         fleet = Fleet({POOL: PoolSpec(name=POOL, model="x", min=0, max=1)})
@@ -89,7 +98,7 @@ async def test_three_replicas_keep_a_session_through_the_loss_of_its_leader(
     assert new_leader in {n.server_name for n in survivors}
 
     survivor = next(n for n in cluster if n is not victim)
-    nc = await nats.connect(survivor.url)
+    nc = await raw_connect(settings.with_(nats_url=survivor.url))
     try:
         infos = await nc.jetstream().streams_info()
     finally:
@@ -108,7 +117,7 @@ async def _read(settings: Settings, sid: str) -> list[Record]:
 async def _leader(nodes: list[NatsServer], stream: str) -> str:
     for node in nodes:
         try:
-            nc = await nats.connect(node.url, connect_timeout=2, allow_reconnect=False)
+            nc = await raw_connect(Settings(nats_url=node.url, creds=str(node.admin_creds)), connect_timeout=2)
         except Exception:
             continue
         try:

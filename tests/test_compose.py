@@ -4,6 +4,7 @@ complete, down, up again, and the session is still in the log."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import shutil
@@ -92,6 +93,20 @@ def test_one_image_serves_every_role_and_nats_keeps_its_store_on_a_named_volume(
         assert "docker.sock" not in mounts, f"{name} must not get the engine socket"
     for role in ROLES:
         assert services[role]["environment"]["AGENTBUS_CONNECT_WAIT_S"], "every process waits for NATS"
+    # authorization: every process reads its own credentials, by path, from a read-only volume
+    creds = {r: services[r]["environment"]["AGENTBUS_CREDS"] for r in ROLES}
+    assert creds == {
+        "router": "/creds/service/service.creds",
+        "evaluator": "/creds/service/service.creds",
+        "supervisor": "/creds/service/service.creds",
+        "agents": "/creds/agent/agent.creds",
+    }
+    assert services["supervisor"]["environment"]["AGENTBUS_AGENT_CREDS"] == "/creds/agent/agent.creds"
+    assert "creds-service:/creds/service:ro" not in services["agents"]["volumes"], "agents never see service creds"
+    for role in ROLES:
+        assert all(v.endswith(":ro") for v in services[role]["volumes"] if v.startswith("creds-"))
+    assert "auth init" in " ".join(nats["entrypoint"]) and "nats-auth:/auth" in nats["volumes"]
+    assert 'include "../../auth/authorization.conf"' in (COMPOSE / "nats.conf").read_text()
 
 
 def test_the_cluster_variant_runs_three_servers_and_three_replicas() -> None:
@@ -136,6 +151,11 @@ class Deployment:
         assert out.returncode == 0, f"compose {' '.join(args)}: {out.stdout}\n{out.stderr}"
         return out.stdout + out.stderr
 
+    def admin_creds(self, where: Path) -> str:
+        """What the README tells the host's user to do: copy the admin's credentials out of nats."""
+        where.write_text(self.run("exec", "-T", "nats", "cat", "/auth/admin.creds"))
+        return str(where)
+
     def logs(self) -> str:
         out = subprocess.run([*self.base, "logs", "--no-color"], capture_output=True, text=True, check=False)
         return out.stdout[-4000:]
@@ -162,12 +182,22 @@ def deployment(
 
 
 @pytest.mark.timeout(600)
+async def _admin_creds(deploy: Deployment, tmp_path: Path) -> str:
+    """The admin's credentials once the nats service has made them (it does on its first start)."""
+    for _ in range(120):
+        try:
+            return deploy.admin_creds(tmp_path / "admin.creds")
+        except AssertionError:
+            await asyncio.sleep(1)  # polling a starting container with a bound, not synchronising
+    raise AssertionError("the nats service never made the admin's credentials:\n" + deploy.logs())
+
+
 async def test_compose_up_runs_a_task_from_the_host_and_the_session_survives_down_and_up(
-    deployment: tuple[Deployment, str],
+    deployment: tuple[Deployment, str], tmp_path: Path
 ) -> None:
     deploy, url = deployment
-    settings = Settings(nats_url=url, connect_wait_s=120)
     deploy.run("up", "-d", "--no-build")
+    settings = Settings(nats_url=url, connect_wait_s=120, creds=await _admin_creds(deploy, tmp_path))
     try:
         async with agentbus.connect(settings=settings) as client:
             # the check runs in the evaluator's container, on the workspace the agent wrote

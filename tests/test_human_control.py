@@ -93,13 +93,13 @@ async def test_a_steer_reaches_the_next_request_and_its_receipt_names_that_step(
         async with agent(settings, api, tmp_path, gates=(gate,)):
             sid = await client.submit("x", pool=POOL)
             await gate.wait_reached()
-            seq = await client.say(sid, "use the blue one", author="alice")
+            seq = await client.say(sid, "use the blue one")
             gate.open()
             receipt = await client.wait_delivered(sid, seq, timeout=20)
             assert (await client.wait(sid, timeout=20)).status == "completed"
         requests = bodies(api)
     assert receipt.step == 2 and receipt.message_seq == seq
-    assert "[message from alice] use the blue one" in texts(requests[1]["messages"][-1])
+    assert "[message from admin] use the blue one" in texts(requests[1]["messages"][-1])
 
 
 async def test_a_follow_up_waits_for_the_end_of_the_turn_and_the_session_goes_on_with_it(
@@ -118,7 +118,7 @@ async def test_a_follow_up_waits_for_the_end_of_the_turn_and_the_session_goes_on
         async with agent(settings, api, tmp_path, gates=(gate,)):
             sid = await client.submit("x", pool=POOL)
             await gate.wait_reached()
-            seq = await client.say(sid, "then also do B", author="alice", queue=True)
+            seq = await client.say(sid, "then also do B", queue=True)
             gate.open()
             state = await client.wait(sid, timeout=20)
         requests = bodies(api)
@@ -126,7 +126,7 @@ async def test_a_follow_up_waits_for_the_end_of_the_turn_and_the_session_goes_on
     assert len(requests) == 3
     assert not any("also do B" in t for m in requests[1]["messages"] for t in texts(m))  # not mid-turn
     last = requests[2]["messages"]
-    assert texts(last[-2]) == ["first answer"] and texts(last[-1]) == ["[message from alice] then also do B"]
+    assert texts(last[-2]) == ["first answer"] and texts(last[-1]) == ["[message from admin] then also do B"]
     delivered = await events(client, sid, MessageDelivered)
     assert [(d.message_seq, d.step) for d in delivered] == [(seq, 3)]
 
@@ -140,8 +140,8 @@ async def test_a_follow_up_on_a_completed_session_reopens_it_with_the_whole_conv
             sid = await client.submit("count", pool=POOL)
             assert (await client.wait(sid, timeout=20)).result == "one"
             with pytest.raises(UsageError, match="say --queue"):
-                await client.say(sid, "steering a finished session", author="alice")
-            await client.say(sid, "and the next one?", author="alice", queue=True)
+                await client.say(sid, "steering a finished session")
+            await client.say(sid, "and the next one?", queue=True)
             state = await client.wait(sid, timeout=20)
         requests = bodies(api)
     assert (state.status, state.result, state.turn) == ("completed", "two", 2)
@@ -159,7 +159,7 @@ async def test_an_interrupt_aborts_the_model_call_keeps_what_it_said_and_goes_on
         async with agent(settings, api, tmp_path):
             sid = await client.submit("improve the file", pool=POOL)
             await asyncio.to_thread(api.stalled.wait, 10)
-            await client.interrupt(sid, "only touch the header", author="carol")
+            await client.interrupt(sid, "only touch the header")
             state = await client.wait(sid, timeout=20)
             await until(lambda: _disconnected(api), "the fake API to see the request closed")
         requests = bodies(api)
@@ -170,7 +170,7 @@ async def test_an_interrupt_aborts_the_model_call_keeps_what_it_said_and_goes_on
     assert texts({"content": list(cut.content)}) == [arrived]
     last = requests[1]["messages"]
     assert texts(last[-2]) == [arrived]
-    assert "[carol interrupted you] only touch the header" in texts(last[-1])
+    assert "[admin interrupted you] only touch the header" in texts(last[-1])
 
 
 async def _disconnected(api: FakeMessagesAPI) -> bool:
@@ -186,14 +186,14 @@ async def test_an_interrupt_without_text_pauses_the_session_until_someone_speaks
         async with agent(settings, api, tmp_path):
             sid = await client.submit("x", pool=POOL)
             await asyncio.to_thread(api.stalled.wait, 10)
-            await client.interrupt(sid, author="carol")
+            await client.interrupt(sid)
             await until(lambda: status_is(client, sid, "paused"), "the session to pause")
             paused = await client.state(sid)
             inbox = [i.session_id async for i in client.inbox()]
-            await client.say(sid, "go on, but briefly", author="carol")
+            await client.say(sid, "go on, but briefly")
             await until(lambda: status_is(client, sid, "completed"), "the session to go on and finish", timeout=20)
             state = await client.state(sid)
-    assert paused.reason == "interrupted: by carol"
+    assert paused.reason == "interrupted: by admin"
     assert inbox == [sid]
     assert state.status == "completed" and state.result == "going on as told"
 
@@ -226,13 +226,13 @@ async def test_an_interrupt_kills_the_running_tool_and_the_session_goes_on(
             sid = await client.submit("x", pool=POOL)
             await until(lambda: _started(client, sid), "the command to start")
             await until(lambda: _running(marker), "the sleep to run")
-            await client.interrupt(sid, "skip that", author="dave")
+            await client.interrupt(sid, "skip that")
             state = await client.wait(sid, timeout=20)
             gone = not _sleepers(marker)
     assert state.status == "completed" and state.result == "skipped it"
     assert gone, "the interrupted command outlived its call"
     result = (await events(client, sid, ToolCallCompleted))[0]
-    assert result.is_error and "interrupted by dave" in result.output
+    assert result.is_error and "interrupted by admin" in result.output
     assert not (tmp_path / sid / "late.txt").exists()
 
 
@@ -267,24 +267,24 @@ async def test_an_approved_call_runs_and_a_denied_one_tells_the_model_who_denied
                 await until(lambda sid=sid: status_is(client, sid, "awaiting_approval"), "the approval request")
             assert not (tmp_path / yes / "out.txt").exists()
             inbox = {i.session_id: i async for i in client.inbox()}
-            await client.approve(yes, author="bob")
-            await client.approve(no, deny=True, reason="not in this repo", author="bob")
+            await client.approve(yes)
+            await client.approve(no, deny=True, reason="not in this repo")
             approved, denied = await client.wait(yes, timeout=20), await client.wait(no, timeout=20)
     assert set(inbox) == {yes, no}
     assert inbox[yes].command.startswith(f"agentbus approve {yes}")
     assert "write_file" in inbox[yes].question and "out.txt" in inbox[yes].question
     assert approved.result == "tool said: wrote 5 bytes to out.txt"
     assert (tmp_path / yes / "out.txt").read_text() == "hello"
-    assert denied.result == "tool said: not run: denied by bob: not in this repo"
+    assert denied.result == "tool said: not run: denied by admin: not in this repo"
     assert not (tmp_path / no / "out.txt").exists()
     decided = await events(client, no, ApprovalDecided)
-    assert [(d.approved, d.author) for d in decided] == [(False, "bob")]
+    assert [(d.approved, d.author) for d in decided] == [(False, "admin")]
 
 
 async def test_approving_a_session_with_nothing_waiting_is_refused(client: agentbus.Client) -> None:
     sid = await client.submit("x", pool="nobody")
     with pytest.raises(UsageError, match="no tool call waiting"):
-        await client.approve(sid, author="bob")
+        await client.approve(sid)
 
 
 @pytest.mark.parametrize("on_timeout", ["deny", "pause"])
@@ -321,7 +321,7 @@ async def test_an_approval_survives_kill_9_of_the_agent_and_a_new_agent_goes_on_
         await until(lambda: status_is(client, sid, "awaiting_approval"), "the approval request", timeout=30)
         first.kill()
         first.wait(10)
-        await client.approve(sid, author="bob")  # decided while no agent runs
+        await client.approve(sid)  # decided while no agent runs
         second = agent_process(settings, api, tmp_path / "work", tmp_path / "second.log", extra=["--approve", "bash"])
         procs.append(second)
         state = await client.wait(sid, timeout=40)
@@ -354,7 +354,7 @@ async def test_an_agent_with_one_slot_serves_others_while_a_session_waits_for_ap
             assert (await client.wait(other, timeout=20)).status == "completed"
             parent = await client.submit("delegating parent", pool=POOL)  # its child needs the only slot
             assert (await client.wait(parent, timeout=20)).result == "parent done"
-            await client.approve(waiting, author="bob")
+            await client.approve(waiting)
             assert (await client.wait(waiting, timeout=20)).status == "completed"
 
 
@@ -389,7 +389,7 @@ async def test_the_inbox_shows_exactly_the_sessions_that_need_a_person_and_follo
             first = [await anext(follow) for _ in range(3)]
             later = await client.submit("ask me again", pool=POOL)
             arrived = await _next_for(follow, later)
-            await client.dismiss(pauses, author="erin", note="seen")
+            await client.dismiss(pauses, note="seen")
             left = await _next_for(follow, pauses)
             await follow.aclose()  # type: ignore[attr-defined]
     assert set(listed) == {asks, approves, pauses}

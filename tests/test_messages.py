@@ -52,7 +52,7 @@ from agentbus.messages import (
     WorkItem,
 )
 from agentbus.state import SessionState, fold
-from agentbus.subjects import Namespace, session_id_from_subject
+from agentbus.subjects import Namespace, parse_session_subject, session_id_from_subject
 
 TS = 1_700_000_000.25
 
@@ -413,9 +413,10 @@ def test_namespace_builds_the_documented_subjects_and_names() -> None:
     ns = Namespace("acme_dev")
 
     assert ns.session_log("s1") == "acme_dev.session.s1.log"
-    assert ns.session_input("s1") == "acme_dev.session.s1.input"
-    assert ns.session_all("s1") == "acme_dev.session.s1.*"
-    assert ns.sessions_all() == "acme_dev.session.*.*"
+    assert ns.session_input("s1", "ann") == "acme_dev.session.s1.input.ann"
+    assert ns.session_control("s1", "ann") == "acme_dev.session.s1.control.ann"
+    assert ns.session_all("s1") == "acme_dev.session.s1.>"
+    assert ns.sessions_all() == "acme_dev.session.>"
     assert ns.submissions() == "acme_dev.submit"
     assert ns.work("writers") == "acme_dev.work.writers"
     assert ns.work_all() == "acme_dev.work.*"
@@ -432,7 +433,7 @@ def test_every_stream_captures_exactly_the_subjects_built_for_it() -> None:
 
     streams = {spec.name: spec for spec in ns.streams()}
 
-    assert streams["P_SESSIONS"].subjects == ("p.session.*.*",)
+    assert streams["P_SESSIONS"].subjects == ("p.session.*.log", "p.session.*.input.*", "p.session.*.control.*")
     assert streams["P_SESSIONS"].retention == "limits"
     assert streams["P_SUBMIT"].subjects == ("p.submit",)
     assert streams["P_WORK"].subjects == ("p.work.*",)
@@ -444,16 +445,26 @@ def test_every_stream_captures_exactly_the_subjects_built_for_it() -> None:
 def test_namespace_refuses_a_session_id_or_pool_that_would_break_a_subject(bad: str) -> None:
     ns = Namespace("p")
 
-    for build in (ns.session_log, ns.session_input, ns.session_all, ns.work, ns.pool_consumer):
+    for build in (ns.session_log, ns.session_all, ns.work, ns.pool_consumer):
         with pytest.raises(ValueError):
             build(bad)
+    for build2 in (ns.session_input, ns.session_control):
+        with pytest.raises(ValueError):
+            build2(bad, "ann")  # a bad session id
+        with pytest.raises(ValueError):
+            build2("s1", bad)  # a user name that would break the subject
 
 
 def test_the_session_id_is_read_back_from_its_subjects() -> None:
     ns = Namespace("p")
 
     assert session_id_from_subject(ns.session_log("s-1_x")) == "s-1_x"
-    assert session_id_from_subject(ns.session_input("s-1_x")) == "s-1_x"
+    assert session_id_from_subject(ns.session_input("s-1_x", "ann")) == "s-1_x"
+    assert session_id_from_subject(ns.session_control("s-1_x", "ann")) == "s-1_x"
+    assert session_id_from_subject("p.session.s-1_x.input") == "s-1_x"  # written before senders were in it
+    assert parse_session_subject(ns.session_input("s1", "ann")) == ("s1", "input", "ann")
+    assert parse_session_subject(ns.session_log("s1")) == ("s1", "log", "")
+    assert parse_session_subject("p.session.s1.log.extra") is None
     assert session_id_from_subject(ns.work("writers")) is None
     assert session_id_from_subject(ns.submissions()) is None
 

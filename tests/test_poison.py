@@ -32,6 +32,7 @@ from agentbus.messages import (
     to_builtins,
 )
 from agentbus.models import ScriptedModel
+from agentbus.server import NatsServer
 from agentbus.service import Service
 from agentbus.subjects import ConsumerSpec
 from services.agent.worker import AgentConfig, AgentWorker
@@ -217,18 +218,21 @@ async def test_an_agent_rejects_a_deeply_nested_work_item_and_keeps_serving(
         assert not agent.done()
 
 
-async def test_an_unreadable_max_deliveries_advisory_is_dropped_once_not_retried_forever(
-    client: agentbus.Client, settings: Settings, tmp_path: Path
-) -> None:
-    subject = client.bus.ns.exhausted("p")
-    for i, junk in enumerate((DEEP, RANDOM, b'{"stream_seq": "seven"}', b'{"stream_seq": -1}')):
-        await client.bus.publish(subject, junk, msg_id=f"advisory-{i}")
-    async with _agent(settings, tmp_path) as agent:
-        await until(lambda: _empty(client, client.bus.ns.exhausted_consumer("p")), "the advisories to be dropped")
-        sid = await client.submit("served after them", pool="p")
-        assert (await client.wait(sid, timeout=20)).status == "completed"
-        assert not agent.done()
-    assert await client.bus.stream_last_seq(client.bus.ns.exhausted_stream) == 4
+async def test_an_unreadable_max_deliveries_advisory_is_dropped_once_not_retried_forever(tmp_path: Path) -> None:
+    # With authorization on, nobody but the server may publish an advisory; a server without it
+    # (an operator's own, or one from before) still must not leave an agent retrying garbage forever.
+    with NatsServer(auth=False) as open_server:
+        settings = Settings(nats_url=open_server.url, prefix="poison")
+        async with agentbus.connect(settings=settings) as client:
+            subject = client.bus.ns.exhausted("p")
+            for i, junk in enumerate((DEEP, RANDOM, b'{"stream_seq": "seven"}', b'{"stream_seq": -1}')):
+                await client.bus.publish(subject, junk, msg_id=f"advisory-{i}")
+            async with _agent(settings, tmp_path) as agent:
+                await until(lambda: _empty(client, client.bus.ns.exhausted_consumer("p")), "the advisories to go")
+                sid = await client.submit("served after them", pool="p")
+                assert (await client.wait(sid, timeout=20)).status == "completed"
+                assert not agent.done()
+            assert await client.bus.stream_last_seq(client.bus.ns.exhausted_stream) == 4
 
 
 # --- listings ----------------------------------------------------------------------------------------

@@ -112,7 +112,7 @@ def test_the_by_hand_commands_work_in_the_order_written(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     out = proc.stdout
     assert "said (#" in out  # the say came before the end, so it was taken
-    assert re.search(r"human_message\s+alice: make it rhyme", out)
+    assert re.search(r"human_message\s+\S+ \(as \"alice\"\): make it rhyme", out)  # the sender, and the name it gave
     assert re.search(r"session_ended\s+completed", out)
     assert "-- completed" in out  # show
     assert re.search(r"\n\S+\s+completed\s+general ", out)  # sessions

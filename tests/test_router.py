@@ -194,7 +194,9 @@ async def test_a_route_can_name_the_model_its_sessions_use(
     router, rtask, rbus = await _start(settings, load_routes(routes, default_pool="w"))
     abus = await Bus.connect(settings)
     model = ScriptedModel(pool_default)
-    agent = AgentWorker(abus, AgentConfig(pool="w", model=model.name, workdir=tmp_path), model)
+    # a model other than the pool's runs only where the pool allows it (--allow-model)
+    config = AgentConfig(pool="w", model=model.name, workdir=tmp_path, allowed_models=(f"scripted:{cheap}",))
+    agent = AgentWorker(abus, config, model)
     runner = asyncio.create_task(agent.run())
     try:
         cheap_sid = await client.submit("grade this", tags=("cheap",))

@@ -13,7 +13,6 @@ import itertools
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 
-import nats
 import pytest
 
 import agentbus
@@ -30,6 +29,7 @@ from agentbus.messages import (
 from agentbus.server import NatsServer
 from agentbus.session import Channel, SessionLog, SessionWriter
 from agentbus.state import SessionState, fold
+from tests.helpers import raw_connect
 
 COLLECT_TIMEOUT_S = 10.0
 TS = 1_700_000_000.5
@@ -284,7 +284,7 @@ async def test_reading_with_a_limit_returns_a_prefix_of_the_suffix(log: SessionL
 
 async def _consumers_on(settings: agentbus.Settings, stream: str) -> int:
     """How many consumers the server holds on `stream`, asked over a separate plain connection."""
-    nc = await nats.connect(settings.nats_url)
+    nc = await raw_connect(settings)
     try:
         info = await nc.jetstream().stream_info(stream)
         return int(info.state.consumer_count)
@@ -586,7 +586,7 @@ async def test_a_writer_re_appending_its_own_event_gets_the_same_sequence(log: S
 async def test_events_survive_kill_9_of_the_server_and_a_restart(tmp_path: Path) -> None:
     server = await asyncio.to_thread(NatsServer(store_dir=tmp_path).start)
     try:
-        settings = agentbus.Settings(nats_url=server.url, prefix="crash")
+        settings = agentbus.Settings(nats_url=server.url, prefix="crash", creds=str(server.admin_creds))
         async with agentbus.connect(settings=settings) as before:
             sid = await before.submit("survive a crash", pool="writers", session_id="crash1")
             writer = await before.log.writer(sid)

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 
+from agentbus.roles import MATRIX, ROLES, Identity, allowed, permissions, probe
 from agentbus.subjects import ConsumerSpec, Namespace
 
 DOC = Path(__file__).resolve().parents[1] / "subjects.md"
 NS = Namespace("agentbus")
-PLACEHOLDERS = {"session_id": "SESSIONX", "pool": "POOLX"}
+PLACEHOLDERS = {"session_id": "SESSIONX", "pool": "POOLX", "user": "USERX"}
 
 
 def _table(heading: str) -> list[list[str]]:
@@ -30,7 +31,7 @@ def _builders() -> dict[str, str]:
             continue
         args = [PLACEHOLDERS[p] for p in inspect.signature(fn).parameters if p != "self"]
         subject = getattr(NS, name)(*args)
-        out[name] = subject.replace("SESSIONX", "<session>").replace("POOLX", "<pool>")
+        out[name] = subject.replace("SESSIONX", "<session>").replace("POOLX", "<pool>").replace("USERX", "<user>")
     return out
 
 
@@ -87,7 +88,8 @@ def test_every_bucket_is_documented() -> None:
 
 def test_the_doc_names_no_subject_the_code_cannot_build() -> None:
     known = set(_builders().values())
-    for match in re.finditer(r"`(agentbus\.[a-z<>.*_-]+)`", DOC.read_text()):
+    text = DOC.read_text().split("\n## Permissions\n", 1)[0]  # that table's probes are checked below
+    for match in re.finditer(r"`(agentbus\.[a-z<>.*_-]+)`", text):
         assert match.group(1) in known, f"subjects.md mentions {match.group(1)}, which no builder makes"
 
 
@@ -111,3 +113,27 @@ def test_every_documented_message_id_form_is_the_one_queues_builds() -> None:
         for placeholder, value in causes.items():
             expected = expected.replace(placeholder, value)
         assert msg_id(item, cause) == expected, f"{reason}: queues builds {msg_id(item, cause)}, doc says {form}"
+
+
+def test_the_permissions_table_is_the_matrix_the_code_enforces() -> None:
+    rows = _table("Permissions")
+    header = DOC.read_text().split("## Permissions\n", 1)[1].split("| action |", 1)[1].split("\n", 1)[0]
+    assert [c.strip() for c in header.strip("|").split("|")][1:] == list(ROLES)
+    documented = [(r[0], r[1], tuple(r[2:])) for r in rows]
+    expected = [(m.action, f"{m.op} `{m.subject}", m.cells) for m in MATRIX]
+    assert documented == expected
+
+
+@pytest.mark.parametrize("row", MATRIX, ids=lambda r: r.key)
+@pytest.mark.parametrize("role", ROLES)
+def test_every_cell_of_the_table_is_what_the_generated_permissions_allow(row, role) -> None:  # type: ignore[no-untyped-def]
+    cell = row.cell(role)
+    for scoped in (True, False):
+        ident = Identity(
+            user="u1", role=role, prefix="agentbus",
+            sessions=("g1",) if scoped else (), pools=("pl",) if scoped else (),
+        )  # fmt: skip
+        subject = probe(row, "u1", granted="g1", other="o2", pool="pl", otherpool="op", someone="u2")
+        want = cell == "yes" or (cell == "if all" and not scoped)
+        got = allowed(permissions(ident), row, subject)
+        assert got == want, f"{role} ({'granted one' if scoped else 'granted all'}): {row.op} {subject}"

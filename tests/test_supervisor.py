@@ -154,15 +154,17 @@ async def test_agentbus_up_with_no_api_key_completes_a_task_and_stops_everything
     lines: list[str] = []
     try:
         assert up.stdout is not None
-        url = None
-        while url is None:
+        url = creds = None
+        while url is None or creds is None:  # what it tells a person to export in another terminal
             line = (await asyncio.to_thread(up.stdout.readline)).decode()
             assert line, "agentbus up exited early:\n" + "".join(lines)
             lines.append(line)
             if m := re.search(r"export AGENTBUS_NATS_URL=(\S+)", line):
                 url = m.group(1)
+            if m := re.search(r"export AGENTBUS_CREDS=(\S+)", line):
+                creds = m.group(1)
         assert any("offline scripted model" in x for x in lines)
-        async with agentbus.connect(url) as client:
+        async with agentbus.connect(url, settings=agentbus.Settings(creds=creds)) as client:
             sid = await client.submit("write a haiku about queues", pool="general")
             state = await client.wait(sid, timeout=60)
         assert state.status == "completed"

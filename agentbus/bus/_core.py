@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
+import ssl
 import time
 import urllib.parse
 from collections.abc import Awaitable, Callable
@@ -14,9 +16,11 @@ import nats
 import nats.errors
 from nats.aio.client import Client as NATS
 
+from agentbus import auth, roles
 from agentbus.bus._errors import TRANSIENT
 from agentbus.config import Settings
-from agentbus.errors import BusError, NatsUnreachable, UsageError
+from agentbus.errors import BusError, NatsUnreachable, NotAuthenticated, NotPermitted, UsageError
+from agentbus.roles import Identity
 from agentbus.subjects import Namespace
 
 logger = logging.getLogger("agentbus.bus")
@@ -42,8 +46,10 @@ def check_urls(urls: str) -> list[str]:
 class BusCore:
     """The state every part of the bus shares: the connection, JetStream context, settings and names."""
 
-    def __init__(self, nc: NATS, settings: Settings) -> None:
+    def __init__(self, nc: NATS, settings: Settings, identity: Identity | None = None) -> None:
         self._nc = nc
+        # who this connection is: its user name is the last token of what it says and asks for
+        self.identity = identity or Identity(user=auth.local_user_name())
         self._js = nc.jetstream(timeout=settings.publish_timeout_s)
         self.settings = settings
         # JSON escaping can make a prompt up to 6x longer (control characters become \\u00XX).
@@ -60,15 +66,16 @@ class BusCore:
         deadline = time.monotonic() + settings.connect_wait_s
         while True:
             try:
-                nc, link = await _connect_once(servers, settings, name=name)
-            except NatsUnreachable as err:
+                nc, link, identity = await _connect_once(servers, settings, name=name)
+            except (NatsUnreachable, NotAuthenticated) as err:
+                # a service started beside its server waits for it, and for credentials it makes
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise
                 logger.warning("%s; trying again for up to %.0fs", err, left)
                 await asyncio.sleep(min(1.0, left))
                 continue
-            bus = cls(nc, settings)
+            bus = cls(nc, settings, identity)
             bus._link = link
             return bus
 
@@ -89,7 +96,46 @@ class BusCore:
         url = self._nc.connected_url
         return url.geturl() if url else self.settings.nats_url
 
-    async def _through_failover(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
+    @property
+    def user(self) -> str:
+        return self.identity.user
+
+    def refused(self, subject: str, detail: str = "") -> NotPermitted:
+        """The one-line refusal for `subject`, naming the action (from the permissions table) and the role."""
+        action = roles.action_for(subject, self.identity.user) or f"use {subject}"
+        # services log at INFO, so who was refused what is in their log; the CLI prints one line
+        logger.info("refused: %s (%s %s): %s", action, self.identity.role, self.identity.user, subject)
+        return NotPermitted(
+            action, user=self.identity.user, role=self.identity.role, detail=detail or f"the server refused {subject}"
+        )
+
+    async def _refusable(self, subject: str, call: Callable[[], Awaitable[T]]) -> T:
+        """Run one request; if the server reports a permissions violation for `subject` (or, for a
+        stream or bucket name, any API subject naming it) before the answer, raise `NotPermitted`
+        at once instead of waiting out a request that will never be answered."""
+        link = self._link
+        seen = len(link.violations)
+        hint = subject.lower()
+        task: asyncio.Future[T] = asyncio.ensure_future(call())
+        try:
+            while True:
+                signal = link.next_violation()
+                waits: list[asyncio.Future[Any]] = [task, signal]
+                done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                signal.cancel()
+                if task in done:
+                    return task.result()
+                for denied in link.violations[seen:]:
+                    if hint in denied:
+                        raise self.refused(subject)
+                seen = len(link.violations)
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+
+    async def _through_failover(self, what: str, call: Callable[[], Awaitable[T]], *, refusal: str | None = None) -> T:
         """Run an idempotent JetStream request, retrying through a failover (a timeout, no
         responders or 503 while a cluster elects a new leader or the client reconnects) for up
         to `failover_s`. Publishes qualify: the retry carries the same Nats-Msg-Id, and the
@@ -98,7 +144,7 @@ class BusCore:
         delay = 0.1
         while True:
             try:
-                return await call()
+                return await (self._refusable(refusal, call) if refusal else call())
             except TRANSIENT as err:
                 if time.monotonic() + delay > deadline:
                     raise BusError(
@@ -111,20 +157,100 @@ class BusCore:
 
 
 class _Link:
-    """What the connection callbacks know: closed for good, closing on purpose, when it was lost."""
+    """What the connection callbacks know: closed for good, closing on purpose, when it was lost,
+    and the subjects the server refused (it says so asynchronously, on the error callback)."""
 
     def __init__(self) -> None:
         self.closed = asyncio.Event()
         self.closing = False
         self.lost_at = 0.0
+        self.violations: list[str] = []
+        self.auth_error = ""
+        self.established = False
+        self.pending: set[asyncio.Future[None]] = set()
+        self._waiting: set[asyncio.Future[None]] = set()
+
+    def next_violation(self) -> asyncio.Future[None]:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting.add(fut)
+        fut.add_done_callback(self._waiting.discard)
+        return fut
+
+    def violated(self, subject: str) -> None:
+        self.violations.append(subject)
+        del self.violations[:-1000]  # only recent ones matter
+        for fut in list(self._waiting):
+            if not fut.done():
+                fut.set_result(None)
 
 
-async def _connect_once(servers: list[str], settings: Settings, *, name: str) -> tuple[NATS, _Link]:
+_VIOLATION = re.compile(r'permissions violation for (publish|subscription) to "([^"]+)"', re.IGNORECASE)
+
+
+def credentials_for(settings: Settings) -> tuple[auth.Credentials | None, str]:
+    """The credentials to connect with (`--creds`/AGENTBUS_CREDS, else the local context of the
+    server this user started) and the CA bundle for TLS."""
+    tls_ca = settings.tls_ca
+    if settings.creds:
+        return auth.read_creds(settings.creds), tls_ca
+    if "@" in settings.nats_url.split(",")[0]:
+        return None, tls_ca  # NATS's own URL-embedded user:password or token
+    context = auth.find_context(settings.nats_url)
+    if context is None:
+        return None, tls_ca
+    try:
+        return auth.read_creds(context.creds), tls_ca or context.tls_ca
+    except NotAuthenticated:
+        return None, tls_ca  # a context left by a server whose store is gone: try without
+
+
+def _options(settings: Settings, creds: auth.Credentials | None, tls_ca: str) -> tuple[dict[str, Any], Identity]:
+    opts: dict[str, Any] = {}
+    if creds is None:
+        first = urllib.parse.urlparse(settings.nats_url.split(",")[0].strip())
+        named = re.sub(r"[^A-Za-z0-9_-]", "_", first.username or "")[:64]
+        identity = Identity(user=named or auth.local_user_name())
+    else:
+        identity = creds.identity
+        if creds.nats_creds is not None:
+            opts["user_credentials"] = str(creds.nats_creds)
+        else:
+            opts["nkeys_seed_str"] = creds.seed
+        if identity.role is not None:
+            opts["inbox_prefix"] = identity.inbox_prefix
+        if identity.role not in (None, "admin") and identity.prefix != settings.prefix:
+            raise UsageError(
+                f"the credentials of {identity.user} are for namespace {identity.prefix}, not {settings.prefix}"
+                f" (--prefix {identity.prefix})"
+            )
+    if tls_ca or any(u.strip().startswith("tls://") for u in settings.nats_url.split(",")):
+        try:
+            opts["tls"] = ssl.create_default_context(cafile=tls_ca or None)
+        except (OSError, ssl.SSLError) as err:
+            raise UsageError(f"cannot use {tls_ca} as the TLS CA bundle: {err}") from err
+    return opts, identity
+
+
+async def _connect_once(servers: list[str], settings: Settings, *, name: str) -> tuple[NATS, _Link, Identity]:
     url = settings.nats_url
     link = _Link()
+    creds, tls_ca = credentials_for(settings)
+    options, identity = _options(settings, creds, tls_ca)
+    options.update(connect_timeout=settings.connect_timeout_s, reconnect_time_wait=0.2)
 
-    async def on_error(_: Exception) -> None:
-        return None  # each failure is reported where it surfaces, as one line
+    async def on_error(err: Exception) -> None:
+        # each failure is reported where it surfaces, as one line; refusals are matched there
+        found = _VIOLATION.search(str(err))
+        if found:
+            link.violated(found.group(2).lower())
+            logger.debug("server refused %s to %s for %s", found.group(1), found.group(2), identity.user)
+        elif "authorization violation" in str(err).lower() or isinstance(err, nats.errors.AuthorizationError):
+            link.auth_error = str(err)
+            if link.established and not link.closing:
+                # refused on reconnecting: revoked. Retrying forever would only hide that.
+                logger.error("the server at %s no longer accepts %s (revoked?); closing", url, identity.user)
+                link.closing = True
+                link.pending.add(asyncio.ensure_future(nc.close()))
 
     async def on_closed() -> None:
         link.closed.set()
@@ -142,22 +268,44 @@ async def _connect_once(servers: list[str], settings: Settings, *, name: str) ->
     try:
         # nats-py retries a first connect forever when reconnects are allowed; we want a
         # clear failure now, and reconnects only once a connection has worked.
-        nc = await nats.connect(
+        nc = NATS()
+        await nc.connect(
             servers,
             name=name,
-            connect_timeout=settings.connect_timeout_s,
             allow_reconnect=False,
             max_reconnect_attempts=1,  # the server-pool loop otherwise tries 60 times
-            reconnect_time_wait=0.2,
             drain_timeout=5,
             error_cb=on_error,
             closed_cb=on_closed,
             disconnected_cb=on_disconnected,
             reconnected_cb=on_reconnected,
+            **options,
         )
     except Exception as err:  # nats-py raises bare errors for bad URLs, OSError or its own for the rest
-        raise NatsUnreachable(url, str(err) or type(err).__name__) from err
+        # a first attempt that fails is not closed by nats-py: its socket would leak
+        link.closing = True  # not a lost connection: never one
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(nc.close(), 2.0)  # a failed TLS handshake can leave close() waiting
+        text = str(err) or type(err).__name__
+        if "authorization violation" in text.lower() or isinstance(err, nats.errors.AuthorizationError):
+            raise _not_authenticated(url, creds) from err
+        if isinstance(err, ssl.SSLError) or "certificate" in text.lower():
+            hint = "AGENTBUS_TLS_CA names the CA that signed the server's certificate"
+            raise NatsUnreachable(url, f"TLS: {text} ({hint})") from err
+        raise NatsUnreachable(url, text) from err
+    link.established = True
     nc.options["allow_reconnect"] = True
     nc.options["max_reconnect_attempts"] = -1
     nc.options["reconnect_time_wait"] = 0.5
-    return nc, link
+    return nc, link, identity
+
+
+def _not_authenticated(url: str, creds: auth.Credentials | None) -> NotAuthenticated:
+    if creds is None:
+        return NotAuthenticated(
+            f"the server at {url} requires credentials: give --creds FILE or set AGENTBUS_CREDS"
+            " (the server's admin makes them with `agentbus auth add NAME --role ROLE`)"
+        )
+    return NotAuthenticated(
+        f"the server at {url} refused the credentials of {creds.identity.user} ({creds.path}): unknown there or revoked"
+    )

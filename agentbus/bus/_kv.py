@@ -15,7 +15,7 @@ class KeyValue(Provisioning):
     async def kv_get(self, bucket: str, key: str) -> tuple[bytes, int] | None:
         kv = await self._bucket(bucket)
         try:
-            entry = await self._through_failover(f"{bucket} {key}", lambda: kv.get(key))
+            entry = await self._through_failover(f"{bucket} {key}", lambda: kv.get(key), refusal=f"$KV.{bucket}.{key}")
         except nats.js.errors.KeyNotFoundError:
             return None
         return (entry.value or b"", int(entry.revision or 0))
@@ -27,21 +27,25 @@ class KeyValue(Provisioning):
         # and decide again, which is right for a cache and, for a counter, errs on counting twice.
         try:
             if revision is None:
-                await self._through_failover(f"{bucket} {key}", lambda: kv.create(key, value))
+                await self._through_failover(
+                    f"{bucket} {key}", lambda: kv.create(key, value), refusal=f"$KV.{bucket}.{key}"
+                )
             else:
-                await self._through_failover(f"{bucket} {key}", lambda: kv.update(key, value, last=revision))
+                await self._through_failover(
+                    f"{bucket} {key}", lambda: kv.update(key, value, last=revision), refusal=f"$KV.{bucket}.{key}"
+                )
         except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.APIError):
             return False
         return True
 
     async def kv_put(self, bucket: str, key: str, value: bytes) -> None:
         kv = await self._bucket(bucket)
-        await self._through_failover(f"{bucket} {key}", lambda: kv.put(key, value))
+        await self._through_failover(f"{bucket} {key}", lambda: kv.put(key, value), refusal=f"$KV.{bucket}.{key}")
 
     async def kv_delete(self, bucket: str, key: str) -> None:
         kv = await self._bucket(bucket)
         with contextlib.suppress(nats.js.errors.KeyNotFoundError):
-            await self._through_failover(f"{bucket} {key}", lambda: kv.purge(key))
+            await self._through_failover(f"{bucket} {key}", lambda: kv.purge(key), refusal=f"$KV.{bucket}.{key}")
 
     async def kv_values(self, bucket: str) -> dict[str, bytes]:
         """Every live key's value (expired and deleted keys left out)."""
@@ -59,7 +63,9 @@ class KeyValue(Provisioning):
         await self._bucket(bucket)
         prefix = f"$KV.{bucket}."
         info = await self._through_failover(
-            f"keys of {bucket}", lambda: self._js.stream_info(f"KV_{bucket}", subjects_filter=f"{prefix}>")
+            f"keys of {bucket}",
+            lambda: self._js.stream_info(f"KV_{bucket}", subjects_filter=f"{prefix}>"),
+            refusal=f"$JS.API.STREAM.INFO.KV_{bucket}",
         )
         return sorted(subject.removeprefix(prefix) for subject in (info.state.subjects or {}))
 

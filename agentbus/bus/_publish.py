@@ -15,7 +15,7 @@ from agentbus import tracing
 from agentbus.bus._core import BusCore
 from agentbus.bus._errors import TRANSIENT, ErrorCode
 from agentbus.bus._types import Outgoing, PubAck
-from agentbus.errors import BusError, FencedError, NatsUnreachable
+from agentbus.errors import BusError, FencedError, NatsUnreachable, NotPermitted
 
 MSG_ID = "Nats-Msg-Id"
 EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
@@ -90,14 +90,15 @@ class Publishing(BusCore):
 
     async def _publish_once(self, subject: str, data: bytes, hdrs: dict[str, str]) -> Any:
         try:
-            return await self._js.publish(subject, data, headers=hdrs)
+            # a subject this user may not publish to is refused by the server at once (NotPermitted)
+            return await self._refusable(subject, lambda: self._js.publish(subject, data, headers=hdrs))
         except nats.js.errors.NoStreamResponseError as unanswered:
             # Nobody answered: either no stream takes this subject (a setup error, reported at
             # once) or its leader is moving to another server of the cluster (retried).
             try:
-                await self._js.find_stream_name_by_subject(subject)
-            except nats.js.errors.NotFoundError:
-                raise unanswered from None
+                await self._refusable("$JS.API.STREAM.NAMES", lambda: self._js.find_stream_name_by_subject(subject))
+            except (nats.js.errors.NotFoundError, NotPermitted):
+                raise unanswered from None  # no stream, or this user may not look: say so now
             except TRANSIENT:
                 pass
             raise TimeoutError(f"no leader for the stream of {subject}") from unanswered

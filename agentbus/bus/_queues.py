@@ -148,7 +148,9 @@ class Queues(Provisioning):
         """(messages waiting for a worker, messages delivered and not yet acked) on a durable."""
         try:
             info = await self._through_failover(
-                f"backlog of {spec.durable}", lambda: self._js.consumer_info(spec.stream, spec.durable)
+                f"backlog of {spec.durable}",
+                lambda: self._js.consumer_info(spec.stream, spec.durable),
+                refusal=f"$JS.API.CONSUMER.INFO.{spec.stream}.{spec.durable}",
             )
         except nats.js.errors.NotFoundError:
             return (0, 0)

@@ -8,24 +8,28 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import nats.js.errors
+from nats import nuid
 from nats.aio.msg import Msg
 from nats.js import api
 
-from agentbus.bus._core import BusCore
+from agentbus.bus._core import BusCore, logger
 from agentbus.bus._types import Delivery, Stored
 from agentbus.errors import BusError
 
 _REPLAY_BUFFER = 1024
+_HEARTBEAT_S = 2.0  # the server's idle heartbeat on a tap
+_STALL_S = 3 * _HEARTBEAT_S  # silence this long means the consumer is gone (its server died, it was removed)
+_INACTIVE_S = 2.0  # a consumer nobody listens to this long is removed by the server
 
 
-def _ack_reply_fields(msg: Msg) -> tuple[int, int, int]:
-    """Stream sequence, pending and timestamp (ns) straight from the ack subject (no datetime)."""
+def _ack_reply_fields(msg: Msg) -> tuple[int, int, int, int]:
+    """Stream sequence, consumer sequence, pending and timestamp (ns) straight from the ack subject."""
     tokens = (msg.reply or "").split(".")
     if len(tokens) == 9:  # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts_ns>.<pending>
-        return int(tokens[5]), int(tokens[8]), int(tokens[7])
+        return int(tokens[5]), int(tokens[6]), int(tokens[8]), int(tokens[7])
     meta = msg.metadata
     ts = int(meta.timestamp.timestamp() * 1e9) if meta.timestamp else 0
-    return meta.sequence.stream, meta.num_pending, ts
+    return meta.sequence.stream, meta.sequence.consumer, meta.num_pending, ts
 
 
 class Reading(BusCore):
@@ -40,84 +44,45 @@ class Reading(BusCore):
     ) -> AsyncIterator[Delivery]:
         """Replay stored messages in order, then (if `follow`) keep yielding new ones.
 
-        One ordered consumer does both, so there is no gap and no duplicate at the
-        switch from history to live: the usual bug of reading history and then
-        subscribing is impossible by construction.
+        One consumer does both, so there is no gap and no duplicate at the switch from history
+        to live: the usual bug of reading history and then subscribing is impossible by
+        construction. It is created on the filter-scoped API subject, so a user granted one
+        session may read exactly that, and it delivers into the user's own inbox. Ordered-consumer
+        semantics are kept by hand: a gap in the consumer sequence, or a consumer gone silent
+        (no message and no heartbeat), recreates it from the last stream sequence seen + 1.
         """
-
-        def config() -> api.ConsumerConfig:
-            # fresh for every attempt: nats-py writes the deliver subject into the config it is given
-            if new_only:
-                cfg = api.ConsumerConfig(deliver_policy=api.DeliverPolicy.NEW)
-            elif start_seq and start_seq > 1:
-                cfg = api.ConsumerConfig(deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start_seq)
-            else:
-                cfg = api.ConsumerConfig(deliver_policy=api.DeliverPolicy.ALL)
-            # A backstop only: the finally below deletes the consumer as soon as the reader is done.
-            cfg.inactive_threshold = 5.0
-            return cfg
-
-        queue: asyncio.Queue[Msg] = asyncio.Queue(maxsize=_REPLAY_BUFFER)
-
-        async def _on_msg(msg: Msg) -> None:
-            # A full queue stalls nats-py's delivery task, so flow control still bounds memory.
-            await queue.put(msg)
-
-        async def subscribe() -> Any:
-            # nats-py creates the consumer, then subscribes to its inbox: an attempt whose reply
-            # was lost leaves a consumer nobody listens to, which inactive_threshold removes.
-            return await self._js.subscribe(
-                filter_subject, stream=stream, ordered_consumer=True, config=config(), cb=_on_msg
-            )
-
-        sub = await self._through_failover(f"replay of {filter_subject}", subscribe)
+        tap = _Tap(self, stream, filter_subject)
+        if new_only:
+            first = await tap.open(api.DeliverPolicy.NEW)
+        elif start_seq and start_seq > 1:
+            first = await tap.open(api.DeliverPolicy.BY_START_SEQUENCE, start_seq)
+        else:
+            first = await tap.open(api.DeliverPolicy.ALL)
         try:
-            if not follow:
-                info = await sub.consumer_info()
-                # Delivered-but-not-yet-received messages count as not pending: only an
-                # empty start (nothing delivered either) may end the read right away.
-                delivered = info.delivered.consumer_seq if info.delivered else 0
-                if info.num_pending == 0 and not delivered and queue.empty():
-                    return
+            # Nothing stored past the start and nothing already on its way: a read that does not
+            # follow is over before it began.
+            delivered = first.delivered.consumer_seq if first.delivered else 0
+            if not follow and first.num_pending == 0 and not delivered and tap.queue.empty():
+                return
             while True:
-                msg = queue.get_nowait() if not queue.empty() else await self._next_or_closed(queue)
-                if msg is None:
+                delivery = await tap.next()
+                if delivery is None:
                     return
-                seq, pending, ts = _ack_reply_fields(msg)
-                yield Delivery(
-                    subject=msg.subject,
-                    data=msg.data,
-                    headers=msg.headers or {},
-                    seq=seq,
-                    num_pending=pending,
-                    timestamp_ns=ts,
-                )
-                if not follow and pending == 0:
+                yield delivery
+                if not follow and delivery.num_pending == 0:
                     return
         finally:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
-            # Unsubscribing leaves the server-side consumer; a stream allows a limited number.
-            with contextlib.suppress(Exception):
-                await self._js.delete_consumer(stream, sub._consumer)
-
-    async def _next_or_closed(self, queue: asyncio.Queue[Msg]) -> Msg | None:
-        """Slow path, only when caught up: the next message, or None once the connection is closed."""
-        get = asyncio.ensure_future(queue.get())
-        closed = asyncio.ensure_future(self._link.closed.wait())
-        try:
-            done, _ = await asyncio.wait((get, closed), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            closed.cancel()
-            if not get.done():
-                get.cancel()
-        return get.result() if get in done else None
+            await tap.close()
 
     async def last_subject_seq(self, stream: str, subject: str) -> int:
-        """Stream sequence of the last message on exactly `subject`, 0 if there is none."""
+        """Stream sequence of the last message on `subject` (wildcards allowed), 0 if there is none."""
         try:
+            # A direct get names the subject in the API subject, so a user granted one session may
+            # ask about exactly that session; the subject may be a wildcard (`<prefix>.session.<id>.>`).
             msg = await self._through_failover(
-                f"last message on {subject}", lambda: self._js.get_last_msg(stream, subject)
+                f"last message on {subject}",
+                lambda: self._js.get_last_msg(stream, subject, direct=True),
+                refusal=f"$JS.API.DIRECT.GET.{stream}.{subject}",
             )
         except nats.js.errors.NotFoundError:
             return 0
@@ -126,18 +91,26 @@ class Reading(BusCore):
     async def subject_counts(self, stream: str, subjects_filter: str) -> dict[str, int]:
         """Message count per subject matching the filter (one request, however many subjects)."""
         info = await self._through_failover(
-            f"subjects of {stream}", lambda: self._js.stream_info(stream, subjects_filter=subjects_filter)
+            f"subjects of {stream}",
+            lambda: self._js.stream_info(stream, subjects_filter=subjects_filter),
+            refusal=f"$JS.API.STREAM.INFO.{stream}",
         )
         return dict(info.state.subjects or {})
 
     async def stream_last_seq(self, stream: str) -> int:
-        info = await self._through_failover(f"state of {stream}", lambda: self._js.stream_info(stream))
+        info = await self._through_failover(
+            f"state of {stream}", lambda: self._js.stream_info(stream), refusal=f"$JS.API.STREAM.INFO.{stream}"
+        )
         return int(info.state.last_seq)
 
     async def get_stored(self, stream: str, seq: int) -> bytes | None:
         """The payload stored at `seq`, or None if it is gone."""
         try:
-            msg = await self._through_failover(f"message {seq} of {stream}", lambda: self._js.get_msg(stream, seq))
+            msg = await self._through_failover(
+                f"message {seq} of {stream}",
+                lambda: self._js.get_msg(stream, seq),
+                refusal=f"$JS.API.STREAM.MSG.GET.{stream}",
+            )
         except nats.js.errors.NotFoundError:
             return None
         return bytes(msg.data or b"")
@@ -155,7 +128,11 @@ class Reading(BusCore):
     async def delete_stored(self, stream: str, seq: int) -> None:
         """Remove one stored message; one already gone is fine."""
         try:
-            await self._through_failover(f"delete {seq} of {stream}", lambda: self._js.delete_msg(stream, seq))
+            await self._through_failover(
+                f"delete {seq} of {stream}",
+                lambda: self._js.delete_msg(stream, seq),
+                refusal=f"$JS.API.STREAM.MSG.DELETE.{stream}",
+            )
         except nats.js.errors.NotFoundError:
             return
         except nats.js.errors.APIError as err:
@@ -181,3 +158,147 @@ class Reading(BusCore):
         finally:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
+
+
+class _Tap:
+    """One scoped push consumer feeding a bounded queue, recreated after a gap or a stall.
+
+    Flow control is answered only when the reader takes the request off the queue, so a slow
+    reader slows the server instead of filling memory.
+    """
+
+    def __init__(self, bus: Reading, stream: str, filter_subject: str) -> None:
+        self.bus = bus
+        self.stream = stream
+        self.filter = filter_subject
+        self.queue: asyncio.Queue[Msg] = asyncio.Queue(maxsize=_REPLAY_BUFFER)
+        self.sub: Any = None
+        self.consumer = ""
+        self.next_seq = 1  # the stream sequence to restart from
+        self.last_cseq = 0
+        self.created = 0
+        self.recreated = 0
+
+    async def open(self, policy: api.DeliverPolicy, start_seq: int | None = None) -> api.ConsumerInfo:
+        """Subscribe to a fresh inbox first, then create the consumer that delivers into it."""
+        queue: asyncio.Queue[Msg] = asyncio.Queue(maxsize=_REPLAY_BUFFER)
+
+        async def on_msg(msg: Msg) -> None:
+            # A full queue stalls nats-py's delivery task for this subscription; flow control
+            # then stops the server too.
+            await queue.put(msg)
+
+        nc = self.bus._nc
+        inbox = nc.new_inbox()
+        sub = await nc.subscribe(inbox, cb=on_msg)
+        name = f"tap{nuid.NUID().next().decode().lower()}"
+        config = api.ConsumerConfig(
+            name=name,
+            filter_subject=self.filter,
+            deliver_subject=inbox,
+            deliver_policy=policy,
+            opt_start_seq=start_seq,
+            ack_policy=api.AckPolicy.NONE,
+            flow_control=True,
+            idle_heartbeat=_HEARTBEAT_S,
+            # removes the consumer soon after nobody listens: readers that may not delete consumers
+            # (every role but admin) leave theirs to this
+            inactive_threshold=_INACTIVE_S,
+            mem_storage=True,
+            num_replicas=1,
+        )
+        try:
+            info: api.ConsumerInfo = await self.bus._through_failover(
+                f"replay of {self.filter}",
+                lambda: self.bus._js.add_consumer(self.stream, config),
+                refusal=f"$JS.API.CONSUMER.CREATE.{self.stream}.{name}.{self.filter}",
+            )
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+            raise
+        old = (self.sub, self.consumer)
+        self.sub, self.consumer, self.queue, self.last_cseq = sub, name, queue, 0
+        self.created += 1
+        delivered = info.delivered.stream_seq if info.delivered else 0
+        self.next_seq = max(self.next_seq, (delivered or 0) + 1, start_seq or 0)
+        if old[0] is not None:
+            await self._drop(*old)
+        return info
+
+    async def next(self) -> Delivery | None:
+        """The next stored message in order, or None once the connection is closed for good."""
+        while True:
+            msg = await self._take()
+            if msg is None:
+                return None
+            if msg is _STALLED:
+                await self._recreate("no message or heartbeat")
+                continue
+            status = (msg.headers or {}).get("Status")
+            if status:
+                if await self._control(msg):
+                    await self._recreate("the heartbeat shows a missed message")
+                continue
+            seq, cseq, pending, ts = _ack_reply_fields(msg)
+            if cseq and cseq != self.last_cseq + 1:
+                await self._recreate(f"consumer sequence {cseq} after {self.last_cseq}")
+                continue
+            self.last_cseq = cseq
+            if seq < self.next_seq:
+                continue  # delivered again by a recreated consumer: never a duplicate
+            self.next_seq = seq + 1
+            headers = msg.headers or {}
+            return Delivery(msg.subject, msg.data, headers, seq=seq, num_pending=pending, timestamp_ns=ts)
+
+    async def _take(self) -> Msg | None:
+        if not self.queue.empty():
+            return self.queue.get_nowait()
+        get = asyncio.ensure_future(self.queue.get())
+        closed = asyncio.ensure_future(self.bus._link.closed.wait())
+        try:
+            done, _ = await asyncio.wait((get, closed), timeout=_STALL_S, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            closed.cancel()
+            if not get.done():
+                get.cancel()
+        if get in done:
+            return get.result()
+        return None if closed in done else _STALLED
+
+    async def _control(self, msg: Msg) -> bool:
+        """Answer flow control; True if a heartbeat says a message went missing."""
+        headers = msg.headers or {}
+        nc = self.bus._nc
+        if msg.reply:  # flow control request: the reader has come this far
+            with contextlib.suppress(Exception):
+                await nc.publish(msg.reply, b"")
+            return False
+        stalled = headers.get("Nats-Consumer-Stalled")
+        if stalled:
+            with contextlib.suppress(Exception):
+                await nc.publish(stalled, b"")
+        last = headers.get("Nats-Last-Consumer")
+        return bool(last and last.isdigit() and int(last) != self.last_cseq)
+
+    async def _recreate(self, why: str) -> None:
+        logger.debug("replay of %s: %s; resuming from stream sequence %d", self.filter, why, self.next_seq)
+        self.recreated += 1
+        await self.open(api.DeliverPolicy.BY_START_SEQUENCE, self.next_seq)
+
+    async def close(self) -> None:
+        if self.sub is not None:
+            await self._drop(self.sub, self.consumer)
+            self.sub = None
+
+    async def _drop(self, sub: Any, consumer: str) -> None:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+        # Unsubscribing leaves the server-side consumer, and a stream allows about a thousand:
+        # whoever may delete it does so now; the inactive threshold removes the others' shortly.
+        if self.bus.identity.role == "admin":
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.bus._js.delete_consumer(self.stream, consumer), 2.0)
+
+
+_STALLED: Any = object()

@@ -17,7 +17,9 @@ class Requests(BusCore):
         try:
             hdrs: dict[str, str] = {}
             propagate.inject(hdrs)
-            msg = await self._nc.request(subject, data, timeout=timeout, headers=hdrs or None)
+            msg = await self._refusable(
+                subject, lambda: self._nc.request(subject, data, timeout=timeout, headers=hdrs or None)
+            )
         except nats.errors.NoRespondersError as err:
             raise BusError(f"nobody answers on {subject} (is the supervisor running?)") from err
         except (TimeoutError, nats.errors.TimeoutError) as err:
@@ -30,5 +32,12 @@ class Requests(BusCore):
         async def on_msg(msg: Msg) -> None:
             await msg.respond(await handler(msg.data))
 
+        seen = len(self._link.violations)
         sub = await self._nc.subscribe(subject, queue="agentbus", cb=on_msg)
+        # a refused subscription is reported before the answer to a ping sent after it; twice,
+        # because nats-py may take a pong still owed for an earlier ping as the answer to the first
+        await self._nc.flush()
+        await self._nc.flush()
+        if any(subject.lower() in v for v in self._link.violations[seen:]):
+            raise self.refused(subject, f"the server refused a subscription to {subject}")
         return sub.unsubscribe

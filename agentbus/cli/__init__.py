@@ -10,6 +10,7 @@ This module is the one place that turns an error into one line on stderr and its
 
 from __future__ import annotations
 
+import importlib
 import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
@@ -32,6 +33,12 @@ SERVICES = {
     "supervisor": "Keep every pool between min and max workers; replace the dead; SIGTERM drains them all.",
 }
 
+# Commands of this package that import more than `--help` may pay for (nkeys for `auth`):
+# listed from here, loaded when run.
+LAZY = {
+    "auth": ("agentbus.cli.auth", "auth", "Users of a server started here: nkey credentials, one role each."),
+}
+
 EXIT_CODES = {
     0: "ok",
     1: "any other error",
@@ -39,13 +46,14 @@ EXIT_CODES = {
     3: "no such session",
     4: "NATS unavailable: cannot reach it, or (server, up) its port or store directory is taken",
     5: "a waited-for session ended without success, or the wait timed out",
+    6: "not permitted: the role does not allow it, or the credentials were refused",
     130: "interrupted (Ctrl-C)",
 }
 
 _SECTIONS = (
     ("Sessions", [str(c.name) for c in sessions.COMMANDS]),
     ("Steering (each an event in the session's log)", [str(c.name) for c in control.COMMANDS]),
-    ("System", [str(c.name) for c in fleet.COMMANDS]),
+    ("System", [*(str(c.name) for c in fleet.COMMANDS), *LAZY]),
     ("Services (each a long-running process)", list(SERVICES)),
 )
 
@@ -86,10 +94,13 @@ class _Group(click.Group):
         sys.exit(code if isinstance(code, int) else 0)
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted([*super().list_commands(ctx), *SERVICES])
+        return sorted([*super().list_commands(ctx), *SERVICES, *LAZY])
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         found = super().get_command(ctx, name)
+        if found is None and name in LAZY:
+            module, attr, _ = LAZY[name]
+            found = getattr(importlib.import_module(module), attr)
         return found if found is not None else _service(name)
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
@@ -100,7 +111,8 @@ class _Group(click.Group):
             rows = []
             for name in members:
                 # a service stands in as a bare command carrying its help, never imported here
-                cmd = super().get_command(ctx, name) or click.Command(name, help=SERVICES[name])
+                short = SERVICES.get(name) or LAZY[name][2] if name in (*SERVICES, *LAZY) else ""
+                cmd = super().get_command(ctx, name) or click.Command(name, help=short)
                 rows.append((name, cmd.get_short_help_str(limit)))
             with formatter.section(title):
                 formatter.write_dl(rows)

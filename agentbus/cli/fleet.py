@@ -19,19 +19,31 @@ if TYPE_CHECKING:
 @click.option("--port", type=PORT, default=4222, show_default=True, help="Client port on 127.0.0.1 (0: any free port).")
 @click.option("--store-dir", default=".agentbus/nats", show_default=True, help="JetStream file store.")
 @click.option("--sync-always", is_flag=True, help="fsync every write (survives power loss; slower).")
-def server(port: int, store_dir: str, sync_always: bool) -> None:
-    """Run the embedded nats-server with JetStream until Ctrl-C or SIGTERM."""
+@click.option("--tls-cert", type=click.Path(dir_okay=False, exists=True), help="TLS certificate: clients use tls://.")
+@click.option("--tls-key", type=click.Path(dir_okay=False, exists=True), help="The certificate's private key.")
+@click.option("--tls-ca", default="", help="CA bundle for this user's CLI to check the certificate with.")
+def server(
+    port: int, store_dir: str, sync_always: bool, tls_cert: str | None, tls_key: str | None, tls_ca: str
+) -> None:
+    """Run the embedded nats-server with JetStream until Ctrl-C or SIGTERM (users: `agentbus auth`)."""
+    from agentbus.auth import write_context
     from agentbus.errors import ServerError
     from agentbus.server import NatsServer
 
+    if bool(tls_cert) != bool(tls_key):
+        raise click.UsageError("--tls-cert and --tls-key go together")
     # Signals first: a Ctrl-C while nats-server starts must still stop it in order.
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    srv = NatsServer(port=port, store_dir=store_dir, sync_always=sync_always)
+    srv = NatsServer(port=port, store_dir=store_dir, sync_always=sync_always, tls_cert=tls_cert, tls_key=tls_key)
     srv.start()  # a busy port or a store another server holds: one line, exit 4 (ServerInUse)
     try:
         click.echo(f"nats-server ready on {srv.url} (JetStream store: {srv.store_dir}); Ctrl-C stops it")
+        if srv.admin_creds is not None:
+            where = write_context(srv.url, srv.admin_creds, tls_ca) if port else None
+            found = "your agentbus commands use them for this server" if where else f"AGENTBUS_CREDS={srv.admin_creds}"
+            click.echo(f"admin credentials: {srv.admin_creds} ({found}); others: agentbus auth add NAME --role ROLE")
         while not stop.wait(0.5):
             if srv.proc is not None and srv.proc.poll() is not None:
                 raise ServerError(f"nats-server exited ({srv.proc.returncode}); see {srv.log_path}")

@@ -7,6 +7,7 @@ client, the bus and the wire types are imported inside the functions that use th
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -39,8 +40,20 @@ PORT = click.IntRange(0, 65535)
 """A TCP port (0: any free one); anything else is a usage error."""
 
 
+def _creds_to_env(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    if value:  # read by Settings.from_env, and inherited by the processes this one starts
+        os.environ["AGENTBUS_CREDS"] = value
+
+
 def nats_option(f: Callable[..., Any]) -> Callable[..., Any]:
-    """`--nats URL` and `--prefix`, on every command that talks to the bus."""
+    """`--nats URL`, `--creds FILE` and `--prefix`, on every command that talks to the bus."""
+    f = click.option(
+        "--creds",
+        metavar="FILE",
+        expose_value=False,
+        callback=_creds_to_env,
+        help="Credentials file [env AGENTBUS_CREDS; default: those of a server this user started here].",
+    )(f)
     f = click.option(
         "--prefix",
         envvar="AGENTBUS_PREFIX",

@@ -49,6 +49,13 @@ from services.agent.worker import AgentConfig, serve
     show_default=True,
     help="What a timed-out approval does.",
 )
+@click.option(
+    "--allow-model",
+    "allowed_models",
+    multiple=True,
+    metavar="SPEC",
+    help="A model a session may name besides --model (submit --model, a route); repeatable. Others are refused.",
+)
 @nats_option
 def command(
     pool: str,
@@ -64,6 +71,7 @@ def command(
     approve: tuple[str, ...],
     approval_timeout: float | None,
     on_approval_timeout: str,
+    allowed_models: tuple[str, ...],
     nats_url: str | None,
     prefix: str,
 ) -> None:
@@ -84,6 +92,7 @@ def command(
         approve=approve,
         approval_timeout_s=approval_timeout,
         on_approval_timeout="pause" if on_approval_timeout == "pause" else "deny",
+        allowed_models=allowed_models,
     )
     settings = settings_from(nats_url, prefix)
 

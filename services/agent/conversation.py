@@ -101,6 +101,8 @@ class _Builder:
     def add(self, rec: Record) -> None:
         ev, conv = rec.event, self.conv
         if isinstance(ev, SessionCreated):
+            if conv.task is not None:
+                return  # only the first record creates the session; a later one changes nothing
             conv.task = ev.task
             self.user.insert(0, {"type": "text", "text": ev.task.prompt})
         elif isinstance(ev, ModelResponded):

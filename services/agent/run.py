@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 from opentelemetry.trace import SpanKind
 
-from agentbus import tracing
+from agentbus import allowlist, tracing
 from agentbus.budget import Stop, effective_budget, over_budget
 from agentbus.bus import Job, PubAck
 from agentbus.errors import AgentBusError, FencedError
@@ -89,6 +89,8 @@ class RunContext:
     pool_budget: Budget
     no_progress_turns: int
     workdir: Path
+    pool_model: str = ""  # the pool's own model; a session may name another only if it is allowed
+    allowed_models: tuple[str, ...] = ()
     approve: frozenset[str] = frozenset()
     approval_timeout_s: float | None = None
     on_approval_timeout: Literal["deny", "pause"] = "deny"
@@ -120,7 +122,7 @@ class SessionRun:
         conv = build(self.records)
         if conv.task is None:
             raise AgentBusError(f"session {self.sid} has no session_created event")
-        if conv.ended:
+        if conv.ended or self.state().terminal:  # ended, or cancelled before anyone took it
             await self.ctx.queues.settled(self.sid, conv.task.parent_session)  # in case a crash lost it
             return "ended"
         if self.item.reason in WAKE_REASONS and not self.state().parked:
@@ -200,7 +202,11 @@ class SessionRun:
         step = conv.steps + 1
         await self._deliver(conv, step)
         horizon = self.records[-1].seq if self.records else 0
-        model = self.ctx.model_for(self._model_spec(conv))
+        spec = self._model_spec(conv)
+        if refused := allowlist.refusal(spec, self.ctx.pool, self.ctx.pool_model, self.ctx.allowed_models):
+            logger.warning("session %s refused: %s", self.sid, refused)
+            return await self.end("failed", refused)
+        model = self.ctx.model_for(spec)
         attrs = {
             "gen_ai.operation.name": "chat",
             "gen_ai.system": "anthropic",

@@ -22,6 +22,7 @@ from typing import Literal
 from opentelemetry.trace import SpanKind
 
 from agentbus import tracing
+from agentbus.authority import honoured
 from agentbus.bus import Bus, Job
 from agentbus.errors import AgentBusError, FencedError
 from agentbus.messages import Budget, InterruptRequested, WorkerInfo, decode_event, encode
@@ -30,7 +31,7 @@ from agentbus.queues import WorkQueues, WorkSettlement
 from agentbus.service import Consumer, HandBack, Retry, Service, consume
 from agentbus.session import SessionLog
 from agentbus.spend import SpendLedger
-from agentbus.subjects import session_id_from_subject, valid_token
+from agentbus.subjects import parse_session_subject, valid_token
 from services.agent.exhausted import ExhaustedWatcher
 from services.agent.guards import NO_PROGRESS_TURNS
 from services.agent.run import RunContext, SessionRun
@@ -75,6 +76,7 @@ class AgentConfig:
     approve: tuple[str, ...] = ()  # tools whose calls wait for a person's approval
     approval_timeout_s: float | None = None
     on_approval_timeout: Literal["deny", "pause"] = "deny"
+    allowed_models: tuple[str, ...] = ()  # models a session may name besides `model` (--allow-model)
 
 
 class AgentWorker(Service):
@@ -116,6 +118,8 @@ class AgentWorker(Service):
             pool_budget=config.budget,
             no_progress_turns=config.no_progress_turns,
             workdir=config.workdir,
+            pool_model=self.model.name,
+            allowed_models=config.allowed_models,
             approve=frozenset(config.approve),
             approval_timeout_s=config.approval_timeout_s,
             on_approval_timeout=config.on_approval_timeout,
@@ -174,6 +178,7 @@ class AgentWorker(Service):
                 concurrency=self.config.concurrency,
                 started_ts=started,
                 heartbeat_ts=time.time(),
+                allowed_models=self.config.allowed_models,
             )
             with contextlib.suppress(Exception):
                 await self.bus.kv_put(self.bus.ns.workers_bucket, self.config.worker_id, encode(info))
@@ -183,9 +188,9 @@ class AgentWorker(Service):
         """Interrupts are acted on the moment they arrive: a live signal (no consumer) to the run that
         owns the session here. The log keeps them too, so a run between steps still sees them."""
         async for subject, data in self.bus.listen(self.bus.ns.sessions_input_all()):
-            event = decode_event(data)
-            sid = session_id_from_subject(subject)
-            run = self._runs.get(sid or "")
+            sid, channel, sender = parse_session_subject(subject) or ("", "input", "")
+            event = honoured(channel, sender, decode_event(data))  # the subject says who sent it
+            run = self._runs.get(sid)
             if isinstance(event, InterruptRequested) and run is not None:
                 logger.info("session %s: interrupted by %s", sid, event.author)
                 run.interrupt(event)

@@ -22,8 +22,17 @@ from services.supervisor.supervisor import Supervisor
 @click.option("--log-dir", default=".agentbus/logs", show_default=True, help="One log file per worker.")
 @click.option("--workdir", default=".agentbus/work", show_default=True, help="Session workspaces of the workers.")
 @click.option("--check", is_flag=True, help="Check the pools file and each pool's model, then exit; starts nothing.")
+@click.option(
+    "--agent-creds",
+    envvar="AGENTBUS_AGENT_CREDS",
+    default="",
+    metavar="FILE",
+    help="Credentials (role agent) the workers get, by path in their environment [env AGENTBUS_AGENT_CREDS].",
+)
 @nats_option
-def command(pools_file: str, log_dir: str, workdir: str, check: bool, nats_url: str | None, prefix: str) -> None:
+def command(
+    pools_file: str, log_dir: str, workdir: str, check: bool, agent_creds: str, nats_url: str | None, prefix: str
+) -> None:
     """Keep every pool between min and max workers; replace the dead; SIGTERM drains them all."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s supervisor %(levelname)s %(message)s")
     settings = settings_from(nats_url, prefix)
@@ -34,11 +43,11 @@ def command(pools_file: str, log_dir: str, workdir: str, check: bool, nats_url: 
         return
 
     async def main() -> None:
-        kinds: dict[str, Spawner] = {"process": ProcessSpawner(settings, Path(log_dir), Path(workdir))}
+        kinds: dict[str, Spawner] = {"process": ProcessSpawner(settings, Path(log_dir), Path(workdir), agent_creds)}
         if any(p.spawner == "docker" for p in fleet.pools.values()):
             # checked before anything starts, so a missing engine is one clear line
             client = await asyncio.to_thread(engine)
-            kinds["docker"] = DockerSpawner(settings, Path(log_dir), client=client)
+            kinds["docker"] = DockerSpawner(settings, Path(log_dir), client=client, agent_creds=agent_creds)
         bus = await Bus.connect(settings, name="agentbus-supervisor")
         supervisor = Supervisor(bus, fleet, Spawners(kinds))
         await serve_until_signalled(supervisor, bus)

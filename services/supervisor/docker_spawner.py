@@ -30,11 +30,14 @@ log = logging.getLogger("agentbus.supervisor")
 LABEL = "io.agentbus"
 WORKDIR = "/work"  # the agent's workspaces inside the container; a named volume `<prefix>-work` by default
 _PASSED_PREFIXES = ("ANTHROPIC_", "OTEL_", "AGENTBUS_")
+# paths on the supervisor's side, and its own identity: a container gets its own
+_NOT_PASSED = ("AGENTBUS_WORKER_ID", "AGENTBUS_CREDS", "AGENTBUS_AGENT_CREDS", "AGENTBUS_CONTEXT_DIR")
+CREDS_IN_CONTAINER = "/run/agentbus/agent.creds"
 
 
 def passed_env(environ: Mapping[str, str]) -> dict[str, str]:
     """The supervisor's variables an agent container inherits: model keys, tracing and agentbus settings."""
-    return {k: v for k, v in environ.items() if k.startswith(_PASSED_PREFIXES) and k != "AGENTBUS_WORKER_ID"}
+    return {k: v for k, v in environ.items() if k.startswith(_PASSED_PREFIXES) and k not in _NOT_PASSED}
 
 
 class ContainerHandle:
@@ -99,8 +102,11 @@ class DockerSpawner:
         *,
         client: docker.DockerClient | None = None,
         environ: Mapping[str, str] | None = None,
+        agent_creds: str = "",
     ) -> None:
         self.settings = settings
+        # mounted read-only into each container: the file, never its contents in the environment
+        self.agent_creds = str(Path(agent_creds or settings.creds).resolve()) if agent_creds or settings.creds else ""
         self.log_dir = log_dir
         self._client = client
         self.environ = os.environ if environ is None else environ
@@ -128,6 +134,10 @@ class DockerSpawner:
             "AGENTBUS_CONTAINER": name,
             "PYTHONUNBUFFERED": "1",
         }
+        volumes = _with_workspace(spec.volumes, f"{self.settings.prefix}-work")
+        if self.agent_creds:
+            env["AGENTBUS_CREDS"] = CREDS_IN_CONTAINER
+            volumes.append(f"{self.agent_creds}:{CREDS_IN_CONTAINER}:ro")
         kwargs: dict[str, Any] = {
             "command": [*agent_args(spec, self.settings), "--workdir", WORKDIR],
             "entrypoint": ["agentbus"],
@@ -138,7 +148,7 @@ class DockerSpawner:
             "labels": self.labels(spec, worker_id),
             # Workspaces must outlive the container: a session handed back on scale-down or after a
             # crash continues in another container, which must find the files the log speaks of.
-            "volumes": _with_workspace(spec.volumes, f"{self.settings.prefix}-work"),
+            "volumes": volumes,
         }
 
         def _run() -> Container:

@@ -13,6 +13,7 @@
     idle_s = 30                             # scale down after this long with an empty queue
     ack_wait_s = 60                         # a dead worker's task moves on after this long
     ceiling_usd = 50.0                      # the whole pool's spend; over it, sessions pause
+    models = ["anthropic:claude-haiku-4-5"] # what `submit --model` may choose besides `model`
     [pools.coder.budget]
     max_steps = 40
     max_usd = 2.0
@@ -59,6 +60,7 @@ class PoolSpec:
     budget: Budget = Budget()  # noqa: RUF009 - frozen
     env: dict[str, str] = field(default_factory=dict)
     ceiling_usd: float | None = None
+    models: tuple[str, ...] = ()  # models a submitter may choose besides `model` (the agents' --allow-model)
 
 
 @dataclass(frozen=True)
@@ -122,6 +124,7 @@ def load_pools(path: str | Path) -> Fleet:
                 budget=limits,
                 env={str(k): str(v) for k, v in _table(raw.get("env") or {}, f"{here}: env").items()},
                 ceiling_usd=_dollars(raw.get("ceiling_usd"), here),
+                models=tuple(str(m) for m in raw.get("models", ())),
             )
         except (TypeError, ValueError) as err:  # "max = 'two'", or a ${VAR} that is not a number
             raise UsageError(f"{here}: {err}") from err

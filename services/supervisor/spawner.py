@@ -53,7 +53,16 @@ def agent_args(spec: PoolSpec, settings: Settings) -> list[str]:
         "--concurrency", str(spec.concurrency), "--ack-wait", str(spec.ack_wait_s),
         "--nats", settings.nats_url, "--prefix", settings.prefix,
     ]  # fmt: skip
+    for model in spec.models:
+        args += ["--allow-model", model]
     return args + budget.to_argv(spec.budget)
+
+
+def worker_creds_env(agent_creds: str, settings: Settings) -> dict[str, str]:
+    """The worker's credentials, by path in its environment (never on its command line): the
+    agent credentials the supervisor was given, else its own."""
+    creds = agent_creds or settings.creds
+    return {"AGENTBUS_CREDS": creds, "AGENTBUS_AGENT_CREDS": ""} if creds else {}
 
 
 class ProcessHandle:
@@ -86,14 +95,16 @@ class ProcessHandle:
 class ProcessSpawner:
     """One `agentbus agent` subprocess per worker; its output goes to `<log_dir>/<worker id>.log`."""
 
-    def __init__(self, settings: Settings, log_dir: Path, workdir: Path) -> None:
+    def __init__(self, settings: Settings, log_dir: Path, workdir: Path, agent_creds: str = "") -> None:
         self.settings = settings
         self.log_dir = log_dir
         self.workdir = workdir
+        self.agent_creds = agent_creds
 
     async def spawn(self, spec: PoolSpec, worker_id: str) -> WorkerHandle:
         cmd = [sys.executable, "-m", "agentbus.cli", *agent_args(spec, self.settings), "--workdir", str(self.workdir)]
         env = {**os.environ, **spec.env, "AGENTBUS_WORKER_ID": worker_id, "PYTHONUNBUFFERED": "1"}
+        env.update(worker_creds_env(self.agent_creds, self.settings))
         try:  # a full disk or an unwritable log directory is a failed start, retried with backoff
             self.log_dir.mkdir(parents=True, exist_ok=True)
             with (self.log_dir / f"{worker_id}.log").open("ab") as out:
