@@ -34,7 +34,9 @@ def _block(after: str, lang: str) -> str:
 
 
 def _env(url: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "ANTHROPIC_API_KEY"}
+    # a newcomer's shell: no API key, and no credentials (the suite's own server sets AGENTBUS_CREDS);
+    # the server the README starts leaves its admin's for this user's commands to find
+    env = {k: v for k, v in os.environ.items() if k not in ("ANTHROPIC_API_KEY", "AGENTBUS_CREDS")}
     return {**env, "PATH": f"{BIN}:{env.get('PATH', '')}", "AGENTBUS_NATS_URL": url}
 
 
