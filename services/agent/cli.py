@@ -38,6 +38,24 @@ from services.agent.worker import AgentConfig, serve
 @click.option("--max-deliver", default=5, show_default=True, help="Deliveries before a task's session is failed.")
 @budget_options("Pool default budget per session")
 @click.option("--no-progress", default=3, show_default=True, help="Pause after N turns without progress (0: off).")
+@click.option(
+    "--sandbox",
+    type=click.Choice(["bwrap", "none"]),
+    default="bwrap",
+    show_default=True,
+    envvar="AGENTBUS_SANDBOX",
+    help="Where bash (and plug-ins that run commands) run: bubblewrap, or none (unconfined, with a warning) "
+    "[env AGENTBUS_SANDBOX].",
+)
+@click.option(
+    "--network/--no-network", default=False, show_default=True, help="May sandboxed commands use the network?"
+)
+@click.option(
+    "--tool-env",
+    multiple=True,
+    metavar="NAME[=VALUE]",
+    help="A variable sandboxed commands get (repeatable): NAME passes this agent's value, NAME=VALUE sets one.",
+)
 @nats_option
 def command(
     pool: str,
@@ -50,6 +68,9 @@ def command(
     max_deliver: int,
     budget: Budget,
     no_progress: int,
+    sandbox: str,
+    network: bool,
+    tool_env: tuple[str, ...],
     nats_url: str | None,
     prefix: str,
 ) -> None:
@@ -67,6 +88,9 @@ def command(
         max_deliver=max_deliver,
         budget=budget,
         no_progress_turns=no_progress,
+        sandbox=sandbox,
+        network=network,
+        tool_env=tool_env,
     )
     settings = settings_from(nats_url, prefix)
 

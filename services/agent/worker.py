@@ -55,6 +55,7 @@ from agentbus.messages import (
     session_id_of,
 )
 from agentbus.models import ModelClient, ModelError, cost_usd, model_from_spec
+from agentbus.sandbox import tool_environment
 from agentbus.service import Service
 from agentbus.session import SessionLog, SessionWriter
 from agentbus.spend import SpendLedger
@@ -69,7 +70,7 @@ from services.agent.guards import (
     over_budget,
     remaining,
 )
-from services.agent.tools import DEFAULT_TOOLS, Tool, ToolContext, ToolError, load_tools, schemas
+from services.agent.tools import DEFAULT_TOOLS, Tool, ToolContext, ToolError, load_tools, schemas, tool_sandbox
 
 log = logging.getLogger("agentbus.agent")
 
@@ -109,6 +110,10 @@ class AgentConfig:
         )
     )
     heartbeat_s: float = 3.0
+    # Where tools that run commands (bash, plug-ins that say so) run: "bwrap", or "none" (unconfined).
+    sandbox: str = "bwrap"
+    network: bool = False  # may those commands reach the network?
+    tool_env: tuple[str, ...] = ()  # their environment allow-list: NAME (the agent's value) or NAME=VALUE
 
 
 class Released(Exception):
@@ -131,6 +136,8 @@ class AgentWorker(Service):
         self._models: dict[str, ModelClient] = {}
         self.tools: dict[str, Tool] = load_tools(config.tools)
         self.tool_schemas = schemas(self.tools)
+        self.tool_env = tool_environment(config.tool_env, os.environ)
+        self.sandbox = tool_sandbox(self.tools, config.sandbox)  # probed now: refused here, not mid-session
         self.consumer = bus.ns.pool_consumer(config.pool, ack_wait_s=config.ack_wait_s, max_deliver=config.max_deliver)
         super().__init__()
         self._inflight: set[asyncio.Task[None]] = set()
@@ -505,6 +512,9 @@ class SessionRun:
             tool_use_id=use.id,
             delegate=lambda prompt, pool: self._delegate(use, conv, prompt, pool),
             ask_human=lambda question: self._ask_human(use, question),
+            sandbox=self.w.sandbox,
+            network=self.w.config.network,
+            tool_env=self.w.tool_env,
         )
         tool: Tool | None = _CutOff() if use.truncated else self.w.tools.get(use.name)
         attrs = {"gen_ai.operation.name": "execute_tool", "gen_ai.tool.name": use.name, "gen_ai.tool.call.id": use.id}
