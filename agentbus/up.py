@@ -68,7 +68,7 @@ def run_up(*, pools_file: str | None, port: int, store_dir: str) -> int:
     nats = ["--nats", server.url]
     roles = {
         "router": [*base, "router", *nats],
-        "evaluator": [*base, "evaluator", *nats],
+        "evaluator": [*base, "evaluator", *nats, "--workdir", str(store.parent / "work")],
         "supervisor": [*base, "supervisor", "--pools", str(pools), *nats,
                        "--log-dir", str(store.parent / "logs"), "--workdir", str(store.parent / "work")],
     }  # fmt: skip
