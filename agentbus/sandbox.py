@@ -162,15 +162,31 @@ class Bubblewrap:
             raise UsageError("AGENTBUS_SANDBOX_UID must not be 0: commands never run as host root")
         self.host_uid = uid if self.as_root else os.getuid()
         self.host_gid = uid if self.as_root else os.getgid()
+        self.fresh_proc = True  # False: an empty /proc (see probe)
 
     def probe(self) -> None:
+        """Run `true` inside. Where the kernel refuses a fresh /proc (a container whose /proc has masked
+        paths, as Docker's default), commands get an empty /proc instead, which the log says: the pid
+        namespace still hides every other process, only tools that read /proc (ps) lose their view."""
         if not (os.sep in self.bwrap and os.access(self.bwrap, os.X_OK)):
             raise SandboxUnavailable(f"bubblewrap not found ({self.bwrap}); install the bubblewrap package")
+        failure = first = self._try_true()
+        if "mount proc" in first:
+            self.fresh_proc = False
+            if not (failure := self._try_true()):
+                log.warning("this host refuses a fresh /proc in a sandbox (%s): commands get an empty /proc", first)
+        if failure:
+            hint = " (in a container: see the README's Sandbox section)" if Path("/.dockerenv").exists() else ""
+            raise SandboxUnavailable(f"bubblewrap cannot start a sandbox here{hint}: {failure}")
+
+    def _try_true(self) -> str:
+        """ "" when `true` runs in the sandbox, else bwrap's first line."""
         with tempfile.TemporaryDirectory(prefix="agentbus-probe-") as tmp:
             outcome = _in_thread(self.run("true", Path(tmp), Policy(limits=Limits(timeout_s=30))))
-        if outcome.exit_code != 0:
-            first = outcome.output.decode(errors="replace").strip().splitlines()[:1]
-            raise SandboxUnavailable(f"bubblewrap cannot start a sandbox here: {first[0] if first else outcome}")
+        if outcome.exit_code == 0:
+            return ""
+        first = outcome.output.decode(errors="replace").strip().splitlines()[:1]
+        return first[0] if first else str(outcome)
 
     async def run(self, command: str, workspace: Path, policy: Policy) -> Outcome:
         if self.as_root:
@@ -185,7 +201,7 @@ class Bubblewrap:
                 block_r, block_w = fds.pipe()
                 options += ["--userns-block-fd", str(fds.pass_(block_r))]
             else:
-                options += ["--uid", str(INSIDE_UID), "--gid", str(INSIDE_UID), "--disable-userns"]
+                options += ["--uid", str(INSIDE_UID), "--gid", str(INSIDE_UID)]
             args = fds.pass_(fds.data("args", b"".join(o.encode() + b"\0" for o in options)))
             inner = [*self._drop(), *_prlimit(policy.limits), "--", "/bin/sh", "-c", command]
             return await _run_process(
@@ -245,7 +261,8 @@ class Bubblewrap:
             data = fds.pass_(fds.data(name, text.encode()))
             opts += ["--perms", "0444", "--ro-bind-data", str(data), f"/etc/{name}"]
         opts += ["--bind-fd", str(fds.pass_(ws)), INSIDE, "--perms", "1777", "--size", str(lim.tmp_bytes),
-                 "--tmpfs", "/tmp", "--proc", "/proc", "--dev", "/dev", "--chdir", INSIDE]  # fmt: skip
+                 "--tmpfs", "/tmp", "--dev", "/dev", "--chdir", INSIDE]  # fmt: skip
+        opts += ["--proc", "/proc"] if self.fresh_proc else ["--dir", "/proc"]
         return opts
 
 
