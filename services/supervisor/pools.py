@@ -13,6 +13,9 @@
     idle_s = 30                             # scale down after this long with an empty queue
     ack_wait_s = 60                         # a dead worker's task moves on after this long
     ceiling_usd = 50.0                      # the whole pool's spend; over it, sessions pause
+    sandbox = "bwrap"                       # where bash runs; "none": unconfined (warned at start)
+    network = false                         # may sandboxed commands use the network?
+    tool_env = ["GITHUB_TOKEN", "LANG=C.UTF-8"]  # their environment: NAME (the agent's value) or NAME=VALUE
     [pools.coder.budget]
     max_steps = 40
     max_usd = 2.0
@@ -39,6 +42,7 @@ import msgspec
 
 from agentbus.errors import UsageError
 from agentbus.messages import Budget
+from agentbus.sandbox import tool_environment
 from agentbus.subjects import valid_token
 
 
@@ -59,6 +63,9 @@ class PoolSpec:
     budget: Budget = Budget()  # noqa: RUF009 - frozen
     env: dict[str, str] = field(default_factory=dict)
     ceiling_usd: float | None = None
+    sandbox: Literal["bwrap", "none"] = "bwrap"  # where tools that run commands run (README, "Sandbox")
+    network: bool = False
+    tool_env: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -104,6 +111,9 @@ def load_pools(path: str | Path) -> Fleet:
                 budget=budget,
                 env={str(k): str(v) for k, v in (raw.get("env") or {}).items()},
                 ceiling_usd=_dollars(raw.get("ceiling_usd"), here),
+                sandbox=raw.get("sandbox", "bwrap"),
+                network=_flag(raw.get("network", False), f"{here}: network"),
+                tool_env=tuple(str(e) for e in raw.get("tool_env", ())),
             )
         except (TypeError, ValueError) as err:  # "max = 'two'", or a ${VAR} that is not a number
             raise UsageError(f"{here}: {err}") from err
@@ -112,6 +122,12 @@ def load_pools(path: str | Path) -> Fleet:
             raise UsageError(f"{here}: need 0 <= min <= max")
         if spec.spawner not in ("process", "docker"):
             raise UsageError(f"pools file {where}, pool {name}: spawner must be 'process' or 'docker'")
+        if spec.sandbox not in ("bwrap", "none"):
+            raise UsageError(f"{here}: sandbox must be 'bwrap' or 'none'")
+        try:
+            tool_environment(spec.tool_env, {})  # names only: values are the agent's business
+        except UsageError as err:
+            raise UsageError(f"{here}: {err}") from None
         pools[name] = spec
     if not pools:
         raise UsageError(f"pools file {where}: no [pools.NAME] table")

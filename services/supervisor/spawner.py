@@ -62,6 +62,9 @@ def agent_args(spec: PoolSpec, settings: Settings) -> list[str]:
     ):
         if value is not None:
             args += [flag, str(value)]
+    args += ["--sandbox", spec.sandbox, "--network" if spec.network else "--no-network"]
+    for entry in spec.tool_env:
+        args.append(f"--tool-env={entry}")
     return args
 
 
