@@ -136,7 +136,7 @@ def tool_environment(entries: Iterable[str], environ: Mapping[str, str]) -> dict
     env: dict[str, str] = {}
     for entry in entries:
         name, eq, value = entry.partition("=")
-        if not name.replace("_", "a").isalnum() or name[0].isdigit():
+        if not (name.isascii() and name.replace("_", "a").isalnum()) or name[0].isdigit():
             raise UsageError(f"tool_env entry {entry!r}: expected NAME or NAME=VALUE")
         if name.upper().startswith(RESERVED_PREFIXES):
             raise UsageError(f"tool_env entry {name}: {', '.join(RESERVED_PREFIXES)}* never reach a tool")
