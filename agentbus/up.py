@@ -172,7 +172,7 @@ def _roles(url: str, pools: Path, store: Path) -> dict[str, list[str]]:
     nats = ["--nats", url]
     return {
         "router": [*base, "router", *nats],
-        "evaluator": [*base, "evaluator", *nats],
+        "evaluator": [*base, "evaluator", *nats, "--workdir", str(store.parent / "work")],
         "supervisor": [*base, "supervisor", "--pools", str(pools), *nats,
                        "--log-dir", str(store.parent / "logs"), "--workdir", str(store.parent / "work")],
     }  # fmt: skip

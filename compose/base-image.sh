@@ -7,17 +7,22 @@ set -euo pipefail
 tag="${1:-agentbus-base:bookworm}"
 mirror="${DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 
+# An image built before the sandbox needed bubblewrap is rebuilt.
 if [[ -z "${REBUILD:-}" ]] && docker image inspect "$tag" >/dev/null 2>&1; then
-    echo "base image $tag exists"
-    exit 0
+    if docker run --rm --network none --entrypoint /bin/sh "$tag" -c 'command -v bwrap' >/dev/null 2>&1; then
+        echo "base image $tag exists"
+        exit 0
+    fi
+    echo "base image $tag has no bubblewrap (the tool sandbox needs it): rebuilding"
 fi
 command -v debootstrap >/dev/null || { echo "debootstrap is not installed (apt-get install -y debootstrap)" >&2; exit 1; }
 
 root="$(mktemp -d /tmp/agentbus-rootfs.XXXXXX)"
 trap 'rm -rf "$root"' EXIT
 # minbase keeps the image small; python3-venv brings ensurepip, so the
-# agentbus Dockerfile can make a venv exactly as on python:3.11-slim.
-debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates \
+# agentbus Dockerfile can make a venv exactly as on python:3.11-slim; bubblewrap is
+# the sandbox for the bash tool and the evaluator's checks (README, "Sandbox").
+debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates,bubblewrap \
     bookworm "$root" "$mirror"
 rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/*
 tar -C "$root" -c . | docker import \

@@ -43,7 +43,7 @@ async def _system(settings: Settings, tmp_path: Path, responder: Responder) -> A
         model = AnthropicModel("claude-sonnet-4-6", api_key="test", base_url=api.base_url, max_retries=0)
         bus_a, bus_e = await Bus.connect(settings), await Bus.connect(settings)
         worker = AgentWorker(bus_a, AgentConfig(pool="p", model=model.name, workdir=tmp_path), model)
-        evaluator = Evaluator(bus_e, model)
+        evaluator = Evaluator(bus_e, model, workdir=tmp_path)
         tasks = [asyncio.create_task(worker.run()), asyncio.create_task(evaluator.run())]
         try:
             yield api

@@ -9,13 +9,14 @@ import pytest
 
 import services.agent.tools as tools_mod
 from agentbus.errors import UsageError
+from agentbus.sandbox import Bubblewrap
 from services.agent.tools import Bash, ReadFile, ToolContext, ToolError, WriteFile, load_tools
 
 
 def _ctx(tmp_path: Path) -> ToolContext:
     ws = tmp_path / "ws"
     ws.mkdir()
-    return ToolContext(session_id="s1", workspace=ws, step=1, tool_use_id="tu1")
+    return ToolContext(session_id="s1", workspace=ws, step=1, tool_use_id="tu1", sandbox=Bubblewrap())
 
 
 @pytest.mark.parametrize("path", ["../outside.txt", "/etc/passwd", "a/../../outside.txt"])
@@ -32,7 +33,7 @@ async def test_a_symlink_out_of_the_workspace_is_refused(tmp_path: Path) -> None
     ctx = _ctx(tmp_path)
     (tmp_path / "secret.txt").write_text("no")
     os.symlink(tmp_path / "secret.txt", ctx.workspace / "link.txt")
-    with pytest.raises(ToolError, match="outside"):
+    with pytest.raises(ToolError, match="symbolic link"):
         await ReadFile().run({"path": "link.txt"}, ctx)
 
 
@@ -45,7 +46,8 @@ async def test_write_then_read_round_trips_inside_the_workspace(tmp_path: Path) 
 
 async def test_bash_runs_in_the_workspace_and_reports_a_failing_exit_code(tmp_path: Path) -> None:
     ctx = _ctx(tmp_path)
-    assert (await Bash().run({"command": "pwd"}, ctx)).strip() == str(ctx.workspace)
+    (ctx.workspace / "here.txt").write_text("x")
+    assert (await Bash().run({"command": "pwd; ls"}, ctx)).split() == ["/work", "here.txt"]
     with pytest.raises(ToolError, match="exit code 3"):
         await Bash().run({"command": "echo oops; exit 3"}, ctx)
 
@@ -106,6 +108,6 @@ async def test_bash_commands_do_not_see_api_keys_or_bus_settings(
     monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-secret")
     monkeypatch.setenv("AGENTBUS_NATS_URL", "nats://127.0.0.1:4222")
     monkeypatch.setenv("GITHUB_TOKEN", "ghp-secret")
-    out = await Bash().run({"command": "env"}, _ctx(tmp_path))
+    out = await Bash().run({"command": "env; cat /proc/*/environ; true"}, _ctx(tmp_path))
     assert "sk-secret" not in out and "ghp-secret" not in out and "AGENTBUS_NATS_URL" not in out
     assert "PATH=" in out

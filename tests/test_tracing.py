@@ -125,7 +125,7 @@ def _run_session(settings: Settings, tmp_path: Path, env: dict[str, str]) -> str
     roles = [
         ["router", "--default-pool", "w"],
         ["agent", "--pool", "w", "--model", f"scripted:{script}", "--workdir", str(tmp_path / "work")],
-        ["evaluator"],
+        ["evaluator", "--workdir", str(tmp_path / "work")],  # where the agent's workspaces are
     ]
     procs = [_start(role, settings, env, tmp_path / f"{role[0]}.log") for role in roles]
     try:

@@ -28,7 +28,7 @@ ENTRY_POINTS = "agentbus.services"
 # service; tests/test_cli_help.py checks each against the command's own docstring.
 SERVICES = {
     "agent": "Run an agent: pull POOL's tasks, run the Claude tool-use loop, record every step.",
-    "evaluator": "Grade results: checks on a copy of the workspace, criteria by a grader model.",
+    "evaluator": "Grade results: checks sandboxed on a copy of the workspace, criteria by a grader model.",
     "router": "Route submissions: explicit pool, else the first matching rule, else the default pool.",
     "supervisor": "Keep every pool between min and max workers; replace the dead; SIGTERM drains them all.",
 }

@@ -112,6 +112,9 @@ class ToolCalls:
             tool_use_id=use.id,
             delegate=lambda prompt, pool: self._delegate(use, conv, prompt, pool),
             ask_human=lambda question: self._ask_human(use, question),
+            sandbox=self.ctx.sandbox,
+            network=self.ctx.network,
+            tool_env=self.ctx.tool_env,
         )
         attrs = {"gen_ai.operation.name": "execute_tool", "gen_ai.tool.name": use.name, "gen_ai.tool.call.id": use.id}
         with tracing.span(

@@ -56,6 +56,24 @@ from services.agent.worker import AgentConfig, serve
     metavar="SPEC",
     help="A model a session may name besides --model (submit --model, a route); repeatable. Others are refused.",
 )
+@click.option(
+    "--sandbox",
+    type=click.Choice(["bwrap", "none"]),
+    default="bwrap",
+    show_default=True,
+    envvar="AGENTBUS_SANDBOX",
+    help="Where bash (and plug-ins that run commands) run: bubblewrap, or none (unconfined, with a warning) "
+    "[env AGENTBUS_SANDBOX].",
+)
+@click.option(
+    "--network/--no-network", default=False, show_default=True, help="May sandboxed commands use the network?"
+)
+@click.option(
+    "--tool-env",
+    multiple=True,
+    metavar="NAME[=VALUE]",
+    help="A variable sandboxed commands get (repeatable): NAME passes this agent's value, NAME=VALUE sets one.",
+)
 @nats_option
 def command(
     pool: str,
@@ -72,6 +90,9 @@ def command(
     approval_timeout: float | None,
     on_approval_timeout: str,
     allowed_models: tuple[str, ...],
+    sandbox: str,
+    network: bool,
+    tool_env: tuple[str, ...],
     nats_url: str | None,
     prefix: str,
 ) -> None:
@@ -93,6 +114,9 @@ def command(
         approval_timeout_s=approval_timeout,
         on_approval_timeout="pause" if on_approval_timeout == "pause" else "deny",
         allowed_models=allowed_models,
+        sandbox=sandbox,
+        network=network,
+        tool_env=tool_env,
     )
     settings = settings_from(nats_url, prefix)
 

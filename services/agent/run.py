@@ -16,7 +16,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -47,6 +47,7 @@ from agentbus.messages import (
 )
 from agentbus.models import ModelClient, ModelError, ModelReply, Partial, cost_usd
 from agentbus.queues import WorkQueues
+from agentbus.sandbox import Sandbox
 from agentbus.service import backoff
 from agentbus.session import SessionLog, SessionWriter
 from agentbus.spend import SpendLedger
@@ -92,6 +93,9 @@ class RunContext:
     pool_model: str = ""  # the pool's own model; a session may name another only if it is allowed
     allowed_models: tuple[str, ...] = ()
     approve: frozenset[str] = frozenset()
+    sandbox: Sandbox | None = None  # where tools that run commands run (None: such tools refuse)
+    network: bool = False
+    tool_env: Mapping[str, str] = field(default_factory=dict)
     approval_timeout_s: float | None = None
     on_approval_timeout: Literal["deny", "pause"] = "deny"
 

@@ -5,25 +5,33 @@ A tool is anything with `name`, `description`, `input_schema` and an async
 `is_error` result for the model, never a crashed loop. User packages add tools
 through the `agentbus.tools` entry-point group (the entry point names a Tool
 object or a zero-argument factory returning one).
+
+Two optional attributes describe a tool to the agent (read them with `runs_commands()`
+and `repeatable()`):
+- `runs_commands = True`: the tool runs commands the model wrote, in `ctx.sandbox`; an agent
+  offering one refuses to start where the sandbox cannot run (unless its pool says
+  `sandbox = "none"`). Default False.
+- `repeatable = True`: running it again after a crash cut it off is harmless (it reads, or it
+  finds what its first run started). The agent loop will re-run only such calls. Default False.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
-import signal
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Protocol
 
+from agentbus import workspace
 from agentbus.errors import UsageError
+from agentbus.sandbox import Limits, Outcome, Policy, Sandbox, open_sandbox
 
 ENTRY_POINT_GROUP = "agentbus.tools"
 DEFAULT_TOOLS = ("read_file", "write_file", "delegate", "ask_human")
 MAX_OUTPUT = 16_000
+READ_CAP = MAX_OUTPUT  # bytes of a file read_file returns at once
 
 
 class ToolError(Exception):
@@ -32,7 +40,8 @@ class ToolError(Exception):
 
 @dataclass
 class ToolContext:
-    """What a running tool may use: its workspace, and hooks into the bus the worker provides."""
+    """What a running tool may use: its workspace, the sandbox for commands (with the pool's
+    network and environment allow-list), and hooks into the bus the worker provides."""
 
     session_id: str
     workspace: Path
@@ -41,14 +50,25 @@ class ToolContext:
     delegate: Callable[[str, str | None], Awaitable[str]] | None = None
     ask_human: Callable[[str], Awaitable[str]] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    sandbox: Sandbox | None = None  # set when the agent offers a tool that runs commands
+    network: bool = False  # the pool's `network`: may commands reach the network?
+    tool_env: Mapping[str, str] = field(default_factory=dict)  # the pool's `tool_env`, resolved
 
     def resolve(self, path: str) -> Path:
-        """A path inside the workspace; anything that escapes it (.., absolute, symlink) is refused."""
+        """A path inside the workspace, checked lexically and by resolving symlinks at the time of the call.
+
+        A check, not an open: a symlink swapped in afterwards is not caught. Tools that open files
+        should use `agentbus.workspace` (`read_capped`, `write_file`), which never follows one.
+        """
         root = self.workspace.resolve()
         target = (root / path).resolve()
         if not target.is_relative_to(root):
             raise ToolError(f"path {path!r} is outside the session workspace")
         return target
+
+    def policy(self, limits: Limits) -> Policy:
+        """The sandbox policy for one command of this pool."""
+        return Policy(network=self.network, env=dict(self.tool_env), limits=limits)
 
 
 class Tool(Protocol):
@@ -63,97 +83,102 @@ class Tool(Protocol):
     async def run(self, input: dict[str, Any], ctx: ToolContext) -> str: ...
 
 
+def runs_commands(tool: Tool) -> bool:
+    return bool(getattr(tool, "runs_commands", False))
+
+
+def repeatable(tool: Tool) -> bool:
+    return bool(getattr(tool, "repeatable", False))
+
+
+def tool_sandbox(tools: Mapping[str, Tool], mode: str) -> Sandbox | None:
+    """The sandbox for the tools that run commands, probed once; refused (SandboxUnavailable) where it
+    cannot run unless `mode` is "none". None when no tool runs commands."""
+    users = [name for name, tool in tools.items() if runs_commands(tool)]
+    if not users:
+        return None
+    return open_sandbox(mode, needed_by=f"the {' and '.join(users)} tool{'s' if len(users) > 1 else ''}")
+
+
 def _schema(props: dict[str, Any], required: Iterable[str]) -> dict[str, Any]:
     return {"type": "object", "properties": props, "required": list(required)}
 
 
 class ReadFile:
     name = "read_file"
-    description = "Read a UTF-8 text file from the session workspace."
-    repeatable = True  # reading twice changes nothing: safe to run again after a crash
-    input_schema = _schema({"path": {"type": "string", "description": "Path relative to the workspace."}}, ["path"])
+    description = (
+        f"Read a UTF-8 text file from the session workspace, at most {READ_CAP} bytes at a time "
+        "(pass offset to read further). Symbolic links are not followed."
+    )
+    input_schema = _schema(
+        {
+            "path": {"type": "string", "description": "Path relative to the workspace."},
+            "offset": {"type": "integer", "description": "Byte to start at (default 0)."},
+        },
+        ["path"],
+    )
+    repeatable = True
 
     async def run(self, input: dict[str, Any], ctx: ToolContext) -> str:
-        target = ctx.resolve(str(input["path"]))
-        if not target.is_file():
-            raise ToolError(f"no such file: {input['path']}")
-        return _cap(target.read_text(errors="replace"))
+        path, offset = str(input["path"]), max(0, int(input.get("offset") or 0))
+        try:
+            data, size = await asyncio.to_thread(workspace.read_capped, ctx.workspace, path, READ_CAP, offset)
+        except workspace.PathRefused as err:
+            raise ToolError(str(err)) from None
+        text = data[:READ_CAP].decode(errors="replace")
+        if len(data) > READ_CAP:
+            end = offset + READ_CAP
+            text += f"\n... [file cut: bytes {offset}-{end} of {size} shown; read on with offset {end}]"
+        return text
 
 
 class WriteFile:
     name = "write_file"
-    description = "Write (create or replace) a UTF-8 text file in the session workspace."
+    description = (
+        "Write (create or replace) a UTF-8 text file in the session workspace; missing directories are made. "
+        "Symbolic links are not followed."
+    )
     input_schema = _schema({"path": {"type": "string"}, "content": {"type": "string"}}, ["path", "content"])
+    repeatable = False
 
     async def run(self, input: dict[str, Any], ctx: ToolContext) -> str:
-        target = ctx.resolve(str(input["path"]))
-        target.parent.mkdir(parents=True, exist_ok=True)
-        content = str(input["content"])
-        target.write_text(content)
-        return f"wrote {len(content.encode())} bytes to {input['path']}"
+        data = str(input["content"]).encode()
+        try:
+            await asyncio.to_thread(workspace.write_file, ctx.workspace, str(input["path"]), data)
+        except workspace.PathRefused as err:
+            raise ToolError(str(err)) from None
+        return f"wrote {len(data)} bytes to {input['path']}"
 
 
 class Bash:
     name = "bash"
-    description = "Run a shell command in the session workspace (timeout 120 s, output capped)."
+    description = (
+        "Run a shell command (/bin/sh) in a sandbox: the session workspace is the current directory (/work), "
+        "the system is read-only, /tmp is private, and every process ends with the command "
+        "(timeout 120 s, at most 600; output capped)."
+    )
     input_schema = _schema({"command": {"type": "string"}, "timeout": {"type": "number"}}, ["command"])
+    runs_commands = True
+    repeatable = False
 
     async def run(self, input: dict[str, Any], ctx: ToolContext) -> str:
+        if ctx.sandbox is None:
+            raise ToolError("bash is not available: this agent has no sandbox for commands")
         timeout = min(float(input.get("timeout") or 120), 600)
-        proc = await asyncio.create_subprocess_shell(
-            str(input["command"]),
-            cwd=ctx.workspace,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-            stdin=asyncio.subprocess.DEVNULL,
-            start_new_session=True,
-            env=_tool_env(ctx.workspace),
-        )
-        assert proc.stdout is not None
-        out = bytearray()
-        try:
-            async with asyncio.timeout(timeout):
-                # Read at most a little past the cap: `yes` must not fill the agent's memory.
-                while len(out) <= MAX_OUTPUT * 4 and (chunk := await proc.stdout.read(65536)):
-                    out += chunk
-                capped = len(out) > MAX_OUTPUT * 4
-                if capped:
-                    _kill_group(proc.pid)
-                await proc.wait()
-        except TimeoutError:
-            _kill_group(proc.pid)
-            await proc.wait()
-            raise ToolError(f"command timed out after {timeout:g}s") from None
-        except asyncio.CancelledError:  # an interrupt (or a drain): the command must not outlive the call
-            _kill_group(proc.pid)
-            await proc.wait()
-            raise
-        text = _cap(out.decode(errors="replace"))
-        if capped:
-            return text + "\n[the command was stopped: it printed more than the agent keeps]"
-        if proc.returncode:
-            raise ToolError(f"exit code {proc.returncode}\n{text}")
-        return text or "(no output)"
+        limits = Limits(timeout_s=timeout, output_bytes=MAX_OUTPUT * 4)
+        outcome = await ctx.sandbox.run(str(input["command"]), ctx.workspace, ctx.policy(limits))
+        return _bash_result(outcome, timeout)
 
 
-def _kill_group(pid: int) -> None:
-    # The whole process group: a child (`sleep`) would otherwise keep the pipe open.
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, signal.SIGKILL)
-
-
-_SECRET_HINTS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "CREDENTIAL")
-
-
-def _tool_env(workspace: Path) -> dict[str, str]:
-    """The environment a model-written command gets: no API keys, no agentbus or NATS settings."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("ANTHROPIC_", "AGENTBUS_", "NATS_", "OTEL_")) and not any(h in k for h in _SECRET_HINTS)
-    }
-    env["HOME"] = str(workspace)
-    return env
+def _bash_result(outcome: Outcome, timeout: float) -> str:
+    text = _cap(outcome.output.decode(errors="replace"))
+    if outcome.timed_out:
+        raise ToolError(f"command timed out after {timeout:g}s" + (f"\n{text}" if text else ""))
+    if outcome.cut:
+        return text + "\n[the command was stopped: it printed more than the agent keeps]"
+    if outcome.exit_code:
+        raise ToolError(f"exit code {outcome.exit_code}{outcome.why()}\n{text}")
+    return text or "(no output)"
 
 
 class Delegate:

@@ -28,6 +28,7 @@ from agentbus.errors import AgentBusError, FencedError
 from agentbus.messages import Budget, InterruptRequested, WorkerInfo, decode_event, encode
 from agentbus.models import ModelClient, model_from_spec
 from agentbus.queues import WorkQueues, WorkSettlement
+from agentbus.sandbox import tool_environment
 from agentbus.service import Consumer, HandBack, Retry, Service, consume
 from agentbus.session import SessionLog
 from agentbus.spend import SpendLedger
@@ -36,7 +37,7 @@ from services.agent.exhausted import ExhaustedWatcher
 from services.agent.guards import NO_PROGRESS_TURNS
 from services.agent.run import RunContext, SessionRun
 from services.agent.signals import Released
-from services.agent.tools import DEFAULT_TOOLS, Tool, load_tools, schemas
+from services.agent.tools import DEFAULT_TOOLS, Tool, load_tools, schemas, tool_sandbox
 from services.agent.wake import TimerWatcher, WakeWatcher
 
 logger = logging.getLogger("agentbus.agent")
@@ -77,6 +78,10 @@ class AgentConfig:
     approval_timeout_s: float | None = None
     on_approval_timeout: Literal["deny", "pause"] = "deny"
     allowed_models: tuple[str, ...] = ()  # models a session may name besides `model` (--allow-model)
+    # Where tools that run commands (bash, plug-ins that say so) run: "bwrap", or "none" (unconfined).
+    sandbox: str = "bwrap"
+    network: bool = False  # may those commands reach the network?
+    tool_env: tuple[str, ...] = ()  # their environment allow-list: NAME (the agent's value) or NAME=VALUE
 
 
 class AgentWorker(Service):
@@ -95,6 +100,8 @@ class AgentWorker(Service):
         self._models: dict[str, ModelClient] = {}
         self.tools: dict[str, Tool] = load_tools(config.tools)
         self.tool_schemas = schemas(self.tools)
+        self.tool_env = tool_environment(config.tool_env, os.environ)
+        self.sandbox = tool_sandbox(self.tools, config.sandbox)  # probed now: refused here, not mid-session
         self.consumer = bus.ns.pool_consumer(config.pool, ack_wait_s=config.ack_wait_s, max_deliver=config.max_deliver)
         super().__init__()
         self.sessions: set[str] = set()
@@ -121,6 +128,9 @@ class AgentWorker(Service):
             pool_model=self.model.name,
             allowed_models=config.allowed_models,
             approve=frozenset(config.approve),
+            sandbox=self.sandbox,
+            network=config.network,
+            tool_env=self.tool_env,
             approval_timeout_s=config.approval_timeout_s,
             on_approval_timeout=config.on_approval_timeout,
         )

@@ -21,7 +21,6 @@ from agentbus.messages import (
     ModelResponded,
     Record,
     RevisionRequested,
-    SessionClaimed,
     SessionCreated,
     SessionEnded,
     StatusChanged,
@@ -33,6 +32,7 @@ from agentbus.messages import (
 )
 from agentbus.models import ModelClient, ModelError, cost_usd
 from agentbus.queues import WorkQueues, WorkSettlement
+from agentbus.sandbox import Sandbox, open_sandbox
 from agentbus.service import Consumer, Service, consume
 from agentbus.session import SessionLog
 from agentbus.spend import SpendLedger
@@ -42,12 +42,25 @@ from services.evaluator.grading import Graded, GradingError, grade_criteria, run
 from services.evaluator.policy import PIVOT_AFTER, critique_of, decide, verdict_of
 
 logger = logging.getLogger("agentbus.evaluator")
+DEFAULT_WORKDIR = Path(".agentbus/work")  # the agents' default --workdir
 
 
 class Evaluator(Service):
     """`run()` until `shutdown()`; safe to shut down twice."""
 
-    def __init__(self, bus: Bus, model: ModelClient | None, *, pivot_after: int = PIVOT_AFTER) -> None:
+    def __init__(
+        self,
+        bus: Bus,
+        model: ModelClient | None,
+        *,
+        pivot_after: int = PIVOT_AFTER,
+        workdir: Path = DEFAULT_WORKDIR,
+        sandbox: Sandbox | None = None,
+    ) -> None:
+        # Issue 14 (sandbox): checks run in `sandbox`, by default bubblewrap, probed here so a host that
+        # cannot run it refuses at start; `workdir` is the agents' workspace root (a session's is workdir/<id>).
+        self.sandbox = sandbox or open_sandbox("bwrap", needed_by="the evaluator's checks")
+        self.workdir = workdir
         self.bus = bus
         self.model = model
         self.log = SessionLog(bus)
@@ -147,17 +160,9 @@ class Evaluator(Service):
         await self.log.append(
             sid, StatusChanged(id=f"grading-{round_}", status="evaluating", reason=f"grading round {round_}")
         )
-        workspace = next(
-            (
-                Path(r.event.workspace)
-                for r in reversed(records)
-                if isinstance(r.event, SessionClaimed) and r.event.workspace
-            ),
-            None,
-        )
         output = final_output(records)
         with tracing.span("run checks", session_id=sid, attributes={"agentbus.checks": len(task.checks)}):
-            checks = await run_checks(task.checks, workspace)
+            checks = await run_checks(task.checks, self.workdir, sid, self.sandbox)  # never a path from the log
         try:
             if task.criteria and self.model is None:
                 raise GradingError("the session has criteria but this evaluator has no grader model (--model)")

@@ -1,4 +1,4 @@
-"""Grading in a separate context: checks run on a copy of the workspace, criteria go to a grader model.
+"""Grading in a separate context: checks run sandboxed on a copy of the workspace, criteria go to a grader model.
 
 The grader sees the task, the criteria and the output; never the agent's reasoning,
 tool calls or conversation. `grader_request` is the one place that decides what it sees.
@@ -7,12 +7,8 @@ tool calls or conversation. `grader_request` is the one place that decides what 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import os
 import re
-import shutil
-import signal
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +16,8 @@ from typing import Any
 
 from agentbus.messages import CheckResult, CriterionResult, Task, Usage, text_of
 from agentbus.models import ModelClient
+from agentbus.sandbox import Limits, Policy, Sandbox
+from agentbus.workspace import PathRefused, copy_tree, session_workspace
 
 CHECK_TIMEOUT_S = 120.0
 OUTPUT_CAP = 4000
@@ -36,44 +34,38 @@ class GradingError(Exception):
     """Grading itself could not run (grader unreachable, unreadable answer)."""
 
 
-async def run_checks(checks: tuple[str, ...], workspace: Path | None) -> tuple[CheckResult, ...]:
-    """Each check in its own fresh copy of the workspace; exit 0 passes."""
+async def run_checks(checks: tuple[str, ...], root: Path, session_id: str, sandbox: Sandbox) -> tuple[CheckResult, ...]:
+    """Each check in the sandbox, on its own fresh copy of the session's workspace; exit 0 passes.
+
+    The workspace is `root/<session id>`: the evaluator's own configuration, never a path from an
+    event (an agent could record any path there).
+    """
+    if not checks:
+        return ()
+    try:
+        source = session_workspace(root, session_id)
+    except PathRefused as err:
+        return tuple(CheckResult(command=c, passed=False, output=f"not run: {err}") for c in checks)
     results = []
     for command in checks:
         with tempfile.TemporaryDirectory(prefix="agentbus-check-") as tmp:
-            root = Path(tmp) / "workspace"
-            await asyncio.to_thread(_copy_workspace, workspace, root)
-            results.append(await _run_check(command, root))
+            copy = Path(tmp) / "workspace"
+            await asyncio.to_thread(copy_tree, source, copy)
+            results.append(await _run_check(command, copy, sandbox))
     return tuple(results)
 
 
-def _copy_workspace(workspace: Path | None, root: Path) -> None:
-    if workspace is not None and workspace.is_dir():
-        shutil.copytree(workspace, root, symlinks=True)
-    else:
-        root.mkdir()
-
-
-async def _run_check(command: str, cwd: Path) -> CheckResult:
-    proc = await asyncio.create_subprocess_shell(
-        command,
-        cwd=cwd,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-        stdin=asyncio.subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        out, _ = await asyncio.wait_for(proc.communicate(), CHECK_TIMEOUT_S)
-    except TimeoutError:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        await proc.wait()
-        return CheckResult(command=command, passed=False, output=f"timed out after {CHECK_TIMEOUT_S:g}s")
-    text = out.decode(errors="replace")
-    if len(text) > OUTPUT_CAP:
-        text = text[:OUTPUT_CAP] + f"\n... [{len(text) - OUTPUT_CAP} more characters cut]"
-    return CheckResult(command=command, passed=proc.returncode == 0, exit_code=proc.returncode, output=text)
+async def _run_check(command: str, workspace: Path, sandbox: Sandbox) -> CheckResult:
+    # Output past the cap is drained, not kept: a check that prints a lot still runs to its end.
+    limits = Limits(timeout_s=CHECK_TIMEOUT_S, output_bytes=OUTPUT_CAP * 4)
+    outcome = await sandbox.run(command, workspace, Policy(limits=limits, overflow="drain"))
+    text = outcome.output.decode(errors="replace")
+    if len(text) > OUTPUT_CAP or outcome.cut:
+        text = text[:OUTPUT_CAP] + "\n... [more output cut]"
+    if outcome.timed_out:
+        return CheckResult(command=command, passed=False, output=f"timed out after {CHECK_TIMEOUT_S:g}s\n{text}")
+    code = outcome.exit_code
+    return CheckResult(command=command, passed=code == 0, exit_code=code, output=text + outcome.why())
 
 
 def grader_request(task: Task, output: str) -> list[dict[str, Any]]:

@@ -2,7 +2,17 @@
 supervisor finds its containers again.
 
 Only the supervisor opens the engine socket; the agent containers it starts get no socket,
-no extra privileges, and only the environment listed in `passed_env`.
+no capabilities, `no-new-privileges`, and only the environment listed in `passed_env`.
+
+Tools that run commands run in bubblewrap inside the agent's container (README, "Sandbox"),
+which needs two things Docker's defaults refuse: new user namespaces (the default seccomp
+profile allows them only with CAP_SYS_ADMIN) and a fresh /proc (refused while Docker masks
+paths under the container's /proc). Pools whose agents may run commands therefore get
+`seccomp=unconfined`, `apparmor=unconfined` and no masked /proc paths (what `docker run
+--security-opt systempaths=unconfined` asks for), and keep the rest:
+a non-root user, every capability dropped, no-new-privileges, no engine socket. The other
+way, a sibling container per tool call, would need the engine socket in the agent, which
+would hand it the host.
 """
 
 from __future__ import annotations
@@ -33,6 +43,20 @@ _PASSED_PREFIXES = ("ANTHROPIC_", "OTEL_", "AGENTBUS_")
 # paths on the supervisor's side, and its own identity: a container gets its own
 _NOT_PASSED = ("AGENTBUS_WORKER_ID", "AGENTBUS_CREDS", "AGENTBUS_AGENT_CREDS", "AGENTBUS_CONTEXT_DIR")
 CREDS_IN_CONTAINER = "/run/agentbus/agent.creds"
+# Built-in tools that run no command; any other tool (bash, a plug-in) may need the sandbox.
+_NO_COMMANDS = frozenset({"read_file", "write_file", "delegate", "ask_human"})
+# What bubblewrap needs inside a container, besides what every agent container gets (module docstring).
+SANDBOX_SECURITY_OPT = ("seccomp=unconfined", "apparmor=unconfined")
+
+
+def needs_sandbox(spec: PoolSpec) -> bool:
+    """May the pool's agents run commands in bubblewrap (bash, or a plug-in the supervisor cannot judge)?"""
+    return spec.sandbox == "bwrap" and any(t not in _NO_COMMANDS for t in spec.tools)
+
+
+def security_opt(spec: PoolSpec) -> list[str]:
+    """`no-new-privileges` always; the sandbox's needs when the pool's agents may run commands in it."""
+    return ["no-new-privileges:true", *(SANDBOX_SECURITY_OPT if needs_sandbox(spec) else ())]
 
 
 def passed_env(environ: Mapping[str, str]) -> dict[str, str]:
@@ -138,17 +162,22 @@ class DockerSpawner:
         if self.agent_creds:
             env["AGENTBUS_CREDS"] = CREDS_IN_CONTAINER
             volumes.append(f"{self.agent_creds}:{CREDS_IN_CONTAINER}:ro")
-        kwargs: dict[str, Any] = {
+        host: dict[str, Any] = {
+            "network_mode": "host",
+            "init": True,  # reaps the bash tool's children; the agent handles SIGTERM itself
+            "cap_drop": ["ALL"],
+            "security_opt": security_opt(spec),
+            # Workspaces must outlive the container: a session handed back on scale-down or after a
+            # crash continues in another container, which must find the files the log speaks of.
+            "binds": volumes,
+        }
+        create: dict[str, Any] = {
             "command": [*agent_args(spec, self.settings), "--workdir", WORKDIR],
             "entrypoint": ["agentbus"],
             "name": name,
-            "network_mode": "host",
-            "init": True,  # reaps the bash tool's children; the agent handles SIGTERM itself
             "environment": env,
             "labels": self.labels(spec, worker_id),
-            # Workspaces must outlive the container: a session handed back on scale-down or after a
-            # crash continues in another container, which must find the files the log speaks of.
-            "volumes": volumes,
+            "volumes": [v.split(":")[1] for v in volumes],
         }
 
         def _run() -> Container:
@@ -168,10 +197,9 @@ class DockerSpawner:
                 except (docker.errors.DockerException, requests.exceptions.RequestException) as err:
                     raise SpawnError(f"image {spec.image}: {_reason(err)}") from err
             try:
-                # detach=True returns the Container (the overloads can't see that through **kwargs)
-                return self.client.containers.run(spec.image, detach=True, **kwargs)
+                return _create_and_start(self.client, spec, host, create)
             except (docker.errors.DockerException, requests.exceptions.RequestException) as err:
-                # `run` is create + start: a failed start leaves a created container behind
+                # create + start: a failed start leaves a created container behind
                 with contextlib.suppress(docker.errors.DockerException, requests.exceptions.RequestException):
                     self.client.containers.get(name).remove(force=True)
                 raise SpawnError(f"container {name} from image {spec.image}: {_reason(err)}") from err
@@ -199,6 +227,29 @@ class DockerSpawner:
                 log.info("removing container %s (%s)", handle.name, container.status)
                 await handle.stop(timeout=30)
         return adopted
+
+
+def _create_and_start(
+    client: docker.DockerClient, spec: PoolSpec, host: dict[str, Any], create: dict[str, Any]
+) -> Container:
+    """`containers.run(detach=True)` through the low-level API, so the host config can also carry
+    `MaskedPaths = ReadonlyPaths = []` (what `--security-opt systempaths=unconfined` sends; docker-py
+    has no option for it). A missing image is pulled only when the pool says `pull = true`."""
+    import docker.errors
+
+    host_config = client.api.create_host_config(**host)
+    if needs_sandbox(spec):
+        host_config["MaskedPaths"] = []
+        host_config["ReadonlyPaths"] = []
+    try:
+        created = client.api.create_container(spec.image, host_config=host_config, **create)
+    except docker.errors.ImageNotFound:
+        if not spec.pull:
+            raise
+        client.images.pull(spec.image)
+        created = client.api.create_container(spec.image, host_config=host_config, **create)
+    client.api.start(created["Id"])
+    return client.containers.get(created["Id"])
 
 
 def _with_workspace(volumes: Sequence[str], default: str) -> list[str]:

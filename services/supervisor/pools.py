@@ -14,6 +14,9 @@
     ack_wait_s = 60                         # a dead worker's task moves on after this long
     ceiling_usd = 50.0                      # the whole pool's spend; over it, sessions pause
     models = ["anthropic:claude-haiku-4-5"] # what `submit --model` may choose besides `model`
+    sandbox = "bwrap"                       # where bash runs; "none": unconfined (warned at start)
+    network = false                         # may sandboxed commands use the network?
+    tool_env = ["GITHUB_TOKEN", "LANG=C.UTF-8"]  # their environment: NAME (the agent's value) or NAME=VALUE
     [pools.coder.budget]
     max_steps = 40
     max_usd = 2.0
@@ -40,6 +43,7 @@ from typing import Any, Literal
 from agentbus import budget
 from agentbus.errors import UsageError
 from agentbus.messages import Budget
+from agentbus.sandbox import tool_environment
 from agentbus.subjects import valid_token
 
 
@@ -61,6 +65,9 @@ class PoolSpec:
     env: dict[str, str] = field(default_factory=dict)
     ceiling_usd: float | None = None
     models: tuple[str, ...] = ()  # models a submitter may choose besides `model` (the agents' --allow-model)
+    sandbox: Literal["bwrap", "none"] = "bwrap"  # where tools that run commands run (README, "Sandbox")
+    network: bool = False
+    tool_env: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -125,6 +132,9 @@ def load_pools(path: str | Path) -> Fleet:
                 env={str(k): str(v) for k, v in _table(raw.get("env") or {}, f"{here}: env").items()},
                 ceiling_usd=_dollars(raw.get("ceiling_usd"), here),
                 models=tuple(str(m) for m in raw.get("models", ())),
+                sandbox=raw.get("sandbox", "bwrap"),
+                network=_flag(raw.get("network", False), f"{here}: network"),
+                tool_env=tuple(str(e) for e in raw.get("tool_env", ())),
             )
         except (TypeError, ValueError) as err:  # "max = 'two'", or a ${VAR} that is not a number
             raise UsageError(f"{here}: {err}") from err
@@ -133,6 +143,12 @@ def load_pools(path: str | Path) -> Fleet:
             raise UsageError(f"{here}: need 0 <= min <= max")
         if spec.spawner not in ("process", "docker"):
             raise UsageError(f"pools file {where}, pool {name}: spawner must be 'process' or 'docker'")
+        if spec.sandbox not in ("bwrap", "none"):
+            raise UsageError(f"{here}: sandbox must be 'bwrap' or 'none'")
+        try:
+            tool_environment(spec.tool_env, {})  # names only: values are the agent's business
+        except UsageError as err:
+            raise UsageError(f"{here}: {err}") from None
         pools[name] = spec
     if not pools:
         raise UsageError(f"pools file {where}: no [pools.NAME] table")

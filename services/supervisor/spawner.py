@@ -55,6 +55,9 @@ def agent_args(spec: PoolSpec, settings: Settings) -> list[str]:
     ]  # fmt: skip
     for model in spec.models:
         args += ["--allow-model", model]
+    args += ["--sandbox", spec.sandbox, "--network" if spec.network else "--no-network"]
+    for entry in spec.tool_env:
+        args.append(f"--tool-env={entry}")
     return args + budget.to_argv(spec.budget)
 
 
