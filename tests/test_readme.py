@@ -122,7 +122,10 @@ def test_the_by_hand_commands_work_in_the_order_written(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(150)
-async def test_the_crash_walk_through_a_kill_9_mid_step_and_another_agent_resumes(tmp_path: Path) -> None:
+async def test_the_crash_walk_through_a_kill_9_mid_step_and_another_agent_resumes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("AGENTBUS_CREDS", raising=False)  # as a newcomer: `up` leaves its admin's for us
     walk = _commands(_block("### Watch a crash and a resume", "sh"))
     assert walk[0] == "agentbus up" and "--pool slow" in walk[1] and walk[-1] == "kill -9 PID"
     with _up(tmp_path) as url:
