@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install test lint format typecheck demo bench wheelhouse image clean
+.PHONY: install test lint format typecheck check demo bench wheelhouse image clean
 
 install: $(VENV)/.installed
 
@@ -28,6 +28,9 @@ format: install
 
 typecheck: install
 	$(BIN)/mypy
+
+# what to run before a commit: lint (ruff + mypy strict), then the whole suite
+check: lint test
 
 demo: install
 	$(BIN)/python -m agentbus.demo
