@@ -135,6 +135,7 @@ def _read_sessions(ns: Namespace, sessions: Sequence[str]) -> list[str]:
         pub += [
             f"$JS.API.CONSUMER.CREATE.{stream}.*.{filt}",
             f"$JS.API.DIRECT.GET.{stream}.{filt}",
+            f"$JS.API.DIRECT.GET.{stream}",  # batched reads with no consumer (the subject is in the body)
             f"$JS.API.DIRECT.GET.KV_{state}.$KV.{state}.*",
             f"$JS.API.STREAM.INFO.{stream}",  # the list of sessions
         ]

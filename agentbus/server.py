@@ -77,6 +77,7 @@ class NatsServer:
         admin: str | None = None,
         tls_cert: str | os.PathLike[str] | None = None,
         tls_key: str | os.PathLike[str] | None = None,
+        monitor_port: int | None = None,
     ) -> None:
         """`cluster_port` and `routes` make this server one node of a cluster (routes name the
         other nodes' cluster URLs); each node of a JetStream cluster needs its own `server_name`.
@@ -103,6 +104,11 @@ class NatsServer:
         self.admin = admin or local_user_name()
         self.admin_creds: Path | None = None
         self.tls = (Path(tls_cert), Path(tls_key)) if tls_cert and tls_key else None
+        self.monitor_port = monitor_port  # the HTTP monitoring endpoint (/varz), for benchmarks
+
+    @property
+    def monitor_url(self) -> str | None:
+        return f"http://{self.host}:{self.monitor_port}" if self.monitor_port else None
 
     @property
     def url(self) -> str:
@@ -201,6 +207,8 @@ class NatsServer:
             lines.append("  sync_interval: always")
         lines.append("}")
         lines += self._security_config()
+        if self.monitor_port:
+            lines.append(f'http: "{self.host}:{self.monitor_port}"')
         if self.server_name:
             lines.append(f'server_name: "{self.server_name}"')
         if self.cluster_port is not None:

@@ -15,7 +15,7 @@ from typing import Literal
 
 from agentbus import statecache
 from agentbus.authority import honoured
-from agentbus.bus import Bus, Outgoing, PubAck
+from agentbus.bus import Bus, Delivery, Outgoing, PubAck
 from agentbus.errors import FencedError
 from agentbus.messages import Event, Record, decode_event, encode
 from agentbus.state import SessionState
@@ -88,15 +88,26 @@ class SessionLog:
             follow=follow,
         )
         async for d in deliveries:
-            sid, channel, sender = parse_session_subject(d.subject) or ("", "log", "")
-            event = honoured(channel, sender, decode_event(d.data))  # the subject says who wrote it
-            yield Record(seq=d.seq, session_id=sid, channel=channel, event=event, sender=sender)
+            yield record_of(d)
 
-    async def read(self, session_id: str, from_seq: int = 1, limit: int | None = None) -> list[Record]:
-        """The session's records with stream sequence >= `from_seq` (at most `limit`)."""
+    async def read(
+        self, session_id: str, from_seq: int = 1, limit: int | None = None, *, channels: str = ">"
+    ) -> list[Record]:
+        """The session's records with stream sequence >= `from_seq` (at most `limit`).
+
+        `channels` narrows the read: `*.*` is what people wrote (input and control), `log` what the
+        owner and services wrote. A reader of every session reads with batched direct gets (no
+        consumer: a thousand records a request); one granted single sessions, through a consumer
+        scoped to the session, which is what its permissions allow.
+        """
+        subject = f"{self.ns.session_log(session_id).removesuffix('.log')}.{channels}"
+        if self.bus.identity.lists_sessions:
+            found = await self.bus.read_direct(self.ns.sessions_stream, subject, max(from_seq, 1), limit)
+            return [record_of(d) for d in found]
         out: list[Record] = []
         async for rec in self.tap(session_id, start=max(from_seq, 1), follow=False):
-            out.append(rec)
+            if channels == ">" or (channels == "log") == (rec.channel == "log"):
+                out.append(rec)
             if limit is not None and len(out) >= limit:
                 break
         return out
@@ -131,6 +142,13 @@ class SessionLog:
         session's last sequence before it is used (`agentbus.statecache`).
         """
         return await statecache.state(self, session_id)
+
+
+def record_of(d: Delivery) -> Record:
+    """A stored message as a session record: the subject says which session, channel and sender."""
+    sid, channel, sender = parse_session_subject(d.subject) or ("", "log", "")
+    event = honoured(channel, sender, decode_event(d.data))  # the subject says who wrote it
+    return Record(seq=d.seq, session_id=sid, channel=channel, event=event, sender=sender)
 
 
 class SessionWriter:

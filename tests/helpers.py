@@ -80,7 +80,7 @@ async def agent_with_fake(
             yield api, worker
 
 
-async def until(check: Callable[[], Awaitable[Any]], what: str = "a condition", timeout: float = 10.0) -> Any:
+async def until(check: Callable[[], Awaitable[Any]], what: str = "a condition", timeout: float = 30.0) -> Any:
     """Poll `check` until it returns something truthy, failing with `what` after `timeout` seconds."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout

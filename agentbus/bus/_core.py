@@ -55,6 +55,7 @@ class BusCore:
         # JSON escaping can make a prompt up to 6x longer (control characters become \\u00XX).
         self.ns = Namespace(settings.prefix, max_message_bytes=settings.max_prompt_bytes * 6 + 65536)
         self._kv: dict[str, Any] = {}
+        self._direct: Any = None  # the reply subscription of batched direct gets, made on first use
         self._updating = False
         self._link = _Link()
 
@@ -112,28 +113,24 @@ class BusCore:
     async def _refusable(self, subject: str, call: Callable[[], Awaitable[T]]) -> T:
         """Run one request; if the server reports a permissions violation for `subject` (or, for a
         stream or bucket name, any API subject naming it) before the answer, raise `NotPermitted`
-        at once instead of waiting out a request that will never be answered."""
-        link = self._link
-        seen = len(link.violations)
-        hint = subject.lower()
-        task: asyncio.Future[T] = asyncio.ensure_future(call())
+        at once instead of waiting out a request that will never be answered.
+
+        The hot path (every publish) pays for a set insertion only: the violation callback cancels
+        the waiting task itself, and the cancellation is turned into the refusal here."""
+        task = asyncio.current_task()
+        if task is None:  # pragma: no cover - always inside a task under asyncio
+            return await call()
+        watch = _Watch(subject.lower(), task)
+        self._link.watches.add(watch)
         try:
-            while True:
-                signal = link.next_violation()
-                waits: list[asyncio.Future[Any]] = [task, signal]
-                done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-                signal.cancel()
-                if task in done:
-                    return task.result()
-                for denied in link.violations[seen:]:
-                    if hint in denied:
-                        raise self.refused(subject)
-                seen = len(link.violations)
+            return await call()
+        except asyncio.CancelledError:
+            if not watch.refused:
+                raise
+            task.uncancel()
+            raise self.refused(subject) from None
         finally:
-            if not task.done():
-                task.cancel()
-                with contextlib.suppress(BaseException):
-                    await task
+            self._link.watches.discard(watch)
 
     async def _through_failover(self, what: str, call: Callable[[], Awaitable[T]], *, refusal: str | None = None) -> T:
         """Run an idempotent JetStream request, retrying through a failover (a timeout, no
@@ -156,6 +153,17 @@ class BusCore:
                 delay = min(delay * 2, 1.0)
 
 
+class _Watch:
+    """A request in flight that a refusal of `hint` ends (its task is cancelled, then told why)."""
+
+    __slots__ = ("hint", "refused", "task")
+
+    def __init__(self, hint: str, task: asyncio.Task[Any]) -> None:
+        self.hint = hint
+        self.task = task
+        self.refused = False
+
+
 class _Link:
     """What the connection callbacks know: closed for good, closing on purpose, when it was lost,
     and the subjects the server refused (it says so asynchronously, on the error callback)."""
@@ -168,20 +176,15 @@ class _Link:
         self.auth_error = ""
         self.established = False
         self.pending: set[asyncio.Future[None]] = set()
-        self._waiting: set[asyncio.Future[None]] = set()
-
-    def next_violation(self) -> asyncio.Future[None]:
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiting.add(fut)
-        fut.add_done_callback(self._waiting.discard)
-        return fut
+        self.watches: set[_Watch] = set()
 
     def violated(self, subject: str) -> None:
         self.violations.append(subject)
         del self.violations[:-1000]  # only recent ones matter
-        for fut in list(self._waiting):
-            if not fut.done():
-                fut.set_result(None)
+        for watch in list(self.watches):
+            if watch.hint in subject and not watch.refused and not watch.task.done():
+                watch.refused = True
+                watch.task.cancel()
 
 
 _VIOLATION = re.compile(r'permissions violation for (publish|subscription) to "([^"]+)"', re.IGNORECASE)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
+import functools
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -30,6 +33,42 @@ def _ack_reply_fields(msg: Msg) -> tuple[int, int, int, int]:
     meta = msg.metadata
     ts = int(meta.timestamp.timestamp() * 1e9) if meta.timestamp else 0
     return meta.sequence.stream, meta.sequence.consumer, meta.num_pending, ts
+
+
+_DIRECT_BATCH = 1000  # messages per batched direct get; more means another request
+
+
+def _timestamp_ns(stamp: str) -> int:
+    """`2026-11-30T07:21:47.836122756Z` to nanoseconds since the epoch (Python parses microseconds)."""
+    if not stamp:
+        return 0
+    whole, _, frac = stamp.rstrip("Z").partition(".")
+    try:
+        seconds = datetime.datetime.fromisoformat(whole).replace(tzinfo=datetime.UTC).timestamp()
+    except ValueError:
+        return 0
+    return int(seconds) * 1_000_000_000 + int((frac + "000000000")[:9] or 0)
+
+
+class _DirectReplies:
+    """One subscription for the replies to every batched direct get of a connection, by request."""
+
+    def __init__(self, base: str) -> None:
+        self.base = base
+        self.queues: dict[str, asyncio.Queue[Msg]] = {}
+        self._n = 0
+
+    def open(self) -> tuple[str, asyncio.Queue[Msg]]:
+        self._n += 1
+        reply = f"{self.base}.{self._n}"
+        queue: asyncio.Queue[Msg] = asyncio.Queue()
+        self.queues[reply] = queue
+        return reply, queue
+
+    async def deliver(self, msg: Msg) -> None:
+        queue = self.queues.get(msg.subject)
+        if queue is not None:
+            queue.put_nowait(msg)
 
 
 class Reading(BusCore):
@@ -73,6 +112,64 @@ class Reading(BusCore):
                     return
         finally:
             await tap.close()
+
+    async def read_direct(
+        self, stream: str, subject: str, from_seq: int = 1, limit: int | None = None
+    ) -> list[Delivery]:
+        """The stored messages on `subject` (wildcards allowed) from `from_seq` on, in order, with no
+        consumer: batched direct gets, one request per thousand messages. Needs the unscoped
+        direct-get permission (`$JS.API.DIRECT.GET.<stream>`): readers of every session have it."""
+        out: list[Delivery] = []
+        seq = max(from_seq, 1)
+        api = f"$JS.API.DIRECT.GET.{stream}"
+        while limit is None or len(out) < limit:
+            want = _DIRECT_BATCH if limit is None else min(_DIRECT_BATCH, limit - len(out))
+            batch = functools.partial(self._direct_batch, api, subject, seq, want)
+            got, pending = await self._through_failover(f"read of {subject}", batch, refusal=api)
+            out += got
+            if not got or not pending:
+                return out
+            seq = got[-1].seq + 1
+        return out
+
+    async def _direct_batch(self, api: str, subject: str, seq: int, batch: int) -> tuple[list[Delivery], int]:
+        replies = await self._direct_replies()
+        reply, queue = replies.open()
+        request = json.dumps({"seq": seq, "next_by_subj": subject, "batch": batch}).encode()
+        got: list[Delivery] = []
+        try:
+            await self._nc.publish(api, request, reply=reply)
+            async with asyncio.timeout(self.settings.publish_timeout_s):
+                while True:
+                    msg = await queue.get()
+                    hdrs = msg.headers or {}
+                    status = hdrs.get("Status")
+                    if status == "204":  # end of batch: how many more match past it
+                        return got, int(hdrs.get("Nats-Num-Pending") or 0)
+                    if status == "404":
+                        return got, 0
+                    if status:
+                        raise BusError(f"direct get on {subject}: status {status} {hdrs.get('Description', '')}")
+                    got.append(
+                        Delivery(
+                            subject=hdrs.get("Nats-Subject", ""),
+                            data=msg.data,
+                            headers=hdrs,
+                            seq=int(hdrs.get("Nats-Sequence") or 0),
+                            num_pending=int(hdrs.get("Nats-Num-Pending") or 0),
+                            timestamp_ns=_timestamp_ns(hdrs.get("Nats-Time-Stamp", "")),
+                        )
+                    )
+        finally:
+            replies.queues.pop(reply, None)
+
+    async def _direct_replies(self) -> _DirectReplies:
+        replies: _DirectReplies | None = self._direct
+        if replies is None:
+            replies = _DirectReplies(self._nc.new_inbox())
+            await self._nc.subscribe(f"{replies.base}.*", cb=replies.deliver)
+            self._direct = replies
+        return replies
 
     async def last_subject_seq(self, stream: str, subject: str) -> int:
         """Stream sequence of the last message on `subject` (wildcards allowed), 0 if there is none."""

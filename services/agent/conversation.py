@@ -149,8 +149,14 @@ class _Builder:
         if text := text_of(ev.content):
             conv.final_text = text
         self.uses = [
-            ToolUse(ev.step, str(b["id"]), str(b["name"]), dict(b.get("input") or {}))
-            for b in ev.content
+            # a block without an id or a name (a buggy or hostile model) is still a call, never a crash
+            ToolUse(
+                ev.step,
+                str(b.get("id") or f"toolu_missing_{ev.step}_{i}"),
+                str(b.get("name") or ""),
+                dict(b.get("input") or {}) if isinstance(b.get("input"), dict) else {},
+            )
+            for i, b in enumerate(ev.content)
             if b.get("type") == "tool_use"
         ]
         self.results = {}

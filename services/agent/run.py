@@ -51,13 +51,14 @@ from agentbus.sandbox import Sandbox
 from agentbus.service import backoff
 from agentbus.session import SessionLog, SessionWriter
 from agentbus.spend import SpendLedger
-from agentbus.state import SessionState, fold
+from agentbus.state import SessionState
 from services.agent.calls import ToolCalls
 from services.agent.conversation import Conversation, build
 from services.agent.guards import no_progress
 from services.agent.signals import Interrupted, Parked, Released
 from services.agent.telemetry import record_usage, request_model
 from services.agent.tools import Tool
+from services.agent.transcript import Transcript
 
 logger = logging.getLogger("agentbus.agent")
 
@@ -109,7 +110,7 @@ class SessionRun:
         self.job = job
         self.item = item
         self.log = ctx.log
-        self.records: list[Record] = []
+        self.transcript = Transcript(ctx.log, session_id)
         self.writer: SessionWriter | None = None
         self.calls = ToolCalls(self)
         self._activity: asyncio.Task[Any] | None = None  # the model call or tool run in flight
@@ -121,8 +122,12 @@ class SessionRun:
         """This delivery of the session's queue message: part of ids written once per claim."""
         return f"{self.job.seq}-{self.job.attempt}"
 
+    @property
+    def records(self) -> list[Record]:
+        return self.transcript.records
+
     async def execute(self) -> Outcome:
-        await self._refresh()
+        await self.transcript.load()
         conv = build(self.records)
         if conv.task is None:
             raise AgentBusError(f"session {self.sid} has no session_created event")
@@ -169,7 +174,7 @@ class SessionRun:
             outcome = await self._next(conv)
             if outcome is not None:
                 return outcome
-            await self._refresh()
+            await self.transcript.catch_up()  # what people wrote meanwhile: one lookup if nothing
 
     async def _next(self, conv: Conversation) -> Outcome | None:
         """Do the one thing the log says comes next; an outcome when the run is over."""
@@ -319,7 +324,9 @@ class SessionRun:
                 isinstance(r.event, ModelResponded | ToolCallStarted | SessionClaimed | SessionEnded) for r in foreign
             ):
                 raise  # another agent is working on this session: it owns it now
+            self.transcript.merge(foreign)  # e.g. a rejection a service recorded: part of the log now
             ack = await self.writer.append(event)
+        self.transcript.appended(ack, event)
         return ack
 
     def _guard(self) -> Stop | None:
@@ -339,10 +346,7 @@ class SessionRun:
         return Stop(hold.limit, f"{hold.detail}; raise the ceiling or `agentbus spend --reset POOL`, then resume")
 
     def state(self) -> SessionState:
-        state = SessionState(session_id=self.sid)
-        for rec in self.records:
-            state = fold(state, rec)
-        return state
+        return self.transcript.state()
 
     async def _budget_pause(self, stop: Stop) -> Outcome:
         """Park the session (status paused); `agentbus resume` raises the limit and queues it again."""
@@ -396,11 +400,8 @@ class SessionRun:
         return "ended"
 
     async def refresh(self) -> None:
-        await self._refresh()
-
-    async def _refresh(self) -> None:
-        start = self.records[-1].seq + 1 if self.records else 1
-        self.records.extend(await self.log.read(self.sid, from_seq=start))
+        """What people wrote since the last look (an answer, a decision), merged in stream order."""
+        await self.transcript.catch_up()
 
     def workspace(self) -> Path:
         path = self.ctx.workdir / self.sid

@@ -1,0 +1,75 @@
+"""A session's records as one run knows them: what it read once, what it appended, what others wrote since.
+
+The run reads the whole log once, when it takes the session. After that it never reads back
+what it appended (the ack gives the sequence, and it knows the event); it only looks for what
+others wrote: people on their channels (one last-message lookup per step boundary, and a read
+when there is something new), and other writers on the log channel, which the owner's fence
+reports (`SessionWriter.resync`). Records stay in stream order, so the conversation built from
+them is the same one a fresh reader of the log would build.
+"""
+
+from __future__ import annotations
+
+import bisect
+
+from agentbus.bus import PubAck
+from agentbus.messages import Event, Record
+from agentbus.session import SessionLog
+from agentbus.state import SessionState, fold
+
+
+class Transcript:
+    """The records of one session, in stream order, and their fold, kept as they grow."""
+
+    def __init__(self, log: SessionLog, session_id: str) -> None:
+        self.log = log
+        self.sid = session_id
+        self.records: list[Record] = []
+        self._people_to = 0  # every people's record at or below this sequence is known
+        self._state = SessionState(session_id=session_id)
+        self._folded = 0  # records[:_folded] are in _state
+
+    async def load(self) -> None:
+        """Everything the log holds now (one batched read for a reader of every session)."""
+        self.records = await self.log.read(self.sid)
+        self._people_to = self.records[-1].seq if self.records else 0
+        self._state, self._folded = SessionState(session_id=self.sid), 0
+
+    def appended(self, ack: PubAck, event: Event) -> None:
+        """What this run appended to the log channel, at the sequence the server gave it (every
+        `Event` subclass this run appends is a member of the event union a `Record` holds)."""
+        if ack.duplicate and any(r.seq == ack.seq for r in self.records):
+            return
+        self._insert(Record(seq=ack.seq, session_id=self.sid, channel="log", event=event))  # type: ignore[arg-type]
+
+    def merge(self, records: list[Record]) -> None:
+        """Records others wrote, read since (people's channels, or foreign log records after a fence)."""
+        known = {r.seq for r in self.records}
+        for rec in records:
+            if rec.seq not in known:
+                self._insert(rec)
+
+    async def catch_up(self) -> bool:
+        """Read what people wrote since the last look; one lookup when there is nothing new.
+        Returns whether anything new arrived."""
+        people = f"{self.log.ns.session_log(self.sid).removesuffix('.log')}.*.*"
+        last = await self.log.bus.last_subject_seq(self.log.ns.sessions_stream, people)
+        if last <= self._people_to:
+            return False
+        new = await self.log.read(self.sid, from_seq=self._people_to + 1, channels="*.*")
+        self._people_to = max(last, self._people_to)
+        self.merge(new)
+        return bool(new)
+
+    def state(self) -> SessionState:
+        """The fold of every record, brought up to date incrementally."""
+        for rec in self.records[self._folded :]:
+            self._state = fold(self._state, rec)
+        self._folded = len(self.records)
+        return self._state
+
+    def _insert(self, rec: Record) -> None:
+        at = bisect.bisect(self.records, rec.seq, key=lambda r: r.seq)
+        self.records.insert(at, rec)
+        if at < self._folded:  # an older record arrived late: fold again from the start
+            self._state, self._folded = SessionState(session_id=self.sid), 0
