@@ -3,7 +3,8 @@
 Rules that keep old and new processes talking: every field added later has a
 default, no field ever changes type, and an event type this version does not
 know decodes to `UnknownEvent` instead of failing. Events are named in the past
-tense; `SCHEMA_VERSION` goes up when an event type is added.
+tense. Every message carries its schema version `v` on the wire (`_wire`); a reader takes a
+missing `v` for 1 and passes a newer version's message through rather than calling it invalid.
 
 The package keeps the payloads beside the events (`_payloads`), the session events (`_events`),
 what a reader gets back (`_records`) and the codec (`_codec`); everything is imported from here.
@@ -57,7 +58,6 @@ from agentbus.messages._events import (
     VerdictRecorded,
 )
 from agentbus.messages._payloads import (
-    SCHEMA_VERSION,
     TERMINAL,
     Budget,
     Hold,
@@ -78,6 +78,7 @@ from agentbus.messages._records import (
     Record,
     UnknownEvent,
 )
+from agentbus.messages._wire import SCHEMA_VERSION
 
 __all__ = [
     "EVENT_TYPES",

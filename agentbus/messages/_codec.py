@@ -10,6 +10,7 @@ import msgspec
 from agentbus.messages._events import EVENT_TYPES, AnyEvent
 from agentbus.messages._payloads import WorkItem
 from agentbus.messages._records import InvalidEvent, LogEvent, Record, UnknownEvent
+from agentbus.messages._wire import MISSING_VERSION, READING, SCHEMA_VERSION
 
 _encoder = msgspec.json.Encoder()
 _event_decoder: msgspec.json.Decoder[AnyEvent] = msgspec.json.Decoder(AnyEvent)
@@ -24,27 +25,41 @@ def encode(obj: msgspec.Struct) -> bytes:
 
 
 def decode_event(data: bytes) -> LogEvent:
-    """Decode one log payload; never raises: unknown types and garbage come back as values."""
+    """Decode one log payload; never raises: unknown types and garbage come back as values.
+
+    A known type decodes to its event (fields a newer version added are ignored); a type this
+    version does not know, or a known one from a newer version that does not decode here, is an
+    `UnknownEvent` carrying its fields; anything else is an `InvalidEvent` saying why.
+    """
+    token = READING.set(True)
     try:
         return _event_decoder.decode(data)
     except msgspec.ValidationError as err:
         known_err = err
     except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as err:
         return InvalidEvent(reason=f"not JSON: {err}", raw=_preview(data))
+    finally:
+        READING.reset(token)
     try:
         obj = _dict_decoder.decode(data)
     except (msgspec.MsgspecError, UnicodeDecodeError, RecursionError) as err:
         return InvalidEvent(reason=f"not a JSON object: {err}", raw=_preview(data))
-    kind = obj.get("type")
-    if isinstance(kind, str) and kind not in EVENT_TYPES:
-        return UnknownEvent(
-            type=kind,
-            id=str(obj.get("id", "")),
-            ts=float(obj["ts"]) if isinstance(obj.get("ts"), int | float) else 0.0,
-            v=int(obj["v"]) if isinstance(obj.get("v"), int) else 0,
-            data={k: v for k, v in obj.items() if k not in ("type", "id", "ts", "v")},
-        )
+    kind, version = obj.get("type"), obj.get("v", MISSING_VERSION)
+    newer = isinstance(version, int) and not isinstance(version, bool) and version > SCHEMA_VERSION
+    if isinstance(kind, str) and (kind not in EVENT_TYPES or newer):
+        return _unknown(kind, obj)
     return InvalidEvent(reason=f"invalid event: {known_err}", raw=_preview(data), id=str(obj.get("id", "")))
+
+
+def _unknown(kind: str, obj: dict[str, Any]) -> UnknownEvent:
+    version = obj.get("v")
+    return UnknownEvent(
+        type=kind,
+        id=str(obj.get("id", "")),
+        ts=float(obj["ts"]) if isinstance(obj.get("ts"), int | float) else 0.0,
+        v=version if isinstance(version, int) and not isinstance(version, bool) else MISSING_VERSION,
+        data={k: v for k, v in obj.items() if k not in ("type", "id", "ts", "v")},
+    )
 
 
 def session_id_of(data: bytes) -> str | None:
@@ -64,12 +79,15 @@ def session_id_of(data: bytes) -> str | None:
 
 def decode_work(data: bytes) -> WorkItem:
     """A queue message's work item; raises `msgspec.MsgspecError` for anything else (deep nesting included)."""
+    token = READING.set(True)
     try:
         return _work_decoder.decode(data)
     except RecursionError as err:  # msgspec's answer to ~1,000 levels of nesting
         raise msgspec.DecodeError(f"nested too deeply: {err}") from err
     except UnicodeDecodeError as err:
         raise msgspec.DecodeError(f"not UTF-8: {err}") from err
+    finally:
+        READING.reset(token)
 
 
 def ended_id(turn: int) -> str:

@@ -7,7 +7,8 @@ from typing import Any, Literal
 
 import msgspec
 
-from agentbus.messages._payloads import SCHEMA_VERSION, Budget, Status, Task, Usage
+from agentbus.messages._payloads import Budget, Status, Task, Usage
+from agentbus.messages._wire import Version, version
 
 
 class Event(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag_field="type"):
@@ -20,7 +21,7 @@ class Event(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag_f
 
     id: str
     ts: float = msgspec.field(default_factory=time.time)
-    v: int = SCHEMA_VERSION
+    v: Version = msgspec.field(default_factory=version)
 
 
 class SessionCreated(Event, tag="session_created", frozen=True, kw_only=True):

@@ -6,7 +6,7 @@ from typing import Literal
 
 import msgspec
 
-SCHEMA_VERSION = 1
+from agentbus.messages._wire import Version, version
 
 Status = Literal[
     "pending",  # recorded, not yet routed
@@ -63,7 +63,7 @@ class Task(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     model: str | None = None
     opinions: tuple[str, ...] = ()  # fan-out: one sibling session per entry, on that pool ("" lets the router pick)
     approve: tuple[str, ...] = ()  # tools whose calls wait for a person, on top of the pool's list
-    v: int = SCHEMA_VERSION
+    v: Version = msgspec.field(default_factory=version)
 
 
 class WorkItem(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -78,7 +78,7 @@ class WorkItem(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     # timeout: an approval waited longer than its pool allows
     reason: Literal["new", "revision", "resume", "child_result", "evaluate", "wake", "timeout"] = "new"
     round: int = 1
-    v: int = SCHEMA_VERSION
+    v: Version = msgspec.field(default_factory=version)
 
 
 class Timer(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -88,7 +88,7 @@ class Timer(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     due_ts: float
     tool_use_id: str = ""
     round: int = 1
-    v: int = SCHEMA_VERSION
+    v: Version = msgspec.field(default_factory=version)
 
 
 class WorkerInfo(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -104,7 +104,7 @@ class WorkerInfo(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     started_ts: float = 0.0
     heartbeat_ts: float = 0.0
     allowed_models: tuple[str, ...] = ()  # models a submitter may choose besides `model` (--allow-model)
-    v: int = SCHEMA_VERSION
+    v: Version = msgspec.field(default_factory=version)
     concurrency: int = 0  # sessions it runs at once (0: an agent too old to say)
 
 
@@ -117,7 +117,7 @@ class SupervisorInfo(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tr
     pid: int = 0
     started_ts: float = 0.0
     heartbeat_ts: float = 0.0
-    v: int = SCHEMA_VERSION
+    v: Version = msgspec.field(default_factory=version)
 
 
 class ScaleRequest(msgspec.Struct, frozen=True, kw_only=True):
@@ -144,7 +144,7 @@ class PoolSpend(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     calls: int = 0
     since_ts: float = 0.0
     updated_ts: float = 0.0
-    v: int = SCHEMA_VERSION
+    v: Version = msgspec.field(default_factory=version)
 
 
 class Hold(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -153,4 +153,4 @@ class Hold(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     limit: str  # pool_ceiling_usd or fleet_ceiling_usd
     detail: str
     set_ts: float = 0.0
-    v: int = SCHEMA_VERSION
+    v: Version = msgspec.field(default_factory=version)

@@ -2,21 +2,37 @@
 
 from __future__ import annotations
 
+import difflib
 from typing import Any
 
 import msgspec
 
-from agentbus.messages._events import AnyEvent
+from agentbus.messages._events import EVENT_TYPES, AnyEvent
+from agentbus.messages._wire import MISSING_VERSION, SCHEMA_VERSION
 
 
 class UnknownEvent(msgspec.Struct, frozen=True, kw_only=True):
-    """An event of a type this version does not know (written by a newer one): kept, not dropped."""
+    """An event this version cannot read as one it knows: a type it does not know, or a known type
+    written by a newer version in a form this one cannot decode. Kept, passed through, never dropped."""
 
     type: str
     id: str = ""
     ts: float = 0.0
-    v: int = 0
+    v: int = MISSING_VERSION
     data: dict[str, Any] = {}
+
+    @property
+    def newer(self) -> bool:
+        """Written by a newer agentbus: expected, not an error."""
+        return self.v > SCHEMA_VERSION
+
+    def describe(self) -> str:
+        """What it is, for people: from a newer agentbus, or an event type nobody knows (a misspelling?)."""
+        if self.newer:
+            return f"{self.type} from a newer agentbus (v{self.v}; this one reads v{SCHEMA_VERSION})"
+        near = difflib.get_close_matches(self.type, EVENT_TYPES, n=1, cutoff=0.6)
+        hint = f"; did you mean {near[0]!r}?" if near else ""
+        return f"unknown event type {self.type!r} (v{self.v}){hint}"
 
 
 class InvalidEvent(msgspec.Struct, frozen=True, kw_only=True):
