@@ -89,7 +89,8 @@ class SessionLog:
         )
         async for d in deliveries:
             sid, channel, sender = parse_session_subject(d.subject) or ("", "log", "")
-            event = honoured(channel, sender, decode_event(d.data))  # the subject says who wrote it
+            # the subject says who wrote it; an event without `ts` takes the time the stream stored it
+            event = honoured(channel, sender, decode_event(d.data, d.timestamp_ns / 1e9))
             yield Record(seq=d.seq, session_id=sid, channel=channel, event=event, sender=sender)
 
     async def read(self, session_id: str, from_seq: int = 1, limit: int | None = None) -> list[Record]:

@@ -78,7 +78,7 @@ from agentbus.messages._records import (
     Record,
     UnknownEvent,
 )
-from agentbus.messages._wire import SCHEMA_VERSION
+from agentbus.messages._wire import SCHEMA_VERSION, EpochSeconds, EpochSecondsOrUnset, Seconds
 
 __all__ = [
     "EVENT_TYPES",
@@ -94,6 +94,8 @@ __all__ = [
     "CriterionResult",
     "DelegationCompleted",
     "DelegationRequested",
+    "EpochSeconds",
+    "EpochSecondsOrUnset",
     "Event",
     "Hold",
     "HumanMessage",
@@ -115,6 +117,7 @@ __all__ = [
     "Routed",
     "ScaleReply",
     "ScaleRequest",
+    "Seconds",
     "SessionClaimed",
     "SessionCreated",
     "SessionEnded",

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, TypeGuard
 
 import msgspec
 
 from agentbus.messages._events import EVENT_TYPES, AnyEvent
 from agentbus.messages._payloads import WorkItem
 from agentbus.messages._records import InvalidEvent, LogEvent, Record, UnknownEvent
-from agentbus.messages._wire import MISSING_VERSION, READING, SCHEMA_VERSION
+from agentbus.messages._wire import MISSING_TS, MISSING_VERSION, READING, SCHEMA_VERSION, TS_MAX, TS_MIN
 
 _encoder = msgspec.json.Encoder()
 _event_decoder: msgspec.json.Decoder[AnyEvent] = msgspec.json.Decoder(AnyEvent)
@@ -24,42 +24,57 @@ def encode(obj: msgspec.Struct) -> bytes:
     return _encoder.encode(obj)
 
 
-def decode_event(data: bytes) -> LogEvent:
+def decode_event(data: bytes, stored_ts: float | None = None) -> LogEvent:
     """Decode one log payload; never raises: unknown types and garbage come back as values.
 
     A known type decodes to its event (fields a newer version added are ignored); a type this
     version does not know, or a known one from a newer version that does not decode here, is an
-    `UnknownEvent` carrying its fields; anything else is an `InvalidEvent` saying why.
+    `UnknownEvent` carrying its fields; anything else is an `InvalidEvent` saying why, a `ts` that
+    is not plausible seconds since the epoch included. An event without `ts` gets `stored_ts`, the
+    time the stream stored it (0.0 when the caller does not know it).
     """
     token = READING.set(True)
     try:
-        return _event_decoder.decode(data)
+        event: LogEvent = _event_decoder.decode(data)
     except msgspec.ValidationError as err:
         known_err = err
     except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as err:
-        return InvalidEvent(reason=f"not JSON: {err}", raw=_preview(data))
+        return InvalidEvent(reason=f"not JSON: {err}", raw=_preview(data), ts=stored_ts or 0.0)
+    else:
+        if event.ts == MISSING_TS:
+            event = msgspec.structs.replace(event, ts=stored_ts or 0.0)
+        return event
     finally:
         READING.reset(token)
     try:
         obj = _dict_decoder.decode(data)
     except (msgspec.MsgspecError, UnicodeDecodeError, RecursionError) as err:
-        return InvalidEvent(reason=f"not a JSON object: {err}", raw=_preview(data))
-    kind, version = obj.get("type"), obj.get("v", MISSING_VERSION)
-    newer = isinstance(version, int) and not isinstance(version, bool) and version > SCHEMA_VERSION
+        return InvalidEvent(reason=f"not a JSON object: {err}", raw=_preview(data), ts=stored_ts or 0.0)
+    kind, version, ts = obj.get("type"), obj.get("v", MISSING_VERSION), obj.get("ts", stored_ts or 0.0)
+    newer = _is_int(version) and version > SCHEMA_VERSION
+    ident = str(obj.get("id", ""))
+    if "ts" in obj and not (_is_number(ts) and TS_MIN <= ts < TS_MAX):
+        reason = (
+            f"invalid event: ts {ts!r} is not seconds since the epoch (a float; milliseconds are 1000 times too big)"
+        )
+        return InvalidEvent(reason=reason, raw=_preview(data), id=ident, ts=stored_ts or 0.0)
     if isinstance(kind, str) and (kind not in EVENT_TYPES or newer):
-        return _unknown(kind, obj)
-    return InvalidEvent(reason=f"invalid event: {known_err}", raw=_preview(data), id=str(obj.get("id", "")))
+        return UnknownEvent(
+            type=kind,
+            id=ident,
+            ts=float(ts),
+            v=version if _is_int(version) else MISSING_VERSION,
+            data={k: v for k, v in obj.items() if k not in ("type", "id", "ts", "v")},
+        )
+    return InvalidEvent(reason=f"invalid event: {known_err}", raw=_preview(data), id=ident, ts=stored_ts or 0.0)
 
 
-def _unknown(kind: str, obj: dict[str, Any]) -> UnknownEvent:
-    version = obj.get("v")
-    return UnknownEvent(
-        type=kind,
-        id=str(obj.get("id", "")),
-        ts=float(obj["ts"]) if isinstance(obj.get("ts"), int | float) else 0.0,
-        v=version if isinstance(version, int) and not isinstance(version, bool) else MISSING_VERSION,
-        data={k: v for k, v in obj.items() if k not in ("type", "id", "ts", "v")},
-    )
+def _is_int(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> TypeGuard[int | float]:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def session_id_of(data: bytes) -> str | None:

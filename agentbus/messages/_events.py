@@ -2,25 +2,25 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any, Literal
 
 import msgspec
 
 from agentbus.messages._payloads import Budget, Status, Task, Usage
-from agentbus.messages._wire import Version, version
+from agentbus.messages._wire import EpochSeconds, Version, now, version
 
 
 class Event(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag_field="type"):
     """Base of every session event.
 
     `id` is unique within the session and deterministic for steps an agent may
-    redo (so a replayed append deduplicates). `ts` is the writer's clock, for
-    people; ordering comes from the stream sequence.
+    redo (so a replayed append deduplicates). `ts` is the writer's clock in seconds since
+    the epoch, for people and wall-clock budgets; ordering comes from the stream sequence.
+    An event read without `ts` takes the time the stream stored it.
     """
 
     id: str
-    ts: float = msgspec.field(default_factory=time.time)
+    ts: EpochSeconds = msgspec.field(default_factory=now)
     v: Version = msgspec.field(default_factory=version)
 
 

@@ -6,7 +6,7 @@ from typing import Literal
 
 import msgspec
 
-from agentbus.messages._wire import Version, version
+from agentbus.messages._wire import EpochSeconds, EpochSecondsOrUnset, Seconds, Version, version
 
 Status = Literal[
     "pending",  # recorded, not yet routed
@@ -30,7 +30,7 @@ class Budget(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     max_tool_calls: int | None = None
     max_tokens: int | None = None
     max_usd: float | None = None
-    max_wall_s: float | None = None
+    max_wall_s: Seconds | None = None  # wall time since submission (`--max-wall`; a pause names it max_wall)
 
 
 class Usage(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -85,7 +85,7 @@ class Timer(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """A wake-up due at `due_ts` for one parked session (an approval's timeout), on the timers queue."""
 
     session_id: str
-    due_ts: float
+    due_ts: EpochSeconds
     tool_use_id: str = ""
     round: int = 1
     v: Version = msgspec.field(default_factory=version)
@@ -101,8 +101,8 @@ class WorkerInfo(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     pid: int = 0
     container: str = ""
     sessions: tuple[str, ...] = ()
-    started_ts: float = 0.0
-    heartbeat_ts: float = 0.0
+    started_ts: EpochSecondsOrUnset = 0.0
+    heartbeat_ts: EpochSecondsOrUnset = 0.0
     allowed_models: tuple[str, ...] = ()  # models a submitter may choose besides `model` (--allow-model)
     v: Version = msgspec.field(default_factory=version)
     concurrency: int = 0  # sessions it runs at once (0: an agent too old to say)
@@ -115,8 +115,8 @@ class SupervisorInfo(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tr
     pools: tuple[str, ...] = ()  # pools of its file it may start workers in (max > 0)
     host: str = ""
     pid: int = 0
-    started_ts: float = 0.0
-    heartbeat_ts: float = 0.0
+    started_ts: EpochSecondsOrUnset = 0.0
+    heartbeat_ts: EpochSecondsOrUnset = 0.0
     v: Version = msgspec.field(default_factory=version)
 
 
@@ -142,8 +142,8 @@ class PoolSpend(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     pool: str
     usd: float = 0.0
     calls: int = 0
-    since_ts: float = 0.0
-    updated_ts: float = 0.0
+    since_ts: EpochSecondsOrUnset = 0.0
+    updated_ts: EpochSecondsOrUnset = 0.0
     v: Version = msgspec.field(default_factory=version)
 
 
@@ -152,5 +152,5 @@ class Hold(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
 
     limit: str  # pool_ceiling_usd or fleet_ceiling_usd
     detail: str
-    set_ts: float = 0.0
+    set_ts: EpochSecondsOrUnset = 0.0
     v: Version = msgspec.field(default_factory=version)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import time
 from collections.abc import Iterator
 from typing import Annotated
 
@@ -20,6 +21,12 @@ SCHEMA_VERSION = 1
 (a field's meaning changes); a new event type or a new field with a default needs no new version."""
 
 MISSING_VERSION = 1  # a message without `v` predates it: version 1
+MISSING_TS = -1.0  # what a read event without `ts` holds until the reader gives it the stream's timestamp
+
+# Timestamps are seconds since the epoch, as a float. Anything outside these bounds (before 2001,
+# after 2286) is not plausible seconds: milliseconds (`Date.now()`) are a thousand times too big.
+TS_MIN = 1e9
+TS_MAX = 1e10
 
 READING: contextvars.ContextVar[bool] = contextvars.ContextVar("agentbus_reading", default=False)
 """Set while bytes from the wire are decoded (the codec sets it around each decode)."""
@@ -33,10 +40,31 @@ Version = Annotated[
     ),
 ]
 
+EpochSeconds = Annotated[
+    float,
+    msgspec.Meta(
+        ge=TS_MIN,
+        lt=TS_MAX,
+        description="seconds since the Unix epoch, a float (in JavaScript: Date.now() / 1000); "
+        "a value that is not plausible seconds (milliseconds, say) is refused",
+    ),
+]
+EpochSecondsOrUnset = Annotated[
+    float,
+    msgspec.Meta(ge=0, lt=TS_MAX, description="seconds since the Unix epoch, a float; 0 when not known"),
+]
+Seconds = Annotated[float, msgspec.Meta(ge=0, description="a duration in seconds")]
+
 
 def version() -> int:
     """`v` of a message: this version's when written, 1 when a message read from the wire lacks it."""
     return MISSING_VERSION if READING.get() else SCHEMA_VERSION
+
+
+def now() -> float:
+    """`ts` of an event: the writer's clock when written; `MISSING_TS` when one read from the wire
+    lacks it (the reader then takes the time the stream stored it, the same for every reader)."""
+    return MISSING_TS if READING.get() else time.time()
 
 
 @contextlib.contextmanager
