@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install test lint format typecheck check demo bench wheelhouse image clean
+.PHONY: install test lint format typecheck check demo bench wheelhouse image clean schemas
 
 install: $(VENV)/.installed
 
@@ -31,6 +31,10 @@ typecheck: install
 
 # what to run before a commit: lint (ruff + mypy strict), then the whole suite
 check: lint test
+
+# schemas/ is generated from the wire types; tests/test_schema.py fails when it is out of date
+schemas: install
+	$(BIN)/python -m agentbus.schema schemas
 
 demo: install
 	$(BIN)/python -m agentbus.demo
