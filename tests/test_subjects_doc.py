@@ -204,3 +204,11 @@ def test_the_channel_table_is_what_authority_honours() -> None:
 
     assert kinds(rows["input.<user>"]) == {k.__struct_config__.tag for k in INPUT_KINDS}
     assert kinds(rows["control.<user>"]) == {k.__struct_config__.tag for k in CONTROL_KINDS}
+
+
+def test_the_form_of_a_waiting_work_items_id_is_the_one_queues_reads() -> None:
+    from agentbus.queues import _UNSEEN
+
+    assert "`<its message id>:unseen-<since>-<n>`" in DOC.read_text()
+    found = _UNSEEN.search("SESSIONX:new:1:unseen-1767225600-2")
+    assert found is not None and found.groups() == ("1767225600", "2")
