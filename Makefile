@@ -3,9 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install test lint format typecheck check demo bench wheelhouse image clean
+.PHONY: install test lint format typecheck check demo bench wheelhouse image clean schemas
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed tests/node/node_modules/.package-lock.json
 
 # constraints-dev.txt pins the test and lint tools, so a new release cannot change the outcome.
 $(VENV)/.installed: pyproject.toml constraints-dev.txt
@@ -13,6 +13,12 @@ $(VENV)/.installed: pyproject.toml constraints-dev.txt
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -c constraints-dev.txt -e '.[dev]'
 	touch $@
+
+# The foreign-client test's modules (tests/node, from its package-lock.json), when npm exists;
+# without them that one test skips and says why.
+tests/node/node_modules/.package-lock.json: tests/node/package-lock.json
+	@if command -v npm >/dev/null 2>&1; then cd tests/node && npm ci --no-audit --no-fund --loglevel=error; \
+	else echo "npm not found: the Node client test (tests/test_node_client.py) will skip"; fi
 
 test: install
 	$(BIN)/pytest
@@ -31,6 +37,10 @@ typecheck: install
 
 # what to run before a commit: lint (ruff + mypy strict), then the whole suite
 check: lint test
+
+# schemas/ is generated from the wire types; tests/test_schema.py fails when it is out of date
+schemas: install
+	$(BIN)/python -m agentbus.schema schemas
 
 demo: install
 	$(BIN)/python -m agentbus.demo

@@ -9,14 +9,19 @@ an evaluation) becomes a `WorkItem` through `WorkQueues.enqueue`, so the dedup-i
 from __future__ import annotations
 
 import logging
+import re
+import time
+from collections.abc import Sequence
 from typing import Literal
 
 import msgspec
 
-from agentbus.bus import Job, PubAck
+from agentbus.bus import MSG_ID, Job, PubAck
 from agentbus.errors import BusError
 from agentbus.messages import (
     InputRejected,
+    InvalidEvent,
+    Record,
     Routed,
     SessionCreated,
     SessionEnded,
@@ -26,17 +31,24 @@ from agentbus.messages import (
     decode_work,
     encode,
     ended_id,
+    event_type,
     session_id_of,
 )
-from agentbus.service import Reject, Retry
+from agentbus.service import Reject, Retry, Settled
 from agentbus.session import SessionLog
 from agentbus.subjects import valid_token
 
 logger = logging.getLogger("agentbus.queues")
 
 Destination = Literal["router", "evaluator"] | str  # a pool name, or one of the two services
-_NOT_YET_VISIBLE_RETRIES = 3  # a work item may overtake its session's first event by a moment
 _WITHDRAW_SCAN = 10_000
+# A work item may land before its session's first record (a writer in another language, a submit
+# retried after a failure). It waits for the session as long as a retried submit with the same ids
+# could still bring the session while its own copy of the item is swallowed as a duplicate: the
+# work streams' dedup window, and a margin. Waiting costs no delivery: after one delayed retry the
+# item is queued again under `<its id>:unseen-<since>-<n>` and this copy acked.
+UNSEEN_MARGIN_S = 30.0
+_UNSEEN = re.compile(r":unseen-(\d+)-(\d+)$")
 
 
 def msg_id(item: WorkItem, cause: str | None = None) -> str:
@@ -137,8 +149,9 @@ class WorkQueues:
         return removed
 
     async def accept(self, job: Job) -> WorkItem:
-        """The work item a queue message carries; raises `Reject` for bad input, `Retry` for an item
-        that overtook its session's first event (it arrives a moment later)."""
+        """The work item a queue message carries; raises `Reject` for bad input. An item whose session
+        has no record yet waits for it (`Retry`, then queued again and `Settled`), for as long as a
+        retried submit could still bring it; after that it is rejected."""
         try:
             item = decode_work(job.data)
         except msgspec.MsgspecError as err:
@@ -146,10 +159,51 @@ class WorkQueues:
         if not valid_token(item.session_id):
             raise Reject(f"work item names an invalid session id {item.session_id!r}")
         if not await self.log.exists(item.session_id):
-            if job.attempt < _NOT_YET_VISIBLE_RETRIES:
-                raise Retry(delay=0.5, reason=f"session {item.session_id} not in the log yet")
-            raise Reject(f"work item for session {item.session_id}, which has nothing in the log")
+            await self._unseen(job, item)
         return item
+
+    def unseen_hold_s(self) -> float:
+        """How long a work item waits for its session to appear."""
+        windows = [s.duplicate_window_s for s in self.ns.streams() if s.name in self._work_streams]
+        return max(windows) + UNSEEN_MARGIN_S
+
+    @property
+    def _work_streams(self) -> tuple[str, ...]:
+        return (self.ns.work_stream, self.ns.submissions_stream, self.ns.evaluations_stream)
+
+    async def _unseen(self, job: Job, item: WorkItem) -> None:
+        msg_id = job.headers.get(MSG_ID, "")
+        found = _UNSEEN.search(msg_id)
+        since, hops = (float(found.group(1)), int(found.group(2))) if found else (job.stored_at, 0)
+        waited = time.time() - (since or time.time())
+        if waited > self.unseen_hold_s():
+            raise Reject(
+                f"work item for session {item.session_id}, which still has nothing in the log {waited:.0f}s"
+                " after the item was queued (publish the session's records first: subjects.md, Submitting)"
+            )
+        if job.attempt == 1:
+            raise Retry(delay=min(0.5 * 2**hops, 15.0), reason=f"session {item.session_id} not in the log yet")
+        base = msg_id[: found.start()] if found else msg_id or f"{item.session_id}:{item.reason}:{item.round}"
+        await self.bus.publish(job.subject, job.data, msg_id=f"{base}:unseen-{int(since)}-{hops + 1}")
+        logger.info("session %s not in the log yet; its work item waits (%d)", item.session_id, hops + 1)
+        raise Settled()
+
+    async def refuse_taskless(self, session_id: str, records: Sequence[Record], source: str = "") -> None:
+        """A session whose first record is no valid `session_created` can never start (only the first
+        record creates a session, and the same id would be deduplicated): end it `failed`, saying why."""
+        first = records[0].event if records else None
+        if isinstance(first, InvalidEvent):
+            why = f"its first record is invalid: {first.reason}"
+        else:
+            why = f"its first record is {event_type(first) if first else 'missing'}, not session_created"
+        state = await self.log.state(session_id)
+        if state.terminal:
+            return
+        logger.warning("session %s cannot start: %s", session_id, why)
+        await self.log.append(session_id, InputRejected(id="no-task", reason=f"cannot start: {why}", source=source))
+        await self.log.append(
+            session_id, SessionEnded(id=ended_id(state.turn), status="failed", reason=f"no task: {why}")
+        )
 
 
 class WorkSettlement:

@@ -127,7 +127,7 @@ def summary(ev: Any) -> str:
         case InputRejected(reason=reason):
             return _clip(reason)
         case UnknownEvent(data=data):
-            return _clip(f"(from a newer agentbus) {data}")
+            return _clip(f"{ev.describe()} {data}")
         case InvalidEvent(reason=reason, raw=raw):
             return _clip(f"{reason} raw={raw!r}")
     return ""

@@ -225,6 +225,8 @@ def _agent(ident: Identity) -> Permissions:
     # every agent shares two durables: input that wakes a parked session, and timers coming due
     wake, timers = ns.wake_consumer(), ns.timers_consumer()
     pub += _durable(wake.stream, wake.durable, wake.filter_subject)
+    control = ns.wake_control_consumer()  # people's command channels: cancels wake, bad input is answered
+    pub += _durable(control.stream, control.durable, control.filter_subject)
     pub += _durable(timers.stream, timers.durable, timers.filter_subject)
     sub.append(ns.sessions_input_all())  # interrupts reach the agent running the session the moment they come
     pub += [

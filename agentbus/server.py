@@ -328,3 +328,31 @@ def _holder_of(port: int) -> str:
                         name = (fd_dir.parent / "comm").read_text().strip()
                         return f" by pid {pid} ({name})"
     return " (another server? `agentbus server --port N` picks another port)"
+
+
+def provision_namespace(server: NatsServer, prefix: str | None = None, tls_ca: str = "") -> str | None:
+    """Create a namespace's streams and buckets as the server's admin, at start, so a client in another
+    language finds them on a fresh server instead of "stream not found". Returns why it could not."""
+    import asyncio
+
+    from agentbus.bus import Bus
+    from agentbus.config import Settings
+    from agentbus.errors import AgentBusError
+
+    if server.admin_creds is None:
+        return "no admin credentials"
+    settings = Settings(nats_url=server.url, creds=str(server.admin_creds))
+    if prefix is not None:
+        settings = settings.with_(prefix=prefix)
+    if tls_ca:
+        settings = settings.with_(tls_ca=tls_ca)
+
+    async def run() -> None:
+        async with await Bus.connect(settings, name="agentbus-server") as bus:
+            await bus.provision(update=True)
+
+    try:
+        asyncio.run(run())
+    except AgentBusError as err:
+        return str(err)
+    return None

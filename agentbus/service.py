@@ -9,7 +9,8 @@ message's deliveries run out, then given up with a recorded reason.
 
 Handlers raise their ack decision (FastStream's `AckMessage`/`NackMessage`/`RejectMessage`):
 returning acks, `Retry` naks after a delay, `Reject` drops bad input for good with the
-reason recorded, `HandBack` re-queues a fresh message and acks this one.
+reason recorded, `HandBack` re-queues a fresh message and acks this one, `Settled` acks one the
+handler has already re-queued itself.
 """
 
 from __future__ import annotations
@@ -49,6 +50,10 @@ class Reject(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class Settled(Exception):
+    """Taken care of already (the handler queued whatever follows itself): ack it and do nothing more."""
 
 
 class HandBack(Exception):
@@ -168,6 +173,8 @@ async def _handled(consumer: Consumer, job: Job) -> None:
         return
     except HandBack:
         await consumer.settle.handed_back(job)
+    except Settled:
+        pass
     except Exception as err:
         await _failed(consumer, job, err)
         return

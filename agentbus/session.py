@@ -147,7 +147,8 @@ class SessionLog:
 def record_of(d: Delivery) -> Record:
     """A stored message as a session record: the subject says which session, channel and sender."""
     sid, channel, sender = parse_session_subject(d.subject) or ("", "log", "")
-    event = honoured(channel, sender, decode_event(d.data))  # the subject says who wrote it
+    # the subject says who wrote it; an event without `ts` takes the time the stream stored it
+    event = honoured(channel, sender, decode_event(d.data, d.timestamp_ns / 1e9))
     return Record(seq=d.seq, session_id=sid, channel=channel, event=event, sender=sender)
 
 

@@ -12,6 +12,7 @@ from agentbus.messages import (
     BudgetExceeded,
     CancelRequested,
     DelegationRequested,
+    EpochSecondsOrUnset,
     HumanMessage,
     InboxDismissed,
     ModelResponded,
@@ -46,8 +47,8 @@ class SessionState(msgspec.Struct, kw_only=True, omit_defaults=True):
     submitter: str = ""
     parent_session: str | None = None
     depth: int = 0
-    created_ts: float = 0.0
-    updated_ts: float = 0.0
+    created_ts: EpochSecondsOrUnset = 0.0
+    updated_ts: EpochSecondsOrUnset = 0.0
     last_seq: int = 0
     events: int = 0
     steps: int = 0
@@ -68,7 +69,7 @@ class SessionState(msgspec.Struct, kw_only=True, omit_defaults=True):
     tool_use_id: str = ""  # the parked tool call
     turn: int = 1  # a follow-up on a completed session opens the next turn
     turn_round: int = 1  # the first evaluation round of this turn
-    attention_since: float = 0.0  # when it last started to need a person (0: it does not)
+    attention_since: EpochSecondsOrUnset = 0.0  # when it last started to need a person (0: it does not)
     dismissed: bool = False  # someone looked since then (inbox --dismiss)
 
     @property

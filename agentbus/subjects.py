@@ -295,6 +295,18 @@ class Namespace:
             deliver="new",  # input older than the consumer wakes nothing: nothing was parked then
         )
 
+    def wake_control_consumer(self) -> ConsumerSpec:
+        """The durable every agent shares over people's command channels: a cancel there queues a parked
+        session as input does, and what cannot be used there gets an `input_rejected`."""
+        return ConsumerSpec(
+            stream=self.sessions_stream,
+            durable="wake-control",
+            filter_subject=self.sessions_control_all(),
+            ack_wait_s=30.0,
+            max_deliver=10,
+            deliver="new",
+        )
+
     def timers_consumer(self) -> ConsumerSpec:
         """The durable every agent shares for wake-ups due later; a timer not yet due goes back until it is."""
         return ConsumerSpec(

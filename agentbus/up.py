@@ -26,7 +26,7 @@ from agentbus.auth import write_context
 from agentbus.config import Settings
 from agentbus.errors import AgentBusError, UsageError
 from agentbus.roles import Identity
-from agentbus.server import NatsServer, check_port_free, die_with_parent
+from agentbus.server import NatsServer, check_port_free, die_with_parent, provision_namespace
 
 DEMO_SCRIPT = files("agentbus") / "scripted" / "demo.json"
 _COLOURS = {"router": "36", "evaluator": "35", "supervisor": "33", "nats": "32", "up": "1"}
@@ -121,6 +121,9 @@ def _run(pools_file: str | None, port: int, store: Path, scratch: Path) -> int:
     code = 0
     try:
         _say("nats", f"nats-server ready on {server.url} (JetStream store {store})")
+        problem = provision_namespace(server)  # before any process: a client of any language finds the streams
+        if problem:
+            _say("up", f"warning: streams not provisioned at start ({problem}); the services will")
         envs = _environments(server, port)
         for name, cmd in _roles(server.url, pools, store).items():
             if stop.is_set():

@@ -137,3 +137,78 @@ def test_every_cell_of_the_table_is_what_the_generated_permissions_allow(row, ro
         want = cell == "yes" or (cell == "if all" and not scoped)
         got = allowed(permissions(ident), row, subject)
         assert got == want, f"{role} ({'granted one' if scoped else 'granted all'}): {row.op} {subject}"
+
+
+# --- payloads: the document, the code and schemas/ agree ------------------------------------------
+
+
+def _payloads() -> str:
+    return DOC.read_text().split("\n## Payloads\n", 1)[1].split("\n## ", 1)[0]
+
+
+def _examples_shown() -> dict[str, list[object]]:
+    """Each `### family` subsection's ```json block, one example per line."""
+    import json
+
+    out = {}
+    for part in _payloads().split("\n### ")[1:]:
+        name, body = part.split("\n", 1)
+        block = body.split("```json\n", 1)[1].split("```", 1)[0]
+        out[name.strip()] = [json.loads(line) for line in block.splitlines()]
+    return out
+
+
+def test_every_family_shows_one_example_of_every_kind_as_the_code_writes_it() -> None:
+    import json
+
+    from agentbus.messages import encode
+    from agentbus.schema import EXAMPLES
+
+    shown = _examples_shown()
+    assert set(shown) == set(EXAMPLES)
+    for family, examples in EXAMPLES.items():
+        assert shown[family] == [json.loads(encode(e)) for e in examples], f"subjects.md, Payloads, {family}"
+
+
+def test_every_example_in_the_document_is_valid_by_its_schema() -> None:
+    import jsonschema
+
+    from agentbus.schema import generate
+
+    schemas = generate()
+    for family, examples in _examples_shown().items():
+        for example in examples:
+            jsonschema.Draft202012Validator(schemas[family]).validate(example)
+
+
+def test_the_payloads_table_names_every_schema_file() -> None:
+    from agentbus.schema import generate
+
+    first = _payloads().split("\n### ", 1)[0]
+    lines = [line for line in first.splitlines() if line.startswith("|")][2:]
+    rows = [[cell.strip().strip("`") for cell in line.strip("|").split("|")] for line in lines]
+    assert {row[0] for row in rows} == set(generate())
+    for row in rows:
+        assert row[1] == f"schemas/{row[0]}.schema.json"
+        assert (DOC.parent / row[1]).exists()
+
+
+def test_the_channel_table_is_what_authority_honours() -> None:
+    from agentbus.authority import CONTROL_KINDS, INPUT_KINDS
+
+    section = _payloads().split("\n### events\n", 1)[1]
+    rows = {r.split("|")[1].strip().strip("`"): r.split("|")[2] for r in section.splitlines() if r.startswith("| `")}
+
+    def kinds(cell: str) -> set[str]:
+        return {word.strip() for word in re.sub(r"\([^)]*\)", "", cell).split(",")}
+
+    assert kinds(rows["input.<user>"]) == {k.__struct_config__.tag for k in INPUT_KINDS}
+    assert kinds(rows["control.<user>"]) == {k.__struct_config__.tag for k in CONTROL_KINDS}
+
+
+def test_the_form_of_a_waiting_work_items_id_is_the_one_queues_reads() -> None:
+    from agentbus.queues import _UNSEEN
+
+    assert "`<its message id>:unseen-<since>-<n>`" in DOC.read_text()
+    found = _UNSEEN.search("SESSIONX:new:1:unseen-1767225600-2")
+    assert found is not None and found.groups() == ("1767225600", "2")

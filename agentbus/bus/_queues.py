@@ -27,7 +27,7 @@ class Job:
     Settling translates nats-py's errors: a failed ack, nak or term raises `BusError`.
     """
 
-    __slots__ = ("_msg", "attempt", "data", "headers", "seq", "subject")
+    __slots__ = ("_msg", "attempt", "data", "headers", "seq", "stored_at", "subject")
 
     def __init__(self, msg: Msg) -> None:
         self._msg = msg
@@ -37,6 +37,8 @@ class Job:
         self.headers: Mapping[str, str] = dict(msg.headers or {})
         self.seq: int = meta.sequence.stream
         self.attempt: int = meta.num_delivered
+        # when the stream stored it (seconds since the epoch; 0.0 if the server did not say)
+        self.stored_at: float = meta.timestamp.timestamp() if meta.timestamp else 0.0
 
     @property
     def trace_context(self) -> Any:

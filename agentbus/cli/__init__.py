@@ -37,6 +37,11 @@ SERVICES = {
 # listed from here, loaded when run.
 LAZY = {
     "auth": ("agentbus.cli.auth", "auth", "Users of a server started here: nkey credentials, one role each."),
+    "schema": (
+        "agentbus.cli.schema",
+        "schema",
+        "Payload schemas (subjects.md, Payloads): every family, or one with its fields; --json for the schema.",
+    ),
 }
 
 EXIT_CODES = {

@@ -22,13 +22,16 @@ if TYPE_CHECKING:
 @click.option("--tls-cert", type=click.Path(dir_okay=False, exists=True), help="TLS certificate: clients use tls://.")
 @click.option("--tls-key", type=click.Path(dir_okay=False, exists=True), help="The certificate's private key.")
 @click.option("--tls-ca", default="", help="CA bundle for this user's CLI to check the certificate with.")
+@click.option(
+    "--prefix", default="agentbus", show_default=True, envvar="AGENTBUS_PREFIX", help="Namespace to provision at start."
+)
 def server(
-    port: int, store_dir: str, sync_always: bool, tls_cert: str | None, tls_key: str | None, tls_ca: str
+    port: int, store_dir: str, sync_always: bool, tls_cert: str | None, tls_key: str | None, tls_ca: str, prefix: str
 ) -> None:
     """Run the embedded nats-server with JetStream until Ctrl-C or SIGTERM (users: `agentbus auth`)."""
     from agentbus.auth import write_context
     from agentbus.errors import ServerError
-    from agentbus.server import NatsServer
+    from agentbus.server import NatsServer, provision_namespace
 
     if bool(tls_cert) != bool(tls_key):
         raise click.UsageError("--tls-cert and --tls-key go together")
@@ -39,6 +42,10 @@ def server(
     srv = NatsServer(port=port, store_dir=store_dir, sync_always=sync_always, tls_cert=tls_cert, tls_key=tls_key)
     srv.start()  # a busy port or a store another server holds: one line, exit 4 (ServerInUse)
     try:
+        # the streams exist before anyone asks, so a client in any language finds them
+        problem = provision_namespace(srv, prefix, tls_ca)
+        if problem:
+            click.echo(f"agentbus: warning: namespace {prefix} not provisioned at start: {problem}", err=True)
         click.echo(f"nats-server ready on {srv.url} (JetStream store: {srv.store_dir}); Ctrl-C stops it")
         if srv.admin_creds is not None:
             where = write_context(srv.url, srv.admin_creds, tls_ca) if port else None

@@ -129,8 +129,9 @@ class SessionRun:
     async def execute(self) -> Outcome:
         await self.transcript.load()
         conv = build(self.records)
-        if conv.task is None:
-            raise AgentBusError(f"session {self.sid} has no session_created event")
+        if conv.task is None:  # no valid session_created first: it can never start; end it, saying why
+            await self.ctx.queues.refuse_taskless(self.sid, self.records, self.job.subject)
+            return "ended"
         if conv.ended or self.state().terminal:  # ended, or cancelled before anyone took it
             await self.ctx.queues.settled(self.sid, conv.task.parent_session)  # in case a crash lost it
             return "ended"

@@ -1,8 +1,10 @@
 """What queues a parked session again: a person's input, and wake-ups that come due.
 
-Every agent (of any pool) shares two durables: `wake`, over every session's input channel, and
-`timers`, over wake-ups due later. A parked session holds no agent slot and no consumer; one of
-these notices that it can go on and queues it on its pool.
+Every agent (of any pool) shares three durables: `wake`, over every session's input channel,
+`wake-control`, over the command channels (a cancel there), and `timers`, over wake-ups due later.
+A parked session holds no agent slot and no consumer; one of these notices that it can go on and
+queues it on its pool. Reading every person's message anyway, the first two also answer what
+cannot be used with an `input_rejected` in its session (`agentbus.rejects`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import time
 
 import msgspec
 
+from agentbus import rejects
+from agentbus.authority import honoured
 from agentbus.bus import Bus, Job
 from agentbus.messages import (
     ApprovalDecided,
@@ -25,7 +29,7 @@ from agentbus.messages import (
 )
 from agentbus.queues import WorkQueues
 from agentbus.service import Consumer, LogOnly, Reject, Retry, consume
-from agentbus.subjects import session_id_from_subject, valid_token
+from agentbus.subjects import ConsumerSpec, parse_session_subject, valid_token
 
 logger = logging.getLogger("agentbus.agent")
 
@@ -35,24 +39,29 @@ _timer_decoder = msgspec.json.Decoder(Timer)
 
 
 class WakeWatcher:
-    """Queues a parked session when someone answers it, decides its approval, cancels or interrupts it."""
+    """Queues a parked session when someone answers it, decides its approval, cancels or interrupts it,
+    and answers input it cannot use. `spec`: the durable (`wake` by default; `wake-control`)."""
 
-    def __init__(self, bus: Bus, queues: WorkQueues) -> None:
+    def __init__(self, bus: Bus, queues: WorkQueues, spec: ConsumerSpec | None = None) -> None:
         self.bus = bus
         self.queues = queues
+        self.spec = spec or bus.ns.wake_consumer()
 
     async def run(self, draining: asyncio.Event) -> None:
-        consumer = Consumer(
-            spec=self.bus.ns.wake_consumer(), handle=self._handle, settle=LogOnly("wake"), concurrency=4
-        )
+        consumer = Consumer(spec=self.spec, handle=self._handle, settle=LogOnly(self.spec.durable), concurrency=4)
         await consume(self.bus, consumer, draining)
 
     async def _handle(self, job: Job) -> None:
-        if not isinstance(decode_event(job.data), _WAKING):
-            return
-        sid = session_id_from_subject(job.subject)
-        if sid is None or not valid_token(sid):
+        sid, channel, sender = parse_session_subject(job.subject) or ("", "input", "")
+        if not valid_token(sid):
             raise Reject(f"input on {job.subject}, which names no valid session")
+        event = honoured(channel, sender, decode_event(job.data, job.stored_at))  # the subject says who sent it
+        why = rejects.why_unusable(event)
+        if why is not None:
+            await rejects.answer(self.queues.log, sid, job.seq, job.subject, why)
+            return
+        if not isinstance(event, _WAKING):
+            return
         if await self.queues.wake(sid, job.seq):
             logger.info("session %s woken by input #%d", sid, job.seq)
 

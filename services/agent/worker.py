@@ -155,6 +155,7 @@ class AgentWorker(Service):
         )
         exhausted = ExhaustedWatcher(self.bus, self.queues, self.config.pool, self.config.max_deliver)
         wake, timers = WakeWatcher(self.bus, self.queues), TimerWatcher(self.bus, self.queues)
+        wake_control = WakeWatcher(self.bus, self.queues, self.bus.ns.wake_control_consumer())
         logger.info("agent %s serving pool %s with %s", self.config.worker_id, self.config.pool, self.model.name)
         try:
             await self._supervise(
@@ -162,6 +163,7 @@ class AgentWorker(Service):
                     consume(self.bus, consumer, self._draining),
                     exhausted.run(self._draining),
                     wake.run(self._draining),
+                    wake_control.run(self._draining),  # cancels and bad input on people's command channels
                     timers.run(self._draining),
                 ],
                 daemons=[self._heartbeat(), self._interrupts()],

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from agentbus import rejects
 from agentbus.bus import Bus, Job
 from agentbus.messages import (
     TERMINAL,
@@ -49,11 +50,16 @@ class FanIn:
         await consume(self.bus, consumer, draining)
 
     async def _handle(self, job: Job) -> None:
-        if not isinstance(decode_event(job.data), SessionEnded):
+        event = decode_event(job.data, job.stored_at)
+        why = rejects.why_unusable(event)  # reading every owner event anyway: answer what cannot be used
+        if not isinstance(event, SessionEnded) and why is None:
             return
         sid = session_id_from_subject(job.subject)
         if sid is None or not valid_token(sid):
-            raise Reject(f"session_ended on {job.subject}, which names no valid session")
+            raise Reject(f"{job.subject} names no valid session")
+        if why is not None:
+            await rejects.answer(self.log, sid, job.seq, job.subject, why)
+            return
         await self.child_ended(sid)
 
     async def child_ended(self, child: str) -> None:

@@ -28,7 +28,7 @@ from agentbus.messages import (
     session_id_of,
 )
 from agentbus.queues import WorkQueues, WorkSettlement
-from agentbus.service import Consumer, Reject, Service, consume
+from agentbus.service import Consumer, Service, consume
 from agentbus.session import SessionLog
 from agentbus.subjects import valid_token
 from services.router.fanin import FanIn, opinion_ids
@@ -76,8 +76,9 @@ class Router(Service):
         sid = item.session_id
         records = await self.log.read(sid, limit=1)
         created = records[0].event if records else None
-        if not isinstance(created, SessionCreated):
-            raise Reject("submission has no session_created event first in its log")
+        if not isinstance(created, SessionCreated):  # it can never start: end it, saying why
+            await self.queues.refuse_taskless(sid, records, job.subject)
+            return
         if created.task.opinions:
             await self._fan_out(sid, created.task)
             self.routed += 1
