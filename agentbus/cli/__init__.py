@@ -37,6 +37,8 @@ SERVICES = {
 # listed from here, loaded when run.
 LAZY = {
     "auth": ("agentbus.cli.auth", "auth", "Users of a server started here: nkey credentials, one role each."),
+    # issue 17: the MCP server (imports the `mcp` SDK)
+    "mcp": ("agentbus.cli.mcp", "command", "Serve agentbus to MCP clients (Claude Code): stdio, or --http."),
 }
 
 EXIT_CODES = {
