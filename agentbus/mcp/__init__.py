@@ -3,6 +3,7 @@ follows sessions, steers them and reads results.
 
 `_tools.py` holds the tools (arguments, descriptions, handlers on a `Client`), `_server.py` the MCP
 wiring (tools, resources, subscriptions in both protocol eras), `_http.py` who an HTTP caller is.
+`servers.py` is the other direction: the MCP servers a pool's agents use as tools.
 Over stdio every call acts with this process's credentials; over HTTP with the credentials its
 bearer token maps to. Either way NATS enforces the caller's role.
 """
@@ -12,13 +13,14 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from agentbus.config import Settings
-from agentbus.mcp._connect import open_client
-from agentbus.mcp._server import INBOX_URI, SESSION_URI, AgentbusMCP, OwnCredentials
-from agentbus.mcp._tools import INSTRUCTIONS, TOOLS
+if TYPE_CHECKING:
+    from agentbus.config import Settings
 
-__all__ = ["INBOX_URI", "INSTRUCTIONS", "SESSION_URI", "TOOLS", "AgentbusMCP", "serve_http", "serve_stdio"]
+# Nothing heavy at import: `agentbus.mcp.servers` (what a pools file says) is read by the supervisor,
+# which never needs the SDK's server side.
+__all__ = ["serve_http", "serve_stdio"]
 
 logger = logging.getLogger("agentbus.mcp")
 
@@ -28,6 +30,9 @@ async def serve_stdio(settings: Settings) -> None:
     first call, so a client that starts this before the bus is up gets errors that say so, not a
     server that died."""
     from mcp.server.stdio import stdio_server
+
+    from agentbus.mcp._connect import open_client
+    from agentbus.mcp._server import AgentbusMCP, OwnCredentials
 
     mcp = AgentbusMCP(OwnCredentials(lambda: open_client(settings)))
     try:
@@ -42,6 +47,7 @@ async def serve_http(settings: Settings, host: str, port: int, *, tokens_file: s
     import uvicorn
 
     from agentbus.mcp._http import Tokens, auth_settings, load_tokens, own_token
+    from agentbus.mcp._server import AgentbusMCP
 
     if tokens_file:
         callers = load_tokens(tokens_file)
