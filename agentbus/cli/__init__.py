@@ -42,6 +42,8 @@ LAZY = {
         "schema",
         "Payload schemas (subjects.md, Payloads): every family, or one with its fields; --json for the schema.",
     ),
+    # issue 17: the MCP server (imports the `mcp` SDK)
+    "mcp": ("agentbus.cli.mcp", "command", "Serve agentbus to MCP clients (Claude Code): stdio, or --http."),
 }
 
 EXIT_CODES = {

@@ -31,6 +31,7 @@ from pathlib import Path
 from agentbus.errors import UsageError
 from agentbus.sandbox._bwrap import INSIDE, Bubblewrap
 from agentbus.sandbox._process import run_process
+from agentbus.sandbox._server import start_server  # a long-lived process (an MCP server), issue 17
 from agentbus.sandbox._types import (
     MODES,
     RESERVED_PREFIXES,
@@ -58,6 +59,7 @@ __all__ = [
     "Unconfined",
     "base_env",
     "open_sandbox",
+    "start_server",
     "tool_environment",
 ]
 

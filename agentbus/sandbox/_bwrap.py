@@ -140,7 +140,22 @@ class Bubblewrap:
         opts += ["--bind-fd", str(fds.pass_(ws)), INSIDE, "--perms", "1777", "--size", str(lim.tmp_bytes),
                  "--tmpfs", "/tmp", "--dev", "/dev", "--chdir", INSIDE]  # fmt: skip
         opts += ["--proc", "/proc"] if self.fresh_proc else ["--dir", "/proc"]
-        return opts
+        return opts + _read_only(policy.read_only)
+
+
+def _read_only(paths: tuple[str, ...]) -> list[str]:
+    """What a long-lived server brings with it (`_server.py`), bound after everything else so a path
+    under /work or /tmp is not hidden by those mounts. The directories leading to it are made 0755 (bwrap
+    would make them 0700, owned by the namespace's root, and the command could not pass through)."""
+    opts: list[str] = []
+    mounted = {INSIDE, "/tmp", "/usr", "/etc", "/proc", "/dev"}
+    for path in paths:
+        parents = Path(path).parents
+        for parent in reversed(parents[:-1]):  # not "/"
+            if str(parent) not in mounted:
+                opts += ["--perms", "0755", "--dir", str(parent)]
+        opts += ["--ro-bind", path, path]
+    return opts
 
 
 def _etc_files(network: bool) -> dict[str, str]:

@@ -50,6 +50,9 @@ class Policy:
     env: Mapping[str, str] = field(default_factory=dict)
     limits: Limits = Limits()
     overflow: Literal["stop", "drain"] = "stop"
+    # Host directories shown read-only at the same path (a long-lived MCP server's own install,
+    # e.g. a virtualenv outside /usr); nothing else of the host beyond the usual system dirs.
+    read_only: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ import click
 
 from agentbus.bus import Bus
 from agentbus.cli.options import budget_options, nats_option, pool_name, run, settings_from
+from agentbus.mcp.servers import parse_option
 from agentbus.messages import Budget
 from services.agent.tools import DEFAULT_TOOLS
 from services.agent.worker import AgentConfig, serve
@@ -74,6 +75,11 @@ from services.agent.worker import AgentConfig, serve
     metavar="NAME[=VALUE]",
     help="A variable sandboxed commands get (repeatable): NAME passes this agent's value, NAME=VALUE sets one.",
 )
+@click.option(
+    "--mcp", "mcp", multiple=True, metavar="NAME=JSON",
+    help='An MCP server whose tools the agent offers as mcp__NAME__TOOL (repeatable): NAME={"command": [...]} '
+    '(stdio, run in the sandbox with the --tool-env environment) or NAME={"url": "http://..."}.',
+)  # fmt: skip
 @nats_option
 def command(
     pool: str,
@@ -93,6 +99,7 @@ def command(
     sandbox: str,
     network: bool,
     tool_env: tuple[str, ...],
+    mcp: tuple[str, ...],
     nats_url: str | None,
     prefix: str,
 ) -> None:
@@ -117,6 +124,7 @@ def command(
         sandbox=sandbox,
         network=network,
         tool_env=tool_env,
+        mcp=tuple(parse_option(entry) for entry in mcp),
     )
     settings = settings_from(nats_url, prefix)
 

@@ -25,6 +25,7 @@ from agentbus import tracing
 from agentbus.authority import honoured
 from agentbus.bus import Bus, Job
 from agentbus.errors import AgentBusError, FencedError
+from agentbus.mcp.servers import McpServerSpec
 from agentbus.messages import Budget, InterruptRequested, WorkerInfo, decode_event, encode
 from agentbus.models import ModelClient, model_from_spec
 from agentbus.queues import WorkQueues, WorkSettlement
@@ -35,6 +36,7 @@ from agentbus.spend import SpendLedger
 from agentbus.subjects import parse_session_subject, valid_token
 from services.agent.exhausted import ExhaustedWatcher
 from services.agent.guards import NO_PROGRESS_TURNS
+from services.agent.mcp_tools import McpToolset, add_tools
 from services.agent.run import RunContext, SessionRun
 from services.agent.signals import Released
 from services.agent.tools import DEFAULT_TOOLS, Tool, load_tools, schemas, tool_sandbox
@@ -82,6 +84,7 @@ class AgentConfig:
     sandbox: str = "bwrap"
     network: bool = False  # may those commands reach the network?
     tool_env: tuple[str, ...] = ()  # their environment allow-list: NAME (the agent's value) or NAME=VALUE
+    mcp: tuple[McpServerSpec, ...] = ()  # MCP servers whose tools join the list (issue 17, mcp_tools.py)
 
 
 class AgentWorker(Service):
@@ -102,6 +105,10 @@ class AgentWorker(Service):
         self.tool_schemas = schemas(self.tools)
         self.tool_env = tool_environment(config.tool_env, os.environ)
         self.sandbox = tool_sandbox(self.tools, config.sandbox)  # probed now: refused here, not mid-session
+        # MCP servers (issue 17): their tools are listed when the worker starts serving, into the very
+        # dict and list the run context holds
+        self.mcp = McpToolset(config.mcp, sandbox_mode=config.sandbox, sandbox=self.sandbox, workdir=config.workdir,
+                              network=config.network, tool_env=self.tool_env) if config.mcp else None  # fmt: skip
         self.consumer = bus.ns.pool_consumer(config.pool, ack_wait_s=config.ack_wait_s, max_deliver=config.max_deliver)
         super().__init__()
         self.sessions: set[str] = set()
@@ -146,6 +153,8 @@ class AgentWorker(Service):
 
     async def _serve(self) -> None:
         await self.bus.provision()
+        if self.mcp is not None:
+            add_tools(self.tools, self.tool_schemas, await self.mcp.tools())
         consumer = Consumer(
             spec=self.consumer,
             handle=self._handle,
@@ -173,6 +182,8 @@ class AgentWorker(Service):
             # for it while stopping, as when NATS went away first.
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.bus.kv_delete(self.bus.ns.workers_bucket, self.config.worker_id), 2.0)
+            if self.mcp is not None:
+                await self.mcp.aclose()
             logger.info("agent %s stopped after %d sessions", self.config.worker_id, self.served)
 
     async def _heartbeat(self) -> None:

@@ -17,6 +17,8 @@
     sandbox = "bwrap"                       # where bash runs; "none": unconfined (warned at start)
     network = false                         # may sandboxed commands use the network?
     tool_env = ["GITHUB_TOKEN", "LANG=C.UTF-8"]  # their environment: NAME (the agent's value) or NAME=VALUE
+    [pools.coder.mcp.tracker]               # an MCP server whose tools the agents offer (mcp__tracker__...)
+    command = ["tracker-mcp"]               # stdio, in the sandbox with tool_env; or url = "http://..."
     [pools.coder.budget]
     max_steps = 40
     max_usd = 2.0
@@ -42,6 +44,8 @@ from typing import Any, Literal
 
 from agentbus import budget
 from agentbus.errors import UsageError
+from agentbus.mcp.servers import McpServerSpec
+from agentbus.mcp.servers import from_mapping as mcp_server
 from agentbus.messages import Budget
 from agentbus.sandbox import tool_environment
 from agentbus.subjects import valid_token
@@ -68,6 +72,7 @@ class PoolSpec:
     sandbox: Literal["bwrap", "none"] = "bwrap"  # where tools that run commands run (README, "Sandbox")
     network: bool = False
     tool_env: tuple[str, ...] = ()
+    mcp: tuple[McpServerSpec, ...] = ()  # [pools.X.mcp.NAME] (issue 17)
 
 
 @dataclass(frozen=True)
@@ -135,6 +140,10 @@ def load_pools(path: str | Path) -> Fleet:
                 sandbox=raw.get("sandbox", "bwrap"),
                 network=_flag(raw.get("network", False), f"{here}: network"),
                 tool_env=tuple(str(e) for e in raw.get("tool_env", ())),
+                mcp=tuple(
+                    mcp_server(str(n), _table(t, f"{here}: mcp.{n}"), here)
+                    for n, t in _table(raw.get("mcp") or {}, f"{here}: mcp").items()
+                ),
             )
         except (TypeError, ValueError) as err:  # "max = 'two'", or a ${VAR} that is not a number
             raise UsageError(f"{here}: {err}") from err

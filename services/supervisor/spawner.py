@@ -58,6 +58,8 @@ def agent_args(spec: PoolSpec, settings: Settings) -> list[str]:
     args += ["--sandbox", spec.sandbox, "--network" if spec.network else "--no-network"]
     for entry in spec.tool_env:
         args.append(f"--tool-env={entry}")
+    for server in spec.mcp:  # a command or a URL: no secret (those come from tool_env, by name)
+        args.append(f"--mcp={server.name}={server.to_json()}")
     return args + budget.to_argv(spec.budget)
 
 
