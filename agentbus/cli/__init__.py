@@ -37,6 +37,8 @@ SERVICES = {
 # listed from here, loaded when run.
 LAZY = {
     "auth": ("agentbus.cli.auth", "auth", "Users of a server started here: nkey credentials, one role each."),
+    # web view (agentbus/web): Starlette and uvicorn load only when it runs
+    "web": ("agentbus.web.cli", "web", "The web view: inbox, sessions, a live session page, the fleet."),
 }
 
 EXIT_CODES = {
