@@ -6,6 +6,7 @@ Real nats-server with authorization on; requests are raw HTTP/1.1, as any script
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -51,7 +52,7 @@ async def test_login_sets_an_httponly_samesite_strict_cookie_and_keeps_no_creden
     assert flags[0].startswith(f"{COOKIE}=") and "httponly" in flags and "samesite=strict" in flags
     assert "seed" not in reply.body.decode() and "SU" not in reply.json()["csrf"][:2]
     assert reply.json()["user"] == f"olga-{settings.prefix}" and reply.json()["role"] == "operator"
-    assert list(web.web.logins._dir.iterdir()) == []  # the file the connection was made from is gone
+    assert not list(Path(tempfile.gettempdir()).glob("agentbus-web-*/login.creds"))  # noqa: ASYNC240 - gone
     me = await http(web.url, path="/api/me", headers={"Cookie": reply.headers["set-cookie"].split(";")[0]})
     assert me.status == 200 and me.json()["user"] == f"olga-{settings.prefix}"
     assert (await http(web.url, path="/api/me")).status == 401
@@ -162,3 +163,51 @@ def test_ceilings_come_from_the_pools_file(tmp_path: Path, monkeypatch: pytest.M
     pools.write_text('ceiling_usd = 100\n[pools.a]\nceiling_usd = "${WEB_TEST_CEILING}"\n[pools.b]\nmin = 1\n')
     assert read_ceilings(str(pools)) == {"fleet": 100.0, "pools": {"a": 12.5, "b": None}}
     assert read_ceilings(None) == {}
+
+
+@pytest.mark.timeout(120)
+def test_agentbus_up_starts_the_web_view_and_prints_its_url(tmp_path: Path) -> None:
+    import re
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agentbus.cli", "up", "--port", "0", "--store-dir", str(tmp_path / "store")],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        url = ""
+        for line in proc.stdout:
+            found = re.search(r"web view: (http://127\.0\.0\.1:\d+/) \(log in with the credentials file (\S+)\)", line)
+            url = found.group(1) if found else url
+            if "Ctrl-C stops" in line:
+                break
+        assert url, "up printed no web view URL"
+        for line in proc.stdout:  # the web view says when it listens
+            if "web view on" in line:
+                break
+        with urllib.request.urlopen(url, timeout=10) as page:
+            assert page.status == 200 and b"/static/app.js" in page.read()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(90) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def test_compose_runs_the_web_view_on_the_hosts_loopback_without_credentials() -> None:
+    import yaml
+
+    compose = Path(__file__).resolve().parents[1] / "compose"
+    web = yaml.safe_load((compose / "compose.yaml").read_text())["services"]["web"]
+    assert web["command"][0] == "web" and web["ports"] == ["127.0.0.1:${WEB_PORT:-8765}:8765"]
+    assert web["environment"]["AGENTBUS_CREDS"] == "" and not any("creds" in v for v in web["volumes"])
+    host = yaml.safe_load((compose / "host-network.yaml").read_text())["services"]["web"]
+    assert host["network_mode"] == "host" and host["command"][1:3] == ["--host", "127.0.0.1"]
+    assert "ports" not in host and not any("creds" in v for v in host["volumes"])

@@ -17,6 +17,7 @@ import hashlib
 import logging
 import os
 import secrets
+import shutil
 import tempfile
 import time
 from collections import OrderedDict
@@ -73,7 +74,6 @@ class Logins:
         self.idle_s = idle_s
         self.max_logins = max_logins
         self._by_digest: dict[str, Login] = {}
-        self._dir = Path(tempfile.mkdtemp(prefix="agentbus-web-"))  # mode 0700
 
     async def login(self, credentials: str) -> tuple[str, Login]:
         """Connect as the credentials' user; returns the cookie token and the login."""
@@ -82,9 +82,10 @@ class Logins:
         await self.expire()
         if len(self._by_digest) >= self.max_logins:
             raise UsageError("too many people are logged in; try again later")
-        path = self._dir / f"{secrets.token_hex(8)}.creds"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        scratch = Path(tempfile.mkdtemp(prefix="agentbus-web-"))  # mode 0700
+        path = scratch / "login.creds"
         try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as f:
                 f.write(credentials)
             creds = read_creds(path)  # a bad file: NotAuthenticated, before any connection
@@ -92,7 +93,7 @@ class Logins:
                 raise NotAuthenticated("log in with an agentbus credentials file (from `agentbus auth add`)")
             bus = await Bus.connect(self.settings.with_(creds=str(path)), name=f"agentbus-web {creds.identity.user}")
         finally:
-            path.unlink(missing_ok=True)  # the seed now lives only in the connection
+            shutil.rmtree(scratch, ignore_errors=True)  # the seed now lives only in the connection
         try:
             await bus.provision(update=False)
         except Exception:
@@ -137,8 +138,6 @@ class Logins:
         logins, self._by_digest = list(self._by_digest.values()), {}
         for login in logins:
             await self._close(login)
-        with contextlib.suppress(OSError):
-            self._dir.rmdir()
 
     @staticmethod
     async def _close(login: Login) -> None:
