@@ -7,6 +7,7 @@ Screenshots of every page go to test-artifacts/web/.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -30,7 +31,7 @@ from tests.conftest import AsUser
 from tests.helpers import POOL, Gate, agent, until
 from tests.webtools import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, Served, browser_missing, serve
 
-pytestmark = [pytest.mark.timeout(90), pytest.mark.skipif(bool(browser_missing()), reason=browser_missing())]
+pytestmark = pytest.mark.timeout(90)
 Request = dict[str, Any]
 WAIT_MS = 15_000  # every wait in the page has this deadline; no test asserts how fast anything was
 
@@ -42,6 +43,11 @@ if not browser_missing():
 
 @pytest.fixture(scope="module")
 async def browser() -> AsyncIterator[Browser]:
+    missing = browser_missing()
+    if missing and os.environ.get("AGENTBUS_REQUIRE_BROWSER") == "1":
+        pytest.fail(f"AGENTBUS_REQUIRE_BROWSER=1 but {missing}")
+    if missing:
+        pytest.skip(missing)
     async with async_playwright() as pw:
         chromium = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
         try:
