@@ -315,7 +315,8 @@ async def test_the_session_page_shows_the_delegation_tree_the_chart_and_budget_a
     await shot(page, "sessions")
     await page.locator("#nav a[data-page=fleet]").click()
     await expect(page.locator("#fleet")).to_contain_text("Spend")
-    await expect(page.locator(f"#fleet tr[data-pool='{POOL}']").first).to_be_visible()
+    await expect(page.locator(f"#fleet-pools tr[data-pool='{POOL}']")).to_be_visible()  # an operator reads backlogs
+    await expect(page.locator(f"#fleet-spend tr[data-pool='{POOL}']")).to_contain_text("$0.0004")
     await shot(page, "fleet")
     assert page_errors(page) == []
 

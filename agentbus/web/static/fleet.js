@@ -8,7 +8,7 @@ function table(headers, rows) {
 }
 
 function part(title, data, draw) {
-  return h("section", { class: "card" }, h("h2", {}, title), data.error ? h("p", { class: "error" }, data.error) : draw(data.ok));
+  return h("section", { class: "card", id: "fleet-" + title.toLowerCase() }, h("h2", {}, title), data.error ? h("p", { class: "error" }, data.error) : draw(data.ok));
 }
 
 function bar(used, limit) {
