@@ -211,3 +211,15 @@ def test_compose_runs_the_web_view_on_the_hosts_loopback_without_credentials() -
     host = yaml.safe_load((compose / "host-network.yaml").read_text())["services"]["web"]
     assert host["network_mode"] == "host" and host["command"][1:3] == ["--host", "127.0.0.1"]
     assert "ports" not in host and not any("creds" in v for v in host["volumes"])
+
+
+async def test_a_session_the_user_may_not_read_ends_its_stream_with_the_refusal(
+    web: Served, as_user: AsUser, client: agentbus.Client
+) -> None:
+    granted = await client.submit("yours", pool="nobody")
+    other = await client.submit("not yours", pool="nobody")
+    cookie, _ = await log_in(web, as_user("obi", "observer", sessions=[granted]))
+    (event,) = await sse_events(web.url, f"/api/sessions/{other}/stream", cookie=cookie, until="failed")
+    assert event[1] == "failed" and "not permitted" in event[2]["error"]
+    (gone,) = await sse_events(web.url, "/api/sessions/nosuchsession/stream", cookie=cookie, until="failed")
+    assert "not permitted" in gone[2]["error"]  # not granted either: no hint whether it exists

@@ -93,17 +93,17 @@ async def session_stream(login: Login, session_id: str, *, after: int | None, ta
     client = login.client
     ident, ns = login.identity, client.bus.ns
     yield f"retry: {RETRY_MS}\n\n".encode()
-    last = await client.log.last_seq(session_id)
-    if last == 0:
-        yield sse("gone", {"error": f"no session {session_id}"})
-        return
     state = SessionState(session_id=session_id)
     summary = SessionSummary()
     seqs: list[int] = []
-    login.index(session_id, seqs)
     held: deque[Record] | list[Record] = deque(maxlen=tail) if after is None else []
     live = False
     try:
+        last = await client.log.last_seq(session_id)  # a session this user may not read: refused here
+        if last == 0:
+            yield sse("gone", {"error": f"no session {session_id}"})
+            return
+        login.index(session_id, seqs)
         async for rec in merged(login, client.log.tap(session_id, start="start", follow=True)):
             if rec is None:
                 yield b": ping\n\n"
