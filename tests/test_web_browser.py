@@ -21,6 +21,7 @@ from agentbus.messages import (
     ApprovalDecided,
     HumanMessage,
     ModelResponded,
+    ResumeRequested,
     SessionCreated,
     Task,
     ToolCallCompleted,
@@ -147,6 +148,46 @@ async def test_the_inbox_shows_a_session_awaiting_approval_and_approving_it_from
     assert (tmp_path / sid / "out.txt").read_text() == "hello from the page"
     decided = [(r.sender, r.event.approved) for r in await client.show(sid) if isinstance(r.event, ApprovalDecided)]
     assert decided == [(f"olga-{settings.prefix}", True)]
+    assert page_errors(page) == []
+
+
+async def test_from_the_inbox_a_question_is_answered_and_a_paused_session_resumed_with_a_raised_limit(
+    client: agentbus.Client, settings: Settings, as_user: AsUser, web: Served, context: BrowserContext, tmp_path: Path
+) -> None:
+    def responder(request: Request) -> Request:
+        prompt = json.dumps(request["messages"][0])
+        if "ask" in prompt and turns(request) == 0:
+            return tool_use_response("ask_human", {"question": "which colour?"}, id="tu_q")
+        if "ask" in prompt:
+            answer = request["messages"][-1]["content"][0]["content"]
+            return text_response(f"painted {answer}")
+        if turns(request) == 0:
+            return tool_use_response("read_file", {"path": "a.txt"}, id="tu_r")
+        return text_response("finished after the raise")
+
+    with FakeMessagesAPI(responder=responder) as api:
+        async with agent(settings, api, tmp_path, tools=("read_file", "ask_human")):
+            asks = await client.submit("ask me", pool=POOL)
+            pauses = await client.submit("two steps", pool=POOL, budget=agentbus.messages.Budget(max_steps=1))
+            await until(lambda: status_is(client, asks, "waiting"), "the question")
+            await until(lambda: status_is(client, pauses, "paused"), "the budget pause")
+            page = await log_in(context, web, as_user("olga", "operator"))
+            question = page.locator(f".item[data-session='{asks}']")
+            await expect(question.locator(".why")).to_contain_text("asks: which colour?")
+            paused = page.locator(f".item[data-session='{pauses}']")
+            await expect(paused.locator(".why")).to_contain_text("paused: max_steps")
+            await shot(page, "inbox-question-and-pause")
+            await question.locator("input.answer").fill("blue")
+            await question.locator("[data-action=answer]").click()
+            await paused.locator("input[name=max_steps]").fill("5")
+            await paused.locator("[data-action=resume]").click()
+            await until(lambda: status_is(client, asks, "completed"), "the answered session to finish", timeout=20)
+            await until(lambda: status_is(client, pauses, "completed"), "the resumed session to finish", timeout=20)
+            await expect(page.locator(".item")).to_have_count(0)
+    assert (await client.state(asks)).result.startswith("painted") and "blue" in (await client.state(asks)).result
+    assert (await client.state(pauses)).result == "finished after the raise"
+    raised = [r.event.budget.max_steps for r in await client.show(pauses) if isinstance(r.event, ResumeRequested)]
+    assert raised == [5]
     assert page_errors(page) == []
 
 

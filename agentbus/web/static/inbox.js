@@ -34,6 +34,16 @@ function actionArea(st) {
   return h("div", { class: "actions" }, parts, note);
 }
 
+// What a person typed survives a card being redrawn (its session changed while they typed).
+function keepTyped(from, to) {
+  for (const old of from.querySelectorAll("input, textarea")) {
+    if (!old.value) continue;
+    const key = old.name ? `[name="${old.name}"]` : old.className ? "." + old.className.split(" ")[0] : null;
+    const twin = key && to.querySelector(`${old.tagName.toLowerCase()}${key}`);
+    if (twin && !twin.value) twin.value = old.value;
+  }
+}
+
 export function inboxPage(root) {
   const list = h("div", { id: "inbox", class: "inbox" });
   const empty = h("p", { class: "muted", id: "inbox-empty" }, "Nothing needs a person.");
@@ -60,7 +70,10 @@ export function inboxPage(root) {
       const key = `${st.status}|${st.why}|${st.tool_use_id}`;
       if (!c || c.key !== key) {
         const fresh = card(st);
-        if (c) c.el.replaceWith(fresh.el);
+        if (c) {
+          keepTyped(c.el, fresh.el);
+          c.el.replaceWith(fresh.el);
+        }
         c = fresh;
         cards.set(st.id, c);
       } else {
