@@ -259,6 +259,7 @@ def _operator(ident: Identity) -> Permissions:
         # cancelling a session nobody has claimed withdraws its queued work item
         f"$JS.API.STREAM.MSG.GET.{ns.work_stream}",
         f"$JS.API.STREAM.MSG.DELETE.{ns.work_stream}",
+        f"$JS.API.CONSUMER.LIST.{ns.work_stream}",  # `pools` and the web view's fleet page: each pool's backlog
         f"$KV.{ns.spend_bucket}.pool.*",  # spend --reset zeroes a total; holds stay the supervisor's
         f"$JS.API.DIRECT.GET.KV_{ns.workers_bucket}.>",
         f"$JS.API.DIRECT.GET.KV_{ns.spend_bucket}.>",
@@ -336,6 +337,8 @@ MATRIX: tuple[Row, ...] = (
         ("yes", "yes", "yes", "yes", "if all", "if all")),
     Row("list", "list every session (sessions)", "pub",
         f"$JS.API.STREAM.INFO.{_S}", ("yes", "yes", "yes", "yes", "if all", "if all")),
+    Row("pools", "read every pool's backlog (pools, the fleet page)", "pub", f"$JS.API.CONSUMER.LIST.{_W}",
+        ("yes", "no", "no", "yes", "no", "no")),
     Row("tap_all", "read every session (tap --all)", "pub",
         f"$JS.API.CONSUMER.CREATE.{_S}.c1.agentbus.session.>", ("yes", "yes", "yes", "yes", "if all", "if all")),
     Row("state_other", "read another session's cached state", "pub",

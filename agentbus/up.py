@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -29,7 +30,8 @@ from agentbus.roles import Identity
 from agentbus.server import NatsServer, check_port_free, die_with_parent, provision_namespace
 
 DEMO_SCRIPT = files("agentbus") / "scripted" / "demo.json"
-_COLOURS = {"router": "36", "evaluator": "35", "supervisor": "33", "nats": "32", "up": "1"}
+_COLOURS = {"router": "36", "evaluator": "35", "supervisor": "33", "nats": "32", "web": "34", "up": "1"}
+WEB_PORT = 8765  # the web view's port unless told (agentbus/web)
 
 
 def default_pools(store: Path) -> tuple[Path, str]:
@@ -84,10 +86,27 @@ def _pump(name: str, stream: IO[bytes]) -> None:
         _say(name, raw.decode(errors="replace").rstrip())
 
 
-def run_up(*, pools_file: str | None, port: int, store_dir: str) -> int:
-    """Run until Ctrl-C or SIGTERM (0), or until a process exits on its own (1)."""
+def run_up(*, pools_file: str | None, port: int, store_dir: str, web_port: int | None = WEB_PORT) -> int:
+    """Run until Ctrl-C or SIGTERM (0), or until a process exits on its own (1). `web_port` None: no web view."""
     with tempfile.TemporaryDirectory(prefix="agentbus-up-") as scratch:
-        return _run(pools_file, port, Path(store_dir), Path(scratch))
+        return _run(pools_file, port, Path(store_dir), Path(scratch), web_port)
+
+
+def web_port_for(requested: int, nats_port: int) -> int:
+    """The web view's port: the one asked for; any free one for 0 (and when NATS's port is 0, as in
+    tests running side by side); the default taken by something else moves to a free one."""
+    if requested == WEB_PORT and nats_port != 0:
+        try:
+            check_port_free("127.0.0.1", WEB_PORT)
+            return WEB_PORT
+        except AgentBusError:
+            _say("up", f"port {WEB_PORT} is taken; the web view takes a free port instead")
+    elif requested:
+        check_port_free("127.0.0.1", requested)  # a port asked for by name must be free
+        return requested
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 def check_pools(pools: Path) -> str:
@@ -102,9 +121,10 @@ def check_pools(pools: Path) -> str:
     return proc.stdout.strip()
 
 
-def _run(pools_file: str | None, port: int, store: Path, scratch: Path) -> int:
+def _run(pools_file: str | None, port: int, store: Path, scratch: Path, web_port: int | None) -> int:
     if port:
         check_port_free("127.0.0.1", port)  # before anything else: the usual reason `up` cannot start
+    web = web_port_for(web_port, port) if web_port is not None else None
     if pools_file is None:
         pools, note = default_pools(scratch)
         _say("up", note)
@@ -125,7 +145,7 @@ def _run(pools_file: str | None, port: int, store: Path, scratch: Path) -> int:
         if problem:
             _say("up", f"warning: streams not provisioned at start ({problem}); the services will")
         envs = _environments(server, port)
-        for name, cmd in _roles(server.url, pools, store).items():
+        for name, cmd in _roles(server.url, pools, store, web).items():
             if stop.is_set():
                 break
             procs[name] = subprocess.Popen(
@@ -140,6 +160,8 @@ def _run(pools_file: str | None, port: int, store: Path, scratch: Path) -> int:
             _say("up", f"  export AGENTBUS_CREDS={server.admin_creds}")
         _say("up", '  agentbus submit "write a haiku about queues" --pool general; agentbus tap --all --from-start')
         _say("up", "  pool slow (offline, seconds a step) leaves time to say, or to kill -9 its agent and watch")
+        if web is not None:
+            _say("up", f"web view: http://127.0.0.1:{web}/ (log in with the credentials file {server.admin_creds})")
         _say("up", "Ctrl-C stops everything")
         while not stop.wait(0.5):
             dead = [n for n, p in procs.items() if p.poll() is not None]
@@ -162,28 +184,34 @@ def _environments(server: NatsServer, port: int) -> dict[str, dict[str, str]]:
     if port and server.admin_creds is not None:
         write_context(server.url, server.admin_creds)  # this user's CLI finds the admin's credentials
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "AGENTBUS_CREDS": str(service_creds)}
+    # the web view holds no credentials: each person logs in with theirs
+    web = {k: v for k, v in env.items() if k != "AGENTBUS_CREDS"}
     return {
         "router": env,
         "evaluator": env,
         "supervisor": {**env, "AGENTBUS_AGENT_CREDS": str(agent_creds)},
+        "web": web,
     }
 
 
-def _roles(url: str, pools: Path, store: Path) -> dict[str, list[str]]:
+def _roles(url: str, pools: Path, store: Path, web: int | None = None) -> dict[str, list[str]]:
     """The command line of each process `up` runs, in start order."""
     base = [sys.executable, "-m", "agentbus.cli"]
     nats = ["--nats", url]
-    return {
+    roles = {
         "router": [*base, "router", *nats],
         "evaluator": [*base, "evaluator", *nats, "--workdir", str(store.parent / "work")],
         "supervisor": [*base, "supervisor", "--pools", str(pools), *nats,
                        "--log-dir", str(store.parent / "logs"), "--workdir", str(store.parent / "work")],
     }  # fmt: skip
+    if web is not None:  # the web view (agentbus/web), on 127.0.0.1
+        roles["web"] = [*base, "web", *nats, "--port", str(web), "--pools", str(pools)]
+    return roles
 
 
 def _stop(procs: dict[str, subprocess.Popen[bytes]]) -> None:
     """SIGTERM the supervisor and wait (its agents hand back their sessions), then the rest at once."""
-    for names in (("supervisor",), ("router", "evaluator")):
+    for names in (("supervisor",), ("router", "evaluator", "web")):
         running = [p for n in names if (p := procs.get(n)) is not None and p.poll() is None]
         for p in running:
             p.send_signal(signal.SIGTERM)

@@ -94,6 +94,11 @@ async def _unscoped(c: agentbus.Client, nc: Any) -> str:
     return await raw_outcome(nc, subject, lambda: nc.request(subject, json.dumps(body).encode(), timeout=5))
 
 
+async def _list_consumers(c: agentbus.Client, nc: Any) -> str:
+    subject = f"$JS.API.CONSUMER.LIST.{c.bus.ns.work_stream}"
+    return await raw_outcome(nc, subject, lambda: nc.request(subject, b"{}", timeout=5))
+
+
 async def _publish_raw(nc: Any, subject: str) -> str:
     async def act() -> None:
         await nc.publish(subject, b"{}")
@@ -116,6 +121,7 @@ ACTIONS: dict[str, Action] = {
     "read": lambda c, nc, w: c.show(w.granted),
     "read_other": lambda c, nc, w: c.show(w.other),
     "list": lambda c, nc, w: c.log.session_ids(),
+    "pools": lambda c, nc, w: _list_consumers(c, nc),
     "tap_all": lambda c, nc, w: anext(c.tap(None, start="start", follow=False)),
     "state_other": lambda c, nc, w: c.bus.kv_get(c.bus.ns.state_bucket, w.other),
     "submit": lambda c, nc, w: c.submit("a new task", pool=POOL),

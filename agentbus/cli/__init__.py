@@ -44,6 +44,8 @@ LAZY = {
     ),
     # issue 17: the MCP server (imports the `mcp` SDK)
     "mcp": ("agentbus.cli.mcp", "command", "Serve agentbus to MCP clients (Claude Code): stdio, or --http."),
+    # web view (agentbus/web): Starlette and uvicorn load only when it runs
+    "web": ("agentbus.web.cli", "web", "The web view: inbox, sessions, a live session page, the fleet."),
 }
 
 EXIT_CODES = {

@@ -65,11 +65,16 @@ def server(
     "--port", type=PORT, default=4222, show_default=True, help="Port of the embedded nats-server (0: any free)."
 )
 @click.option("--store-dir", default=".agentbus/nats", show_default=True, help="JetStream file store.")
-def up(pools_file: str | None, port: int, store_dir: str) -> None:
-    """The whole system on this machine: nats-server, router, evaluator, supervisor (which runs the agents)."""
+@click.option(
+    "--web-port", type=PORT, default=8765, show_default=True,
+    help="The web view's port on 127.0.0.1 (0: any free port; 8765 taken: a free one).",
+)  # fmt: skip
+@click.option("--no-web", is_flag=True, help="Start no web view.")
+def up(pools_file: str | None, port: int, store_dir: str, web_port: int, no_web: bool) -> None:
+    """The whole system on this machine: nats-server, router, evaluator, supervisor (and its agents), web view."""
     from agentbus.up import run_up
 
-    sys.exit(run_up(pools_file=pools_file, port=port, store_dir=store_dir))
+    sys.exit(run_up(pools_file=pools_file, port=port, store_dir=store_dir, web_port=None if no_web else web_port))
 
 
 @click.command()
