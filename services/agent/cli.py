@@ -74,6 +74,11 @@ from services.agent.worker import AgentConfig, serve
     metavar="NAME[=VALUE]",
     help="A variable sandboxed commands get (repeatable): NAME passes this agent's value, NAME=VALUE sets one.",
 )
+@click.option("--repo", metavar="PATH", help="A git repository: each session works in its own worktree and branch.")
+@click.option("--base", metavar="REF", help="With --repo: where branches start [default: the checked-out branch].")
+@click.option(
+    "--review/--no-review", default=False, show_default=True, help="Ended sessions wait in the inbox for a review."
+)
 @nats_option
 def command(
     pool: str,
@@ -93,6 +98,9 @@ def command(
     sandbox: str,
     network: bool,
     tool_env: tuple[str, ...],
+    repo: str | None,
+    base: str | None,
+    review: bool,
     nats_url: str | None,
     prefix: str,
 ) -> None:
@@ -117,6 +125,9 @@ def command(
         sandbox=sandbox,
         network=network,
         tool_env=tool_env,
+        repo=repo,
+        base=base,
+        review=review,
     )
     settings = settings_from(nats_url, prefix)
 
