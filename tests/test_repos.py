@@ -26,7 +26,9 @@ from agentbus.bus import Bus
 from agentbus.config import Settings
 from agentbus.messages import (
     BranchCreated,
+    BranchMerged,
     ChangesCommitted,
+    CommitFailed,
     SessionClaimed,
     VerdictRecorded,
 )
@@ -422,3 +424,176 @@ def test_an_agent_refuses_a_bad_repository_in_one_line_with_exit_2(
     assert done.stderr.startswith("agentbus: ") and done.stderr.count("\n") == 1 and expected in done.stderr, (
         done.stderr
     )
+
+
+# --- review and merge: the one explicit step ---------------------------------------------------------
+
+
+async def test_merge_fast_forwards_a_clean_branch_merges_a_moved_base_and_refuses_a_conflict_naming_the_files(
+    client: agentbus.Client, settings: Settings, tmp_path: Path
+) -> None:
+    repo = make_repo(tmp_path / "repo", {"shared.txt": "zero\n", "other.txt": "x\n"})
+    edits = {"ONE": ("shared.txt", "one\n"), "TWO": ("shared.txt", "two\n"), "THREE": ("other.txt", "y\n")}
+
+    def responder(request: Request) -> Request:
+        key = next(k for k in edits if f"{k}:" in prompt_of(request))
+        if turns(request) == 0:
+            path, text = edits[key]
+            return tool_use_response("write_file", {"path": path, "content": text}, id="tu_w")
+        return text_response(f"edited for {key}")
+
+    with FakeMessagesAPI(responder=responder) as api:
+        async with repo_agent(settings, api, tmp_path / "work", pool="p", repo=repo, review=True):
+            sids = {k: await client.submit(f"{k}: edit", pool="p") for k in edits}
+            for sid in sids.values():
+                assert (await client.wait(sid, timeout=30)).status == "completed"
+    one, two, three = sids["ONE"], sids["TWO"], sids["THREE"]
+    inbox = {i.session_id: i async for i in client.inbox()}
+    assert set(inbox) == {one, two, three}
+    assert (
+        inbox[one].why.startswith(f"ready for review: agentbus/{one}") and f"agentbus merge {one}" in inbox[one].command
+    )
+    stat = cli(settings, "diff", two, "--stat")
+    assert stat.returncode == 0 and "shared.txt | 2 +-" in stat.stdout, stat.stderr
+    assert "+two" in cli(settings, "diff", two).stdout
+
+    main_before = git(repo, "rev-parse", "main").strip()
+    merged = cli(settings, "merge", one)
+    assert merged.returncode == 0 and "fast-forward" in merged.stdout, merged.stderr
+    assert git(repo, "rev-parse", "main").strip() == git(repo, "rev-parse", f"agentbus/{one}").strip() != main_before
+    assert (repo / "shared.txt").read_text() == "one\n"  # the main checkout moved with its branch
+
+    after_one = git(repo, "rev-parse", "main").strip()
+    refused = cli(settings, "merge", two)
+    assert refused.returncode == 1 and refused.stderr.count("\n") == 1, refused.stderr
+    assert "conflict" in refused.stderr and "shared.txt" in refused.stderr and "other.txt" not in refused.stderr
+    assert git(repo, "rev-parse", "main").strip() == after_one  # nothing moved
+    assert git(repo, "status", "--porcelain") == "" and not (repo / ".git" / "MERGE_HEAD").exists()
+    assert (repo / "shared.txt").read_text() == "one\n"
+
+    merged = cli(settings, "merge", three, "--json")
+    assert merged.returncode == 0, merged.stderr
+    record = json.loads(merged.stdout)
+    assert "fast_forward" not in record and record["into"] == "main"  # false, left out like every default
+    parents = git(repo, "rev-list", "--parents", "-n1", "main").split()
+    assert parents[1:] == [after_one, git(repo, "rev-parse", f"agentbus/{three}").strip()]  # a merge commit
+    assert (repo / "other.txt").read_text() == "y\n" and (repo / "shared.txt").read_text() == "one\n"
+
+    (merge_one,) = await events(client, one, BranchMerged)
+    assert (merge_one.fast_forward, merge_one.into, merge_one.author) == (True, "main", "admin")
+    assert (await client.state(one)).merged == merge_one.result
+    assert {i.session_id async for i in client.inbox()} == {two}  # merged ones leave the inbox
+    assert await events(client, two, BranchMerged) == []
+
+
+async def test_a_commit_a_hook_refuses_is_recorded_and_its_worktree_kept_and_prune_removes_only_the_gone(
+    client: agentbus.Client, settings: Settings, tmp_path: Path
+) -> None:
+    repo, work = make_repo(tmp_path / "repo"), tmp_path / "work"
+    hook = repo / ".git" / "hooks" / "pre-commit"
+    hook.write_text("#!/bin/sh\necho 'refused by policy: no secrets.txt' >&2\nexit 1\n")
+    hook.chmod(0o755)
+
+    def responder(request: Request) -> Request:
+        if "ASK" in prompt_of(request):
+            return tool_use_response("ask_human", {"question": "which?"}, id="tu_q")
+        if turns(request) == 0:
+            return tool_use_response("write_file", {"path": "secrets.txt", "content": "hunter2"}, id="tu_w")
+        return text_response("wrote it")
+
+    with FakeMessagesAPI(responder=responder) as api:
+        async with repo_agent(settings, api, work, pool="p", repo=repo):
+            sid = await client.submit("write secrets.txt", pool="p")
+            state = await client.wait(sid, timeout=20)
+            waiting = await client.submit("ASK: which one?", pool="p")
+            await until(lambda: _status_is(client, waiting, "waiting"), "the second session to wait for an answer")
+    assert state.status == "completed", state.reason
+    failed = await events(client, sid, CommitFailed)
+    assert [f.id for f in failed] == ["commit-failed-round-1"]
+    assert "commit refused" in failed[0].reason and "refused by policy: no secrets.txt" in failed[0].reason
+    assert await events(client, sid, ChangesCommitted) == [] and commits_on(repo, sid) == []
+    assert (work / sid / "secrets.txt").read_text() == "hunter2"  # the work a commit could not take stays
+
+    git(repo, "worktree", "add", "-q", "-b", "agentbus/ghost", str(work / "ghost"), "main")  # no such session
+    pruned = await asyncio.to_thread(cli, settings, "sessions", "--prune", "--repo", str(repo))
+    assert pruned.returncode == 0, pruned.stderr
+    assert f"removed {work / 'ghost'} (session ghost, not in the log)" in pruned.stdout
+    assert f"kept {work / sid} (session {sid}, completed)" in pruned.stdout and "uncommitted changes" in pruned.stdout
+    assert sorted(worktree_paths(repo)) == sorted([str(repo), str(work / sid), str(work / waiting)])
+    assert git(repo, "branch", "--list", "agentbus/ghost").strip() == "agentbus/ghost"  # branches stay
+
+
+# --- choosing the base -------------------------------------------------------------------------------
+
+
+async def test_submit_refuses_a_base_the_pools_repository_lacks_and_a_good_one_starts_the_branch_there(
+    client: agentbus.Client, settings: Settings, tmp_path: Path
+) -> None:
+    repo = make_repo(tmp_path / "repo", {"f.txt": "main\n"})
+    git(repo, "branch", "release", "main")
+    git(repo, "commit", "-q", "--allow-empty", "-m", "main moves on")
+    with FakeMessagesAPI(responder=lambda request: text_response("looked")) as api:
+        async with repo_agent(settings, api, tmp_path / "work", pool="p", repo=repo):
+            await until(lambda: _announced(client, "p"), "the agent's registry entry")
+            refused = await asyncio.to_thread(cli, settings, "submit", "x", "--pool", "p", "--base", "no-such")
+            assert refused.returncode == 2 and f"base 'no-such' does not exist in {repo}" in refused.stderr
+            assert refused.stderr.count("\n") == 1 and await client.sessions() == []
+            sid = await client.submit("look at the release", pool="p", base="release")
+            state = await client.wait(sid, timeout=20)
+    assert state.status == "completed", state.reason
+    (created,) = await events(client, sid, BranchCreated)
+    assert (created.base, created.base_commit) == ("release", git(repo, "rev-parse", "release").strip())
+    (nothing,) = await events(client, sid, CommitFailed)  # it changed nothing: recorded, not a crash
+    assert nothing.reason == "nothing changed in the worktree" and nothing.head == created.base_commit
+
+
+async def test_a_base_on_a_pool_without_a_repository_is_refused_at_submit(
+    client: agentbus.Client, settings: Settings, tmp_path: Path
+) -> None:
+    from tests.helpers import agent
+
+    with FakeMessagesAPI() as api:
+        async with agent(settings, api, tmp_path):
+            await until(lambda: _any_worker(client), "the agent's registry entry")
+            with pytest.raises(agentbus.errors.UsageError, match="pool p works on no repository"):
+                await client.submit("x", pool="p", base="main")
+
+
+# --- fan-out -----------------------------------------------------------------------------------------
+
+
+async def test_fan_out_opinions_on_a_repository_give_one_branch_per_opinion_from_the_base_asked_for(
+    client: agentbus.Client, settings: Settings, tmp_path: Path
+) -> None:
+    from services.router.router import Router
+    from services.router.routes import RouteTable
+
+    repo = make_repo(tmp_path / "repo", {"plan.txt": "v1\n"})
+    git(repo, "branch", "next", "main")
+    git(repo, "commit", "-q", "--allow-empty", "-m", "main moves on")
+
+    def responder(request: Request) -> Request:
+        if turns(request) == 0:
+            return tool_use_response("write_file", {"path": "opinion.txt", "content": "mine\n"}, id="tu_o")
+        return text_response("my opinion is in opinion.txt")
+
+    bus = await Bus.connect(settings, name="test-router")
+    router = Router(bus, RouteTable(default_pool="p"))
+    routing = asyncio.create_task(router.run())
+    try:
+        with FakeMessagesAPI(responder=responder) as api:
+            async with repo_agent(settings, api, tmp_path / "work", pool="p", repo=repo, concurrency=2):
+                sid = await client.submit("what should plan.txt say?", opinions=["p", "p"], base="next")
+                state = await client.wait(sid, timeout=30)
+    finally:
+        await router.shutdown()
+        await routing
+        await bus.close()
+    assert state.status == "completed", state.reason
+    siblings = [await client.state(c) for c in state.children]
+    assert len(siblings) == 2 and all(s.status == "completed" for s in siblings)
+    assert len({s.branch for s in siblings}) == 2  # one branch per opinion
+    for s in siblings:
+        (created,) = await events(client, s.session_id, BranchCreated)
+        assert created.base_commit == git(repo, "rev-parse", "next").strip()
+        assert branch_file(repo, s.session_id, "opinion.txt") == "mine\n"
