@@ -36,8 +36,11 @@ from agentbus.models import AnthropicModel
 from agentbus.testing import FakeMessagesAPI, text_response, tool_use_response
 from services.agent.worker import AgentConfig, AgentWorker
 from services.evaluator.evaluator import Evaluator
+from tests.conftest import AsUser
+from tests.docker_env import agentbus_image, docker_client
 from tests.helpers import MODEL_ID, Gate, until
 
+__all__ = ["agentbus_image", "docker_client"]  # fixtures, imported so pytest sees them here
 pytestmark = pytest.mark.timeout(60)
 Request = dict[str, Any]
 E = TypeVar("E")
@@ -597,3 +600,91 @@ async def test_fan_out_opinions_on_a_repository_give_one_branch_per_opinion_from
         (created,) = await events(client, s.session_id, BranchCreated)
         assert created.base_commit == git(repo, "rev-parse", "next").strip()
         assert branch_file(repo, s.session_id, "opinion.txt") == "mine\n"
+
+
+# --- the pools file ----------------------------------------------------------------------------------
+
+
+def test_a_pools_file_repository_reaches_the_agents_argv_and_the_containers_mounts_and_is_checked(
+    tmp_path: Path,
+) -> None:
+    from services.supervisor.docker_spawner import repo_volume
+    from services.supervisor.pools import check_repos, load_pools
+    from services.supervisor.spawner import agent_args
+
+    repo = make_repo(tmp_path / "repo")
+    pools = tmp_path / "pools.toml"
+    pools.write_text(f'[pools.p]\nmodel = "scripted:demo"\nrepo = "{repo}"\nbase = "main"\nreview = true\n')
+    fleet = load_pools(pools)
+    check_repos(fleet)
+    args = agent_args(fleet.pools["p"], Settings())
+    assert args[args.index("--repo") :][:5] == ["--repo", str(repo), "--base", "main", "--review"]
+    assert repo_volume(fleet.pools["p"]) == [f"{repo}:{repo}"]
+
+    pools.write_text(f'[pools.p]\nmodel = "scripted:demo"\nrepo = "{repo}"\nbase = "nope"\n')
+    with pytest.raises(agentbus.errors.UsageError, match="pool p: base 'nope' does not exist in"):
+        check_repos(load_pools(pools))
+    pools.write_text('[pools.p]\nmodel = "scripted:demo"\nbase = "main"\n')
+    with pytest.raises(agentbus.errors.UsageError, match="base needs repo"):
+        load_pools(pools)
+
+
+# --- a docker worker on a mounted repository ---------------------------------------------------------
+
+
+@pytest.mark.timeout(300)
+async def test_a_docker_worker_works_on_the_pools_repository_mounted_at_its_own_path(
+    client: agentbus.Client,
+    settings: Settings,
+    tmp_path: Path,
+    docker_client: Any,
+    agentbus_image: str,
+    prefix: str,
+    as_user: AsUser,
+) -> None:
+    from services.supervisor.docker_spawner import LABEL, DockerSpawner
+    from services.supervisor.pools import Fleet, PoolSpec
+    from services.supervisor.spawner import Spawners
+    from tests.helpers import supervising
+
+    repo = make_repo(tmp_path / "repo", {"service.txt": "v1\n"})
+    git(repo, "config", "core.sharedRepository", "world")  # the image's user is not the owner
+    await asyncio.to_thread(subprocess.run, ["chmod", "-R", "a+rwX", str(repo)], check=True)
+
+    def responder(request: Request) -> Request:
+        if turns(request) == 0:
+            return tool_use_response("write_file", {"path": "service.txt", "content": "v2\n"}, id="tu_w")
+        return text_response("service.txt is v2, from a container")
+
+    env = {"ANTHROPIC_API_KEY": "test"}
+    mine = {"label": [f"{LABEL}.prefix={prefix}"]}
+    try:
+        with FakeMessagesAPI(responder=responder) as api:
+            spec = PoolSpec(
+                name="p", model="anthropic:claude-sonnet-4-6", spawner="docker", image=agentbus_image,
+                env={**env, "ANTHROPIC_BASE_URL": api.base_url}, concurrency=1, min=1, max=1,
+                tools=("read_file", "write_file"), repo=str(repo), review=True,
+            )  # fmt: skip
+            creds = Path(str(as_user("worker", "agent", pools=["p"]).creds))
+            os.chmod(creds, 0o644)  # mounted into the container, whose user (the image's) is not this file's owner
+            spawner = DockerSpawner(
+                settings, tmp_path / "logs", client=docker_client, environ={}, agent_creds=str(creds)
+            )
+            async with supervising(settings, Fleet({"p": spec}), Spawners({"docker": spawner})):
+                sid = await client.submit("bump service.txt to v2", pool="p")
+                state = await client.wait(sid, timeout=180)
+                (container,) = docker_client.containers.list(filters=mine)
+                mounts = {m["Destination"]: m["Source"] for m in container.attrs["Mounts"]}
+    finally:
+        for c in docker_client.containers.list(all=True, filters=mine):
+            c.remove(force=True)
+        for volume in docker_client.volumes.list(filters={"name": f"{prefix}-work"}):
+            volume.remove(force=True)
+    assert state.status == "completed", state.reason
+    assert mounts[str(repo)] == str(repo)  # the repository, at its own path
+    (created,) = await events(client, sid, BranchCreated)
+    assert created.worktree == f"/work/{sid}" and created.repo == str(repo)  # the worktree, in the workspace volume
+    (commit,) = await events(client, sid, ChangesCommitted)
+    assert branch_file(repo, sid, "service.txt") == "v2\n" and commits_on(repo, sid) == [commit.commit]
+    assert worktree_paths(repo) == [str(repo)]  # removed by the agent when the session ended
+    assert (await client.state(sid)).needs_person  # ready for review

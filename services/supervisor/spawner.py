@@ -58,6 +58,13 @@ def agent_args(spec: PoolSpec, settings: Settings) -> list[str]:
     args += ["--sandbox", spec.sandbox, "--network" if spec.network else "--no-network"]
     for entry in spec.tool_env:
         args.append(f"--tool-env={entry}")
+    if spec.repo:
+        args += [
+            "--repo",
+            spec.repo,
+            *(["--base", spec.base] if spec.base else []),
+            "--review" if spec.review else "--no-review",
+        ]
     return args + budget.to_argv(spec.budget)
 
 
