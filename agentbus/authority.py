@@ -3,7 +3,7 @@
 Pure. The log channel is written by services and agents, and carries anything. People write on
 their own `input.<user>` (steering: human messages, cancel and interrupt requests, approval
 decisions, inbox dismissals) and `control.<user>`
-(commands: the submitted task, routing to a named pool, resume requests) subjects, and the
+(commands: the submitted task, routing to a named pool, resume requests, a branch merged) subjects, and the
 server lets each user publish only under their own name. An event of another kind on a people's
 channel (a forged `session_ended`, a `resume_requested` from someone who may only steer) is read
 back as an `InvalidEvent` that says so, never folded. The author a person claims (`say --as`)
@@ -16,6 +16,7 @@ import msgspec
 
 from agentbus.messages import (
     ApprovalDecided,
+    BranchMerged,
     CancelRequested,
     HumanMessage,
     InboxDismissed,
@@ -30,7 +31,7 @@ from agentbus.messages import (
 )
 
 INPUT_KINDS: tuple[type, ...] = (HumanMessage, CancelRequested, InterruptRequested, ApprovalDecided, InboxDismissed)
-CONTROL_KINDS: tuple[type, ...] = (SessionCreated, Routed, ResumeRequested, CancelRequested)
+CONTROL_KINDS: tuple[type, ...] = (SessionCreated, Routed, ResumeRequested, CancelRequested, BranchMerged)
 # before senders were part of the subject, `<session>.input` carried every person's event
 LEGACY_INPUT_KINDS: tuple[type, ...] = (HumanMessage, CancelRequested, ResumeRequested)
 
@@ -58,7 +59,14 @@ def honoured(channel: str, sender: str, event: LogEvent) -> LogEvent:
     if not sender:
         return event
     if isinstance(
-        event, HumanMessage | CancelRequested | ResumeRequested | InterruptRequested | ApprovalDecided | InboxDismissed
+        event,
+        HumanMessage
+        | CancelRequested
+        | ResumeRequested
+        | InterruptRequested
+        | ApprovalDecided
+        | InboxDismissed
+        | BranchMerged,
     ):
         return msgspec.structs.replace(event, author=display(sender, event.author))
     if isinstance(event, SessionCreated):

@@ -29,6 +29,7 @@ from agentbus.control import Control, new_event_id
 from agentbus.errors import NoSuchSession, NotPermitted, SessionUnsuccessful, Timeout, UsageError
 from agentbus.inbox import Inbox, InboxItem
 from agentbus.messages import (
+    BranchMerged,
     Budget,
     CancelRequested,
     Hold,
@@ -116,6 +117,7 @@ class Client:
         session_id: str | None = None,
         opinions: Sequence[str] = (),
         approve: Sequence[str] = (),
+        base: str | None = None,
     ) -> str:
         """Record a new session and queue it; returns the session id.
 
@@ -123,6 +125,7 @@ class Client:
         router. With `opinions` (a pool per sibling, "" for the router's choice) the
         router runs the task once per entry and records an aggregate in this session.
         `approve` names tools whose calls wait for a person (on top of the pool's list).
+        `base` (a pool on a repository) is the ref the session's branch starts from.
         Passing the same `session_id` again is safe: an existing session is not recorded
         twice, and is queued again only while no agent has claimed it.
         """
@@ -144,10 +147,15 @@ class Client:
             model=model,
             opinions=tuple(opinions),
             approve=tuple(approve),
+            base=base or None,
         )
         self._check_task(task, pool)
         if model and pool:
             await allowlist.check_submit(self.bus, pool, model)
+        if base and pool:  # issue 19: a base the pool's repository lacks is refused now, where it can be seen
+            from agentbus.branches import check_base
+
+            await asyncio.to_thread(check_base, await self.workers(), pool, base)
         with tracing.span("submit", kind=SpanKind.PRODUCER, session_id=sid, pool=pool):
             await self.queues.open_session(task, trace_id=tracing.current_trace_id())
             return sid
@@ -169,6 +177,10 @@ class Client:
         for tool in task.approve:
             if not tool or not tool.replace("_", "").replace("-", "").isalnum():
                 raise UsageError(f"--approve names a tool: {tool!r} is not a tool name")
+        if task.base is not None:
+            from agentbus.repo import check_rev
+
+            check_rev(task.base)
 
     # --- steering -----------------------------------------------------------------------------
 
@@ -217,6 +229,21 @@ class Client:
             return
         async for item in inbox.follow():
             yield item
+
+    async def diff(self, session_id: str, *, stat: bool = False, repo: str | None = None) -> str:
+        """What a session on a repository changed on its branch (git runs here: see `agentbus.branches`)."""
+        from agentbus.branches import session_diff
+
+        await self._require(session_id)
+        return await session_diff(self.log, session_id, stat=stat, repo_path=repo)
+
+    async def merge(self, session_id: str, *, into: str | None = None, repo: str | None = None) -> BranchMerged:
+        """Merge an ended session's branch into its base (fast-forward, else a merge commit; a conflict
+        raises `MergeConflict` and changes nothing), recorded in the session's log."""
+        from agentbus.branches import merge_session
+
+        await self._require(session_id)
+        return await merge_session(self.log, session_id, into=into, repo_path=repo)
 
     async def dismiss(self, session_id: str, *, note: str = "", author: str | None = None) -> int:
         """Take a session out of every inbox until it next needs a person (someone has looked)."""

@@ -1,7 +1,8 @@
 """The attention inbox: only the sessions that need a person, each with why, for how long, and what to do.
 
 A session is in the inbox while it waits for an answer or an approval, is paused, or failed,
-and nobody has dismissed it since it got there. Completed sessions never appear. Every watcher
+and nobody has dismissed it since it got there. A completed session appears only when its pool
+wants its branch reviewed (`review = true`) and it is not merged yet: "ready for review". Every watcher
 folds the same log, so every inbox agrees; `dismiss` is an event too.
 """
 
@@ -60,6 +61,9 @@ def _why(state: SessionState) -> str:
         return f"asks: {state.question}" if state.question else "waits for an answer"
     if state.status == "paused":
         return f"paused: {state.reason}" if state.reason else "paused"
+    if state.status == "completed":
+        changes = f"{state.files_changed} files, +{state.insertions} -{state.deletions}"
+        return f"ready for review: {state.branch} at {state.commit[:12]} ({changes})"
     return f"failed: {state.reason}" if state.reason else "failed"
 
 
@@ -77,6 +81,8 @@ def _command(state: SessionState) -> str:
         if limit == "interrupted":
             return f'agentbus say {sid} "what next"   (or agentbus resume {sid})'
         return f"agentbus resume {sid}" + (f" {flag}" if flag else "")
+    if state.status == "completed":
+        return f"agentbus diff {sid}; agentbus merge {sid}   (or agentbus inbox --dismiss {sid})"
     return f"agentbus show {sid}   (then agentbus inbox --dismiss {sid})"
 
 

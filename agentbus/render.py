@@ -12,8 +12,12 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from agentbus.messages import (
+    BranchCreated,
+    BranchMerged,
     BudgetExceeded,
     CancelRequested,
+    ChangesCommitted,
+    CommitFailed,
     DelegationCompleted,
     DelegationRequested,
     Hold,
@@ -122,6 +126,15 @@ def summary(ev: Any) -> str:
             return _clip(f"round {rnd}{' (fresh start)' if fresh else ''}: {what}")
         case BudgetExceeded(limit=limit, detail=detail):
             return f"paused: {limit} {detail}".rstrip()
+        case BranchCreated(branch=branch, base=base, base_commit=commit, repo=repo):
+            return _clip(f"{branch} from {base} ({commit[:12]}) in {repo}")
+        case ChangesCommitted(branch=branch, commit=commit, files_changed=n, insertions=ins, deletions=dels):
+            return f"{commit[:12]} on {branch}: {n} file{'s' if n != 1 else ''} changed, +{ins} -{dels}"
+        case CommitFailed(reason=reason, round=rnd):
+            return _clip(f"round {rnd}: nothing committed: {reason}")
+        case BranchMerged(branch=branch, into=into, result=result, fast_forward=ff, author=author):
+            how = "fast-forward" if ff else f"merge commit {result[:12]}"
+            return _clip(f"{branch} into {into} ({how}) by {author}")
         case SessionEnded(status=status, reason=reason, result=result):
             return _clip(f"{status}" + (f" ({reason})" if reason else "") + (f": {result}" if result else ""))
         case InputRejected(reason=reason):
@@ -131,6 +144,19 @@ def summary(ev: Any) -> str:
         case InvalidEvent(reason=reason, raw=raw):
             return _clip(f"{reason} raw={raw!r}")
     return ""
+
+
+def branch_line(s: SessionState) -> str:
+    """Where a session on a repository left its work (empty for a session on none)."""
+    if not s.branch:
+        return ""
+    if not s.commit:
+        return clean(f"-- branch {s.branch} in {s.repo} (nothing committed)", newlines=False)
+    line = (f"-- branch {s.branch} at {s.commit[:12]} in {s.repo}: {s.files_changed} files changed, "
+            f"+{s.insertions} -{s.deletions}")  # fmt: skip
+    if s.merged:
+        line += f"; merged into {s.base} ({s.merged[:12]})"
+    return clean(line, newlines=False)
 
 
 def session_line(s: SessionState, now: float | None = None, id_width: int = 16) -> str:

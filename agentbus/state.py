@@ -9,8 +9,11 @@ import msgspec
 from agentbus.messages import (
     TERMINAL,
     ApprovalRequested,
+    BranchCreated,
+    BranchMerged,
     BudgetExceeded,
     CancelRequested,
+    ChangesCommitted,
     DelegationRequested,
     EpochSecondsOrUnset,
     HumanMessage,
@@ -71,6 +74,17 @@ class SessionState(msgspec.Struct, kw_only=True, omit_defaults=True):
     turn_round: int = 1  # the first evaluation round of this turn
     attention_since: EpochSecondsOrUnset = 0.0  # when it last started to need a person (0: it does not)
     dismissed: bool = False  # someone looked since then (inbox --dismiss)
+    # a session on a repository (issue 19): its branch, the last commit recorded on it, the branch's
+    # changes against its base at that commit, whether its pool wants a review, and the merge
+    repo: str = ""
+    branch: str = ""
+    base: str = ""
+    commit: str = ""
+    files_changed: int = 0
+    insertions: int = 0
+    deletions: int = 0
+    review: bool = False
+    merged: str = ""  # what the base pointed at after `agentbus merge` (empty: not merged)
 
     @property
     def terminal(self) -> bool:
@@ -80,6 +94,8 @@ class SessionState(msgspec.Struct, kw_only=True, omit_defaults=True):
         """`needs_person` regardless of a dismissal."""
         if self.status in _ATTENTION:
             return True
+        if self.status == "completed":  # a branch waiting for a person's review
+            return self.review and bool(self.commit) and not self.merged
         return self.status == "waiting" and self.waiting_for == "answer"
 
     @property
@@ -96,13 +112,13 @@ def fold(state: SessionState, record: Record) -> SessionState:
     ev = record.event
     ts = getattr(ev, "ts", 0.0) or s.updated_ts
     s.updated_ts = max(s.updated_ts, ts)
-    before = (s.status, s.waiting_for)
+    before = (s.status, s.waiting_for, s.needs_person_now())
     was_parked = s.parked
     _apply(s, ev)
     if s.parked and not was_parked:
         # a follow-up that reopens a completed session is itself what must wake it
         s.parked_at = record.seq - 1 if isinstance(ev, HumanMessage) else record.seq
-    if (s.status, s.waiting_for) != before:
+    if (s.status, s.waiting_for, s.needs_person_now()) != before:
         _attention(s, ts)
     return s
 
@@ -127,6 +143,8 @@ def _apply(s: SessionState, ev: object) -> None:
                 s.parked, s.owner = True, None
             case InboxDismissed():
                 s.dismissed = True
+            case BranchMerged(result=result):
+                s.merged = result
         return
     match ev:
         case SessionCreated(task=task) if s.events == 1:  # only the first record creates a session
@@ -177,6 +195,13 @@ def _apply(s: SessionState, ev: object) -> None:
             s.tool_calls += 1
             if call == s.tool_use_id:
                 s.waiting_for, s.question, s.tool_use_id = "", "", ""
+        case BranchCreated(repo=repo, branch=branch, base=base, review=review):
+            s.repo, s.branch, s.base, s.review = repo, branch, base, review
+        case ChangesCommitted(commit=commit, files_changed=files, insertions=ins, deletions=dels):
+            s.commit, s.files_changed, s.insertions, s.deletions = commit, files, ins, dels
+            s.merged = ""  # new work on the branch is not what was merged
+        case BranchMerged(result=result):
+            s.merged = result
         case DelegationRequested(child_session=child):
             s.children = (*s.children, child)
         case VerdictRecorded(round=rnd, verdict=verdict, usage=usage, cost_usd=cost):

@@ -14,10 +14,14 @@ from agentbus.messages import (
     AnyEvent,
     ApprovalDecided,
     ApprovalRequested,
+    BranchCreated,
+    BranchMerged,
     Budget,
     BudgetExceeded,
     CancelRequested,
+    ChangesCommitted,
     CheckResult,
+    CommitFailed,
     CriterionResult,
     DelegationCompleted,
     DelegationRequested,
@@ -70,6 +74,7 @@ TASK = Task(
     depth=1,
     model="claude-x",
     approve=("bash",),
+    base="release-1",
 )
 
 # One instance of every event type, with non-default values wherever a field has one.
@@ -140,6 +145,49 @@ SAMPLES: list[AnyEvent] = [
     ),
     RevisionRequested(id="revision-2", ts=TS, round=2, critique="check failed: test -f x", fresh_start=True),
     BudgetExceeded(id="budget-1", ts=TS, limit="max_steps", detail="10 of 10"),
+    BranchCreated(
+        id="branch",
+        ts=TS,
+        repo="/srv/repos/x",
+        branch="agentbus/s1",
+        base="main",
+        base_commit="a" * 40,
+        worktree="/work/s1",
+        review=True,
+    ),
+    ChangesCommitted(
+        id="committed-round-1",
+        ts=TS,
+        repo="/srv/repos/x",
+        branch="agentbus/s1",
+        commit="b" * 40,
+        base="main",
+        base_commit="a" * 40,
+        round=2,
+        files_changed=3,
+        insertions=10,
+        deletions=2,
+        stat=" a | 2 +-",
+    ),
+    CommitFailed(
+        id="commit-failed-round-1",
+        ts=TS,
+        reason="commit refused: hook",
+        repo="/srv/repos/x",
+        branch="agentbus/s1",
+        head="a" * 40,
+        round=2,
+    ),
+    BranchMerged(
+        id="merged-1",
+        ts=TS,
+        branch="agentbus/s1",
+        commit="b" * 40,
+        into="main",
+        result="c" * 40,
+        fast_forward=True,
+        author="ann",
+    ),
     SessionEnded(id="ended", ts=TS, status="completed", reason="satisfied", result="the haiku"),
     InputRejected(id="rejected-1", ts=TS, reason="not JSON", source="x.y"),
 ]
@@ -572,3 +620,52 @@ def test_a_terminal_status_never_changes_afterwards(ending: AnyEvent) -> None:
     )
     assert final.last_seq == 17
     assert final.events == ended.events + len(later)
+
+
+def _reviewed(review: bool, *, commit: bool = True) -> list[Record]:
+    events: list[messages.LogEvent] = [
+        *(r.event for r in _lifecycle()[:3]),
+        BranchCreated(
+            id="branch", ts=TS + 3, repo="/r", branch="agentbus/s1", base="main", base_commit="a" * 40, review=review
+        ),
+        *(
+            [
+                ChangesCommitted(
+                    id="committed-round-1",
+                    ts=TS + 4,
+                    repo="/r",
+                    branch="agentbus/s1",
+                    commit="b" * 40,
+                    files_changed=2,
+                    insertions=5,
+                    deletions=1,
+                )
+            ]
+            if commit
+            else []
+        ),
+        SessionEnded(id="ended", ts=TS + 5, status="completed", result="done"),
+    ]
+    return [_record(seq, ev) for seq, ev in enumerate(events, start=1)]
+
+
+def test_a_completed_branch_whose_pool_wants_a_review_needs_a_person_until_it_is_merged() -> None:
+    from agentbus.inbox import item_of
+
+    ended = _fold_all(_reviewed(review=True))
+    assert (ended.branch, ended.commit, ended.files_changed, ended.insertions, ended.deletions) == (
+        "agentbus/s1", "b" * 40, 2, 5, 1,
+    )  # fmt: skip
+    assert ended.needs_person and ended.attention_since == TS + 5
+    item = item_of(ended)
+    assert item.present and item.why == "ready for review: agentbus/s1 at bbbbbbbbbbbb (2 files, +5 -1)"
+    assert item.command.startswith("agentbus diff s1; agentbus merge s1")
+    merged = fold(ended, _record(7, BranchMerged(id="m", ts=TS + 6, branch="agentbus/s1", result="c" * 40),
+                                 channel="control"))  # fmt: skip
+    assert merged.merged == "c" * 40 and not merged.needs_person and merged.attention_since == 0.0
+    assert merged.status == "completed"  # a merge changes no outcome
+
+
+@pytest.mark.parametrize(("review", "commit"), [(False, True), (True, False)], ids=["no-review", "nothing-committed"])
+def test_a_completed_branch_needs_nobody_without_a_review_or_without_a_commit(review: bool, commit: bool) -> None:
+    assert not _fold_all(_reviewed(review, commit=commit)).needs_person

@@ -180,6 +180,7 @@ async def test_from_the_inbox_a_question_is_answered_and_a_paused_session_resume
             await question.locator("input.answer").fill("blue")
             await question.locator("[data-action=answer]").click()
             await paused.locator("input[name=max_steps]").fill("5")
+            await expect(paused.locator("input[name=max_steps]")).to_have_value("5")
             await paused.locator("[data-action=resume]").click()
             await until(lambda: status_is(client, asks, "completed"), "the answered session to finish", timeout=20)
             await until(lambda: status_is(client, pauses, "completed"), "the resumed session to finish", timeout=20)

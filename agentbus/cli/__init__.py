@@ -17,7 +17,7 @@ from typing import Any, NoReturn
 
 import click
 
-from agentbus.cli import control, fleet, sessions
+from agentbus.cli import control, fleet, repos, sessions
 from agentbus.errors import AgentBusError
 
 __all__ = ["EXIT_CODES", "SERVICES", "main"]
@@ -60,7 +60,7 @@ EXIT_CODES = {
 }
 
 _SECTIONS = (
-    ("Sessions", [str(c.name) for c in sessions.COMMANDS]),
+    ("Sessions", [str(c.name) for c in (*sessions.COMMANDS, *repos.COMMANDS)]),
     ("Steering (each an event in the session's log)", [str(c.name) for c in control.COMMANDS]),
     ("System", [*(str(c.name) for c in fleet.COMMANDS), *LAZY]),
     ("Services (each a long-running process)", list(SERVICES)),
@@ -160,5 +160,5 @@ def main(ctx: click.Context) -> None:
     ctx.call_on_close(tracing.setup(f"agentbus-{name}"))
 
 
-for _command in (*sessions.COMMANDS, *control.COMMANDS, *fleet.COMMANDS):
+for _command in (*sessions.COMMANDS, *repos.COMMANDS, *control.COMMANDS, *fleet.COMMANDS):
     main.add_command(_command)

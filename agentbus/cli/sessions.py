@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     metavar="TOOL",
     help="A tool whose calls wait for a person's approval, on top of the pool's list (repeatable).",
 )
+@click.option("--base", metavar="REF", help="A pool on a repository: the ref the session's branch starts from.")
 @click.option("--wait", "wait_", is_flag=True, help="Wait until the session ends; exit 5 unless it completed.")
 @click.option("--timeout", type=float, help="With --wait: give up after this many seconds (exit 5).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
@@ -57,6 +58,7 @@ def submit(
     opinions: int,
     opinion_pools: tuple[str, ...],
     approve: tuple[str, ...],
+    base: str | None,
     wait_: bool,
     timeout: float | None,
     as_json: bool,
@@ -83,6 +85,7 @@ def submit(
             model=model,
             opinions=fan_out,
             approve=approve,
+            base=base,
         )
         submitted.append(sid)
         for name in sorted({p for p in (pool, *fan_out) if p}):
@@ -99,13 +102,17 @@ def submit(
             )
             state = await _wait_live(client, sid, timeout)
         if as_json:
-            emit_json({"session_id": sid, "status": state.status, "result": state.result, "reason": state.reason})
+            branch = {"branch": state.branch, "commit": state.commit} if state.branch else {}
+            emit_json({"session_id": sid, "status": state.status, "result": state.result, "reason": state.reason,
+                       **branch})  # fmt: skip
         else:
-            from agentbus.render import clean
+            from agentbus.render import branch_line, clean
 
             click.echo(clean(f"{sid} {state.status}" + (f" ({state.reason})" if state.reason else ""), newlines=False))
             if state.result:
                 click.echo(clean(state.result))
+            if state.branch:
+                click.echo(branch_line(state))
         if state.status != "completed":
             sys.exit(5)
 
@@ -210,6 +217,8 @@ def show(session_id: str, as_json: bool, nats_url: str | None, prefix: str) -> N
         )
         if state.result:
             click.echo(f"-- result: {render.clean(state.result)}")
+        if state.branch:
+            click.echo(render.branch_line(state))
 
     with_client(settings_from(nats_url, prefix), body)
 
@@ -233,13 +242,29 @@ def _status(ctx: click.Context, param: click.Parameter, value: str | None) -> st
     "--status", callback=_status, metavar="STATUS", help=f"Only sessions with this status: {', '.join(STATUSES)}."
 )
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per session, per line.")
+@click.option("--prune", is_flag=True, help="Remove the worktrees of sessions that ended or are gone (branches stay).")
+@click.option(
+    "--repo",
+    "repos",
+    multiple=True,
+    metavar="PATH",
+    help="With --prune: a repository (default: those agents announce).",
+)
 @nats_option
-def sessions(status: str | None, as_json: bool, nats_url: str | None, prefix: str) -> None:
+def sessions(
+    status: str | None, as_json: bool, prune: bool, repos: tuple[str, ...], nats_url: str | None, prefix: str
+) -> None:
     """One line per session: status, pool, age, progress and cost so far."""
     from agentbus import render
     from agentbus.messages import to_builtins
 
+    if repos and not prune:
+        raise click.UsageError("--repo goes with --prune")
+
     async def body(client: Client) -> None:
+        if prune:
+            await _prune(client, repos, as_json)
+            return
         states = await client.sessions(status=status)
         if as_json:
             for s in states:
@@ -282,6 +307,32 @@ def resume(session_id: str, budget: Budget, nats_url: str | None, prefix: str) -
         click.echo(f"resumed (#{seq})")
 
     with_client(settings_from(nats_url, prefix), body)
+
+
+async def _prune(client: Client, paths: tuple[str, ...], as_json: bool) -> None:
+    """`sessions --prune`: worktrees whose sessions ended (or left the log) go; their branches stay."""
+    import asyncio
+
+    from agentbus import branches, render
+    from agentbus.repo import Repo
+
+    repos = [await asyncio.to_thread(Repo.open, p) for p in paths] or branches.announced_repos(await client.workers())
+    if not repos:
+        from agentbus.errors import UsageError
+
+        raise UsageError("no repository to prune: name one with --repo PATH (no live agent here announces one)")
+    pruned = await branches.prune(client.log, repos)
+    for p in pruned:
+        if as_json:
+            emit_json({"session_id": p.session_id, "worktree": str(p.worktree), "repo": str(p.repo), "why": p.why,
+                       **({"kept": p.kept} if p.kept else {})})  # fmt: skip
+        elif p.kept:
+            click.echo(render.clean(f"kept {p.worktree} (session {p.session_id}, {p.why}): {p.kept}", newlines=False))
+        else:
+            click.echo(render.clean(f"removed {p.worktree} (session {p.session_id}, {p.why}); branch agentbus/"
+                                    f"{p.session_id} stays in {p.repo}", newlines=False))  # fmt: skip
+    if not pruned and not as_json:
+        click.echo(f"nothing to prune in {', '.join(str(r.top) for r in repos)}", err=True)
 
 
 COMMANDS = (submit, tap, show, sessions, cancel, resume)

@@ -284,6 +284,56 @@ class RevisionRequested(Event, tag="revision_requested", frozen=True, kw_only=Tr
     fresh_start: bool = False
 
 
+class BranchCreated(Event, tag="branch_created", frozen=True, kw_only=True):
+    """The session works on a repository: its own worktree (the workspace) on a new branch from the base."""
+
+    repo: str = ""  # the repository's top directory, as the agent sees it
+    branch: str = ""  # agentbus/<session>
+    base: str = ""  # the ref asked for (the pool's base, or submit --base)
+    base_commit: str = ""  # what it resolved to when the branch was made
+    worktree: str = ""
+    review: bool = False  # the pool wants a person to review the branch (the inbox says so once it ends)
+
+
+class ChangesCommitted(Event, tag="changes_committed", frozen=True, kw_only=True):
+    """At the end of a round the agent committed what changed in the worktree on the session's branch.
+
+    The counts and `stat` are the branch against `base_commit` at `commit`: what a reviewer sees.
+    """
+
+    repo: str = ""
+    branch: str = ""
+    commit: str = ""
+    base: str = ""
+    base_commit: str = ""
+    round: int = 1
+    files_changed: int = 0
+    insertions: int = 0
+    deletions: int = 0
+    stat: str = ""  # `git diff --stat`, capped
+
+
+class CommitFailed(Event, tag="commit_failed", frozen=True, kw_only=True):
+    """Nothing was committed at the end of a round (nothing changed, a hook refused): the reason, kept."""
+
+    reason: str = ""
+    repo: str = ""
+    branch: str = ""
+    head: str = ""  # the branch's commit, unchanged
+    round: int = 1
+
+
+class BranchMerged(Event, tag="branch_merged", frozen=True, kw_only=True):
+    """A person merged the session's branch into its base (`agentbus merge`); nothing merges by itself."""
+
+    branch: str = ""
+    commit: str = ""  # the branch's commit that was merged
+    into: str = ""  # the branch merged into
+    result: str = ""  # what `into` points at now (`commit` itself when fast-forwarded)
+    fast_forward: bool = False
+    author: str = ""
+
+
 class BudgetExceeded(Event, tag="budget_exceeded", frozen=True, kw_only=True):
     """A limit stopped the session before its next model call; it is paused until `resume`."""
 
@@ -329,6 +379,10 @@ AnyEvent = (
     | DelegationRequested
     | DelegationCompleted
     | OpinionsAggregated
+    | BranchCreated
+    | ChangesCommitted
+    | CommitFailed
+    | BranchMerged
     | VerdictRecorded
     | RevisionRequested
     | BudgetExceeded

@@ -64,6 +64,7 @@ class Task(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     opinions: tuple[str, ...] = ()  # fan-out: one sibling session per entry, on that pool ("" lets the router pick)
     approve: tuple[str, ...] = ()  # tools whose calls wait for a person, on top of the pool's list
     v: Version = msgspec.field(default_factory=version)
+    base: str | None = None  # a pool on a repository: the ref its branch starts from (default: the pool's base)
 
 
 class WorkItem(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -106,6 +107,8 @@ class WorkerInfo(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     allowed_models: tuple[str, ...] = ()  # models a submitter may choose besides `model` (--allow-model)
     v: Version = msgspec.field(default_factory=version)
     concurrency: int = 0  # sessions it runs at once (0: an agent too old to say)
+    repo: str = ""  # the repository its sessions work on (agent --repo), as this agent sees the path
+    base: str = ""  # the ref their branches start from unless a task names another
 
 
 class SupervisorInfo(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):

@@ -30,6 +30,7 @@ from agentbus.messages import (
     ToolCallStarted,
 )
 from agentbus.subjects import valid_token
+from services.agent import repo_workspace
 from services.agent.conversation import Conversation, ToolUse, human_text
 from services.agent.signals import Interrupted, Parked, Released
 from services.agent.tools import Tool, ToolContext, ToolError
@@ -115,6 +116,7 @@ class ToolCalls:
             sandbox=self.ctx.sandbox,
             network=self.ctx.network,
             tool_env=self.ctx.tool_env,
+            read_child_diff=lambda child, stat, offset: repo_workspace.read_child_diff(self.run, child, stat, offset),
         )
         attrs = {"gen_ai.operation.name": "execute_tool", "gen_ai.tool.name": use.name, "gen_ai.tool.call.id": use.id}
         with tracing.span(
@@ -278,7 +280,7 @@ class ToolCalls:
             raise ToolError(f"subtask {child} is paused ({state.reason}); resume it or carry on without it")
         if state.status != "completed":
             raise ToolError(f"subtask {child} ended {state.status}: {state.reason}")
-        return state.result
+        return state.result + await repo_workspace.child_changes(self.ctx.log, child)  # issue 19: its branch
 
     async def _start_child(self, use: ToolUse, task: Task, child: str, prompt: str, target: str) -> None:
         """Record the delegation and open the child session (once per tool call, however late a re-run)."""

@@ -80,6 +80,11 @@ from services.agent.worker import AgentConfig, serve
     help='An MCP server whose tools the agent offers as mcp__NAME__TOOL (repeatable): NAME={"command": [...]} '
     '(stdio, run in the sandbox with the --tool-env environment) or NAME={"url": "http://..."}.',
 )  # fmt: skip
+@click.option("--repo", metavar="PATH", help="A git repository: each session works in its own worktree and branch.")
+@click.option("--base", metavar="REF", help="With --repo: where branches start [default: the checked-out branch].")
+@click.option(
+    "--review/--no-review", default=False, show_default=True, help="Ended sessions wait in the inbox for a review."
+)
 @nats_option
 def command(
     pool: str,
@@ -100,6 +105,9 @@ def command(
     network: bool,
     tool_env: tuple[str, ...],
     mcp: tuple[str, ...],
+    repo: str | None,
+    base: str | None,
+    review: bool,
     nats_url: str | None,
     prefix: str,
 ) -> None:
@@ -125,6 +133,9 @@ def command(
         network=network,
         tool_env=tool_env,
         mcp=tuple(parse_option(entry) for entry in mcp),
+        repo=repo,
+        base=base,
+        review=review,
     )
     settings = settings_from(nats_url, prefix)
 

@@ -52,6 +52,7 @@ from agentbus.service import backoff
 from agentbus.session import SessionLog, SessionWriter
 from agentbus.spend import SpendLedger
 from agentbus.state import SessionState
+from services.agent import repo_workspace
 from services.agent.calls import ToolCalls
 from services.agent.conversation import Conversation, build
 from services.agent.guards import no_progress
@@ -99,6 +100,7 @@ class RunContext:
     tool_env: Mapping[str, str] = field(default_factory=dict)
     approval_timeout_s: float | None = None
     on_approval_timeout: Literal["deny", "pause"] = "deny"
+    repo: repo_workspace.SessionRepos | None = None  # issue 19: sessions work in worktrees of this repository
 
 
 class SessionRun:
@@ -152,6 +154,8 @@ class SessionRun:
         else:
             logger.info("session %s continues at step %d (%s, attempt %d)", self.sid, conv.steps, self.item.reason,
                         self.job.attempt)  # fmt: skip
+        if (prepared := await repo_workspace.prepare(self, conv)) is not None:  # issue 19: the worktree
+            return prepared
         try:
             return await self._loop()
         except Parked as parked:
@@ -193,6 +197,7 @@ class SessionRun:
             return None
         if conv.done:
             assert conv.task is not None
+            await repo_workspace.commit_round(self, conv)  # issue 19: the round's changes, on the branch
             if conv.task.criteria or conv.task.checks:
                 return await self._hand_to_evaluator(conv.round)
             return await self.end("completed", "", conv.final_text)
@@ -377,8 +382,10 @@ class SessionRun:
         return routed[-1].model if routed and routed[-1].model else None
 
     async def end(self, status: Literal["completed", "failed", "cancelled"], reason: str, result: str = "") -> Outcome:
+        await repo_workspace.before_end(self, status, reason)  # issue 19: what a failed run left, committed
         state = self.state()
         await self.append(SessionEnded(id=ended_id(state.turn), status=status, reason=reason, result=result))
+        await repo_workspace.release(self)  # issue 19: the worktree goes, the branch stays
         tracing.sessions_ended.add(1, {"status": status, tracing.POOL: self.ctx.pool})
         logger.info(
             "session %s %s%s (steps %d, tool calls %d, $%.4f)",
@@ -405,6 +412,8 @@ class SessionRun:
         await self.transcript.catch_up()
 
     def workspace(self) -> Path:
+        if self.ctx.repo is not None:  # issue 19: the session's worktree (made at the claim)
+            return self.ctx.repo.path(self.sid)
         path = self.ctx.workdir / self.sid
         path.mkdir(parents=True, exist_ok=True)
         return path

@@ -53,6 +53,8 @@ class ToolContext:
     sandbox: Sandbox | None = None  # set when the agent offers a tool that runs commands
     network: bool = False  # the pool's `network`: may commands reach the network?
     tool_env: Mapping[str, str] = field(default_factory=dict)  # the pool's `tool_env`, resolved
+    # the diff a subtask committed on its branch: (child session or None, stat only, byte offset)
+    read_child_diff: Callable[[str | None, bool, int], Awaitable[str]] | None = None
 
     def resolve(self, path: str) -> Path:
         """A path inside the workspace, checked lexically and by resolving symlinks at the time of the call.
@@ -206,12 +208,38 @@ class AskHuman:
         return await ctx.ask_human(str(input["question"]))
 
 
+class ReadChildDiff:
+    name = "read_child_diff"
+    repeatable = True  # it only reads
+    description = (
+        "Read the changes a subtask you delegated committed on its git branch (its repository may be "
+        "another than yours): the diff from where its branch started, or with stat=true only the summary. "
+        f"At most {READ_CAP} bytes at a time (pass offset to read further)."
+    )
+    input_schema = _schema(
+        {
+            "session": {"type": "string", "description": "The subtask's session id (needed if you started several)."},
+            "stat": {"type": "boolean", "description": "Only the files changed and line counts."},
+            "offset": {"type": "integer", "description": "Byte to start at (default 0)."},
+        },
+        [],
+    )
+
+    async def run(self, input: dict[str, Any], ctx: ToolContext) -> str:
+        if ctx.read_child_diff is None:
+            raise ToolError("read_child_diff is not available here")
+        child = input.get("session")
+        offset = max(0, int(input.get("offset") or 0))
+        return await ctx.read_child_diff(str(child) if child else None, bool(input.get("stat")), offset)
+
+
 BUILTIN: dict[str, Callable[[], Tool]] = {
     "read_file": ReadFile,
     "write_file": WriteFile,
     "bash": Bash,
     "delegate": Delegate,
     "ask_human": AskHuman,
+    "read_child_diff": ReadChildDiff,
 }
 
 

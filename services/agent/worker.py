@@ -34,6 +34,7 @@ from agentbus.service import Consumer, HandBack, Retry, Service, consume
 from agentbus.session import SessionLog
 from agentbus.spend import SpendLedger
 from agentbus.subjects import parse_session_subject, valid_token
+from services.agent import repo_workspace
 from services.agent.exhausted import ExhaustedWatcher
 from services.agent.guards import NO_PROGRESS_TURNS
 from services.agent.mcp_tools import McpToolset, add_tools
@@ -85,6 +86,11 @@ class AgentConfig:
     network: bool = False  # may those commands reach the network?
     tool_env: tuple[str, ...] = ()  # their environment allow-list: NAME (the agent's value) or NAME=VALUE
     mcp: tuple[McpServerSpec, ...] = ()  # MCP servers whose tools join the list (issue 17, mcp_tools.py)
+    # Issue 19: a repository the pool's sessions work on, each in its own worktree on its own branch.
+    repo: str | None = None
+    base: str | None = None  # the ref branches start from (default: the branch the main checkout is on)
+    review: bool = False  # ended sessions wait in the inbox as "ready for review"
+    repo_sweep_s: float = 30.0  # how often worktrees of sessions that ended elsewhere are removed
 
 
 class AgentWorker(Service):
@@ -109,6 +115,9 @@ class AgentWorker(Service):
         # dict and list the run context holds
         self.mcp = McpToolset(config.mcp, sandbox_mode=config.sandbox, sandbox=self.sandbox, workdir=config.workdir,
                               network=config.network, tool_env=self.tool_env) if config.mcp else None  # fmt: skip
+        self.repos = repo_workspace.open_repos(  # checked now too: a bad repo or base is one line at start
+            config.repo, config.base, review=config.review, workdir=config.workdir, pool=config.pool
+        )
         self.consumer = bus.ns.pool_consumer(config.pool, ack_wait_s=config.ack_wait_s, max_deliver=config.max_deliver)
         super().__init__()
         self.sessions: set[str] = set()
@@ -123,7 +132,7 @@ class AgentWorker(Service):
             tool_schemas=self.tool_schemas,
             model_for=self.model_for,
             draining=self._draining,
-            system=config.system,
+            system=config.system + (repo_workspace.SYSTEM_NOTE if self.repos else ""),
             max_output_tokens=config.max_output_tokens,
             runaway_steps=config.runaway_steps,
             max_depth=config.max_depth,
@@ -140,6 +149,7 @@ class AgentWorker(Service):
             tool_env=self.tool_env,
             approval_timeout_s=config.approval_timeout_s,
             on_approval_timeout=config.on_approval_timeout,
+            repo=self.repos,
         )
         self._runs: dict[str, SessionRun] = {}
 
@@ -175,7 +185,11 @@ class AgentWorker(Service):
                     wake_control.run(self._draining),  # cancels and bad input on people's command channels
                     timers.run(self._draining),
                 ],
-                daemons=[self._heartbeat(), self._interrupts()],
+                daemons=[
+                    self._heartbeat(),
+                    self._interrupts(),
+                    *repo_workspace.daemons(self.repos, self.log, self.config.repo_sweep_s),
+                ],
             )
         finally:
             # A courtesy (the registry's TTL drops the entry anyway): never wait out a failover
@@ -202,6 +216,8 @@ class AgentWorker(Service):
                 started_ts=started,
                 heartbeat_ts=time.time(),
                 allowed_models=self.config.allowed_models,
+                repo=str(self.repos.repo.top) if self.repos else "",
+                base=self.repos.base if self.repos else "",
             )
             with contextlib.suppress(Exception):
                 await self.bus.kv_put(self.bus.ns.workers_bucket, self.config.worker_id, encode(info))

@@ -38,7 +38,7 @@ from agentbus.session import SessionLog
 from agentbus.spend import SpendLedger
 from agentbus.state import SessionState, fold
 from agentbus.subjects import valid_token
-from services.evaluator.grading import Graded, GradingError, grade_criteria, run_checks
+from services.evaluator.grading import Graded, GradingError, committed_head, grade_criteria, run_checks
 from services.evaluator.policy import PIVOT_AFTER, critique_of, decide, verdict_of
 
 logger = logging.getLogger("agentbus.evaluator")
@@ -162,7 +162,9 @@ class Evaluator(Service):
         )
         output = final_output(records)
         with tracing.span("run checks", session_id=sid, attributes={"agentbus.checks": len(task.checks)}):
-            checks = await run_checks(task.checks, self.workdir, sid, self.sandbox)  # never a path from the log
+            checks = await run_checks(  # never a path from the log; issue 19: a repository's session, on its commit
+                task.checks, self.workdir, sid, self.sandbox, committed=committed_head(records)
+            )
         try:
             if task.criteria and self.model is None:
                 raise GradingError("the session has criteria but this evaluator has no grader model (--model)")

@@ -14,7 +14,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agentbus.messages import CheckResult, CriterionResult, Task, Usage, text_of
+from agentbus import repo
+from agentbus.messages import (
+    BranchCreated,
+    ChangesCommitted,
+    CheckResult,
+    CommitFailed,
+    CriterionResult,
+    Record,
+    Task,
+    Usage,
+    text_of,
+)
 from agentbus.models import ModelClient
 from agentbus.sandbox import Limits, Policy, Sandbox
 from agentbus.workspace import PathRefused, copy_tree, session_workspace
@@ -34,25 +45,50 @@ class GradingError(Exception):
     """Grading itself could not run (grader unreachable, unreadable answer)."""
 
 
-async def run_checks(checks: tuple[str, ...], root: Path, session_id: str, sandbox: Sandbox) -> tuple[CheckResult, ...]:
+async def run_checks(
+    checks: tuple[str, ...],
+    root: Path,
+    session_id: str,
+    sandbox: Sandbox,
+    *,
+    committed: tuple[str, str] | None = None,
+) -> tuple[CheckResult, ...]:
     """Each check in the sandbox, on its own fresh copy of the session's workspace; exit 0 passes.
 
     The workspace is `root/<session id>`: the evaluator's own configuration, never a path from an
-    event (an agent could record any path there).
+    event (an agent could record any path there). A session on a repository (`committed`: the
+    repository and the commit its log names) is checked on a checkout of that commit instead,
+    not on the live worktree; the repository is used only if it has a worktree at that workspace.
     """
     if not checks:
         return ()
     try:
         source = session_workspace(root, session_id)
-    except PathRefused as err:
+        origin = await asyncio.to_thread(repo.verified, committed[0], source) if committed else None
+    except (PathRefused, repo.GitError) as err:
         return tuple(CheckResult(command=c, passed=False, output=f"not run: {err}") for c in checks)
     results = []
     for command in checks:
         with tempfile.TemporaryDirectory(prefix="agentbus-check-") as tmp:
             copy = Path(tmp) / "workspace"
-            await asyncio.to_thread(copy_tree, source, copy)
+            if origin is not None and committed is not None:
+                await repo.checkout_commit(origin, committed[1], copy)
+            else:
+                await asyncio.to_thread(copy_tree, source, copy)
             results.append(await _run_check(command, copy, sandbox))
     return tuple(results)
+
+
+def committed_head(records: list[Record]) -> tuple[str, str] | None:
+    """The repository and the commit the session's branch was at when its last round ended, as its
+    log says (None: a session on no repository)."""
+    for rec in reversed(records):
+        match rec.event:
+            case ChangesCommitted(repo=where, commit=commit) | CommitFailed(repo=where, head=commit) if commit:
+                return where, commit
+            case BranchCreated(repo=where, base_commit=commit) if commit:
+                return where, commit
+    return None
 
 
 async def _run_check(command: str, workspace: Path, sandbox: Sandbox) -> CheckResult:

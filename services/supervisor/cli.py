@@ -12,7 +12,7 @@ from agentbus.bus import Bus
 from agentbus.cli.options import nats_option, run, settings_from
 from agentbus.service import serve_until_signalled
 from services.supervisor.docker_spawner import DockerSpawner, engine
-from services.supervisor.pools import check_models, load_pools
+from services.supervisor.pools import check_models, check_repos, load_pools
 from services.supervisor.spawner import ProcessSpawner, Spawner, Spawners
 from services.supervisor.supervisor import Supervisor
 
@@ -39,6 +39,7 @@ def command(
     fleet = load_pools(pools_file)
     if check:
         check_models(fleet)
+        check_repos(fleet)
         click.echo(f"pools file {pools_file}: pools {', '.join(fleet.pools)}")
         return
 

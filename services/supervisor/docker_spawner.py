@@ -44,7 +44,7 @@ _PASSED_PREFIXES = ("ANTHROPIC_", "OTEL_", "AGENTBUS_")
 _NOT_PASSED = ("AGENTBUS_WORKER_ID", "AGENTBUS_CREDS", "AGENTBUS_AGENT_CREDS", "AGENTBUS_CONTEXT_DIR")
 CREDS_IN_CONTAINER = "/run/agentbus/agent.creds"
 # Built-in tools that run no command; any other tool (bash, a plug-in) may need the sandbox.
-_NO_COMMANDS = frozenset({"read_file", "write_file", "delegate", "ask_human"})
+_NO_COMMANDS = frozenset({"read_file", "write_file", "delegate", "ask_human", "read_child_diff"})
 # What bubblewrap needs inside a container, besides what every agent container gets (module docstring).
 SANDBOX_SECURITY_OPT = ("seccomp=unconfined", "apparmor=unconfined")
 
@@ -57,6 +57,16 @@ def needs_sandbox(spec: PoolSpec) -> bool:
 def security_opt(spec: PoolSpec) -> list[str]:
     """`no-new-privileges` always; the sandbox's needs when the pool's agents may run commands in it."""
     return ["no-new-privileges:true", *(SANDBOX_SECURITY_OPT if needs_sandbox(spec) else ())]
+
+
+def repo_volume(spec: PoolSpec) -> list[str]:
+    """The pool's repository, mounted read-write at the same path as on the host: its worktrees and the
+    repository name each other by absolute path, so every worker (and the evaluator) must see both
+    where the others do. Worktrees go in the workspace volume at /work, as every workspace does."""
+    if not spec.repo:
+        return []
+    path = os.path.abspath(spec.repo)
+    return [f"{path}:{path}"]
 
 
 def passed_env(environ: Mapping[str, str]) -> dict[str, str]:
@@ -159,6 +169,7 @@ class DockerSpawner:
             "PYTHONUNBUFFERED": "1",
         }
         volumes = _with_workspace(spec.volumes, f"{self.settings.prefix}-work")
+        volumes += repo_volume(spec)
         if self.agent_creds:
             env["AGENTBUS_CREDS"] = CREDS_IN_CONTAINER
             volumes.append(f"{self.agent_creds}:{CREDS_IN_CONTAINER}:ro")

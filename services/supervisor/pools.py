@@ -19,6 +19,9 @@
     tool_env = ["GITHUB_TOKEN", "LANG=C.UTF-8"]  # their environment: NAME (the agent's value) or NAME=VALUE
     [pools.coder.mcp.tracker]               # an MCP server whose tools the agents offer (mcp__tracker__...)
     command = ["tracker-mcp"]               # stdio, in the sandbox with tool_env; or url = "http://..."
+    repo = "/srv/repos/backend"             # each session in its own worktree and branch agentbus/<session>
+    base = "main"                           # where branches start (default: the checked-out branch)
+    review = true                           # ended sessions wait in the inbox as "ready for review"
     [pools.coder.budget]
     max_steps = 40
     max_usd = 2.0
@@ -73,6 +76,9 @@ class PoolSpec:
     network: bool = False
     tool_env: tuple[str, ...] = ()
     mcp: tuple[McpServerSpec, ...] = ()  # [pools.X.mcp.NAME] (issue 17)
+    repo: str = ""  # a git repository the pool's sessions work on (README, "Repositories")
+    base: str = ""
+    review: bool = False
 
 
 @dataclass(frozen=True)
@@ -144,6 +150,9 @@ def load_pools(path: str | Path) -> Fleet:
                     mcp_server(str(n), _table(t, f"{here}: mcp.{n}"), here)
                     for n, t in _table(raw.get("mcp") or {}, f"{here}: mcp").items()
                 ),
+                repo=str(raw.get("repo", "")),
+                base=str(raw.get("base", "")),
+                review=_flag(raw.get("review", False), f"{here}: review"),
             )
         except (TypeError, ValueError) as err:  # "max = 'two'", or a ${VAR} that is not a number
             raise UsageError(f"{here}: {err}") from err
@@ -154,6 +163,8 @@ def load_pools(path: str | Path) -> Fleet:
             raise UsageError(f"pools file {where}, pool {name}: spawner must be 'process' or 'docker'")
         if spec.sandbox not in ("bwrap", "none"):
             raise UsageError(f"{here}: sandbox must be 'bwrap' or 'none'")
+        if spec.base and not spec.repo:
+            raise UsageError(f"{here}: base needs repo (a base is a ref of the pool's repository)")
         try:
             tool_environment(spec.tool_env, {})  # names only: values are the agent's business
         except UsageError as err:
@@ -187,6 +198,19 @@ def check_models(fleet: Fleet) -> None:
                 raise UsageError(f"{here} needs ANTHROPIC_API_KEY (or a scripted:FILE model to run offline)")
         else:
             raise UsageError(f"{here}: expected anthropic:<model-id> or scripted:<file>")
+
+
+def check_repos(fleet: Fleet) -> None:
+    """Each pool's repository is one (at the path every worker sees), with its base, and a clean main
+    checkout. Raises UsageError naming the pool."""
+    from agentbus.repo import open_for_pool
+
+    for spec in fleet.pools.values():
+        if spec.repo:
+            try:
+                open_for_pool(spec.repo, spec.base or None)
+            except UsageError as err:
+                raise UsageError(f"pool {spec.name}: {err}") from None
 
 
 def _flag(raw: Any, where: str) -> bool:

@@ -60,6 +60,13 @@ def agent_args(spec: PoolSpec, settings: Settings) -> list[str]:
         args.append(f"--tool-env={entry}")
     for server in spec.mcp:  # a command or a URL: no secret (those come from tool_env, by name)
         args.append(f"--mcp={server.name}={server.to_json()}")
+    if spec.repo:
+        args += [
+            "--repo",
+            spec.repo,
+            *(["--base", spec.base] if spec.base else []),
+            "--review" if spec.review else "--no-review",
+        ]
     return args + budget.to_argv(spec.budget)
 
 

@@ -80,7 +80,10 @@ export function inboxPage(root) {
         c.el.querySelector(".cost").textContent = usd(st.cost_usd);
       }
       c.since = st.since_ts;
-      list.append(c.el); // in order
+      // in order, moving a card only when it is out of place: a moved node loses focus, and a
+      // person typing into it (an answer, a raised limit) must not lose what they type
+      const at = items.indexOf(st);
+      if (list.children[at] !== c.el) list.insertBefore(c.el, list.children[at] || null);
     }
     empty.hidden = items.length > 0 || !watch.ready;
     tick();
