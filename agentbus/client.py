@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import getpass
 import logging
-import os
 import secrets
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 import msgspec
 from opentelemetry.trace import SpanKind
@@ -52,6 +51,7 @@ from agentbus.state import SessionState, fold
 from agentbus.subjects import valid_token
 
 logger = logging.getLogger("agentbus.client")
+_Entry = TypeVar("_Entry", WorkerInfo, SupervisorInfo)
 _B32 = "0123456789abcdefghjkmnpqrstvwxyz"  # Crockford: no i, l, o, u
 
 
@@ -61,13 +61,6 @@ def new_session_id() -> str:
     head = "".join(_B32[(ms >> (5 * i)) & 31] for i in reversed(range(10)))
     tail = "".join(secrets.choice(_B32) for _ in range(6))
     return head + tail
-
-
-def default_author() -> str:
-    try:
-        return getpass.getuser()
-    except Exception:  # no passwd entry in some containers
-        return os.environ.get("USER", "someone")
 
 
 @dataclass(frozen=True)
@@ -157,7 +150,7 @@ class Client:
 
             await asyncio.to_thread(check_base, await self.workers(), pool, base)
         with tracing.span("submit", kind=SpanKind.PRODUCER, session_id=sid, pool=pool):
-            await self.queues.open_session(task, trace_id=tracing.current_trace_id())
+            await self.queues.open_session(task, trace_id=tracing.current_trace_id(), new=session_id is None)
             return sid
 
     def _check_task(self, task: Task, pool: str | None) -> None:
@@ -334,14 +327,17 @@ class Client:
 
     async def workers(self) -> list[WorkerInfo]:
         """Every agent whose heartbeat is fresh, by pool then id (an unreadable entry is skipped)."""
-        values = await self.bus.kv_values(self.bus.ns.workers_bucket)
-        infos = []
-        for key, raw in values.items():
-            try:
-                infos.append(msgspec.json.decode(raw, type=WorkerInfo))
-            except (msgspec.MsgspecError, RecursionError, UnicodeDecodeError):
-                logger.warning("worker registry: unreadable entry %s skipped", key)
+        infos = await self._registry(self.bus.ns.workers_bucket, WorkerInfo)
         return sorted(infos, key=lambda w: (w.pool, w.worker_id))
+
+    async def _registry(self, bucket: str, kind: type[_Entry]) -> list[_Entry]:
+        infos = []
+        for key, raw in (await self.bus.kv_values(bucket)).items():
+            try:
+                infos.append(msgspec.json.decode(raw, type=kind))
+            except (msgspec.MsgspecError, RecursionError, UnicodeDecodeError):
+                logger.warning("%s: unreadable entry %s skipped", bucket, key)
+        return infos
 
     async def spend(self) -> tuple[dict[str, PoolSpend], dict[str, Hold]]:
         """Dollars spent per pool since its last reset, and the pools on hold (over a ceiling)."""
@@ -360,10 +356,10 @@ class Client:
         return msgspec.json.decode(reply, type=ScaleReply)
 
     async def supervisors(self) -> list[SupervisorInfo]:
-        """Every supervisor whose heartbeat is fresh, with the pools it starts workers for."""
-        values = await self.bus.kv_values(self.bus.ns.supervisors_bucket)
-        return sorted((msgspec.json.decode(v, type=SupervisorInfo) for v in values.values()),
-                      key=lambda s: s.supervisor_id)  # fmt: skip
+        """Every supervisor whose heartbeat is fresh, with the pools it starts workers for (an unreadable
+        entry is skipped)."""
+        infos = await self._registry(self.bus.ns.supervisors_bucket, SupervisorInfo)
+        return sorted(infos, key=lambda s: s.supervisor_id)
 
     async def serves(self, pool: str) -> bool:
         """Whether a live agent or a supervisor serves `pool` (two registry reads; see `pools` for more)."""

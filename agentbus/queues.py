@@ -12,7 +12,7 @@ import logging
 import re
 import time
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, NoReturn
 
 import msgspec
 
@@ -80,14 +80,14 @@ class WorkQueues:
         """Store one work item for a pool (by name), the router or the evaluator."""
         return await self.bus.publish(self.subject(to), encode(item), msg_id=msg_id(item, cause))
 
-    async def open_session(self, task: Task, *, trace_id: str | None = None) -> None:
+    async def open_session(self, task: Task, *, trace_id: str | None = None, new: bool = False) -> None:
         """Record a new session and queue it: on its pool, or for a router to choose one.
 
         Safe to repeat with the same task: an existing session is never recorded twice, and is
         queued again only while no agent has claimed it (the ids deduplicate a queued item).
         """
         sid = task.session_id
-        if await self.log.exists(sid):
+        if not new and await self.log.exists(sid):  # `new`: an id just made, which nothing can hold yet
             if (await self.log.state(sid)).status not in ("pending", "queued"):
                 return
         else:  # on the submitter's own channel: the subject says who submitted it
@@ -149,30 +149,21 @@ class WorkQueues:
         return removed
 
     async def accept(self, job: Job) -> WorkItem:
-        """The work item a queue message carries; raises `Reject` for bad input. An item whose session
-        has no record yet waits for it (`Retry`, then queued again and `Settled`), for as long as a
-        retried submit could still bring it; after that it is rejected."""
+        """The work item a queue message carries; raises `Reject` for bad input. Whether its session
+        has any record is for the handler to see in what it reads anyway (`unseen`): no extra request."""
         try:
             item = decode_work(job.data)
         except msgspec.MsgspecError as err:
             raise Reject(f"malformed work item on {job.subject}: {err}") from err
         if not valid_token(item.session_id):
             raise Reject(f"work item names an invalid session id {item.session_id!r}")
-        if not await self.log.exists(item.session_id):
-            await self._unseen(job, item)
         return item
 
-    def unseen_hold_s(self) -> float:
-        """How long a work item waits for its session to appear."""
-        windows = [s.duplicate_window_s for s in self.ns.streams() if s.name in self._work_streams]
-        return max(windows) + UNSEEN_MARGIN_S
-
-    @property
-    def _work_streams(self) -> tuple[str, ...]:
-        return (self.ns.work_stream, self.ns.submissions_stream, self.ns.evaluations_stream)
-
-    async def _unseen(self, job: Job, item: WorkItem) -> None:
+    async def unseen(self, job: Job, item: WorkItem) -> NoReturn:
+        """The item's session has no record yet: it waits for it (`Retry`, then queued again and
+        `Settled`), for as long as a retried submit could still bring it; after that it is rejected."""
         msg_id = job.headers.get(MSG_ID, "")
+
         found = _UNSEEN.search(msg_id)
         since, hops = (float(found.group(1)), int(found.group(2))) if found else (job.stored_at, 0)
         waited = time.time() - (since or time.time())
@@ -187,6 +178,15 @@ class WorkQueues:
         await self.bus.publish(job.subject, job.data, msg_id=f"{base}:unseen-{int(since)}-{hops + 1}")
         logger.info("session %s not in the log yet; its work item waits (%d)", item.session_id, hops + 1)
         raise Settled()
+
+    def unseen_hold_s(self) -> float:
+        """How long a work item waits for its session to appear."""
+        windows = [s.duplicate_window_s for s in self.ns.streams() if s.name in self._work_streams]
+        return max(windows) + UNSEEN_MARGIN_S
+
+    @property
+    def _work_streams(self) -> tuple[str, ...]:
+        return (self.ns.work_stream, self.ns.submissions_stream, self.ns.evaluations_stream)
 
     async def refuse_taskless(self, session_id: str, records: Sequence[Record], source: str = "") -> None:
         """A session whose first record is no valid `session_created` can never start (only the first

@@ -203,6 +203,7 @@ def _service(ident: Identity) -> Permissions:
         ns.evaluations(),
         f"$KV.{ns.state_bucket}.>",
         f"$KV.{ns.spend_bucket}.>",
+        f"$KV.{ns.supervisors_bucket}.>",  # the supervisor's heartbeat: the pools it serves
     ]
     sub.append(ns.scale_requests())
     return Permissions(tuple(pub), tuple(sub), allow_responses=True)  # scale replies
@@ -240,6 +241,7 @@ def _agent(ident: Identity) -> Permissions:
         ns.scale_requests(),
         f"$KV.{ns.workers_bucket}.>",
         f"$JS.API.DIRECT.GET.KV_{ns.workers_bucket}.>",
+        f"$JS.API.DIRECT.GET.KV_{ns.supervisors_bucket}.>",  # is a pool served? (submit, pools)
         f"$JS.API.DIRECT.GET.KV_{ns.spend_bucket}.>",
     ]
     return Permissions(tuple(pub), tuple(sub))
@@ -262,6 +264,7 @@ def _operator(ident: Identity) -> Permissions:
         f"$JS.API.CONSUMER.LIST.{ns.work_stream}",  # `pools` and the web view's fleet page: each pool's backlog
         f"$KV.{ns.spend_bucket}.pool.*",  # spend --reset zeroes a total; holds stay the supervisor's
         f"$JS.API.DIRECT.GET.KV_{ns.workers_bucket}.>",
+        f"$JS.API.DIRECT.GET.KV_{ns.supervisors_bucket}.>",  # is a pool served? (submit, pools)
         f"$JS.API.DIRECT.GET.KV_{ns.spend_bucket}.>",
     ]
     return Permissions(tuple(pub), tuple(sub))
@@ -376,6 +379,11 @@ MATRIX: tuple[Row, ...] = (
         ("yes", "yes", "if all", "no", "no", "no")),
     Row("registry", "heartbeat into the worker registry", "pub", "$KV.AGENTBUS_workers.<user>",
         ("yes", "no", "yes", "no", "no", "no")),
+    Row("announce", "heartbeat into the supervisor registry", "pub", "$KV.AGENTBUS_supervisors.<user>",
+        ("yes", "yes", "no", "no", "no", "no")),
+    Row("supervisors", "read the supervisor registry (is a pool served?)", "pub",
+        "$JS.API.DIRECT.GET.KV_AGENTBUS_supervisors.$KV.AGENTBUS_supervisors.<someone>",
+        ("yes", "yes", "yes", "yes", "no", "no")),
     Row("scale", "ask for workers", "pub", "agentbus.supervisor.scale", ("yes", "no", "yes", "yes", "no", "no")),
     Row("serve_scale", "answer requests for workers", "sub", "agentbus.supervisor.scale",
         ("yes", "yes", "no", "no", "no", "no")),

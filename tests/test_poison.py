@@ -255,13 +255,19 @@ async def test_an_unreadable_state_cache_entry_is_refolded_from_the_log(client: 
     assert (await client.state(sid)).status == "queued"
 
 
-async def test_an_unreadable_registry_entry_is_skipped_by_the_agent_listing(client: agentbus.Client) -> None:
-    from agentbus.messages import WorkerInfo
+async def test_an_unreadable_registry_entry_is_skipped_by_the_listings(client: agentbus.Client) -> None:
+    from agentbus.messages import SupervisorInfo, WorkerInfo
 
-    await client.bus.kv_put(client.bus.ns.workers_bucket, "bad", DEEP)
-    await client.bus.kv_put(client.bus.ns.workers_bucket, "good", msgspec.json.encode(WorkerInfo(worker_id="good",
-                                                                                                pool="p")))  # fmt: skip
+    ns = client.bus.ns
+    for bucket in (ns.workers_bucket, ns.supervisors_bucket):
+        await client.bus.kv_put(bucket, "bad", DEEP)
+        await client.bus.kv_put(bucket, "empty", b"{}")
+    await client.bus.kv_put(ns.workers_bucket, "good", msgspec.json.encode(WorkerInfo(worker_id="good", pool="p")))
+    await client.bus.kv_put(ns.supervisors_bucket, "good",
+                            msgspec.json.encode(SupervisorInfo(supervisor_id="good", pools=("p",))))  # fmt: skip
     assert [w.worker_id for w in await client.workers()] == ["good"]
+    assert [s.supervisor_id for s in await client.supervisors()] == ["good"]
+    assert [(p.name, p.supervisors) for p in await client.pools()] == [("p", ("good",))]
 
 
 async def test_routed_sessions_still_carry_their_route_after_the_router_skipped_poison(

@@ -147,6 +147,8 @@ ACTIONS: dict[str, Action] = {
     "fetch": lambda c, nc, w: _pull(c, POOL),
     "fetch_other": lambda c, nc, w: _pull(c, OTHER_POOL),
     "registry": lambda c, nc, w: c.bus.kv_put(c.bus.ns.workers_bucket, c.bus.user, b"{}"),
+    "announce": lambda c, nc, w: c.bus.kv_put(c.bus.ns.supervisors_bucket, c.bus.user, b"{}"),
+    "supervisors": lambda c, nc, w: c.supervisors(),
     "scale": lambda c, nc, w: c.request_workers(POOL),
     "serve_scale": lambda c, nc, w: _serve(c),
     "advisory": lambda c, nc, w: _publish_raw(nc, c.bus.ns.exhausted(POOL)),

@@ -130,6 +130,8 @@ class SessionRun:
 
     async def execute(self) -> Outcome:
         await self.transcript.load()
+        if not self.records:
+            await self.ctx.queues.unseen(self.job, self.item)  # the item overtook its session: it waits
         conv = build(self.records)
         if conv.task is None:  # no valid session_created first: it can never start; end it, saying why
             await self.ctx.queues.refuse_taskless(self.sid, self.records, self.job.subject)

@@ -86,6 +86,8 @@ class Evaluator(Service):
 
     async def _handle(self, job: Job) -> None:
         item = await self.queues.accept(job)
+        if not await self.log.exists(item.session_id):
+            await self.queues.unseen(job, item)  # a result queued before its session shows: it waits
         attrs = {**tracing.messaging_attrs(job.subject, operation="process"), "agentbus.round": item.round}
         with tracing.span(
             "evaluate", kind=SpanKind.CONSUMER, parent=job.trace_context, session_id=item.session_id, attributes=attrs

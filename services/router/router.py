@@ -75,6 +75,8 @@ class Router(Service):
         item = await self.queues.accept(job)
         sid = item.session_id
         records = await self.log.read(sid, limit=1)
+        if not records:
+            await self.queues.unseen(job, item)  # the item overtook its session: it waits
         created = records[0].event if records else None
         if not isinstance(created, SessionCreated):  # it can never start: end it, saying why
             await self.queues.refuse_taskless(sid, records, job.subject)

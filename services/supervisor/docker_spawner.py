@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,6 +44,7 @@ _PASSED_PREFIXES = ("ANTHROPIC_", "OTEL_", "AGENTBUS_")
 # paths on the supervisor's side, and its own identity: a container gets its own
 _NOT_PASSED = ("AGENTBUS_WORKER_ID", "AGENTBUS_CREDS", "AGENTBUS_AGENT_CREDS", "AGENTBUS_CONTEXT_DIR")
 CREDS_IN_CONTAINER = "/run/agentbus/agent.creds"
+CONTAINER_UID = 10001  # the image's user (compose/Dockerfile)
 # Built-in tools that run no command; any other tool (bash, a plug-in) may need the sandbox.
 _NO_COMMANDS = frozenset({"read_file", "write_file", "delegate", "ask_human", "read_child_diff"})
 # What bubblewrap needs inside a container, besides what every agent container gets (module docstring).
@@ -144,6 +146,26 @@ class DockerSpawner:
         self.log_dir = log_dir
         self._client = client
         self.environ = os.environ if environ is None else environ
+        self._readable_creds: str | None = None
+
+    def creds_for_containers(self) -> str:
+        """A copy of the agent credentials the containers' user may read, owner-only.
+
+        The image runs as uid 10001 and the credentials are 0600 on the host: as root the
+        supervisor hands that uid a copy of its own (still 0600, in a 0700 directory of the
+        supervisor's); otherwise containers run as the supervisor's own uid and read the original.
+        """
+        if self._readable_creds is None:
+            if os.geteuid() != 0:
+                self._readable_creds = self.agent_creds
+            else:
+                folder = Path(tempfile.mkdtemp(prefix="agentbus-container-creds-"))
+                copy = folder / "agent.creds"
+                copy.write_bytes(Path(self.agent_creds).read_bytes())
+                os.chown(copy, CONTAINER_UID, CONTAINER_UID)
+                copy.chmod(0o600)
+                self._readable_creds = str(copy)
+        return self._readable_creds
 
     @property
     def client(self) -> docker.DockerClient:
@@ -172,7 +194,7 @@ class DockerSpawner:
         volumes += repo_volume(spec)
         if self.agent_creds:
             env["AGENTBUS_CREDS"] = CREDS_IN_CONTAINER
-            volumes.append(f"{self.agent_creds}:{CREDS_IN_CONTAINER}:ro")
+            volumes.append(f"{self.creds_for_containers()}:{CREDS_IN_CONTAINER}:ro")
         host: dict[str, Any] = {
             "network_mode": "host",
             "init": True,  # reaps the bash tool's children; the agent handles SIGTERM itself
@@ -183,6 +205,8 @@ class DockerSpawner:
             "binds": volumes,
         }
         create: dict[str, Any] = {
+            # not root: the containers run as this uid, which can read the credentials file it was given
+            **({"user": f"{os.getuid()}:{os.getgid()}"} if self.agent_creds and os.geteuid() != 0 else {}),
             "command": [*agent_args(spec, self.settings), "--workdir", WORKDIR],
             "entrypoint": ["agentbus"],
             "name": name,
