@@ -258,7 +258,7 @@ class Client:
             if after.pool is not None:
                 with contextlib.suppress(NotPermitted):  # a role that may not: the next agent drops it
                     await self.queues.withdraw(session_id, after.pool)
-            await self.queues.settled(session_id, after.parent_session)
+            await self.queues.settled(session_id, after.parent_session, status=after.status, turn=after.turn)
         return seq
 
     async def resume(self, session_id: str, *, budget: Budget | None = None, author: str | None = None) -> int:

@@ -104,20 +104,27 @@ class WorkQueues:
             self.ns.timers(), encode(timer), msg_id=f"{timer.session_id}:timer:{timer.round}:{cause}"
         )
 
-    async def settled(self, session_id: str, parent: str | None) -> None:
-        """A session ended or paused: if its parent is parked waiting for it, queue the parent.
+    async def settled(self, session_id: str, parent: str | None, *, status: str, turn: int) -> None:
+        """A session ended or paused (`status`, in its `turn`): if its parent waits for it, queue the parent.
 
-        Every writer of an end (or pause) calls this after recording it; a repeat is harmless
-        (the item's id is fixed), and the parent's run checks the child itself before parking,
-        so an end recorded while the parent was still running is not missed either.
+        Every writer of an end (or pause) calls this after recording it; a repeat of the same
+        settling is harmless (the item's id names it), while a later one (an end after a pause, the
+        end of a follow-up turn) queues the parent again. The parent's run checks the child itself
+        before parking, so an end recorded while the parent was still running is not missed either.
         """
         if parent is None or not valid_token(parent):
+            return
+        cause = f"{session_id}-{status}-{turn}"
+        opinion = session_id.removeprefix(f"{parent[:56]}-o")
+        if opinion != session_id and opinion.isdigit():
+            # a sibling of a fan-out (the router names them so): the router collects them all
+            await self.enqueue(WorkItem(session_id=parent, reason="child_result"), "router", cause=cause)
             return
         state = await self.log.state(parent)
         if not (state.parked and state.waiting_for == "subtask" and state.pool):
             return
         item = WorkItem(session_id=parent, reason="child_result", round=state.round)
-        await self.enqueue(item, state.pool, cause=session_id)
+        await self.enqueue(item, state.pool, cause=cause)
 
     async def wake(self, session_id: str, seq: int) -> bool:
         """Queue a parked session again because of the input at `seq` (an answer, an approval, a cancel,
@@ -231,7 +238,7 @@ class WorkSettlement:
             state = await self.log.state(sid)
             if not state.terminal:
                 await self.log.append(sid, SessionEnded(id=ended_id(state.turn), status="failed", reason=reason))
-                await self.queues.settled(sid, state.parent_session)
+                await self.queues.settled(sid, state.parent_session, status="failed", turn=state.turn)
         logger.error("session %s failed: %s", sid or "?", reason)
 
     async def handed_back(self, job: Job) -> None:

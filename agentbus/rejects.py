@@ -27,6 +27,11 @@ def why_unusable(event: LogEvent) -> str | None:
     return None
 
 
+def rejection(seq: int, subject: str, reason: str) -> InputRejected:
+    """The answer to the message at `seq`; its id is fixed, so it is recorded once however often it is made."""
+    return InputRejected(id=f"input-rejected-{seq}", reason=f"message #{seq}: {reason}", source=subject)
+
+
 async def answer(log: SessionLog, session_id: str, seq: int, subject: str, reason: str) -> bool:
     """Record `input_rejected` for the message at `seq` in its session; False when there is no session to
     answer in (nothing but bad records: agentbus never writes into a session nobody created)."""
@@ -37,7 +42,6 @@ async def answer(log: SessionLog, session_id: str, seq: int, subject: str, reaso
     if not state.created_ts:
         logger.warning("message %d on %s rejected, and no session to say so in: %s", seq, subject, reason)
         return False
-    rejected = InputRejected(id=f"input-rejected-{seq}", reason=f"message #{seq}: {reason}", source=subject)
-    await log.append(session_id, rejected)
+    await log.append(session_id, rejection(seq, subject, reason))
     logger.info("session %s: message %d on %s rejected: %s", session_id, seq, subject, reason)
     return True

@@ -254,22 +254,17 @@ class Namespace:
             BucketSpec(name=self.spend_bucket, history=1),
         )
 
+    def retired_consumers(self) -> list[tuple[str, str]]:
+        """Durables earlier versions made and nothing reads any more: (stream, durable)."""
+        # router-fanin read every log record to notice fan-out siblings end; end writers now say so
+        return [(self.sessions_stream, "router-fanin")]
+
     def router_consumer(self) -> ConsumerSpec:
         """The one durable all routers share: each submission goes to exactly one router."""
         return ConsumerSpec(
             stream=self.submissions_stream,
             durable="router",
             filter_subject=self.submissions(),
-            ack_wait_s=30.0,
-            max_deliver=5,
-        )
-
-    def fanin_consumer(self) -> ConsumerSpec:
-        """Routers watch sessions end, to deliver fan-out results into the parent."""
-        return ConsumerSpec(
-            stream=self.sessions_stream,
-            durable="router-fanin",
-            filter_subject=self.sessions_log_all(),
             ack_wait_s=30.0,
             max_deliver=5,
         )

@@ -129,7 +129,7 @@ async def test_a_session_whose_task_names_an_invalid_pool_ends_failed_with_the_r
     assert rejected and "not a pool" in rejected[0].reason
 
 
-async def test_a_session_ended_on_a_subject_with_an_invalid_id_does_not_stop_the_fan_in(
+async def test_a_session_ended_on_a_subject_with_an_invalid_id_does_not_stop_a_fan_out(
     client: agentbus.Client, settings: Settings, tmp_path: Path
 ) -> None:
     weird = f"{settings.prefix}.session.we$ird.log"
@@ -137,7 +137,6 @@ async def test_a_session_ended_on_a_subject_with_an_invalid_id_does_not_stop_the
     async with _router(settings) as router, _agent(settings, tmp_path):
         sid = await client.submit("two opinions after the poison", opinions=["p", "p"])
         state = await client.wait(sid, timeout=30)
-        await until(lambda: _empty(client, client.bus.ns.fanin_consumer()), "the fan-in to catch up")
         assert not router.done()
     assert state.status == "completed"
     assert state.reason == "2 of 2 opinions completed"

@@ -210,3 +210,72 @@ async def test_a_route_can_name_the_model_its_sessions_use(
         await _stop(router, rtask, rbus)
     assert cheap_state.result == "from the cheap model"
     assert plain_state.result == "from the pool model"
+
+
+async def test_a_fan_out_whose_siblings_ended_while_no_router_ran_is_aggregated_when_one_starts(
+    client: agentbus.Client, settings: Settings, table: RouteTable
+) -> None:
+    from agentbus.messages import DelegationCompleted, OpinionsAggregated
+
+    router, rtask, rbus = await _start(settings, table)
+    try:
+        sid = await client.submit("two opinions nobody gives", opinions=["nobody", "nobody"])
+        parent = await _until_fanned_out(client, sid)
+    finally:
+        await _stop(router, rtask, rbus)
+    for child in parent.children:  # no agent took them: cancelled, and each says so to the router's queue
+        await client.cancel(child, reason="changed my mind")
+    assert (await client.state(sid)).status == "running"
+
+    router, rtask, rbus = await _start(settings, table)
+    try:
+        state = await client.wait(sid, timeout=30, raise_on_failure=False)
+    finally:
+        await _stop(router, rtask, rbus)
+    assert (state.status, state.reason) == ("failed", "0 of 2 opinions completed")
+    records = [r.event for r in await client.show(sid)]
+    done = [e for e in records if isinstance(e, DelegationCompleted)]
+    assert sorted((d.child_session, d.status) for d in done) == [(c, "cancelled") for c in sorted(parent.children)]
+    assert sum(isinstance(e, OpinionsAggregated) for e in records) == 1
+
+
+async def _until_fanned_out(client: agentbus.Client, sid: str) -> agentbus.SessionState:
+    async def fanned() -> agentbus.SessionState | None:
+        state = await client.state(sid)
+        return state if len(state.children) == 2 and all([await client.log.exists(c) for c in state.children]) else None
+
+    from tests.helpers import until
+
+    found = await until(fanned, "the fan-out")
+    assert found is not None
+    return found
+
+
+async def test_a_child_that_pauses_and_later_ends_notifies_its_parent_each_time_and_a_repeat_once(
+    client: agentbus.Client,
+) -> None:
+    parent = "parent0123456789"
+    child = f"{parent}-o1"  # a fan-out sibling: the router is told
+    for status, turn in (("paused", 1), ("paused", 1), ("completed", 1), ("completed", 2)):
+        await client.queues.settled(child, parent, status=status, turn=turn)
+    counts = await client.bus.subject_counts(client.bus.ns.submissions_stream, client.bus.ns.submissions())
+    assert counts == {client.bus.ns.submissions(): 3}
+
+
+async def test_provisioning_as_an_admin_deletes_the_fan_in_durable_earlier_versions_made(
+    client: agentbus.Client, settings: Settings
+) -> None:
+    from agentbus.subjects import ConsumerSpec
+
+    ns = client.bus.ns
+    old = ConsumerSpec(stream=ns.sessions_stream, durable="router-fanin", filter_subject=ns.sessions_log_all())
+    await client.bus.ensure_consumer(old)
+
+    async def durables() -> set[str]:
+        return {c.name for c in await client.bus.consumer_states(ns.sessions_stream)}
+
+    assert "router-fanin" in await durables()
+    async with await Bus.connect(settings) as admin:
+        await admin.provision(update=True)
+        await admin.provision(update=True)  # nothing left to delete: no error either
+    assert "router-fanin" not in await durables()

@@ -42,6 +42,16 @@ class Provisioning(BusCore):
         self._updating = update
         for bucket in self.ns.buckets():
             await self.ensure_bucket(bucket)
+        if update and self.identity.role in (None, "admin"):
+            await self._retire_consumers()
+
+    async def _retire_consumers(self) -> None:
+        for stream, durable in self.ns.retired_consumers():
+            try:
+                await self.delete_consumer(stream, durable)
+            except (nats.js.errors.NotFoundError, BusError):
+                continue
+            logger.info("deleted consumer %s of %s, which this version no longer reads", durable, stream)
 
     async def ensure_stream(self, spec: StreamSpec, *, update: bool = True) -> None:
         config = api.StreamConfig(

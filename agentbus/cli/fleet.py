@@ -182,4 +182,23 @@ def bench_log(events: int, as_json: bool) -> None:
     emit_json(result) if as_json else click.echo(format_report(result))
 
 
+@bench.command("e2e")
+@click.option(
+    "--sessions",
+    type=click.IntRange(min=10),
+    default=100,
+    show_default=True,
+    help="Sessions per latency measurement (four times as many for throughput).",
+)
+@click.option("--agents", type=click.IntRange(min=1), default=1, show_default=True, help="Agent processes (tasks).")
+@click.option("--slots", type=click.IntRange(min=1), default=16, show_default=True, help="Sessions per agent at once.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object with raw, agentbus and ratio maps.")
+def bench_e2e(sessions: int, agents: int, slots: int, as_json: bool) -> None:
+    """Whole sessions (submit, route, run, end) next to a raw nats-py pipeline, on a private server."""
+    from agentbus.bench import format_e2e_report, run_e2e_bench
+
+    result = run(lambda: run_e2e_bench(sessions, agents=agents, slots=slots))
+    emit_json(result) if as_json else click.echo(format_e2e_report(result))
+
+
 COMMANDS = (server, up, agents, pools, spend, bench)

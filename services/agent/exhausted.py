@@ -81,7 +81,7 @@ class ExhaustedWatcher:
             if not state.terminal:
                 reason = f"gave up: delivered {self.max_deliver} times and never finished (max_deliver)"
                 await self.log.append(sid, SessionEnded(id=ended_id(state.turn), status="failed", reason=reason))
-                await self.queues.settled(sid, state.parent_session)
+                await self.queues.settled(sid, state.parent_session, status="failed", turn=state.turn)
                 logger.warning("session %s failed: its task was delivered %d times unfinished", sid, self.max_deliver)
         await self.bus.delete_stored(stream, seq)
 

@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 from opentelemetry.trace import SpanKind
 
-from agentbus import allowlist, tracing
+from agentbus import allowlist, rejects, tracing
 from agentbus.budget import Stop, effective_budget, over_budget
 from agentbus.bus import Job, PubAck
 from agentbus.errors import AgentBusError, FencedError
@@ -30,6 +30,7 @@ from agentbus.messages import (
     Budget,
     BudgetExceeded,
     Event,
+    InputRejected,
     InterruptRequested,
     MessageDelivered,
     ModelCallFailed,
@@ -137,7 +138,8 @@ class SessionRun:
             await self.ctx.queues.refuse_taskless(self.sid, self.records, self.job.subject)
             return "ended"
         if conv.ended or self.state().terminal:  # ended, or cancelled before anyone took it
-            await self.ctx.queues.settled(self.sid, conv.task.parent_session)  # in case a crash lost it
+            done = self.state()  # in case a crash lost it
+            await self.ctx.queues.settled(self.sid, conv.task.parent_session, status=done.status, turn=done.turn)
             return "ended"
         if self.item.reason in WAKE_REASONS and not self.state().parked:
             return "skipped"  # woken twice, or the session moved on: nothing waits for this
@@ -151,6 +153,7 @@ class SessionRun:
             workspace=str(self.workspace().resolve()),
         )
         await self.append(claim)
+        await self._answer_unusable()
         if self.job.attempt == 1 and conv.steps == 0:
             logger.info("session %s started on pool %s", self.sid, self.ctx.pool)
         else:
@@ -163,6 +166,17 @@ class SessionRun:
         except Parked as parked:
             logger.info("session %s parked: %s", self.sid, parked)
             return "parked"
+
+    async def _answer_unusable(self) -> None:
+        """Say so, once, for each record on the log channel nothing can use (a newer version's event
+        excepted); people's channels are answered by the wake watchers as they arrive."""
+        answered = {r.event.id for r in self.records if isinstance(r.event, InputRejected)}
+        subject = self.log.ns.session_log(self.sid)
+        for rec in [r for r in self.records if r.channel == "log"]:
+            why = rejects.why_unusable(rec.event)
+            if why is not None and f"input-rejected-{rec.seq}" not in answered:
+                await self.append(rejects.rejection(rec.seq, subject, why))
+                logger.info("session %s: log record #%d cannot be used: %s", self.sid, rec.seq, why)
 
     def interrupt(self, event: InterruptRequested) -> None:
         """Stop what is in flight now (called by the worker when the interrupt arrives live); the
@@ -373,7 +387,7 @@ class SessionRun:
     async def _paused(self, why: str) -> Outcome:
         state = self.state()
         logger.info("session %s paused: %s (steps %d, $%.4f)", self.sid, why, state.steps, state.cost_usd)
-        await self.ctx.queues.settled(self.sid, state.parent_session)
+        await self.ctx.queues.settled(self.sid, state.parent_session, status="paused", turn=state.turn)
         return "ended"
 
     def _model_spec(self, conv: Conversation) -> str | None:
@@ -393,7 +407,7 @@ class SessionRun:
             "session %s %s%s (steps %d, tool calls %d, $%.4f)",
             self.sid, status, f": {reason}" if reason else "", state.steps, state.tool_calls, state.cost_usd,
         )  # fmt: skip
-        await self.ctx.queues.settled(self.sid, state.parent_session)
+        await self.ctx.queues.settled(self.sid, state.parent_session, status=status, turn=state.turn)
         return "ended"
 
     async def _hand_to_evaluator(self, round_: int) -> Outcome:

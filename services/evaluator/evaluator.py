@@ -103,7 +103,9 @@ class Evaluator(Service):
             return
         task = created.task
         if state.terminal:
-            await self.queues.settled(sid, task.parent_session)  # in case a crash lost it
+            await self.queues.settled(
+                sid, task.parent_session, status=state.status, turn=state.turn
+            )  # a crash lost it?
             return
         # a follow-up opens a new turn of a completed session: its rounds are counted afresh
         verdicts = [
@@ -132,7 +134,7 @@ class Evaluator(Service):
         end = SessionEnded(id=ended_id(state.turn), status=status, reason=reason, result=result)
         await self.log.append(state.session_id, end)
         tracing.sessions_ended.add(1, {"status": status})
-        await self.queues.settled(state.session_id, state.parent_session)
+        await self.queues.settled(state.session_id, state.parent_session, status=status, turn=state.turn)
 
     async def _count_spend(self, task: Task, verdict: VerdictRecorded) -> None:
         """The grader's call is part of what the session and its pool cost."""

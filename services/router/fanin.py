@@ -1,29 +1,18 @@
 """Fan-in: when every sibling of a fan-out has ended, record their results side by side in the parent.
 
-A durable position in the log (consumer `router-fanin`), so a fan-out whose last sibling ended
-while no router ran is still aggregated when one starts.
+Whoever records a sibling's end (an agent, the evaluator, a cancel, a give-up) queues a
+`child_result` item for the router, as every end writer does for its parent (`WorkQueues.settled`);
+the router then looks at all the siblings. Each look is complete on its own, so a crash, a
+repeat or two siblings ending at once only repeat deduplicated writes; a fan-out whose last
+sibling ended while no router ran is aggregated when one starts (the item waits in its queue).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
-from agentbus import rejects
-from agentbus.bus import Bus, Job
-from agentbus.messages import (
-    TERMINAL,
-    DelegationCompleted,
-    OpinionResult,
-    OpinionsAggregated,
-    SessionCreated,
-    SessionEnded,
-    Task,
-    decode_event,
-)
-from agentbus.service import Consumer, LogOnly, Reject, consume
+from agentbus.messages import TERMINAL, DelegationCompleted, OpinionResult, OpinionsAggregated, SessionEnded, Task
 from agentbus.session import SessionLog
-from agentbus.subjects import session_id_from_subject, valid_token
 
 logger = logging.getLogger("agentbus.router")
 
@@ -34,54 +23,24 @@ def opinion_ids(sid: str, task: Task) -> list[str]:
 
 
 class FanIn:
-    """Watches sessions end and aggregates fan-outs whose siblings are all done."""
+    """Collects the siblings of a fan-out into their parent."""
 
-    def __init__(self, bus: Bus, log: SessionLog) -> None:
-        self.bus = bus
+    def __init__(self, log: SessionLog) -> None:
         self.log = log
 
-    async def run(self, draining: asyncio.Event) -> None:
-        consumer = Consumer(
-            spec=self.bus.ns.fanin_consumer(),
-            handle=self._handle,
-            settle=LogOnly("fan-in"),
-            sync_ack=False,  # a redelivery only repeats deduplicated writes
-        )
-        await consume(self.bus, consumer, draining)
-
-    async def _handle(self, job: Job) -> None:
-        event = decode_event(job.data, job.stored_at)
-        why = rejects.why_unusable(event)  # reading every owner event anyway: answer what cannot be used
-        if not isinstance(event, SessionEnded) and why is None:
+    async def collect(self, parent: str, task: Task) -> None:
+        """Record each ended sibling in the parent, and once all have, the aggregate and the end."""
+        if (await self.log.state(parent)).terminal:
             return
-        sid = session_id_from_subject(job.subject)
-        if sid is None or not valid_token(sid):
-            raise Reject(f"{job.subject} names no valid session")
-        if why is not None:
-            await rejects.answer(self.log, sid, job.seq, job.subject, why)
-            return
-        await self.child_ended(sid)
-
-    async def child_ended(self, child: str) -> None:
-        first = await self.log.read(child, limit=1)
-        if not first or not isinstance(first[0].event, SessionCreated):
-            return
-        parent = first[0].event.task.parent_session
-        if parent is None or not valid_token(parent):
-            return
-        head = await self.log.read(parent, limit=1)
-        if not head or not isinstance(head[0].event, SessionCreated) or not head[0].event.task.opinions:
-            return  # an ordinary delegation: the delegating agent collects it
-        task = head[0].event.task
-        siblings = opinion_ids(parent, task)
-        if child not in siblings:
-            return
-        states = [await self.log.state(c) for c in siblings]
-        done = next(s for s in states if s.session_id == child)
-        await self.log.append(
-            parent,
-            DelegationCompleted(id=f"delegated-{child}", child_session=child, status=done.status, result=done.result),
-        )
+        # the parent's log, not the stream's deduplication: a sibling may end long after another
+        recorded = {getattr(r.event, "id", None) for r in await self.log.read(parent, channels="log")}
+        states = [await self.log.state(c) for c in opinion_ids(parent, task)]
+        for s in states:
+            if s.status in TERMINAL and f"delegated-{s.session_id}" not in recorded:
+                done = DelegationCompleted(
+                    id=f"delegated-{s.session_id}", child_session=s.session_id, status=s.status, result=s.result
+                )
+                await self.log.append(parent, done)
         if not all(s.status in TERMINAL for s in states):
             return
         results = tuple(

@@ -47,6 +47,7 @@ class Router(Service):
         self.table = table
         self.log = SessionLog(bus)
         self.queues = WorkQueues(self.log)
+        self.fanin = FanIn(self.log)
         super().__init__()
         self.routed = 0
 
@@ -58,10 +59,9 @@ class Router(Service):
             settle=WorkSettlement(self.queues, "router"),
             concurrency=ROUTING_CONCURRENCY,
         )
-        fanin = FanIn(self.bus, self.log)
         logger.info("router ready (default pool %s, %d rules)", self.table.default_pool, len(self.table.routes))
         try:
-            await self._supervise(loops=[consume(self.bus, submissions, self._draining), fanin.run(self._draining)])
+            await self._supervise(loops=[consume(self.bus, submissions, self._draining)])
         finally:
             logger.info("router stopped after routing %d sessions", self.routed)
 
@@ -80,6 +80,9 @@ class Router(Service):
         created = records[0].event if records else None
         if not isinstance(created, SessionCreated):  # it can never start: end it, saying why
             await self.queues.refuse_taskless(sid, records, job.subject)
+            return
+        if created.task.opinions and item.reason == "child_result":  # a sibling ended or paused
+            await self.fanin.collect(sid, created.task)
             return
         if created.task.opinions:
             await self._fan_out(sid, created.task)
