@@ -296,18 +296,7 @@ class Client:
     async def sessions(self, status: str | None = None) -> list[SessionState]:
         """One state per session, oldest first; `status` filters. A session whose state cannot be
         read is left out with a warning, so one bad entry never hides every other."""
-        ident = self.bus.identity
-        if ident.lists_sessions:
-            ids = await self.log.session_ids()
-        else:  # a reader granted some sessions sees those, and learns of no others
-            ids = [sid for sid in ident.sessions if await self.log.exists(sid)]
-        states = []
-        for sid in ids:
-            try:
-                states.append(await self.log.state(sid))
-            except NoSuchSession:
-                continue  # its only messages went away between the listing and the read
-        return [s for s in states if status is None or s.status == status]
+        return [s for s in await self.log.states() if status is None or s.status == status]
 
     async def wait(
         self, session_id: str, *, timeout: float | None = None, raise_on_failure: bool = False

@@ -94,11 +94,7 @@ class Inbox:
 
     async def items(self) -> list[InboxItem]:
         """Every session that needs a person now, the longest-waiting first."""
-        found = []
-        for sid in await self.log.session_ids():
-            state = await self.log.state(sid)
-            if state.needs_person:
-                found.append(item_of(state))
+        found = [item_of(state) for state in await self.log.states() if state.needs_person]
         return sorted(found, key=lambda i: (i.since_ts, i.session_id))
 
     async def follow(self) -> AsyncIterator[InboxItem]:

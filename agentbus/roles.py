@@ -137,6 +137,7 @@ def _read_sessions(ns: Namespace, sessions: Sequence[str]) -> list[str]:
             f"$JS.API.DIRECT.GET.{stream}.{filt}",
             f"$JS.API.DIRECT.GET.{stream}",  # batched reads with no consumer (the subject is in the body)
             f"$JS.API.DIRECT.GET.KV_{state}.$KV.{state}.*",
+            f"$JS.API.DIRECT.GET.KV_{state}",  # every cached state in one batched read (the listing)
             f"$JS.API.STREAM.INFO.{stream}",  # the list of sessions
         ]
     for sid in sessions:
@@ -174,8 +175,8 @@ def _admin(ident: Identity) -> Permissions:
         "*.session.*.log", f"*.session.*.input.{u}", f"*.session.*.control.{u}",
         "*.submit", "*.work.*", "*.evaluate", "*.supervisor.scale", "*.timer",
     ]  # fmt: skip
-    # an admin may run any process by hand: an agent listens for interrupts on every input channel
-    sub = [f"{ident.inbox_prefix}.>", "*.supervisor.scale", "$JS.EVENT.>", "*.session.*.input.*"]
+    # an admin may run any process by hand: an agent hears people's channels and its pool's hold
+    sub = [f"{ident.inbox_prefix}.>", "*.supervisor.scale", "$JS.EVENT.>", "*.session.*.*.*", "$KV.*.hold.*"]
     return Permissions(tuple(pub), tuple(sub), allow_responses=True)
 
 
@@ -222,6 +223,7 @@ def _agent(ident: Identity) -> Permissions:
         pub += _durable(ns.work_stream, name, work)
         pub += _durable(ns.exhausted_stream, f"exhausted-{pool}" if pool != "*" else "*", exhausted)
         pub.append(f"$KV.{ns.spend_bucket}.pool.{pool}")
+        sub.append(f"$KV.{ns.spend_bucket}.hold.{pool}")  # a hold set or lifted, heard as it happens
         sub.append(exhausted)  # live advisories, where they cannot be kept in a stream
     # every agent shares two durables: input that wakes a parked session, and timers coming due
     wake, timers = ns.wake_consumer(), ns.timers_consumer()
@@ -229,7 +231,9 @@ def _agent(ident: Identity) -> Permissions:
     control = ns.wake_control_consumer()  # people's command channels: cancels wake, bad input is answered
     pub += _durable(control.stream, control.durable, control.filter_subject)
     pub += _durable(timers.stream, timers.durable, timers.filter_subject)
-    sub.append(ns.sessions_input_all())  # interrupts reach the agent running the session the moment they come
+    # interrupts reach the agent running the session the moment they come, and a run looks for
+    # people's input only when some arrived
+    sub.append(ns.sessions_people_all())
     pub += [
         f"$JS.API.STREAM.MSG.GET.{ns.work_stream}",  # an exhausted task's work item
         f"$JS.API.STREAM.MSG.DELETE.{ns.work_stream}",  # ... removed once its session is failed

@@ -16,7 +16,7 @@ from typing import Literal
 from agentbus import statecache
 from agentbus.authority import honoured
 from agentbus.bus import Bus, Delivery, Outgoing, PubAck
-from agentbus.errors import FencedError
+from agentbus.errors import FencedError, NoSuchSession
 from agentbus.messages import Event, Record, decode_event, encode
 from agentbus.state import SessionState
 from agentbus.subjects import parse_session_subject, session_id_from_subject, valid_token
@@ -126,12 +126,37 @@ class SessionLog:
         A subject whose id token is not a valid session id (written by hand, by a foreign
         client) names no session agentbus could address: it is left out, with a warning.
         """
-        counts = await self.bus.subject_counts(self.ns.sessions_stream, self.ns.sessions_all())
-        ids = {sid for subj in counts if (sid := session_id_from_subject(subj))}
-        bad = sorted(sid for sid in ids if not valid_token(sid))
+        return list(await self.record_counts())
+
+    async def record_counts(self) -> dict[str, int]:
+        """How many records the stream holds of each session (one request), oldest id first."""
+        counts: dict[str, int] = {}
+        bad: set[str] = set()
+        for subj, n in (await self.bus.subject_counts(self.ns.sessions_stream, self.ns.sessions_all())).items():
+            if (sid := session_id_from_subject(subj)) is None:
+                continue
+            if not valid_token(sid):
+                bad.add(sid)
+                continue
+            counts[sid] = counts.get(sid, 0) + n
         if bad:
-            logger.warning("ignoring %d subject(s) with an invalid session id: %s", len(bad), ", ".join(bad[:5]))
-        return sorted(ids - set(bad))
+            shown = ", ".join(sorted(bad)[:5])
+            logger.warning("ignoring %d subject(s) with an invalid session id: %s", len(bad), shown)
+        return dict(sorted(counts.items()))
+
+    async def states(self) -> list[SessionState]:
+        """Every session's state, oldest first (`statecache.listing`); for a reader granted some
+        sessions, those that exist (it learns of no others)."""
+        ident = self.bus.identity
+        if ident.lists_sessions:
+            return await statecache.listing(self, await self.record_counts())
+        states = []
+        for sid in ident.sessions:
+            try:
+                states.append(await self.state(sid))
+            except NoSuchSession:
+                continue
+        return states
 
     # --- state ------------------------------------------------------------------------------
 

@@ -1,13 +1,13 @@
 """The spend ledger: dollars spent per pool, and the holds a dollar ceiling puts on a pool.
 
-Agents add each model call's cost right after recording the call (compare-and-set, so
+Agents add their model calls' costs once a second (`SpendBatch`: compare-and-set, so
 concurrent agents never lose an update). The supervisor compares the totals with the pools
-file's ceilings and sets or clears one hold per pool. An agent reads its pool's hold before
-every model call and, while one is set, pauses the session exactly as a session budget does.
-The totals are close, not exact: a call whose cost could not be added (an agent crash right
-after recording it, or the ledger unreachable) is missing, and an update retried after a lost
-reply may count twice. Calls in flight when a hold is set finish. The session logs stay the
-exact record of every call and its cost.
+file's ceilings and sets or clears one hold per pool. An agent checks its pool's hold before
+every model call (`HoldWatch`: read again only when the server says the key changed) and, while
+one is set, pauses the session exactly as a session budget does. The totals are close, not
+exact: costs an agent had not flushed when it died, or could not add (the ledger unreachable),
+are missing, and an update retried after a lost reply may count twice. Calls in flight when
+a hold is set finish. The session logs stay the exact record of every call and its cost.
 """
 
 from __future__ import annotations
@@ -110,3 +110,93 @@ def _decode(raw: bytes, kind: type[_T], fallback: _T) -> _T:
         return msgspec.json.decode(raw, type=kind)
     except msgspec.MsgspecError:
         return fallback
+
+
+class HoldWatch:
+    """A pool's hold as an agent checks it before every model call, without a request per call.
+
+    The key is read once, and again only when the server said it changed (a core subscription to
+    the key's subject hears every put and delete), when the connection was lost and regained
+    since, or when the last read is `max_age_s` old. Until the subscription is up (or if the
+    server refuses it), every check reads the key.
+    """
+
+    def __init__(self, ledger: SpendLedger, pool: str, *, max_age_s: float = 30.0) -> None:
+        self.ledger = ledger
+        self.pool = pool
+        self.max_age_s = max_age_s
+        self.live = asyncio.Event()
+        self._changes = 0
+        self._read: tuple[int, int, float, Hold | None] | None = None  # changes, reconnects, when, hold
+
+    async def run(self) -> None:
+        """Hear the key change until cancelled (a daemon of the agent)."""
+        subject = f"$KV.{self.ledger.bucket}.{_hold_key(self.pool)}"
+        try:
+            async for _ in self.ledger.bus.listen(subject, ready=self.live):
+                self._changes += 1
+        finally:
+            self.live.clear()
+            self._read = None
+
+    async def hold(self) -> Hold | None:
+        read, bus = self._read, self.ledger.bus
+        if (
+            read is not None
+            and self.live.is_set()
+            and read[:2] == (self._changes, bus.reconnects)
+            and time.monotonic() - read[2] < self.max_age_s
+        ):
+            return read[3]
+        changes, reconnects, live = self._changes, bus.reconnects, self.live.is_set()
+        hold = await self.ledger.hold(self.pool)
+        # a read made before the subscription was up may have missed a change: not kept
+        self._read = (changes, reconnects, time.monotonic(), hold) if live else None
+        return hold
+
+
+class SpendBatch:
+    """An agent's model-call costs, added to its pool's total at most once every `every_s`: one
+    compare-and-set for many calls instead of one per call. A flush that fails is kept for the
+    next; what an agent that dies had not flushed yet is missing from the total, like any lost
+    update (module docstring). The session logs have every cost."""
+
+    def __init__(self, ledger: SpendLedger, pool: str, *, every_s: float = 1.0) -> None:
+        self.ledger = ledger
+        self.pool = pool
+        self.every_s = every_s
+        self._usd = 0.0
+        self._calls = 0
+        self._due = asyncio.Event()
+
+    def add(self, usd: float) -> None:
+        self._usd += usd
+        self._calls += 1
+        self._due.set()
+
+    async def run(self) -> None:
+        """Flush what came in, at most once every `every_s`, until cancelled; then flush once more."""
+        try:
+            while True:
+                await self._due.wait()
+                await asyncio.sleep(self.every_s)
+                await self.flush()
+        finally:
+            if self._calls:
+                try:
+                    await asyncio.wait_for(self.flush(), 2.0)
+                except (TimeoutError, asyncio.CancelledError):
+                    log.warning("pool %s: $%.4f of %d calls not added to its total", self.pool, self._usd, self._calls)
+
+    async def flush(self) -> None:
+        usd, calls = self._usd, self._calls
+        self._usd, self._calls = 0.0, 0
+        self._due.clear()
+        if not calls:
+            return
+        try:
+            await self.ledger.add(self.pool, usd, calls)
+        except BusError as err:  # kept for the next flush
+            self._usd, self._calls = self._usd + usd, self._calls + calls
+            self._due.set()
+            log.warning("pool %s: spend not updated yet (%s); trying again", self.pool, err)

@@ -112,6 +112,10 @@ class Namespace:
         """The steering channels of every session and user."""
         return f"{self.prefix}.session.*.input.*"
 
+    def sessions_people_all(self) -> str:
+        """The steering and command channels of every session and user (not the log channels)."""
+        return f"{self.prefix}.session.*.*.*"
+
     def sessions_control_all(self) -> str:
         """The command channels of every session and user."""
         return f"{self.prefix}.session.*.control.*"

@@ -90,6 +90,10 @@ async def queued(bus: Bus) -> int:
     return sum(await bus.consumer_backlog(bus.ns.pool_consumer(POOL)))
 
 
+async def _drained(bus: Bus) -> bool:
+    return await queued(bus) == 0
+
+
 # --- 1. a multi-step tool session ------------------------------------------------------------------
 
 
@@ -245,7 +249,7 @@ async def test_a_400_fails_the_session_with_the_apis_message_and_is_not_retried(
         async with agent(settings, api, tmp_path):
             sid = await client.submit("x", pool=POOL)
             state = await client.wait(sid, timeout=15)
-            assert await queued(client.bus) == 0  # settled for good, not back on the queue
+            await until(lambda: _drained(client.bus), "the ack")  # settled for good, not back on the queue
         assert len(api.requests) == 1
     assert state.status == "failed"
     assert "prompt is too long" in state.reason
@@ -338,7 +342,7 @@ async def test_cancel_ends_a_session_waiting_for_a_human_as_cancelled(
             await until(lambda: _status_is(client, sid, "waiting"), "the session to wait for a human")
             await client.cancel(sid, author="carol", reason="not needed")
             state = await client.wait(sid, timeout=15)
-            assert await queued(client.bus) == 0
+            await until(lambda: _drained(client.bus), "the ack")  # the end is recorded before the ack
         assert len(api.requests) == 1
     assert state.status == "cancelled"
     assert "carol" in state.reason and "not needed" in state.reason
@@ -490,7 +494,7 @@ async def test_a_draining_agent_records_its_step_and_returns_the_task_for_anothe
 
         async with agent(settings, api, tmp_path, worker_id="second"):
             state = await client.wait(sid, timeout=15)
-            assert await queued(client.bus) == 0
+            await until(lambda: _drained(client.bus), "the ack")  # the end is recorded before the ack
         requests = bodies(api)
 
     assert state.status == "completed", state.reason
@@ -515,7 +519,7 @@ async def test_a_session_waiting_for_a_human_outlives_its_agent_and_the_answer_w
         async with agent(settings, api, tmp_path, worker_id="first", max_deliver=2) as first:
             sid = await client.submit("ask for a colour", pool=POOL)
             await until(lambda: _status_is(client, sid, "waiting"), "the session to wait for a human")
-            assert await queued(client.bus) == 0  # parked: it holds no queue message and no slot
+            await until(lambda: _drained(client.bus), "the ack")  # parked: it holds no queue message and no slot
             await asyncio.wait_for(first.shutdown(), 10)
             assert not (await client.state(sid)).terminal
         assert not [r for r in caplog.records if r.levelname == "ERROR"]  # a drain is not a failure

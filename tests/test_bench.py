@@ -42,3 +42,26 @@ async def test_log_bench_report_has_a_row_per_operation_with_a_mark() -> None:
     rows = [line for line in report.splitlines() if line.startswith(("append", "replay"))]
     assert len(rows) == 3
     assert rows[0].endswith("✓") and rows[1].endswith("✗") and rows[2].endswith("✓")
+
+
+@pytest.mark.timeout(240)
+async def test_e2e_bench_reports_both_sides_resume_and_listing_and_prints_them() -> None:
+    from agentbus.bench import format_e2e_report, run_e2e_bench
+
+    result = await run_e2e_bench(10, slots=4, idle_s=0.3, resume_events=101, listing=(5, 20))
+
+    keys = {"pickup_p50_ms", "pickup_p99_ms", "completed_p50_ms", "completed_p99_ms", "sessions_per_s",
+            "messages_per_session"}  # fmt: skip
+    for side in ("raw", "agentbus"):
+        for label in ("one_step", "three_step"):
+            figures = result[side][label]
+            assert set(figures) == keys
+            assert all(math.isfinite(v) and v > 0 for v in figures.values()), (side, label, figures)
+        assert math.isfinite(result[side]["messages_per_tool_turn"])
+    # the sides did the same work: a raw session writes its steps, agentbus at least as much
+    assert result["agentbus"]["one_step"]["messages_per_session"] >= result["raw"]["one_step"]["messages_per_session"]
+    assert set(result["ratio"]) == {f"{label}.{k}" for label in ("one_step", "three_step") for k in keys}
+    assert result["resume"]["events"] == 101 and result["resume"]["claimed_ms"] > 0
+    assert set(result["listing"]) == {"5", "20"}
+    report = format_e2e_report(result)
+    assert "resume of a 101-record log" in report and "listing    20 sessions" in report

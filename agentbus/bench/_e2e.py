@@ -36,6 +36,7 @@ from nats.js import JetStreamContext, api
 
 import agentbus
 from agentbus.bus import Bus
+from agentbus.client import new_session_id
 from agentbus.config import Settings
 from agentbus.messages import (
     ModelResponded,
@@ -208,16 +209,15 @@ class _RawPipeline:
 class _Side:
     """One side of the comparison: how to submit, and what its ends and pickups look like."""
 
-    def __init__(self, name: str, submit: Callable[[str], Awaitable[None]], ends: _Ends) -> None:
+    def __init__(self, name: str, submit: Callable[[], Awaitable[str]], ends: _Ends) -> None:
         self.name, self.submit, self.ends = name, submit, ends
 
 
 async def _latency(side: _Side, count: int) -> dict[str, float]:
     pickups, totals = [], []
     for _ in range(count):
-        sid = _new_id()
         started = time.perf_counter()
-        await side.submit(sid)
+        sid = await side.submit()
         await side.ends.wait([sid])
         totals.append((side.ends.ended[sid] - started) * 1000)
         pickups.append((side.ends.picked.get(sid, side.ends.ended[sid]) - started) * 1000)
@@ -228,23 +228,21 @@ async def _latency(side: _Side, count: int) -> dict[str, float]:
 
 
 async def _throughput(side: _Side, count: int) -> float:
-    sids = [_new_id() for _ in range(count)]
     started = time.perf_counter()
-    await asyncio.gather(*(side.submit(s) for s in sids))
+    sids = await asyncio.gather(*(side.submit() for _ in range(count)))
     await side.ends.wait(sids, timeout=300)
     return count / (max(side.ends.ended[s] for s in sids) - started)
 
 
-async def _messages(side: _Side, server: NatsServer, count: int) -> float:
+async def _messages(side: _Side, server: NatsServer, count: int, idle_s: float) -> float:
     """Messages clients sent per session (one at a time), idle traffic over the same time subtracted."""
     # idle traffic (long-polling fetches, heartbeats) comes in bursts: measure it over seconds
     idle_from, t0 = _varz(server), time.perf_counter()
-    await asyncio.sleep(3.0)
+    await asyncio.sleep(idle_s)
     idle_rate = (_varz(server) - idle_from) / (time.perf_counter() - t0)
     before, t1 = _varz(server), time.perf_counter()
     for _ in range(count):
-        sid = _new_id()
-        await side.submit(sid)
+        sid = await side.submit()
         await side.ends.wait([sid])
     spent = time.perf_counter() - t1
     return max((_varz(server) - before - idle_rate * spent) / count, 0.0)
@@ -261,8 +259,15 @@ def _new_id() -> str:
 
 
 async def _run_side(
-    name: str, server: NatsServer, settings: Settings, tmp: Path, tool_turns: int, agents: int, slots: int, n: int
+    name: str,
+    server: NatsServer,
+    settings: Settings,
+    tmp: Path,
+    shape: tuple[int, int, int],
+    n: int,
+    idle_s: float,
 ) -> dict[str, float]:
+    tool_turns, agents, slots = shape
     nc = await nats.connect(server.url, name="e2e-bench")
     js = nc.jetstream()
     try:
@@ -272,7 +277,7 @@ async def _run_side(
             side, stop = await _agentbus_side(nc, settings, tmp, tool_turns, agents, slots)
         await _latency(side, 5)  # warm up
         result = {**await _latency(side, n), "sessions_per_s": await _throughput(side, n * 4)}
-        result["messages_per_session"] = await _messages(side, server, max(n * 2, 100))
+        result["messages_per_session"] = await _messages(side, server, n * 2, idle_s)
         await stop()
         return result
     finally:
@@ -288,7 +293,13 @@ async def _raw_side(nc: NATS, js: JetStreamContext, tool_turns: int, agents: int
     pipeline = _RawPipeline(nc, js, tool_turns)
     await pipeline.start(agents, slots)
     task = encode(SessionCreated(id="created", task=Task(session_id="x", prompt="bench")))
-    return _Side("raw", lambda sid: pipeline.submit(sid, task), ends), pipeline.stop
+
+    async def submit() -> str:
+        sid = _new_id()
+        await pipeline.submit(sid, task)
+        return sid
+
+    return _Side("raw", submit, ends), pipeline.stop
 
 
 async def _agentbus_side(
@@ -309,8 +320,8 @@ async def _agentbus_side(
     client = agentbus.Client(buses[-1])
     await buses[-1].provision(update=False)
 
-    async def submit(sid: str) -> None:
-        await client.submit("bench", session_id=sid)
+    async def submit() -> str:
+        return await client.submit("bench")  # the client makes the id, as a user's submit does
 
     async def stop() -> None:
         await asyncio.gather(*(s.shutdown() for s in (router, *workers)))
@@ -322,9 +333,17 @@ async def _agentbus_side(
 
 
 async def run_e2e_bench(
-    sessions: int = 100, *, agents: int = 1, slots: int = 16, store_dir: str | None = None
+    sessions: int = 100,
+    *,
+    agents: int = 1,
+    slots: int = 16,
+    store_dir: str | None = None,
+    idle_s: float = 3.0,
+    resume_events: int = 1000,
+    listing: tuple[int, ...] = (10, 100, 1000),
 ) -> dict[str, Any]:
-    """Both sides, one-step and three-step sessions, on a private server with monitoring."""
+    """Both sides, one-step and three-step sessions, on a private server with monitoring; then
+    resume of a long log and the session listing."""
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="agentbus-bench-") as tmp_name:
@@ -339,12 +358,124 @@ async def run_e2e_bench(
                 for name in ("raw", "agentbus"):
                     side_settings = settings.with_(prefix=f"e2e{turns}{name[0]}")
                     out.setdefault(name, {})[label] = await _run_side(
-                        name, server, side_settings, tmp, turns, agents, slots, sessions
+                        name, server, side_settings, tmp, (turns, agents, slots), sessions, idle_s
                     )
             for name in ("raw", "agentbus"):
                 one, three = out[name]["one_step"], out[name]["three_step"]
                 out[name]["messages_per_tool_turn"] = (three["messages_per_session"] - one["messages_per_session"]) / 2
             out["ratio"] = _ratios(out["raw"], out["agentbus"])
+            out["resume"] = await _resume(server, settings.with_(prefix="e2er"), tmp, resume_events)
+            out["listing"] = await _listing(server, settings.with_(prefix="e2el"), listing)
+    return out
+
+
+async def _resume(server: NatsServer, settings: Settings, tmp: Path, events: int, repeats: int = 3) -> dict[str, Any]:
+    """A session whose log holds `events` records (tool turns) is queued; agentbus: until its agent
+    recorded the claim (read, folded, rebuilt) and until it ended (one more model call); raw: one
+    ordered-consumer replay of the same records. Medians of `repeats`."""
+    from services.agent.worker import AgentConfig, AgentWorker
+
+    turns = max((events - 2) // 3, 1)
+    calls: list[dict[str, Any]] = [
+        {"content": [{"type": "tool_use", "id": f"t{i}", "name": "read_file", "input": {"path": f"f{i}.txt"}}],
+         "stop_reason": "tool_use", "usage": {}}
+        for i in range(turns)
+    ]  # fmt: skip
+    done = {"content": [{"type": "text", "text": "done"}], "stop_reason": "end_turn", "usage": {}}
+    script = tmp / "resume.json"
+    script.write_text(json.dumps({"responses": [*calls, done]}))
+    model = ScriptedModel(script)
+    nc = await nats.connect(server.url, name="e2e-bench-resume")
+    ends = _Ends(lambda d: isinstance(decode_event(d), SessionEnded), lambda d: b'"type":"session_claimed"' in d)
+    await ends.watch(nc, f"{settings.prefix}.session.*.log")
+    abus, cbus = await Bus.connect(settings), await Bus.connect(settings)
+    await cbus.provision()
+    config = AgentConfig(pool=_POOL, model=model.name, workdir=tmp / "resume", tools=("read_file",),
+                         runaway_steps=turns + 10, no_progress_turns=turns + 10)  # fmt: skip
+    worker = AgentWorker(abus, config, model)
+    runner = asyncio.create_task(worker.run())
+    client = agentbus.Client(cbus)
+    claims, ended, replays = [], [], []
+    try:
+        for _ in range(repeats):
+            sid = new_session_id()  # its records first, queued once they are all there
+            task = Task(session_id=sid, prompt="resume bench", pool=_POOL)
+            history: list[Any] = [SessionCreated(id="created", task=task)]
+            for i in range(turns):
+                use = calls[i]["content"]
+                history += [
+                    ModelResponded(id=f"step-{i + 1}", step=i + 1, model=model.name, content=tuple(use),
+                                   stop_reason="tool_use"),
+                    ToolCallStarted(id=f"start-t{i}", step=i + 1, tool_use_id=f"t{i}", name="read_file",
+                                    input={"path": f"f{i}.txt"}),
+                    ToolCallCompleted(id=f"done-t{i}", step=i + 1, tool_use_id=f"t{i}", name="read_file",
+                                      output="no such file"),
+                ]  # fmt: skip
+            await client.log.append(sid, history[0], channel="control")
+            await client.log.append_many(sid, history[1:])
+            replays.append(await _raw_replay(nc, settings, sid))
+            started = time.perf_counter()
+            await client.queues.enqueue(WorkItem(session_id=sid), _POOL)
+            await ends.wait([sid])
+            claims.append((ends.picked[sid] - started) * 1000)
+            ended.append((ends.ended[sid] - started) * 1000)
+    finally:
+        await worker.shutdown()
+        await runner
+        for b in (abus, cbus):
+            await b.close()
+        await nc.close()
+    return {
+        "events": 2 + 3 * turns,
+        "raw_replay_ms": _pct(replays, 0.5),
+        "claimed_ms": _pct(claims, 0.5),
+        "first_call_and_end_ms": _pct(ended, 0.5),
+    }
+
+
+async def _raw_replay(nc: NATS, settings: Settings, sid: str) -> float:
+    """One ordered consumer over the session's subjects, read to its last record."""
+    js = nc.jetstream()
+    stream = f"{settings.prefix.upper()}_SESSIONS"
+    subject = f"{settings.prefix}.session.{sid}.>"
+    started = time.perf_counter()
+    sub = await js.subscribe(subject, stream=stream, ordered_consumer=True)
+    try:
+        while True:
+            msg = await sub.next_msg(timeout=10)
+            if msg.metadata.num_pending == 0:
+                return (time.perf_counter() - started) * 1000
+    finally:
+        await sub.unsubscribe()
+
+
+async def _listing(server: NatsServer, settings: Settings, sizes: tuple[int, ...]) -> dict[str, Any]:
+    """`sessions` (every session's state) at each size, next to the one request that lists the
+    subjects (what any listing must at least do); medians of three, after a first listing that
+    fills the state cache."""
+    out: dict[str, Any] = {}
+    async with await Bus.connect(settings) as bus:
+        await bus.provision()
+        client = agentbus.Client(bus)
+        made = 0
+        for size in sizes:
+            while made < size:
+                sid = new_session_id()
+                created = SessionCreated(id="created", task=Task(session_id=sid, prompt="listed", pool=_POOL))
+                await client.log.append(sid, created, channel="control")
+                await client.log.append(sid, SessionEnded(id="ended", status="completed", result="r"))
+                made += 1
+            await client.sessions()
+            ours, raw = [], []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                states = await client.sessions()
+                ours.append((time.perf_counter() - t0) * 1000)
+                t1 = time.perf_counter()
+                await bus.subject_counts(bus.ns.sessions_stream, bus.ns.sessions_all())
+                raw.append((time.perf_counter() - t1) * 1000)
+            assert len(states) == size, f"listed {len(states)} of {size} sessions"
+            out[str(size)] = {"sessions_ms": _pct(ours, 0.5), "subjects_request_ms": _pct(raw, 0.5)}
     return out
 
 
@@ -374,6 +505,16 @@ def format_e2e_report(result: dict[str, Any]) -> str:
         f"messages per extra tool turn: raw {result['raw']['messages_per_tool_turn']:.1f}, "
         f"agentbus {result['agentbus']['messages_per_tool_turn']:.1f}"
     )
+    if resume := result.get("resume"):
+        lines.append(
+            f"resume of a {resume['events']}-record log: claimed {resume['claimed_ms']:.1f} ms, first model call"
+            f" and end {resume['first_call_and_end_ms']:.1f} ms; raw replay of the log {resume['raw_replay_ms']:.1f} ms"
+        )
+    for size, row in (result.get("listing") or {}).items():
+        lines.append(
+            f"listing {size:>5} sessions: {row['sessions_ms']:.1f} ms"
+            f" (the subjects request alone {row['subjects_request_ms']:.1f} ms)"
+        )
     return "\n".join(lines)
 
 

@@ -101,6 +101,11 @@ class BusCore:
     def user(self) -> str:
         return self.identity.user
 
+    @property
+    def reconnects(self) -> int:
+        """How often the connection came back after a loss: live signals sent meanwhile were missed."""
+        return self._link.reconnects
+
     def refused(self, subject: str, detail: str = "") -> NotPermitted:
         """The one-line refusal for `subject`, naming the action (from the permissions table) and the role."""
         action = roles.action_for(subject, self.identity.user) or f"use {subject}"
@@ -172,6 +177,7 @@ class _Link:
         self.closed = asyncio.Event()
         self.closing = False
         self.lost_at = 0.0
+        self.reconnects = 0
         self.violations: list[str] = []
         self.auth_error = ""
         self.established = False
@@ -264,6 +270,7 @@ async def _connect_once(servers: list[str], settings: Settings, *, name: str) ->
             logger.warning("lost the connection to NATS at %s; reconnecting", url)
 
     async def on_reconnected() -> None:
+        link.reconnects += 1
         gone = time.monotonic() - link.lost_at if link.lost_at else 0.0
         where = nc.connected_url.geturl() if nc.connected_url else url
         logger.warning("reconnected to NATS at %s after %.1fs", where, gone)

@@ -242,13 +242,22 @@ class Reading(BusCore):
         async for _, data in self.listen(subject):
             yield data
 
-    async def listen(self, subject: str) -> AsyncIterator[tuple[str, bytes]]:
+    async def listen(self, subject: str, ready: asyncio.Event | None = None) -> AsyncIterator[tuple[str, bytes]]:
         """(subject, payload) of every message published on `subject` while this runs, stored or not.
 
         A signal, not a record: no consumer on the server, and a message missed (a reconnect, a
-        slow reader) is not delivered again. Readers that must not miss one read the stream.
+        slow reader) is not delivered again. Readers that must not miss one read the stream, or
+        look again after a reconnect (`reconnects`). `ready` is set once the server has the
+        subscription and did not refuse it (until then, and if refused, nothing is heard).
         """
         sub = await self._nc.subscribe(subject)
+        if ready is not None:
+            await self._nc.flush()
+            await self._nc.flush()  # a refusal arrives as an error before the second pong
+            if subject.lower() in self._link.violations:
+                logger.warning("the server refused a subscription to %s; going on without it", subject)
+            else:
+                ready.set()
         try:
             async for msg in sub.messages:
                 yield msg.subject, bytes(msg.data)

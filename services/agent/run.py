@@ -51,7 +51,7 @@ from agentbus.queues import WorkQueues
 from agentbus.sandbox import Sandbox
 from agentbus.service import backoff
 from agentbus.session import SessionLog, SessionWriter
-from agentbus.spend import SpendLedger
+from agentbus.spend import HoldWatch, SpendBatch
 from agentbus.state import SessionState
 from services.agent import repo_workspace
 from services.agent.calls import ToolCalls
@@ -79,7 +79,8 @@ class RunContext:
     pool: str
     log: SessionLog
     queues: WorkQueues
-    ledger: SpendLedger
+    holds: HoldWatch
+    spend: SpendBatch  # this agent's costs, added to the pool's total in batches
     tools: Mapping[str, Tool]
     tool_schemas: list[dict[str, Any]]
     model_for: Callable[[str | None], ModelClient]
@@ -98,6 +99,7 @@ class RunContext:
     approve: frozenset[str] = frozenset()
     sandbox: Sandbox | None = None  # where tools that run commands run (None: such tools refuse)
     network: bool = False
+    people_live: asyncio.Event | None = None  # the worker hears people's messages live (Transcript)
     tool_env: Mapping[str, str] = field(default_factory=dict)
     approval_timeout_s: float | None = None
     on_approval_timeout: Literal["deny", "pause"] = "deny"
@@ -113,7 +115,7 @@ class SessionRun:
         self.job = job
         self.item = item
         self.log = ctx.log
-        self.transcript = Transcript(ctx.log, session_id)
+        self.transcript = Transcript(ctx.log, session_id, ctx.people_live)
         self.writer: SessionWriter | None = None
         self.calls = ToolCalls(self)
         self._activity: asyncio.Task[Any] | None = None  # the model call or tool run in flight
@@ -286,10 +288,7 @@ class SessionRun:
             )
         )
         if cost > 0:
-            try:
-                await self.ctx.ledger.add(self.ctx.pool, cost)
-            except AgentBusError as err:  # the session log has the cost; only the pool's total misses it
-                logger.warning("session %s: pool spend not updated: %s", self.sid, err)
+            self.ctx.spend.add(cost)
         return None
 
     async def _deliver(self, conv: Conversation, step: int) -> None:
@@ -359,7 +358,7 @@ class SessionRun:
     async def _held(self) -> Stop | None:
         """A dollar ceiling over the whole pool (or fleet), set by the supervisor, pauses like a budget."""
         try:
-            hold = await self.ctx.ledger.hold(self.ctx.pool)
+            hold = await self.ctx.holds.hold()
         except AgentBusError as err:
             logger.warning("session %s: cannot read the pool's hold (%s); going on", self.sid, err)
             return None
@@ -424,8 +423,9 @@ class SessionRun:
         return "ended"
 
     async def refresh(self) -> None:
-        """What people wrote since the last look (an answer, a decision), merged in stream order."""
-        await self.transcript.catch_up()
+        """What people wrote since the last look (an answer, a decision), merged in stream order;
+        always asked of the stream (it comes before a park, where a missed answer would wait)."""
+        await self.transcript.catch_up(force=True)
 
     def workspace(self) -> Path:
         if self.ctx.repo is not None:  # issue 19: the session's worktree (made at the claim)

@@ -2,28 +2,41 @@
 
 The run reads the whole log once, when it takes the session. After that it never reads back
 what it appended (the ack gives the sequence, and it knows the event); it only looks for what
-others wrote: people on their channels (one last-message lookup per step boundary, and a read
-when there is something new), and other writers on the log channel, which the owner's fence
-reports (`SessionWriter.resync`). Records stay in stream order, so the conversation built from
+others wrote: people on their channels, and other writers on the log channel, which the owner's
+fence reports (`SessionWriter.resync`). People's messages also arrive as live signals (the
+worker's subscription to every session's input and command channels, `nudge`): while that
+subscription is up and the connection has not been lost since, a step boundary with no signal
+for this session needs no request at all; otherwise, and for a while after a signal (a message is
+heard before a replicated stream has stored it), one last-message lookup, and a read when there is
+something new. Records stay in stream order, so the conversation built from
 them is the same one a fresh reader of the log would build.
 """
 
 from __future__ import annotations
 
+import asyncio
 import bisect
+import time
 
 from agentbus.bus import PubAck
 from agentbus.messages import Event, Record
 from agentbus.session import SessionLog
 from agentbus.state import SessionState, fold
 
+# How long after a signal the stream is still asked: a replicated stream stores a message after
+# its subscribers have heard it (a raft round), never seconds after.
+_SIGNAL_LEAD_S = 2.0
+
 
 class Transcript:
     """The records of one session, in stream order, and their fold, kept as they grow."""
 
-    def __init__(self, log: SessionLog, session_id: str) -> None:
+    def __init__(self, log: SessionLog, session_id: str, live: asyncio.Event | None = None) -> None:
         self.log = log
         self.sid = session_id
+        self.live = live  # set while the worker hears people's messages as they are published
+        self._look_until = 0.0  # look for people's records at least until then (after a signal)
+        self._reconnects = log.bus.reconnects
         self.records: list[Record] = []
         self._people_to = 0  # every people's record at or below this sequence is known
         self._state = SessionState(session_id=session_id)
@@ -49,9 +62,18 @@ class Transcript:
             if rec.seq not in known:
                 self._insert(rec)
 
-    async def catch_up(self) -> bool:
-        """Read what people wrote since the last look; one lookup when there is nothing new.
+    def nudge(self) -> None:
+        """People wrote to this session just now (a live signal): look at the next step boundary."""
+        self._look_until = time.monotonic() + _SIGNAL_LEAD_S
+
+    async def catch_up(self, *, force: bool = False) -> bool:
+        """Read what people wrote since the last look; nothing at all when no signal says there is
+        anything (see the module docstring), else one lookup when there is nothing new.
         Returns whether anything new arrived."""
+        heard = self.live is not None and self.live.is_set() and self.log.bus.reconnects == self._reconnects
+        if not force and heard and time.monotonic() > self._look_until:
+            return False
+        self._reconnects = self.log.bus.reconnects
         people = f"{self.log.ns.session_log(self.sid).removesuffix('.log')}.*.*"
         last = await self.log.bus.last_subject_seq(self.log.ns.sessions_stream, people)
         if last <= self._people_to:

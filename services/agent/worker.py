@@ -32,7 +32,7 @@ from agentbus.queues import WorkQueues, WorkSettlement
 from agentbus.sandbox import tool_environment
 from agentbus.service import Consumer, HandBack, Retry, Service, consume
 from agentbus.session import SessionLog
-from agentbus.spend import SpendLedger
+from agentbus.spend import HoldWatch, SpendBatch, SpendLedger
 from agentbus.subjects import parse_session_subject, valid_token
 from services.agent import repo_workspace
 from services.agent.exhausted import ExhaustedWatcher
@@ -105,6 +105,8 @@ class AgentWorker(Service):
         self.log = SessionLog(bus)
         self.queues = WorkQueues(self.log)
         self.ledger = SpendLedger(bus)
+        self.holds = HoldWatch(self.ledger, config.pool)
+        self.spend = SpendBatch(self.ledger, config.pool)
         self.model = model or model_from_spec(config.model)
         self._models: dict[str, ModelClient] = {}
         self.tools: dict[str, Tool] = load_tools(config.tools)
@@ -122,12 +124,14 @@ class AgentWorker(Service):
         super().__init__()
         self.sessions: set[str] = set()
         self.served = 0
+        self._people_live = asyncio.Event()  # set once people's messages are heard live (`_people`)
         self._context = RunContext(
             worker_id=config.worker_id,
             pool=config.pool,
             log=self.log,
             queues=self.queues,
-            ledger=self.ledger,
+            holds=self.holds,
+            spend=self.spend,
             tools=self.tools,
             tool_schemas=self.tool_schemas,
             model_for=self.model_for,
@@ -138,6 +142,7 @@ class AgentWorker(Service):
             max_depth=config.max_depth,
             max_children=config.max_children,
             max_deliver=config.max_deliver,
+            people_live=self._people_live,
             pool_budget=config.budget,
             no_progress_turns=config.no_progress_turns,
             workdir=config.workdir,
@@ -187,7 +192,9 @@ class AgentWorker(Service):
                 ],
                 daemons=[
                     self._heartbeat(),
-                    self._interrupts(),
+                    self._people(),
+                    self.holds.run(),
+                    self.spend.run(),
                     *repo_workspace.daemons(self.repos, self.log, self.config.repo_sweep_s),
                 ],
             )
@@ -223,14 +230,24 @@ class AgentWorker(Service):
                 await self.bus.kv_put(self.bus.ns.workers_bucket, self.config.worker_id, encode(info))
             await asyncio.sleep(self.config.heartbeat_s)
 
-    async def _interrupts(self) -> None:
-        """Interrupts are acted on the moment they arrive: a live signal (no consumer) to the run that
-        owns the session here. The log keeps them too, so a run between steps still sees them."""
-        async for subject, data in self.bus.listen(self.bus.ns.sessions_input_all()):
+    async def _people(self) -> None:
+        """People's messages to the sessions running here, as live signals (no consumer): an interrupt
+        is acted on the moment it arrives, and anything else tells the run to look in the log at its
+        next step boundary (`Transcript.nudge`). The log keeps them all; a run between steps sees them."""
+        try:
+            await self._hear_people()
+        finally:
+            self._people_live.clear()  # runs look in the log at every step boundary again
+
+    async def _hear_people(self) -> None:
+        async for subject, data in self.bus.listen(self.bus.ns.sessions_people_all(), ready=self._people_live):
             sid, channel, sender = parse_session_subject(subject) or ("", "input", "")
-            event = honoured(channel, sender, decode_event(data))  # the subject says who sent it
             run = self._runs.get(sid)
-            if isinstance(event, InterruptRequested) and run is not None:
+            if run is None:
+                continue
+            run.transcript.nudge()
+            event = honoured(channel, sender, decode_event(data))  # the subject says who sent it
+            if isinstance(event, InterruptRequested):
                 logger.info("session %s: interrupted by %s", sid, event.author)
                 run.interrupt(event)
 
