@@ -239,6 +239,9 @@ class AuthStore:
         """On first start: an admin user with credentials here; later: the block as it stands.
         Returns the path of the first admin's credentials."""
         with self._locked():
+            # where the servers using this block write their pid (`nats-server --pid`), so `reload()`
+            # finds them; nats-server does not make the directory and refuses to start without it
+            self.pids_dir.mkdir(exist_ok=True)
             if not self._users:
                 self._add(Identity(user=admin, role="admin"), self.creds_path(admin), url="")
             elif not self.config_file.exists():

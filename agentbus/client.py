@@ -255,10 +255,13 @@ class Client:
         seq = (await self.log.append(session_id, event, channel="input")).seq
         after = await self.log.state(session_id)
         if after.status == "cancelled":  # nobody had claimed it
+            try:
+                await self.queues.settled(session_id, after.parent_session, status=after.status, turn=after.turn)
+            except NotPermitted:  # a co-driver may not queue: the item stays, and the agent taking it tells
+                return seq
             if after.pool is not None:
                 with contextlib.suppress(NotPermitted):  # a role that may not: the next agent drops it
                     await self.queues.withdraw(session_id, after.pool)
-            await self.queues.settled(session_id, after.parent_session, status=after.status, turn=after.turn)
         return seq
 
     async def resume(self, session_id: str, *, budget: Budget | None = None, author: str | None = None) -> int:

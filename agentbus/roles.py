@@ -201,6 +201,7 @@ def _service(ident: Identity) -> Permissions:
         ns.sessions_log_all(),
         _any(ns.session_control("SX", ident.user), "SX"),  # the router's fan-out records sibling sessions
         ns.work_all(),
+        ns.submissions(),  # a fan-out sibling's end, for the router to collect
         ns.evaluations(),
         f"$KV.{ns.state_bucket}.>",
         f"$KV.{ns.spend_bucket}.>",
@@ -241,6 +242,7 @@ def _agent(ident: Identity) -> Permissions:
         ns.sessions_log_all(),
         _any(ns.session_control("SX", ident.user), "SX"),  # delegation starts child sessions
         ns.work_all(),
+        ns.submissions(),  # a fan-out sibling's end, for the router to collect
         ns.evaluations(),
         ns.scale_requests(),
         f"$KV.{ns.workers_bucket}.>",
@@ -353,8 +355,8 @@ MATRIX: tuple[Row, ...] = (
         ("yes", "yes", "yes", "yes", "if all", "if all")),
     Row("submit", "submit (the task, on the submitter's control channel)", "pub",
         "agentbus.session.<other>.control.<user>", ("yes", "yes", "yes", "yes", "no", "no")),
-    Row("submit_router", "submit without a pool", "pub", "agentbus.submit",
-        ("yes", "no", "no", "yes", "no", "no")),
+    Row("submit_router", "submit without a pool (and tell the router a fan-out's sibling ended)", "pub",
+        "agentbus.submit", ("yes", "yes", "yes", "yes", "no", "no")),
     Row("queue", "queue work on a pool (submit --pool, resume, delegate)", "pub", "agentbus.work.<otherpool>",
         ("yes", "yes", "yes", "yes", "no", "no")),
     Row("say", "say, cancel, interrupt, approve or dismiss, on a granted session", "pub",
@@ -388,6 +390,10 @@ MATRIX: tuple[Row, ...] = (
     Row("supervisors", "read the supervisor registry (is a pool served?)", "pub",
         "$JS.API.DIRECT.GET.KV_AGENTBUS_supervisors.$KV.AGENTBUS_supervisors.<someone>",
         ("yes", "yes", "yes", "yes", "no", "no")),
+    Row("hear_people", "hear what people write to any session, live (an agent: interrupts, and when to look)",
+        "sub", "agentbus.session.*.*.*", ("yes", "no", "yes", "no", "no", "no")),
+    Row("hear_hold", "hear its pool's hold set or lifted, live", "sub", "$KV.AGENTBUS_spend.hold.<pool>",
+        ("yes", "no", "yes", "no", "no", "no")),
     Row("scale", "ask for workers", "pub", "agentbus.supervisor.scale", ("yes", "no", "yes", "yes", "no", "no")),
     Row("serve_scale", "answer requests for workers", "sub", "agentbus.supervisor.scale",
         ("yes", "yes", "no", "no", "no", "no")),

@@ -26,6 +26,7 @@ from agentbus.errors import BusError, NotPermitted
 from agentbus.messages import Hold, PoolSpend, encode
 
 log = logging.getLogger("agentbus.spend")
+_SETTLE_S = 2.0  # after a hold changes, reads are not cached for this long (see HoldWatch)
 _ATTEMPTS = 50  # compare-and-set rounds before giving up; contention is a handful of agents
 _Change = Callable[[PoolSpend], PoolSpend]
 _T = TypeVar("_T")
@@ -127,17 +128,23 @@ class HoldWatch:
         self.max_age_s = max_age_s
         self.live = asyncio.Event()
         self._changes = 0
+        self._changed_at = float("-inf")
         self._read: tuple[int, int, float, Hold | None] | None = None  # changes, reconnects, when, hold
 
     async def run(self) -> None:
         """Hear the key change until cancelled (a daemon of the agent)."""
         subject = f"$KV.{self.ledger.bucket}.{_hold_key(self.pool)}"
-        try:
-            async for _ in self.ledger.bus.listen(subject, ready=self.live):
-                self._changes += 1
-        finally:
-            self.live.clear()
-            self._read = None
+        while True:
+            try:
+                async for _ in self.ledger.bus.listen(subject, ready=self.live):
+                    self._changes += 1
+                    self._changed_at = time.monotonic()
+            except Exception as err:
+                log.warning("pool %s: hold changes not heard (%s); trying again", self.pool, err)
+            finally:
+                self.live.clear()
+                self._read = None
+            await asyncio.sleep(1.0)
 
     async def hold(self) -> Hold | None:
         read, bus = self._read, self.ledger.bus
@@ -148,10 +155,12 @@ class HoldWatch:
             and time.monotonic() - read[2] < self.max_age_s
         ):
             return read[3]
-        changes, reconnects, live = self._changes, bus.reconnects, self.live.is_set()
+        changes, reconnects, started = self._changes, bus.reconnects, time.monotonic()
+        # not kept: a read made before the subscription was up (it may have missed a change), or
+        # right after a change (a replica serving the read may not have stored it yet)
+        keep = self.live.is_set() and started - self._changed_at > _SETTLE_S
         hold = await self.ledger.hold(self.pool)
-        # a read made before the subscription was up may have missed a change: not kept
-        self._read = (changes, reconnects, time.monotonic(), hold) if live else None
+        self._read = (changes, reconnects, started, hold) if keep else None
         return hold
 
 
@@ -180,12 +189,15 @@ class SpendBatch:
             while True:
                 await self._due.wait()
                 await asyncio.sleep(self.every_s)
-                await self.flush()
+                try:
+                    await self.flush()
+                except Exception as err:
+                    log.warning("pool %s: spend not updated yet (%s); trying again", self.pool, err)
         finally:
             if self._calls:
                 try:
                     await asyncio.wait_for(self.flush(), 2.0)
-                except (TimeoutError, asyncio.CancelledError):
+                except (Exception, asyncio.CancelledError):
                     log.warning("pool %s: $%.4f of %d calls not added to its total", self.pool, self._usd, self._calls)
 
     async def flush(self) -> None:
@@ -196,7 +208,7 @@ class SpendBatch:
             return
         try:
             await self.ledger.add(self.pool, usd, calls)
-        except BusError as err:  # kept for the next flush
+        except BaseException:  # any failure, a cancel too: kept for the next flush
             self._usd, self._calls = self._usd + usd, self._calls + calls
             self._due.set()
-            log.warning("pool %s: spend not updated yet (%s); trying again", self.pool, err)
+            raise

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from agentbus.errors import NoSuchSession, NotPermitted
+from agentbus.errors import BusError, NoSuchSession, NotPermitted
 from agentbus.state import SessionState, fold
 
 if TYPE_CHECKING:
@@ -32,12 +32,20 @@ _CONCURRENT_READS = 32  # sessions the listing folds at once when their cache en
 async def listing(sessions: SessionLog, counts: dict[str, int]) -> list[SessionState]:
     """The states of many sessions (`counts`: how many records the stream holds of each), for a
     reader of every session: every cache entry in one batched read, each trusted where it folded
-    exactly as many records as the stream holds for its session; any other session is read as
-    `state` reads it (a few at a time). A session gone meanwhile is left out."""
+    exactly as many records as the stream holds for its session and claims no sequence past the
+    stream's last (an entry left by an older stream); any other session is read as `state` reads
+    it (a few at a time). A session gone meanwhile is left out. Records are only ever added to a
+    session (pruning removes whole sessions), so an equal count means the same records."""
     bus, ns = sessions.bus, sessions.ns
     cached: dict[str, SessionState] = {}
     prefix = f"$KV.{ns.state_bucket}."
-    for d in await bus.read_direct(f"KV_{ns.state_bucket}", f"{prefix}>"):
+    try:
+        last = await bus.stream_last_seq(ns.sessions_stream)
+        entries = await bus.read_direct(f"KV_{ns.state_bucket}", f"{prefix}>")
+    except BusError as err:  # the cache is a shortcut: without it, every session is folded
+        logger.debug("state cache unreadable (%s); folding every session", err)
+        last, entries = 0, []
+    for d in entries:
         sid = d.subject.removeprefix(prefix)
         if not d.data or sid not in counts:  # a deleted entry, or a session gone
             continue
@@ -45,7 +53,7 @@ async def listing(sessions: SessionLog, counts: dict[str, int]) -> list[SessionS
             entry = _decoder.decode(d.data)
         except (msgspec.MsgspecError, RecursionError):
             continue  # folded below, with the warning `state` gives
-        if entry.session_id == sid and entry.events == counts[sid]:
+        if entry.session_id == sid and entry.events == counts[sid] and entry.last_seq <= last:
             cached[sid] = entry
     limit = asyncio.Semaphore(_CONCURRENT_READS)
 
@@ -72,7 +80,11 @@ async def state(sessions: SessionLog, session_id: str) -> SessionState:
     writes = bus.identity.role in (None, "admin", "service")
     new = SessionState(session_id=session_id)
     for _ in range(5):
-        cached = await bus.kv_get(ns.state_bucket, session_id)
+        try:
+            cached = await bus.kv_get(ns.state_bucket, session_id)
+        except BusError as err:  # the cache is a shortcut: without it, fold the log
+            logger.debug("state cache of %s unreadable (%s); folding the log", session_id, err)
+            cached, writes = None, False
         revision = cached[1] if cached else None
         current = _trusted(cached[0] if cached else b"", session_id, last)
         if current.last_seq == last:
@@ -89,6 +101,9 @@ async def state(sessions: SessionLog, session_id: str) -> SessionState:
                 return new
         except NotPermitted:
             return new  # a role that may not write the cache (known only now): the fold stands
+        except BusError as err:  # its bucket unreachable (a failover taking longer): the fold stands
+            logger.debug("state cache of %s not updated (%s)", session_id, err)
+            return new
         await asyncio.sleep(0)
     return new
 

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -18,9 +19,9 @@ from agentbus.config import Settings
 from agentbus.errors import NatsUnreachable, NotAuthenticated, NotPermitted
 from agentbus.messages import HumanMessage, SessionEnded, StatusChanged
 from agentbus.roles import Identity
-from agentbus.server import NatsServer
+from agentbus.server import NatsServer, find_binary
 from tests.conftest import AsUser
-from tests.helpers import POOL, raw_connect
+from tests.helpers import POOL, free_port, raw_connect
 
 
 async def test_an_observer_granted_one_session_follows_it_live_from_the_start_and_reads_nothing_else(
@@ -189,3 +190,33 @@ async def test_a_tap_whose_consumer_vanishes_goes_on_from_the_next_sequence_with
     after = [await asyncio.wait_for(anext(tap), 30) for _ in range(3)]
     await tap.aclose()
     assert [r.seq for r in before + after] == [r.seq for r in await client.show(sid)]
+
+
+def test_auth_init_then_a_server_with_a_pid_file_in_the_store_as_compose_starts_it(tmp_path: Path) -> None:
+    """compose's nats entrypoint: `auth init --store-dir /`, then `nats-server --pid /auth/pids/<host>.pid`
+    with the generated block included; a later revoke reloads that server."""
+    store = tmp_path / "store"
+    base = [sys.executable, "-m", "agentbus.cli", "auth"]
+    env = {**os.environ, "AGENTBUS_STORE_DIR": str(store)}
+    subprocess.run([*base, "init", "--admin", "root"], capture_output=True, text=True, env=env, check=True)
+    conf = store / "nats.conf"
+    conf.write_text('include "auth/authorization.conf"\n')  # include paths are relative to the file
+    pid_file = store / "auth" / "pids" / "nats-1.pid"
+    server = subprocess.Popen(
+        [find_binary(), "-c", str(conf), "-a", "127.0.0.1", "-p", str(free_port()), "--pid", str(pid_file)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        for _ in range(200):  # a started server writes its pid; a refused one exits
+            if pid_file.exists() or server.poll() is not None:
+                break
+            time.sleep(0.05)
+        assert server.poll() is None, server.stderr.read().decode() if server.stderr else ""
+        subprocess.run([*base, "add", "olga", "--role", "observer"], capture_output=True, env=env, check=True)
+        out = subprocess.run([*base, "revoke", "olga"], capture_output=True, text=True, env=env, check=True)
+        assert "1 server(s) reloaded" in out.stdout
+    finally:
+        server.terminate()
+        server.wait(10)
+        if server.stderr:
+            server.stderr.close()

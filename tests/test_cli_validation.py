@@ -10,6 +10,7 @@ from click.testing import CliRunner
 
 from agentbus.cli import main
 from agentbus.cli.sessions import STATUSES
+from agentbus.config import Settings
 from agentbus.errors import UsageError
 from agentbus.messages import Status
 from services.supervisor.pools import load_pools
@@ -105,3 +106,39 @@ def test_the_compose_pools_file_loads_with_its_defaults(monkeypatch: pytest.Monk
         monkeypatch.delenv(name, raising=False)
     fleet = load_pools(Path(__file__).parents[1] / "compose" / "pools.toml")
     assert fleet.pools["general"].budget.max_usd == 2.0 and fleet.ceiling_usd is None
+
+
+def test_a_pools_file_entry_makes_its_agents_ask_for_approvals_as_agent_approve_does(tmp_path: Path) -> None:
+    from services.agent.cli import command as agent_command
+    from services.supervisor.spawner import agent_args
+
+    text = (
+        '[pools.a]\nmodel = "scripted:demo"\ntools = ["read_file", "bash"]\napprove = ["bash", "mcp__tracker__close"]\n'
+        'approval_timeout_s = 600\non_approval_timeout = "pause"\n'
+    )
+    argv = agent_args(load_pools(_pools(tmp_path, text)).pools["a"], Settings())
+    params = agent_command.make_context("agent", argv[1:]).params  # parsed as the worker will, not run
+    assert (params["approve"], params["approval_timeout"], params["on_approval_timeout"]) == (
+        ("bash", "mcp__tracker__close"),
+        600.0,
+        "pause",
+    )
+    plain = agent_command.make_context(
+        "agent", agent_args(load_pools(_pools(tmp_path, '[pools.a]\nmodel = "m"\n')).pools["a"], Settings())[1:]
+    ).params
+    assert (plain["approve"], plain["approval_timeout"], plain["on_approval_timeout"]) == ((), None, "deny")
+
+
+@pytest.mark.parametrize(
+    ("keys", "message"),
+    [
+        ('approve = "bash"\ntools = ["bash"]\n', "approve must be a list of tool names"),
+        ('approve = ["bsh"]\ntools = ["bash"]\n', "approve names bsh, not among its tools (bash)"),
+        ("approval_timeout_s = -5\n", "approval_timeout_s must be a positive number of seconds"),
+        ('on_approval_timeout = "wait"\n', "on_approval_timeout must be 'deny' or 'pause'"),
+    ],
+)
+def test_a_wrong_approval_setting_in_a_pools_file_is_named(tmp_path: Path, keys: str, message: str) -> None:
+    with pytest.raises(UsageError) as err:
+        load_pools(_pools(tmp_path, '[pools.a]\nmodel = "m"\n' + keys))
+    assert message in str(err.value)

@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -153,7 +154,8 @@ class Deployment:
 
     def admin_creds(self, where: Path) -> str:
         """What the README tells the host's user to do: copy the admin's credentials out of nats."""
-        where.write_text(self.run("exec", "-T", "nats", "cat", "/auth/admin.creds"))
+        # bounded per try: an exec into a container that is still starting can hang, not fail
+        where.write_text(self.run("exec", "-T", "nats", "cat", "/auth/admin.creds", timeout=15))
         return str(where)
 
     def logs(self) -> str:
@@ -181,17 +183,18 @@ def deployment(
         subprocess.run([*deploy.base, "down", "-v", "--remove-orphans"], capture_output=True, check=False)
 
 
-@pytest.mark.timeout(600)
 async def _admin_creds(deploy: Deployment, tmp_path: Path) -> str:
     """The admin's credentials once the nats service has made them (it does on its first start)."""
-    for _ in range(120):
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
         try:
             return deploy.admin_creds(tmp_path / "admin.creds")
-        except AssertionError:
+        except (AssertionError, subprocess.TimeoutExpired):
             await asyncio.sleep(1)  # polling a starting container with a bound, not synchronising
     raise AssertionError("the nats service never made the admin's credentials:\n" + deploy.logs())
 
 
+@pytest.mark.timeout(600)  # two compose ups, a session and a down on 2 cores
 async def test_compose_up_runs_a_task_from_the_host_and_the_session_survives_down_and_up(
     deployment: tuple[Deployment, str], tmp_path: Path
 ) -> None:

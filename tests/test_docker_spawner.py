@@ -229,3 +229,30 @@ async def test_a_worker_that_cannot_start_is_retried_and_the_supervisor_keeps_go
 
 async def _failed(sup: Supervisor, n: int) -> bool:
     return sup.spawn_failures >= n
+
+
+def test_containers_get_a_copy_of_the_agent_credentials_only_they_and_the_supervisor_can_read(
+    tmp_path: Path,
+) -> None:
+    import os
+    import stat
+
+    original = tmp_path / "agent.creds"
+    original.write_text("first")
+    original.chmod(0o600)
+    spawner = DockerSpawner(Settings(), tmp_path / "logs", agent_creds=str(original))
+
+    copy = Path(spawner.creds_for_containers())
+    assert copy.read_text() == "first" and copy != original
+    folder = copy.parent.stat()
+    assert stat.S_IMODE(folder.st_mode) == 0o700 and folder.st_uid == os.geteuid()  # no other host user
+    mode = stat.S_IMODE(copy.stat().st_mode)
+    if os.geteuid() == 0:
+        assert (copy.stat().st_uid, mode) == (10001, 0o600)  # the image's user, and only it
+    else:
+        assert mode == 0o644  # inside the private folder: only the read-only bind mount shows it
+
+    time.sleep(0.01)
+    original.write_text("rotated")
+    os.utime(original)
+    assert Path(spawner.creds_for_containers()).read_text() == "rotated"  # rotated credentials reach new containers

@@ -149,6 +149,8 @@ ACTIONS: dict[str, Action] = {
     "registry": lambda c, nc, w: c.bus.kv_put(c.bus.ns.workers_bucket, c.bus.user, b"{}"),
     "announce": lambda c, nc, w: c.bus.kv_put(c.bus.ns.supervisors_bucket, c.bus.user, b"{}"),
     "supervisors": lambda c, nc, w: c.supervisors(),
+    "hear_people": lambda c, nc, w: _subscribe_raw(nc, f"{c.bus.ns.prefix}.session.*.*.*"),
+    "hear_hold": lambda c, nc, w: _subscribe_raw(nc, f"$KV.{c.bus.ns.spend_bucket}.hold.{POOL}"),
     "scale": lambda c, nc, w: c.request_workers(POOL),
     "serve_scale": lambda c, nc, w: _serve(c),
     "advisory": lambda c, nc, w: _publish_raw(nc, c.bus.ns.exhausted(POOL)),

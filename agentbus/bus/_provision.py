@@ -49,7 +49,11 @@ class Provisioning(BusCore):
         for stream, durable in self.ns.retired_consumers():
             try:
                 await self.delete_consumer(stream, durable)
-            except (nats.js.errors.NotFoundError, BusError):
+            except nats.js.errors.NotFoundError:
+                continue
+            except Exception as err:  # a courtesy: never a reason not to start
+                logger.info("could not delete consumer %s of %s, which this version no longer reads: %s",
+                            durable, stream, err)  # fmt: skip
                 continue
             logger.info("deleted consumer %s of %s, which this version no longer reads", durable, stream)
 

@@ -252,12 +252,16 @@ class Reading(BusCore):
         """
         sub = await self._nc.subscribe(subject)
         if ready is not None:
-            await self._nc.flush()
-            await self._nc.flush()  # a refusal arrives as an error before the second pong
-            if subject.lower() in self._link.violations:
-                logger.warning("the server refused a subscription to %s; going on without it", subject)
+            try:
+                await self._nc.flush()
+                await self._nc.flush()  # a refusal arrives as an error before the second pong
+            except Exception as err:
+                logger.info("subscription to %s not confirmed (%s); its readers do without it", subject, err)
             else:
-                ready.set()
+                if subject.lower() in self._link.violations:
+                    logger.warning("the server refused a subscription to %s; going on without it", subject)
+                else:
+                    ready.set()
         try:
             async for msg in sub.messages:
                 yield msg.subject, bytes(msg.data)

@@ -4,12 +4,14 @@ The run reads the whole log once, when it takes the session. After that it never
 what it appended (the ack gives the sequence, and it knows the event); it only looks for what
 others wrote: people on their channels, and other writers on the log channel, which the owner's
 fence reports (`SessionWriter.resync`). People's messages also arrive as live signals (the
-worker's subscription to every session's input and command channels, `nudge`): while that
-subscription is up and the connection has not been lost since, a step boundary with no signal
-for this session needs no request at all; otherwise, and for a while after a signal (a message is
-heard before a replicated stream has stored it), one last-message lookup, and a read when there is
-something new. Records stay in stream order, so the conversation built from
-them is the same one a fresh reader of the log would build.
+worker's subscription to every session's input and command channels, `nudge`). A step boundary
+asks the stream (one last-message lookup, and a read when there is something new) unless all of
+these hold: the subscription was up before the run read the log and still is, the connection
+was not lost since, no signal came for this session since `SIGNAL_LEAD_S` before the last look
+(a replicated stream stores a message a little after its subscribers heard it, so one look is
+not enough right after a signal), and the last look is under `FALLBACK_S` old (a signal can also
+be dropped: a slow subscriber, a cluster route). Records stay in stream order, so the
+conversation built from them is the same one a fresh reader of the log would build.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from agentbus.state import SessionState, fold
 
 # How long after a signal the stream is still asked: a replicated stream stores a message after
 # its subscribers have heard it (a raft round), never seconds after.
-_SIGNAL_LEAD_S = 2.0
+SIGNAL_LEAD_S = 2.0
+FALLBACK_S = 10.0  # the stream is asked at least this often, signal or not
 
 
 class Transcript:
@@ -35,7 +38,9 @@ class Transcript:
         self.log = log
         self.sid = session_id
         self.live = live  # set while the worker hears people's messages as they are published
-        self._look_until = 0.0  # look for people's records at least until then (after a signal)
+        self._live_at_load = False  # it was already set when the run read the log
+        self._signal_at = float("-inf")  # the last signal for this session (monotonic)
+        self._looked_at = time.monotonic()  # when the stream was last asked
         self._reconnects = log.bus.reconnects
         self.records: list[Record] = []
         self._people_to = 0  # every people's record at or below this sequence is known
@@ -44,6 +49,8 @@ class Transcript:
 
     async def load(self) -> None:
         """Everything the log holds now (one batched read for a reader of every session)."""
+        self._live_at_load = self.live is not None and self.live.is_set()
+        self._reconnects, self._looked_at = self.log.bus.reconnects, time.monotonic()
         self.records = await self.log.read(self.sid)
         self._people_to = self.records[-1].seq if self.records else 0
         self._state, self._folded = SessionState(session_id=self.sid), 0
@@ -62,18 +69,29 @@ class Transcript:
             if rec.seq not in known:
                 self._insert(rec)
 
-    def nudge(self) -> None:
-        """People wrote to this session just now (a live signal): look at the next step boundary."""
-        self._look_until = time.monotonic() + _SIGNAL_LEAD_S
+    def nudge(self, at: float | None = None) -> None:
+        """People wrote to this session (a live signal, heard at monotonic time `at`, else now): the
+        step boundaries look in the stream until one looks `SIGNAL_LEAD_S` after it."""
+        self._signal_at = max(self._signal_at, time.monotonic() if at is None else at)
+
+    def must_look(self) -> bool:
+        """Whether the next step boundary has to ask the stream (module docstring)."""
+        heard = (
+            self._live_at_load
+            and self.live is not None
+            and self.live.is_set()
+            and self.log.bus.reconnects == self._reconnects
+        )
+        signalled = self._signal_at >= self._looked_at - SIGNAL_LEAD_S
+        return not heard or signalled or time.monotonic() - self._looked_at > FALLBACK_S
 
     async def catch_up(self, *, force: bool = False) -> bool:
-        """Read what people wrote since the last look; nothing at all when no signal says there is
-        anything (see the module docstring), else one lookup when there is nothing new.
-        Returns whether anything new arrived."""
-        heard = self.live is not None and self.live.is_set() and self.log.bus.reconnects == self._reconnects
-        if not force and heard and time.monotonic() > self._look_until:
+        """Read what people wrote since the last look: nothing at all when no signal says there
+        is anything (module docstring), else one lookup when there is nothing new. Returns
+        whether anything new arrived."""
+        if not force and not self.must_look():
             return False
-        self._reconnects = self.log.bus.reconnects
+        self._reconnects, self._looked_at = self.log.bus.reconnects, time.monotonic()
         people = f"{self.log.ns.session_log(self.sid).removesuffix('.log')}.*.*"
         last = await self.log.bus.last_subject_seq(self.log.ns.sessions_stream, people)
         if last <= self._people_to:

@@ -41,8 +41,10 @@ from services.agent.mcp_tools import McpToolset, add_tools
 from services.agent.run import RunContext, SessionRun
 from services.agent.signals import Released
 from services.agent.tools import DEFAULT_TOOLS, Tool, load_tools, schemas, tool_sandbox
+from services.agent.transcript import SIGNAL_LEAD_S
 from services.agent.wake import TimerWatcher, WakeWatcher
 
+_HEARD_KEPT = 4096
 logger = logging.getLogger("agentbus.agent")
 
 DEFAULT_SYSTEM = (
@@ -125,6 +127,7 @@ class AgentWorker(Service):
         self.sessions: set[str] = set()
         self.served = 0
         self._people_live = asyncio.Event()  # set once people's messages are heard live (`_people`)
+        self._heard: dict[str, float] = {}  # sessions not running here that had a signal lately
         self._context = RunContext(
             worker_id=config.worker_id,
             pool=config.pool,
@@ -234,22 +237,33 @@ class AgentWorker(Service):
         """People's messages to the sessions running here, as live signals (no consumer): an interrupt
         is acted on the moment it arrives, and anything else tells the run to look in the log at its
         next step boundary (`Transcript.nudge`). The log keeps them all; a run between steps sees them."""
-        try:
-            await self._hear_people()
-        finally:
-            self._people_live.clear()  # runs look in the log at every step boundary again
+        while True:
+            try:
+                await self._hear_people()
+            except Exception as err:
+                logger.warning("people's channels not heard live (%s); trying again", err)
+            finally:
+                self._people_live.clear()  # runs look in the log at every step boundary again
+            await asyncio.sleep(1.0)
 
     async def _hear_people(self) -> None:
         async for subject, data in self.bus.listen(self.bus.ns.sessions_people_all(), ready=self._people_live):
             sid, channel, sender = parse_session_subject(subject) or ("", "input", "")
             run = self._runs.get(sid)
-            if run is None:
+            if run is None:  # not running here yet: a run that starts soon may read the log before it is stored
+                self._heard_before_run(sid)
                 continue
             run.transcript.nudge()
             event = honoured(channel, sender, decode_event(data))  # the subject says who sent it
             if isinstance(event, InterruptRequested):
                 logger.info("session %s: interrupted by %s", sid, event.author)
                 run.interrupt(event)
+
+    def _heard_before_run(self, sid: str) -> None:
+        now = time.monotonic()
+        self._heard[sid] = now
+        if len(self._heard) > _HEARD_KEPT:  # only the last few seconds matter
+            self._heard = {k: t for k, t in self._heard.items() if now - t < SIGNAL_LEAD_S}
 
     async def _handle(self, job: Job) -> None:
         """One queue message: run its session to an end or a park (ack), or hand it back (draining)."""
@@ -270,6 +284,8 @@ class AgentWorker(Service):
             ):
                 run = SessionRun(self._context, sid, job, item)
                 self._runs[sid] = run
+                if (heard := self._heard.pop(sid, None)) is not None:
+                    run.transcript.nudge(heard)
                 outcome = await run.execute()
         except Released:
             outcome = "released"

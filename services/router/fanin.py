@@ -11,8 +11,18 @@ from __future__ import annotations
 
 import logging
 
-from agentbus.messages import TERMINAL, DelegationCompleted, OpinionResult, OpinionsAggregated, SessionEnded, Task
+from agentbus.errors import NoSuchSession
+from agentbus.messages import (
+    TERMINAL,
+    DelegationCompleted,
+    OpinionResult,
+    OpinionsAggregated,
+    SessionCreated,
+    SessionEnded,
+    Task,
+)
 from agentbus.session import SessionLog
+from agentbus.state import SessionState
 
 logger = logging.getLogger("agentbus.router")
 
@@ -28,13 +38,32 @@ class FanIn:
     def __init__(self, log: SessionLog) -> None:
         self.log = log
 
+    async def sweep(self, states: list[SessionState]) -> None:
+        """Collect every fan-out whose siblings, in this listing, have all ended while it has not."""
+        by_id = {s.session_id: s for s in states}
+        for s in states:
+            if s.terminal or not s.children:
+                continue
+            siblings = {f"{s.session_id[:56]}-o{i + 1}" for i in range(len(s.children))}
+            if set(s.children) != siblings or not all(c in by_id and by_id[c].terminal for c in siblings):
+                continue
+            first = await self.log.read(s.session_id, limit=1)
+            if first and isinstance(first[0].event, SessionCreated) and first[0].event.task.opinions:
+                logger.info("fan-out %s: every sibling ended and nobody said so; collecting", s.session_id)
+                await self.collect(s.session_id, first[0].event.task)
+
     async def collect(self, parent: str, task: Task) -> None:
         """Record each ended sibling in the parent, and once all have, the aggregate and the end."""
         if (await self.log.state(parent)).terminal:
             return
         # the parent's log, not the stream's deduplication: a sibling may end long after another
         recorded = {getattr(r.event, "id", None) for r in await self.log.read(parent, channels="log")}
-        states = [await self.log.state(c) for c in opinion_ids(parent, task)]
+        states = []
+        for child in opinion_ids(parent, task):
+            try:
+                states.append(await self.log.state(child))
+            except NoSuchSession:  # not opened yet (the fan-out is still starting): not ended either
+                states.append(SessionState(session_id=child))
         for s in states:
             if s.status in TERMINAL and f"delegated-{s.session_id}" not in recorded:
                 done = DelegationCompleted(

@@ -8,6 +8,7 @@ Routing is concurrent: decisions are independent and idempotent.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import msgspec
@@ -34,6 +35,7 @@ from agentbus.subjects import valid_token
 from services.router.fanin import FanIn, opinion_ids
 from services.router.routes import RouteTable
 
+KEEP_S = 5.0  # how often the router brings the state cache up to date and sweeps fan-outs
 logger = logging.getLogger("agentbus.router")
 
 ROUTING_CONCURRENCY = 16
@@ -61,9 +63,21 @@ class Router(Service):
         )
         logger.info("router ready (default pool %s, %d rules)", self.table.default_pool, len(self.table.routes))
         try:
-            await self._supervise(loops=[consume(self.bus, submissions, self._draining)])
+            await self._supervise(loops=[consume(self.bus, submissions, self._draining)], daemons=[self._keep()])
         finally:
             logger.info("router stopped after routing %d sessions", self.routed)
+
+    async def _keep(self) -> None:
+        """Every few seconds: bring the state cache of every session up to date (a service may
+        write it; people's listings then read one batch instead of folding each session), and
+        collect any fan-out whose siblings have all ended but whose parent was never told (a
+        notice lost to a crash, or sent by no one: an end written before this version)."""
+        while True:
+            try:
+                await self.fanin.sweep(await self.log.states())
+            except Exception as err:
+                logger.warning("keeping the state cache: %s; trying again", err)
+            await asyncio.sleep(KEEP_S)
 
     async def _handle(self, job: Job) -> None:
         attrs = tracing.messaging_attrs(job.subject, operation="process")
@@ -81,8 +95,11 @@ class Router(Service):
         if not isinstance(created, SessionCreated):  # it can never start: end it, saying why
             await self.queues.refuse_taskless(sid, records, job.subject)
             return
-        if created.task.opinions and item.reason == "child_result":  # a sibling ended or paused
-            await self.fanin.collect(sid, created.task)
+        if item.reason == "child_result":  # a fan-out's sibling ended or paused
+            if created.task.opinions:
+                await self.fanin.collect(sid, created.task)
+            else:  # nothing the router collects (delegations go to the parent's pool): not a route
+                logger.warning("session %s: a child_result for a session that is no fan-out; dropped", sid)
             return
         if created.task.opinions:
             await self._fan_out(sid, created.task)

@@ -18,9 +18,11 @@ would hand it the host.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -146,26 +148,32 @@ class DockerSpawner:
         self.log_dir = log_dir
         self._client = client
         self.environ = os.environ if environ is None else environ
-        self._readable_creds: str | None = None
+        self._creds_dir: Path | None = None
 
     def creds_for_containers(self) -> str:
-        """A copy of the agent credentials the containers' user may read, owner-only.
+        """A copy of the agent credentials the containers' user (uid 10001, compose/Dockerfile) may
+        read, in a 0700 directory of the supervisor's, so no other user of the host reaches it.
 
-        The image runs as uid 10001 and the credentials are 0600 on the host: as root the
-        supervisor hands that uid a copy of its own (still 0600, in a 0700 directory of the
-        supervisor's); otherwise containers run as the supervisor's own uid and read the original.
+        The original is 0600 and the supervisor's. As root the copy is given to uid 10001 (0600);
+        otherwise it cannot be, and the copy is 0644 inside the private directory: only the
+        bind mount exposes it, read-only, to the container. Copied again when the original
+        changes (rotated credentials); removed with the directory when the supervisor exits.
         """
-        if self._readable_creds is None:
-            if os.geteuid() != 0:
-                self._readable_creds = self.agent_creds
+        source = Path(self.agent_creds)
+        if self._creds_dir is None:
+            self._creds_dir = Path(tempfile.mkdtemp(prefix="agentbus-container-creds-"))
+            atexit.register(shutil.rmtree, self._creds_dir, True)
+        copy = self._creds_dir / "agent.creds"
+        if not copy.exists() or copy.stat().st_mtime_ns < source.stat().st_mtime_ns:
+            fresh = self._creds_dir / "agent.creds.new"
+            fresh.write_bytes(source.read_bytes())
+            if os.geteuid() == 0:
+                os.chown(fresh, CONTAINER_UID, CONTAINER_UID)
+                fresh.chmod(0o600)
             else:
-                folder = Path(tempfile.mkdtemp(prefix="agentbus-container-creds-"))
-                copy = folder / "agent.creds"
-                copy.write_bytes(Path(self.agent_creds).read_bytes())
-                os.chown(copy, CONTAINER_UID, CONTAINER_UID)
-                copy.chmod(0o600)
-                self._readable_creds = str(copy)
-        return self._readable_creds
+                fresh.chmod(0o644)
+            fresh.replace(copy)
+        return str(copy)
 
     @property
     def client(self) -> docker.DockerClient:
@@ -205,8 +213,6 @@ class DockerSpawner:
             "binds": volumes,
         }
         create: dict[str, Any] = {
-            # not root: the containers run as this uid, which can read the credentials file it was given
-            **({"user": f"{os.getuid()}:{os.getgid()}"} if self.agent_creds and os.geteuid() != 0 else {}),
             "command": [*agent_args(spec, self.settings), "--workdir", WORKDIR],
             "entrypoint": ["agentbus"],
             "name": name,

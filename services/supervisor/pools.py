@@ -22,6 +22,9 @@
     repo = "/srv/repos/backend"             # each session in its own worktree and branch agentbus/<session>
     base = "main"                           # where branches start (default: the checked-out branch)
     review = true                           # ended sessions wait in the inbox as "ready for review"
+    approve = ["bash"]                      # tools whose calls wait for a person's approval
+    approval_timeout_s = 600                # how long one may wait (default: forever)
+    on_approval_timeout = "deny"            # or "pause": the session waits in the inbox
     [pools.coder.budget]
     max_steps = 40
     max_usd = 2.0
@@ -79,6 +82,9 @@ class PoolSpec:
     repo: str = ""  # a git repository the pool's sessions work on (README, "Repositories")
     base: str = ""
     review: bool = False
+    approve: tuple[str, ...] = ()  # tools whose calls wait for a person (README, "People in the loop")
+    approval_timeout_s: float | None = None
+    on_approval_timeout: Literal["deny", "pause"] = "deny"
 
 
 @dataclass(frozen=True)
@@ -153,6 +159,9 @@ def load_pools(path: str | Path) -> Fleet:
                 repo=str(raw.get("repo", "")),
                 base=str(raw.get("base", "")),
                 review=_flag(raw.get("review", False), f"{here}: review"),
+                approve=_names(raw.get("approve", ()), f"{here}: approve"),
+                approval_timeout_s=_seconds(raw.get("approval_timeout_s"), f"{here}: approval_timeout_s"),
+                on_approval_timeout=raw.get("on_approval_timeout", "deny"),
             )
         except (TypeError, ValueError) as err:  # "max = 'two'", or a ${VAR} that is not a number
             raise UsageError(f"{here}: {err}") from err
@@ -163,6 +172,14 @@ def load_pools(path: str | Path) -> Fleet:
             raise UsageError(f"pools file {where}, pool {name}: spawner must be 'process' or 'docker'")
         if spec.sandbox not in ("bwrap", "none"):
             raise UsageError(f"{here}: sandbox must be 'bwrap' or 'none'")
+        if spec.on_approval_timeout not in ("deny", "pause"):
+            raise UsageError(f"{here}: on_approval_timeout must be 'deny' or 'pause'")
+        # an MCP server's tools (mcp__<server>__<tool>) are known only once the agent lists them
+        unknown = [t for t in spec.approve if t not in spec.tools and not t.startswith("mcp__")]
+        if unknown:
+            raise UsageError(
+                f"{here}: approve names {', '.join(unknown)}, not among its tools ({', '.join(spec.tools)})"
+            )
         if spec.base and not spec.repo:
             raise UsageError(f"{here}: base needs repo (a base is a ref of the pool's repository)")
         try:
@@ -219,6 +236,24 @@ def _flag(raw: Any, where: str) -> bool:
     if isinstance(raw, str) and raw.lower() in ("true", "false", "1", "0", "yes", "no", ""):
         return raw.lower() in ("true", "1", "yes")
     raise UsageError(f"{where} must be true or false, not {raw!r}")
+
+
+def _names(raw: Any, where: str) -> tuple[str, ...]:
+    if isinstance(raw, str) or not isinstance(raw, list | tuple) or not all(isinstance(n, str) and n for n in raw):
+        raise UsageError(f"{where} must be a list of tool names, not {raw!r}")
+    return tuple(raw)
+
+
+def _seconds(raw: Any, where: str) -> float | None:
+    if raw is None or raw == "":
+        return None
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        raise UsageError(f"{where} must be a number of seconds, not {raw!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise UsageError(f"{where} must be a positive number of seconds, not {raw!r}")
+    return value
 
 
 def _dollars(raw: Any, where: str) -> float | None:

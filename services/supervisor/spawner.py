@@ -60,6 +60,11 @@ def agent_args(spec: PoolSpec, settings: Settings) -> list[str]:
         args.append(f"--tool-env={entry}")
     for server in spec.mcp:  # a command or a URL: no secret (those come from tool_env, by name)
         args.append(f"--mcp={server.name}={server.to_json()}")
+    for tool in spec.approve:
+        args += ["--approve", tool]
+    if spec.approval_timeout_s is not None:
+        args += ["--approval-timeout", str(spec.approval_timeout_s)]
+    args += ["--on-approval-timeout", spec.on_approval_timeout]
     if spec.repo:
         args += [
             "--repo",
