@@ -45,6 +45,30 @@ def responder(request: dict[str, Any]) -> dict[str, Any]:
     return text_response(f"done {sid}")
 
 
+async def _holder_of_a_running_call(
+    client: agentbus.Client, sids: list[str], procs: list[subprocess.Popen[bytes]]
+) -> subprocess.Popen[bytes] | None:
+    """The live agent process (by the pid in its worker id) holding a session in a tool call."""
+    live = {p.pid: p for p in procs if p.poll() is None}
+    for _ in range(1500):
+        ended = 0
+        for sid in sids:
+            records = await client.show(sid)
+            if records and (await client.state(sid)).terminal:
+                ended += 1
+                continue
+            started = {r.event.tool_use_id for r in records if isinstance(r.event, ToolCallStarted)}
+            done = {r.event.tool_use_id for r in records if isinstance(r.event, ToolCallCompleted)}
+            claims = [r.event.worker for r in records if isinstance(r.event, SessionClaimed)]
+            pid = int(claims[-1].rsplit("-", 2)[-2]) if claims else 0
+            if started - done and pid in live:
+                return live[pid]
+        if ended == len(sids):
+            return None
+        await asyncio.sleep(0.02)
+    raise AssertionError("no session was ever in a tool call")
+
+
 @pytest.fixture
 def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
     """The agents this test starts; whatever is alive at the end is killed and reaped."""
@@ -76,8 +100,10 @@ async def test_agents_killed_at_random_never_lose_a_session_or_repeat_a_side_eff
         start()
         sids = {await client.submit(f"chaos {i}: append lines", pool=POOL): i for i in range(SESSIONS)}
         for _ in range(KILLS):
-            await asyncio.sleep(rng.uniform(0.3, 1.2))
-            victim = rng.choice([p for p in procs if p.poll() is None])
+            victim = await _holder_of_a_running_call(client, list(sids), procs)
+            if victim is None:  # everything ended before the schedule did
+                break
+            await asyncio.sleep(rng.uniform(0, 0.35))  # before, between or after the call's two lines
             victim.send_signal(signal.SIGKILL)
             await asyncio.to_thread(victim.wait, 10)
             start()
