@@ -99,6 +99,7 @@ async def test_agents_killed_at_random_never_lose_a_session_or_repeat_a_side_eff
         start()
         start()
         sids = {await client.submit(f"chaos {i}: append lines", pool=POOL): i for i in range(SESSIONS)}
+        kills = 0
         for _ in range(KILLS):
             victim = await _holder_of_a_running_call(client, list(sids), procs)
             if victim is None:  # everything ended before the schedule did
@@ -106,10 +107,11 @@ async def test_agents_killed_at_random_never_lose_a_session_or_repeat_a_side_eff
             await asyncio.sleep(rng.uniform(0, 0.35))  # before, between or after the call's two lines
             victim.send_signal(signal.SIGKILL)
             await asyncio.to_thread(victim.wait, 10)
+            kills += 1
             start()
         states = {sid: await client.wait(sid, timeout=120) for sid in sids}
 
-    resumed = 0
+    resumed = interrupted = doubled = 0
     for sid, i in sids.items():
         records = await client.show(sid)
         assert states[sid].status == "completed", (sid, states[sid].reason)
@@ -118,11 +120,16 @@ async def test_agents_killed_at_random_never_lose_a_session_or_repeat_a_side_eff
         assert len(steps) == len(set(steps)), f"{sid}: a model step recorded twice: {steps}"
         calls = Counter(r.event.tool_use_id for r in records if isinstance(r.event, ToolCallStarted))
         assert calls and max(calls.values()) == 1, f"{sid}: a tool call started twice: {calls}"
-        finished = {r.event.tool_use_id for r in records if isinstance(r.event, ToolCallCompleted)}
+        answers = [r.event for r in records if isinstance(r.event, ToolCallCompleted)]
+        finished = {a.tool_use_id for a in answers}
+        interrupted += sum(a.is_error and "interrupted" in a.output for a in answers)
         assert finished == set(calls), f"{sid}: every started call has one answer"
         lines = Counter((work / sid / "side.txt").read_text().splitlines())
+        doubled += sum(n > 1 for n in lines.values())
         assert lines and max(lines.values()) == 1, f"{sid}: a side effect happened twice: {lines}"
         assert set(lines) <= {f"{i}-{n}-{half}" for n in (0, 1) for half in "ab"}
         resumed += len({r.event.worker for r in records if isinstance(r.event, SessionClaimed)}) > 1
+    print(f"chaos: {SESSIONS} sessions, {kills} kills, {resumed} taken over, {doubled} side effects doubled, "
+          f"{interrupted} calls interrupted and reported to the model")  # fmt: skip
     # the schedule must have cut into running sessions, or this test proves nothing
     assert resumed >= 1, "no session was taken over by another agent"
