@@ -1,10 +1,12 @@
-"""The state cache, checked against the log: a reader never trusts a cached entry over the log.
+"""The state cache, checked against the log before it is used.
 
 A session's folded state is cached in a KV bucket so readers fold only the tail. Before a cached
-entry is used, its `last_seq` is compared with the session's real last sequence (one direct get
-over the session's subjects): an entry that claims more than the log holds (forged, or left by
-an older stream) is dropped and the state folded from the first record; one that matches is
-current; one behind is brought up to date from the tail. Only services and admins write the
+entry is used for one session, its `last_seq` is compared with the session's real last sequence
+(one direct get over the session's subjects): an entry that claims more than the log holds
+(forged, or left by an older stream) is dropped and the state folded from the first record; one
+that matches is current; one behind is brought up to date from the tail. A listing checks each
+entry's record count instead (one request for all sessions, see `listing`), which a wrong entry
+with the right count passes: only the writers below could make one. Only services and admins write the
 cache (compare-and-set, so two refreshing at once cannot move it back); everyone else folds for
 themselves and leaves it alone.
 """
