@@ -35,8 +35,9 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext, api
 
 import agentbus
+from agentbus.bench import _reads
+from agentbus.bench._watch import Ends, pct
 from agentbus.bus import Bus
-from agentbus.client import new_session_id
 from agentbus.config import Settings
 from agentbus.messages import (
     ModelResponded,
@@ -51,7 +52,6 @@ from agentbus.messages import (
 )
 from agentbus.models import ScriptedModel
 from agentbus.server import NatsServer
-from agentbus.subjects import session_id_from_subject
 
 TARGETS = {"messages_per_session": 15.0, "messages_per_tool_turn": 5.0, "pickup_p50_ms": 3.0}
 _RAW = "rawe2e"
@@ -76,50 +76,6 @@ def _varz(server: NatsServer) -> int:
     assert server.monitor_url is not None
     with urllib.request.urlopen(f"{server.monitor_url}/varz", timeout=5) as resp:
         return int(json.load(resp)["in_msgs"])
-
-
-def _pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
-
-
-class _Ends:
-    """Completion times of sessions, from a core subscription on every log subject (no consumer)."""
-
-    def __init__(self, is_end: Callable[[bytes], bool], is_pickup: Callable[[bytes], bool]) -> None:
-        self.is_end = is_end
-        self.is_pickup = is_pickup
-        self.ended: dict[str, float] = {}
-        self.picked: dict[str, float] = {}
-        self._waiters: dict[str, asyncio.Future[None]] = {}
-
-    async def watch(self, nc: NATS, subject: str) -> Any:
-        async def on(msg: Any) -> None:
-            sid = _sid(msg.subject)
-            now = time.perf_counter()
-            if sid not in self.picked and self.is_pickup(msg.data):
-                self.picked[sid] = now
-            if self.is_end(msg.data):
-                self.ended[sid] = now
-                fut = self._waiters.pop(sid, None)
-                if fut is not None and not fut.done():
-                    fut.set_result(None)
-
-        return await nc.subscribe(subject, cb=on)
-
-    async def wait(self, sids: list[str], timeout: float = 120.0) -> None:
-        loop = asyncio.get_running_loop()
-        futs = []
-        for sid in sids:
-            if sid not in self.ended:
-                fut = self._waiters.setdefault(sid, loop.create_future())
-                futs.append(fut)
-        if futs:
-            await asyncio.wait_for(asyncio.gather(*futs), timeout)
-
-
-def _sid(subject: str) -> str:
-    return session_id_from_subject(subject) or subject.split(".")[2]
 
 
 # --- the raw pipeline ---------------------------------------------------------------------------
@@ -209,7 +165,7 @@ class _RawPipeline:
 class _Side:
     """One side of the comparison: how to submit, and what its ends and pickups look like."""
 
-    def __init__(self, name: str, submit: Callable[[], Awaitable[str]], ends: _Ends) -> None:
+    def __init__(self, name: str, submit: Callable[[], Awaitable[str]], ends: Ends) -> None:
         self.name, self.submit, self.ends = name, submit, ends
 
 
@@ -222,8 +178,8 @@ async def _latency(side: _Side, count: int) -> dict[str, float]:
         totals.append((side.ends.ended[sid] - started) * 1000)
         pickups.append((side.ends.picked.get(sid, side.ends.ended[sid]) - started) * 1000)
     return {
-        "pickup_p50_ms": _pct(pickups, 0.5), "pickup_p99_ms": _pct(pickups, 0.99),
-        "completed_p50_ms": _pct(totals, 0.5), "completed_p99_ms": _pct(totals, 0.99),
+        "pickup_p50_ms": pct(pickups, 0.5), "pickup_p99_ms": pct(pickups, 0.99),
+        "completed_p50_ms": pct(totals, 0.5), "completed_p99_ms": pct(totals, 0.99),
     }  # fmt: skip
 
 
@@ -286,7 +242,7 @@ async def _run_side(
 
 async def _raw_side(nc: NATS, js: JetStreamContext, tool_turns: int, agents: int, slots: int) -> tuple[_Side, Any]:
     with_pickup = b'"type":"model_responded"'
-    ends = _Ends(lambda d: b'"type":"session_ended"' in d, lambda d: with_pickup in d)
+    ends = Ends(lambda d: b'"type":"session_ended"' in d, lambda d: with_pickup in d)
     await ends.watch(nc, f"{_RAW}.session.*.log")
     with contextlib.suppress(nats.js.errors.BadRequestError):  # a second round: the streams are there already
         await _RawPipeline.provision(js)
@@ -309,7 +265,7 @@ async def _agentbus_side(
     from services.router.router import Router
     from services.router.routes import RouteTable
 
-    ends = _Ends(lambda d: isinstance(decode_event(d), SessionEnded), lambda d: b'"type":"session_claimed"' in d)
+    ends = Ends(lambda d: isinstance(decode_event(d), SessionEnded), lambda d: b'"type":"session_claimed"' in d)
     await ends.watch(nc, f"{settings.prefix}.session.*.log")
     model = _script(tmp, tool_turns)
     buses = [await Bus.connect(settings) for _ in range(agents + 2)]
@@ -364,118 +320,8 @@ async def run_e2e_bench(
                 one, three = out[name]["one_step"], out[name]["three_step"]
                 out[name]["messages_per_tool_turn"] = (three["messages_per_session"] - one["messages_per_session"]) / 2
             out["ratio"] = _ratios(out["raw"], out["agentbus"])
-            out["resume"] = await _resume(server, settings.with_(prefix="e2er"), tmp, resume_events)
-            out["listing"] = await _listing(server, settings.with_(prefix="e2el"), listing)
-    return out
-
-
-async def _resume(server: NatsServer, settings: Settings, tmp: Path, events: int, repeats: int = 3) -> dict[str, Any]:
-    """A session whose log holds `events` records (tool turns) is queued; agentbus: until its agent
-    recorded the claim (read, folded, rebuilt) and until it ended (one more model call); raw: one
-    ordered-consumer replay of the same records. Medians of `repeats`."""
-    from services.agent.worker import AgentConfig, AgentWorker
-
-    turns = max((events - 2) // 3, 1)
-    calls: list[dict[str, Any]] = [
-        {"content": [{"type": "tool_use", "id": f"t{i}", "name": "read_file", "input": {"path": f"f{i}.txt"}}],
-         "stop_reason": "tool_use", "usage": {}}
-        for i in range(turns)
-    ]  # fmt: skip
-    done = {"content": [{"type": "text", "text": "done"}], "stop_reason": "end_turn", "usage": {}}
-    script = tmp / "resume.json"
-    script.write_text(json.dumps({"responses": [*calls, done]}))
-    model = ScriptedModel(script)
-    nc = await nats.connect(server.url, name="e2e-bench-resume")
-    ends = _Ends(lambda d: isinstance(decode_event(d), SessionEnded), lambda d: b'"type":"session_claimed"' in d)
-    await ends.watch(nc, f"{settings.prefix}.session.*.log")
-    abus, cbus = await Bus.connect(settings), await Bus.connect(settings)
-    await cbus.provision()
-    config = AgentConfig(pool=_POOL, model=model.name, workdir=tmp / "resume", tools=("read_file",),
-                         runaway_steps=turns + 10, no_progress_turns=turns + 10)  # fmt: skip
-    worker = AgentWorker(abus, config, model)
-    runner = asyncio.create_task(worker.run())
-    client = agentbus.Client(cbus)
-    claims, ended, replays = [], [], []
-    try:
-        for _ in range(repeats):
-            sid = new_session_id()  # its records first, queued once they are all there
-            task = Task(session_id=sid, prompt="resume bench", pool=_POOL)
-            history: list[Any] = [SessionCreated(id="created", task=task)]
-            for i in range(turns):
-                use = calls[i]["content"]
-                history += [
-                    ModelResponded(id=f"step-{i + 1}", step=i + 1, model=model.name, content=tuple(use),
-                                   stop_reason="tool_use"),
-                    ToolCallStarted(id=f"start-t{i}", step=i + 1, tool_use_id=f"t{i}", name="read_file",
-                                    input={"path": f"f{i}.txt"}),
-                    ToolCallCompleted(id=f"done-t{i}", step=i + 1, tool_use_id=f"t{i}", name="read_file",
-                                      output="no such file"),
-                ]  # fmt: skip
-            await client.log.append(sid, history[0], channel="control")
-            await client.log.append_many(sid, history[1:])
-            replays.append(await _raw_replay(nc, settings, sid))
-            started = time.perf_counter()
-            await client.queues.enqueue(WorkItem(session_id=sid), _POOL)
-            await ends.wait([sid])
-            claims.append((ends.picked[sid] - started) * 1000)
-            ended.append((ends.ended[sid] - started) * 1000)
-    finally:
-        await worker.shutdown()
-        await runner
-        for b in (abus, cbus):
-            await b.close()
-        await nc.close()
-    return {
-        "events": 2 + 3 * turns,
-        "raw_replay_ms": _pct(replays, 0.5),
-        "claimed_ms": _pct(claims, 0.5),
-        "first_call_and_end_ms": _pct(ended, 0.5),
-    }
-
-
-async def _raw_replay(nc: NATS, settings: Settings, sid: str) -> float:
-    """One ordered consumer over the session's subjects, read to its last record."""
-    js = nc.jetstream()
-    stream = f"{settings.prefix.upper()}_SESSIONS"
-    subject = f"{settings.prefix}.session.{sid}.>"
-    started = time.perf_counter()
-    sub = await js.subscribe(subject, stream=stream, ordered_consumer=True)
-    try:
-        while True:
-            msg = await sub.next_msg(timeout=10)
-            if msg.metadata.num_pending == 0:
-                return (time.perf_counter() - started) * 1000
-    finally:
-        await sub.unsubscribe()
-
-
-async def _listing(server: NatsServer, settings: Settings, sizes: tuple[int, ...]) -> dict[str, Any]:
-    """`sessions` (every session's state) at each size, next to the one request that lists the
-    subjects (what any listing must at least do); medians of three, after a first listing that
-    fills the state cache."""
-    out: dict[str, Any] = {}
-    async with await Bus.connect(settings) as bus:
-        await bus.provision()
-        client = agentbus.Client(bus)
-        made = 0
-        for size in sizes:
-            while made < size:
-                sid = new_session_id()
-                created = SessionCreated(id="created", task=Task(session_id=sid, prompt="listed", pool=_POOL))
-                await client.log.append(sid, created, channel="control")
-                await client.log.append(sid, SessionEnded(id="ended", status="completed", result="r"))
-                made += 1
-            await client.sessions()
-            ours, raw = [], []
-            for _ in range(3):
-                t0 = time.perf_counter()
-                states = await client.sessions()
-                ours.append((time.perf_counter() - t0) * 1000)
-                t1 = time.perf_counter()
-                await bus.subject_counts(bus.ns.sessions_stream, bus.ns.sessions_all())
-                raw.append((time.perf_counter() - t1) * 1000)
-            assert len(states) == size, f"listed {len(states)} of {size} sessions"
-            out[str(size)] = {"sessions_ms": _pct(ours, 0.5), "subjects_request_ms": _pct(raw, 0.5)}
+            out["resume"] = await _reads.resume(server, settings.with_(prefix="e2er"), tmp, resume_events)
+            out["listing"] = await _reads.listing(server, settings.with_(prefix="e2el"), listing)
     return out
 
 

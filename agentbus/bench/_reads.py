@@ -1,0 +1,146 @@
+"""Reads of the log at scale, next to raw nats-py: resume of a long session (claimed, then its
+first model call) beside an ordered-consumer replay of the same records, and the session listing
+at several sizes beside one subjects request."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NATS
+
+import agentbus
+from agentbus.bench._watch import Ends, pct
+from agentbus.bus import Bus
+from agentbus.client import new_session_id
+from agentbus.config import Settings
+from agentbus.messages import (
+    ModelResponded,
+    SessionCreated,
+    SessionEnded,
+    Task,
+    ToolCallCompleted,
+    ToolCallStarted,
+    WorkItem,
+    decode_event,
+)
+from agentbus.models import ScriptedModel
+from agentbus.server import NatsServer
+
+_POOL = "bench"
+
+
+async def resume(server: NatsServer, settings: Settings, tmp: Path, events: int, repeats: int = 3) -> dict[str, Any]:
+    """A session whose log holds `events` records (tool turns) is queued; agentbus: until its agent
+    recorded the claim (read, folded, rebuilt) and until it ended (one more model call); raw: one
+    ordered-consumer replay of the same records. Medians of `repeats`."""
+    from services.agent.worker import AgentConfig, AgentWorker
+
+    turns = max((events - 2) // 3, 1)
+    calls: list[dict[str, Any]] = [
+        {"content": [{"type": "tool_use", "id": f"t{i}", "name": "read_file", "input": {"path": f"f{i}.txt"}}],
+         "stop_reason": "tool_use", "usage": {}}
+        for i in range(turns)
+    ]  # fmt: skip
+    done = {"content": [{"type": "text", "text": "done"}], "stop_reason": "end_turn", "usage": {}}
+    script = tmp / "resume.json"
+    script.write_text(json.dumps({"responses": [*calls, done]}))
+    model = ScriptedModel(script)
+    nc = await nats.connect(server.url, name="e2e-bench-resume")
+    ends = Ends(lambda d: isinstance(decode_event(d), SessionEnded), lambda d: b'"type":"session_claimed"' in d)
+    await ends.watch(nc, f"{settings.prefix}.session.*.log")
+    abus, cbus = await Bus.connect(settings), await Bus.connect(settings)
+    await cbus.provision()
+    config = AgentConfig(pool=_POOL, model=model.name, workdir=tmp / "resume", tools=("read_file",),
+                         runaway_steps=turns + 10, no_progress_turns=turns + 10)  # fmt: skip
+    worker = AgentWorker(abus, config, model)
+    runner = asyncio.create_task(worker.run())
+    client = agentbus.Client(cbus)
+    claims, ended, replays = [], [], []
+    try:
+        for _ in range(repeats):
+            sid = new_session_id()  # its records first, queued once they are all there
+            task = Task(session_id=sid, prompt="resume bench", pool=_POOL)
+            history: list[Any] = [SessionCreated(id="created", task=task)]
+            for i in range(turns):
+                use = calls[i]["content"]
+                history += [
+                    ModelResponded(id=f"step-{i + 1}", step=i + 1, model=model.name, content=tuple(use),
+                                   stop_reason="tool_use"),
+                    ToolCallStarted(id=f"start-t{i}", step=i + 1, tool_use_id=f"t{i}", name="read_file",
+                                    input={"path": f"f{i}.txt"}),
+                    ToolCallCompleted(id=f"done-t{i}", step=i + 1, tool_use_id=f"t{i}", name="read_file",
+                                      output="no such file"),
+                ]  # fmt: skip
+            await client.log.append(sid, history[0], channel="control")
+            await client.log.append_many(sid, history[1:])
+            replays.append(await _raw_replay(nc, settings, sid))
+            started = time.perf_counter()
+            await client.queues.enqueue(WorkItem(session_id=sid), _POOL)
+            await ends.wait([sid])
+            claims.append((ends.picked[sid] - started) * 1000)
+            ended.append((ends.ended[sid] - started) * 1000)
+    finally:
+        await worker.shutdown()
+        await runner
+        for b in (abus, cbus):
+            await b.close()
+        await nc.close()
+    return {
+        "events": 2 + 3 * turns,
+        "raw_replay_ms": pct(replays, 0.5),
+        "claimed_ms": pct(claims, 0.5),
+        "first_call_and_end_ms": pct(ended, 0.5),
+    }
+
+
+async def _raw_replay(nc: NATS, settings: Settings, sid: str) -> float:
+    """One ordered consumer over the session's subjects, read to its last record."""
+    js = nc.jetstream()
+    stream = f"{settings.prefix.upper()}_SESSIONS"
+    subject = f"{settings.prefix}.session.{sid}.>"
+    started = time.perf_counter()
+    sub = await js.subscribe(subject, stream=stream, ordered_consumer=True)
+    try:
+        while True:
+            msg = await sub.next_msg(timeout=10)
+            if msg.metadata.num_pending == 0:
+                return (time.perf_counter() - started) * 1000
+    finally:
+        await sub.unsubscribe()
+
+
+async def listing(server: NatsServer, settings: Settings, sizes: tuple[int, ...]) -> dict[str, Any]:
+    """`sessions` (every session's state) at each size, next to the one request that lists the
+    subjects (what any listing must at least do); medians of three, after a first listing that
+    fills the state cache."""
+    out: dict[str, Any] = {}
+    async with await Bus.connect(settings) as bus:
+        await bus.provision()
+        client = agentbus.Client(bus)
+        made = 0
+        for size in sizes:
+            while made < size:
+                sid = new_session_id()
+                created = SessionCreated(id="created", task=Task(session_id=sid, prompt="listed", pool=_POOL))
+                await client.log.append(sid, created, channel="control")
+                await client.log.append(sid, SessionEnded(id="ended", status="completed", result="r"))
+                made += 1
+            await client.sessions()
+            ours, raw = [], []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                states = await client.sessions()
+                ours.append((time.perf_counter() - t0) * 1000)
+                t1 = time.perf_counter()
+                await bus.subject_counts(bus.ns.sessions_stream, bus.ns.sessions_all())
+                raw.append((time.perf_counter() - t1) * 1000)
+            assert len(states) == size, f"listed {len(states)} of {size} sessions"
+            out[str(size)] = {"sessions_ms": pct(ours, 0.5), "subjects_request_ms": pct(raw, 0.5)}
+    return out
