@@ -48,7 +48,7 @@ class WakeWatcher:
         self.spec = spec or bus.ns.wake_consumer()
 
     async def run(self, draining: asyncio.Event) -> None:
-        consumer = Consumer(spec=self.spec, handle=self._handle, settle=LogOnly(self.spec.durable), concurrency=4)
+        consumer = Consumer(spec=self.spec, handle=self._handle, settle=LogOnly(self.spec.durable), concurrency=16)
         await consume(self.bus, consumer, draining)
 
     async def _handle(self, job: Job) -> None:
