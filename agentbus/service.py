@@ -33,6 +33,7 @@ from agentbus.subjects import ConsumerSpec
 logger = logging.getLogger("agentbus.service")
 
 _BACKOFF_MAX_S = 30.0
+_DAEMON_STOP_S = 5.0  # what a stopping service gives its background work to finish its clean-up
 
 
 class Retry(Exception):
@@ -254,8 +255,11 @@ class Service:
                     self._draining.set()
             for task in daemon_tasks:
                 task.cancel()
-            await asyncio.gather(*daemon_tasks, return_exceptions=True)
-            errors = [t.exception() for t in everything if not t.cancelled() and t.exception() is not None]
+            # bounded: a daemon stuck in its clean-up must not keep the service from stopping
+            _, stuck = await asyncio.wait(daemon_tasks, timeout=_DAEMON_STOP_S)
+            for task in stuck:
+                logger.warning("%s did not stop within %.0fs; left behind", task.get_coro(), _DAEMON_STOP_S)
+            errors = [t.exception() for t in everything if t.done() and not t.cancelled() and t.exception() is not None]
             if errors:
                 raise errors[0]  # type: ignore[misc]
         finally:

@@ -164,6 +164,9 @@ class HoldWatch:
         return hold
 
 
+_LAST_FLUSH_S = 2.0  # what a stopping agent gives its last spend update
+
+
 class SpendBatch:
     """An agent's model-call costs, added to its pool's total at most once every `every_s`: one
     compare-and-set for many calls instead of one per call. A flush that fails is kept for the
@@ -195,10 +198,21 @@ class SpendBatch:
                     log.warning("pool %s: spend not updated yet (%s); trying again", self.pool, err)
         finally:
             if self._calls:
-                try:
-                    await asyncio.wait_for(self.flush(), 2.0)
-                except (Exception, asyncio.CancelledError):
-                    log.warning("pool %s: $%.4f of %d calls not added to its total", self.pool, self._usd, self._calls)
+                await self._last_flush()
+
+    async def _last_flush(self) -> None:
+        # Bounded without waiting for the flush to give up: a shutdown must never hang on it
+        # (wait_for would wait for a cancelled request to finish cancelling).
+        usd, calls = self._usd, self._calls
+        last = asyncio.ensure_future(self.flush())
+        try:
+            done, _ = await asyncio.wait({last}, timeout=_LAST_FLUSH_S)
+        finally:
+            if not last.done():
+                last.cancel()
+        if done and not last.cancelled() and last.exception() is None:
+            return
+        log.warning("pool %s: $%.4f of %d calls not added to its total", self.pool, usd, calls)
 
     async def flush(self) -> None:
         usd, calls = self._usd, self._calls

@@ -310,3 +310,28 @@ async def test_a_service_whose_loop_fails_stops_and_raises_instead_of_idling() -
     assert service.drained, "the healthy loop was told to drain and finished"
     await service.shutdown()  # returns at once: run() is over
     await service.shutdown()
+
+
+async def test_a_daemon_stuck_in_its_clean_up_does_not_keep_a_service_from_stopping(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr("agentbus.service._DAEMON_STOP_S", 0.2)
+    release = asyncio.Event()
+
+    class Stubborn(Service):
+        async def _serve(self) -> None:
+            await self._supervise(loops=[self._draining.wait()], daemons=[self._clings()])
+
+        async def _clings(self) -> None:
+            try:
+                await asyncio.Event().wait()
+            finally:  # a clean-up that waits on something that never comes
+                await asyncio.shield(release.wait())
+
+    service = Stubborn()
+    runner = asyncio.create_task(service.run())
+    await asyncio.sleep(0)
+    await asyncio.wait_for(service.shutdown(), 10)  # without the bound: forever
+    await runner
+    release.set()
+    assert "did not stop within" in caplog.text
