@@ -256,7 +256,7 @@ class Service:
             for task in daemon_tasks:
                 task.cancel()
             # bounded: a daemon stuck in its clean-up must not keep the service from stopping
-            _, stuck = await asyncio.wait(daemon_tasks, timeout=_DAEMON_STOP_S)
+            _, stuck = await asyncio.wait(daemon_tasks, timeout=_DAEMON_STOP_S) if daemon_tasks else (set(), set())
             for task in stuck:
                 logger.warning("%s did not stop within %.0fs; left behind", task.get_coro(), _DAEMON_STOP_S)
             errors = [t.exception() for t in everything if t.done() and not t.cancelled() and t.exception() is not None]
