@@ -35,7 +35,8 @@ from agentbus.subjects import valid_token
 from services.router.fanin import FanIn, opinion_ids
 from services.router.routes import RouteTable
 
-KEEP_S = 5.0  # how often the router brings the state cache up to date and sweeps fan-outs
+KEEP_S = 30.0  # how often the router brings the state cache up to date and sweeps fan-outs (a fallback:
+# fan-outs are collected on their siblings' child_result items, listings fold what is behind)
 logger = logging.getLogger("agentbus.router")
 
 ROUTING_CONCURRENCY = 16
@@ -72,9 +73,14 @@ class Router(Service):
         write it; people's listings then read one batch instead of folding each session), and
         collect any fan-out whose siblings have all ended but whose parent was never told (a
         notice lost to a crash, or sent by no one: an end written before this version)."""
+        swept_to = -1
         while True:
             try:
-                await self.fanin.sweep(await self.log.states())
+                # one stream-info request when nothing was written since: an idle fleet costs nothing
+                last = await self.bus.stream_last_seq(self.bus.ns.sessions_stream)
+                if last != swept_to:
+                    await self.fanin.sweep(await self.log.states())
+                    swept_to = last
             except Exception as err:
                 logger.warning("keeping the state cache: %s; trying again", err)
             await asyncio.sleep(KEEP_S)
