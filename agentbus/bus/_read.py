@@ -256,7 +256,11 @@ class Reading(BusCore):
                 await self._nc.flush()
                 await self._nc.flush()  # a refusal arrives as an error before the second pong
             except Exception as err:
-                logger.info("subscription to %s not confirmed (%s); its readers do without it", subject, err)
+                # not confirmed is not refused: end, so the caller subscribes again (a reader left
+                # iterating here would never learn it is not live)
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+                raise BusError(f"subscription to {subject} not confirmed ({err})") from err
             else:
                 if subject.lower() in self._link.violations:
                     logger.warning("the server refused a subscription to %s; going on without it", subject)

@@ -97,7 +97,9 @@ class Transcript:
         if last <= self._people_to:
             return False
         new = await self.log.read(self.sid, from_seq=self._people_to + 1, channels="*.*")
-        self._people_to = max(last, self._people_to)
+        # what was read, not what the lookup saw: in a cluster the read may come from a replica
+        # that does not hold `last` yet, and a record skipped here would never be read again
+        self._people_to = max([self._people_to, *(r.seq for r in new)])
         self.merge(new)
         return bool(new)
 

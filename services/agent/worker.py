@@ -263,7 +263,8 @@ class AgentWorker(Service):
         now = time.monotonic()
         self._heard[sid] = now
         if len(self._heard) > _HEARD_KEPT:  # only the last few seconds matter
-            self._heard = {k: t for k, t in self._heard.items() if now - t < SIGNAL_LEAD_S}
+            recent = sorted(self._heard.items(), key=lambda kv: kv[1])[-(_HEARD_KEPT // 2) :]
+            self._heard = {k: t for k, t in recent if now - t < SIGNAL_LEAD_S}  # room for half again
 
     async def _handle(self, job: Job) -> None:
         """One queue message: run its session to an end or a park (ack), or hand it back (draining)."""

@@ -69,7 +69,7 @@ class Router(Service):
             logger.info("router stopped after routing %d sessions", self.routed)
 
     async def _keep(self) -> None:
-        """Every few seconds: bring the state cache of every session up to date (a service may
+        """Every KEEP_S, when the session stream moved: bring the state cache of every session up to date (a service may
         write it; people's listings then read one batch instead of folding each session), and
         collect any fan-out whose siblings have all ended but whose parent was never told (a
         notice lost to a crash, or sent by no one: an end written before this version)."""

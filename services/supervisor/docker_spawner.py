@@ -220,6 +220,10 @@ class DockerSpawner:
             "labels": self.labels(spec, worker_id),
             "volumes": [v.split(":")[1] for v in volumes],
         }
+        if self.agent_creds and os.geteuid() != 0:
+            # as the supervisor's user, as before the credentials copy: files on host paths it
+            # mounts (a pool's repository) are then the agent's to write (README, Repositories)
+            create["user"] = f"{os.getuid()}:{os.getgid()}"
 
         def _run() -> Container:
             import docker.errors
