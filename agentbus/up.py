@@ -95,12 +95,13 @@ def run_up(*, pools_file: str | None, port: int, store_dir: str, web_port: int |
 def web_port_for(requested: int, nats_port: int) -> int:
     """The web view's port: the one asked for; any free one for 0 (and when NATS's port is 0, as in
     tests running side by side); the default taken by something else moves to a free one."""
-    if requested == WEB_PORT and nats_port != 0:
-        try:
-            check_port_free("127.0.0.1", WEB_PORT)
-            return WEB_PORT
-        except AgentBusError:
-            _say("up", f"port {WEB_PORT} is taken; the web view takes a free port instead")
+    if requested == WEB_PORT:
+        if nats_port != 0:
+            try:
+                check_port_free("127.0.0.1", WEB_PORT)
+                return WEB_PORT
+            except AgentBusError:
+                _say("up", f"port {WEB_PORT} is taken; the web view takes a free port instead")
     elif requested:
         check_port_free("127.0.0.1", requested)  # a port asked for by name must be free
         return requested

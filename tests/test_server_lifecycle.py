@@ -190,3 +190,22 @@ def test_up_removes_its_scratch_directory_when_it_stops(tmp_path: Path) -> None:
         if proc.stdout is not None:
             proc.stdout.close()
     assert list(tmp.iterdir()) == []
+
+
+def test_the_web_view_moves_off_a_taken_default_port_and_a_port_asked_for_must_be_free(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Another `agentbus up` (or anything) on the default port: `up` takes a free one, whether NATS's
+    port is named or 0 (as in tests run beside a person's own `up`); a port named by hand is refused."""
+    from agentbus import up
+    from agentbus.errors import AgentBusError
+
+    with socket.socket() as default, socket.socket() as named:
+        for held in (default, named):
+            held.bind(("127.0.0.1", 0))
+            held.listen()
+        monkeypatch.setattr(up, "WEB_PORT", default.getsockname()[1])
+        for nats_port in (0, 4222):
+            assert up.web_port_for(up.WEB_PORT, nats_port) not in (up.WEB_PORT, 0)
+        with pytest.raises(AgentBusError, match=str(named.getsockname()[1])):
+            up.web_port_for(named.getsockname()[1], 4222)
