@@ -1,13 +1,14 @@
-"""People's records reach a running session through the live signal, and fan-out works under authentication.
+"""People's records reach a running session through the live signal, and fan-out works under
+authentication.
 
 A run reads people's records (a steer, a cancel) from the stream at a step boundary only when the
-worker heard a signal for the session (`Transcript.must_look`). The submission is itself such a
-signal, so these tests first let the run outlast its lead (`SIGNAL_LEAD_S`), with the worker
-hearing people's channels from before the run read the log, and check that the run would not look
-on its own; then a person speaks during a model call held past the lead, and only the signal can
-bring what they said in, well before the fallback look (`FALLBACK_S`). The fan-out test runs the
-router and the evaluator as `service` users and the agent as an `agent` user; whoever ends a
-sibling tells the router, which collects the siblings into the parent.
+worker heard a signal for the session (`Transcript.must_look`). The submission is not such a signal
+(a run reads it when it takes the session); these tests still let the run outlast the lead
+(`SIGNAL_LEAD_S`), with the worker hearing people's channels from before the run read the log, and
+check that the run would not look on its own; then a person speaks during a model call held past the
+lead, and only the signal can bring what they said in, well before the fallback look (`FALLBACK_S`).
+The fan-out test runs the router and the evaluator as `service` users and the agent as an `agent`
+user; whoever ends a sibling tells the router, which collects the siblings into the parent.
 
 Real nats-server, the real anthropic SDK against the fake Messages API, services in process.
 """
@@ -82,11 +83,8 @@ def held_steps(gates: tuple[Gate, Gate], replies: tuple[Request, Request], then:
 
 
 async def past_the_submission(client: agentbus.Client, worker: AgentWorker, gates: tuple[Gate, Gate]) -> str:
-    """Submit once the worker hears people's channels, and let the run reach its second model call.
-
-    The submission is itself a signal (on the submitter's control channel), so the first step
-    boundary looks in the stream anyway; the first model call outlasts its lead, so from the second
-    call on, the run looks only when it hears of something new."""
+    """Submit once the worker hears people's channels, and let the run reach its second model call,
+    its first outlasting the lead of any signal there was."""
     await until(lambda: hearing(worker), "the agent to hear people's channels", timeout=10)
     sid = await client.submit("paint it", pool=POOL)
     await gates[0].wait_reached()
@@ -94,6 +92,26 @@ async def past_the_submission(client: agentbus.Client, worker: AgentWorker, gate
     gates[0].open()
     await gates[1].wait_reached()
     return sid
+
+
+async def test_the_submission_is_no_signal_so_a_run_does_not_look_in_the_stream_at_its_first_step(
+    client: agentbus.Client, settings: Settings, tmp_path: Path
+) -> None:
+    """The session's creation, on the submitter's command channel, is heard like people's messages;
+    it is what the run read when it took the session, so it must not make each step boundary ask the
+    stream for people's records (a lookup per session the one-step bench paid)."""
+    gates = (Gate(), Gate())
+    read = tool_use_response("read_file", {"path": "none.txt"}, id="tu_1")
+    with FakeMessagesAPI(responder=held_steps(gates, (read, read), text_response("done"))) as api:
+        async with agent(settings, api, tmp_path, gates=gates) as worker:
+            await until(lambda: hearing(worker), "the agent to hear people's channels", timeout=10)
+            sid = await client.submit("paint it", pool=POOL)
+            await gates[0].wait_reached()
+            assert not worker._runs[sid].transcript.must_look()
+            assert sid not in worker._heard
+            gates[0].open()
+            gates[1].open()
+            assert (await client.wait(sid, timeout=20)).status == "completed"
 
 
 @pytest.mark.parametrize("role", ["admin", "agent"])

@@ -199,3 +199,31 @@ async def test_with_no_exporter_configured_nothing_is_sent_and_the_services_run_
     assert isinstance(created, SessionCreated)
     assert created.trace_id is None
     assert default_port.requests == []
+
+
+def test_with_no_sdk_a_span_carries_a_remote_parent_on_and_adds_no_context_of_its_own(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The fast path (nothing records spans) must still pass a trace through this process, as the
+    API's no-op tracer does: a consumer's publishes name the trace of the message it works on."""
+    from agentbus import tracing
+
+    monkeypatch.setattr(tracing, "recording", lambda: False)
+    traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    parent = tracing.context_from({"traceparent": traceparent})
+    with tracing.span("process", parent=parent, session_id="s1"):
+        carried: dict[str, str] = {}
+        tracing.inject(carried)
+        assert tracing.current_trace_id() == "0af7651916cd43dd8448eb211c80319c"
+    assert carried["traceparent"] == traceparent
+    with tracing.span("publish"):
+        alone: dict[str, str] = {}
+        tracing.inject(alone)
+    assert alone == {}
+    assert tracing.current_trace_id() is None
+    try:
+        with tracing.span("fails", parent=parent):
+            raise ValueError("boom")
+    except ValueError:
+        pass
+    assert tracing.current_trace_id() is None  # the parent's context was detached on the way out

@@ -15,6 +15,7 @@ from typing import Any, Self, TypeVar
 import nats
 import nats.errors
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 
 from agentbus import auth, roles
 from agentbus.bus._errors import TRANSIENT
@@ -55,7 +56,7 @@ class BusCore:
         # JSON escaping can make a prompt up to 6x longer (control characters become \\u00XX).
         self.ns = Namespace(settings.prefix, max_message_bytes=settings.max_prompt_bytes * 6 + 65536)
         self._kv: dict[str, Any] = {}
-        self._direct: Any = None  # the reply subscription of batched direct gets, made on first use
+        self._replies: _Replies | None = None  # one subscription for the answers to our requests, made on first use
         self._updating = False
         self._link = _Link()
 
@@ -91,6 +92,15 @@ class BusCore:
 
     async def __aexit__(self, *_: object) -> None:
         await self.close()
+
+    async def replies(self) -> _Replies:
+        """The reply subscription, subscribed on first use (it lives as long as the connection)."""
+        replies = self._replies
+        if replies is None:
+            replies = _Replies(self._nc.new_inbox())
+            await self._nc.subscribe(f"{replies.base}.*", cb=replies.deliver)
+            self._replies = replies
+        return replies
 
     @property
     def connected_url(self) -> str:
@@ -156,6 +166,46 @@ class BusCore:
                 logger.debug("%s: %s; retrying", what, type(err).__name__)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
+
+
+class _Replies:
+    """The answers to this connection's JetStream requests (publish acks, direct gets), on one
+    wildcard inbox subscription, routed by the reply subject's last token: a future for a single
+    answer, a queue for a stream of them. nats-py's request makes a random token (a syscall), a
+    timer task and a parsed ack object per publish; this is the hot path of every append."""
+
+    def __init__(self, base: str) -> None:
+        self.base = base
+        self.waiting: dict[str, asyncio.Future[Msg] | asyncio.Queue[Msg]] = {}
+        self._n = 0
+
+    def _token(self) -> str:
+        self._n += 1
+        return f"{self.base}.{self._n:x}"
+
+    def one(self) -> tuple[str, asyncio.Future[Msg]]:
+        reply = self._token()
+        fut: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
+        self.waiting[reply] = fut
+        return reply, fut
+
+    def many(self) -> tuple[str, asyncio.Queue[Msg]]:
+        reply = self._token()
+        queue: asyncio.Queue[Msg] = asyncio.Queue()
+        self.waiting[reply] = queue
+        return reply, queue
+
+    def close(self, reply: str) -> None:
+        self.waiting.pop(reply, None)
+
+    async def deliver(self, msg: Msg) -> None:
+        waiter = self.waiting.get(msg.subject)
+        if isinstance(waiter, asyncio.Queue):
+            waiter.put_nowait(msg)
+        elif waiter is not None:
+            del self.waiting[msg.subject]
+            if not waiter.done():
+                waiter.set_result(msg)
 
 
 class _Watch:

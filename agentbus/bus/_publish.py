@@ -6,9 +6,9 @@ import asyncio
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import msgspec
 import nats.errors
 import nats.js.errors
-from opentelemetry import propagate
 from opentelemetry.trace import SpanKind
 
 from agentbus import tracing
@@ -24,6 +24,23 @@ _PIPELINE_DEPTH = 256
 _UNANSWERED: tuple[type[BaseException], ...] = (*TRANSIENT, nats.js.errors.NoStreamResponseError)
 
 
+class _Ack(msgspec.Struct):
+    """JetStream's answer to a publish: where it was stored, or why not."""
+
+    stream: str = ""
+    seq: int = 0
+    duplicate: bool = False
+    error: dict[str, Any] | None = None
+
+
+_ack_decoder = msgspec.json.Decoder(_Ack)
+
+
+def _unanswered(answer: asyncio.Future[Any]) -> None:
+    if not answer.done():
+        answer.set_exception(TimeoutError("no ack from JetStream"))
+
+
 def span_subject(subject: str) -> str:
     """A subject with its session id masked, so span names stay few (semconv: low cardinality)."""
     parts = subject.split(".")
@@ -36,7 +53,7 @@ class Publishing(BusCore):
     def headers(self, msg_id: str, extra: Mapping[str, str] | None = None) -> dict[str, str]:
         """The headers every agentbus message carries."""
         hdrs: dict[str, str] = {MSG_ID: msg_id}
-        propagate.inject(hdrs)
+        tracing.inject(hdrs)
         if extra:
             hdrs.update(extra)
         return hdrs
@@ -86,12 +103,12 @@ class Publishing(BusCore):
                 f"publish to {subject}: {len(data)} bytes is more than the server accepts "
                 f"(max_payload {self._nc.max_payload})"
             ) from err
-        return PubAck(ack.stream, ack.seq, bool(ack.duplicate))
+        return ack
 
-    async def _publish_once(self, subject: str, data: bytes, hdrs: dict[str, str]) -> Any:
+    async def _publish_once(self, subject: str, data: bytes, hdrs: dict[str, str]) -> PubAck:
         try:
             # a subject this user may not publish to is refused by the server at once (NotPermitted)
-            return await self._refusable(subject, lambda: self._js.publish(subject, data, headers=hdrs))
+            return await self._refusable(subject, lambda: self._acked(subject, data, hdrs))
         except nats.js.errors.NoStreamResponseError as unanswered:
             # Nobody answered: either no stream takes this subject (a setup error, reported at
             # once) or its leader is moving to another server of the cluster (retried).
@@ -102,6 +119,27 @@ class Publishing(BusCore):
             except TRANSIENT:
                 pass
             raise TimeoutError(f"no leader for the stream of {subject}") from unanswered
+
+    async def _acked(self, subject: str, data: bytes, hdrs: dict[str, str]) -> PubAck:
+        """One publish and its ack: what nats-py's `js.publish` does, on the shared reply subscription."""
+        replies = await self.replies()
+        reply, answer = replies.one()
+        timer = asyncio.get_running_loop().call_later(self.settings.publish_timeout_s, _unanswered, answer)
+        try:
+            await self._nc.publish(subject, data, reply=reply, headers=hdrs)
+            msg = await answer
+        finally:
+            timer.cancel()
+            replies.close(reply)
+        if not msg.data and msg.headers and msg.headers.get("Status") == "503":
+            raise nats.js.errors.NoStreamResponseError  # no responders: no stream (or no leader) takes it
+        try:
+            ack = _ack_decoder.decode(msg.data)
+        except (msgspec.MsgspecError, UnicodeDecodeError) as err:
+            raise BusError(f"publish to {subject}: unreadable answer from the server: {err}") from err
+        if ack.error is not None:
+            nats.js.errors.APIError.from_error(ack.error)  # raises the error's class (503: transient)
+        return PubAck(ack.stream, ack.seq, ack.duplicate)
 
     async def publish_many(self, messages: Iterable[Outgoing]) -> list[PubAck]:
         """Publish with up to 256 acks in flight; returns acks in input order, raises on the first refusal.
@@ -148,7 +186,7 @@ class Publishing(BusCore):
     async def _send_pipelined(self, batch: list[Outgoing]) -> list[asyncio.Future[Any]]:
         pending: list[asyncio.Future[Any]] = []
         shared: dict[str, str] = {}
-        propagate.inject(shared)  # one trace context for the whole batch: inject once, not per message
+        tracing.inject(shared)  # one trace context for the whole batch: inject once, not per message
         for out in batch:
             hdrs = {MSG_ID: out.msg_id, **shared}
             if out.headers:

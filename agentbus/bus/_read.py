@@ -50,27 +50,6 @@ def _timestamp_ns(stamp: str) -> int:
     return int(seconds) * 1_000_000_000 + int((frac + "000000000")[:9] or 0)
 
 
-class _DirectReplies:
-    """One subscription for the replies to every batched direct get of a connection, by request."""
-
-    def __init__(self, base: str) -> None:
-        self.base = base
-        self.queues: dict[str, asyncio.Queue[Msg]] = {}
-        self._n = 0
-
-    def open(self) -> tuple[str, asyncio.Queue[Msg]]:
-        self._n += 1
-        reply = f"{self.base}.{self._n}"
-        queue: asyncio.Queue[Msg] = asyncio.Queue()
-        self.queues[reply] = queue
-        return reply, queue
-
-    async def deliver(self, msg: Msg) -> None:
-        queue = self.queues.get(msg.subject)
-        if queue is not None:
-            queue.put_nowait(msg)
-
-
 class Reading(BusCore):
     async def replay(
         self,
@@ -133,8 +112,8 @@ class Reading(BusCore):
         return out
 
     async def _direct_batch(self, api: str, subject: str, seq: int, batch: int) -> tuple[list[Delivery], int]:
-        replies = await self._direct_replies()
-        reply, queue = replies.open()
+        replies = await self.replies()
+        reply, queue = replies.many()
         request = json.dumps({"seq": seq, "next_by_subj": subject, "batch": batch}).encode()
         got: list[Delivery] = []
         try:
@@ -161,15 +140,7 @@ class Reading(BusCore):
                         )
                     )
         finally:
-            replies.queues.pop(reply, None)
-
-    async def _direct_replies(self) -> _DirectReplies:
-        replies: _DirectReplies | None = self._direct
-        if replies is None:
-            replies = _DirectReplies(self._nc.new_inbox())
-            await self._nc.subscribe(f"{replies.base}.*", cb=replies.deliver)
-            self._direct = replies
-        return replies
+            replies.close(reply)
 
     async def last_subject_seq(self, stream: str, subject: str) -> int:
         """Stream sequence of the last message on `subject` (wildcards allowed), 0 if there is none."""

@@ -6,8 +6,8 @@ from collections.abc import Awaitable, Callable
 
 import nats.errors
 from nats.aio.msg import Msg
-from opentelemetry import propagate
 
+from agentbus import tracing
 from agentbus.bus._core import BusCore
 from agentbus.errors import BusError
 
@@ -16,7 +16,7 @@ class Requests(BusCore):
     async def request(self, subject: str, data: bytes, *, timeout: float = 5.0) -> bytes:
         try:
             hdrs: dict[str, str] = {}
-            propagate.inject(hdrs)
+            tracing.inject(hdrs)
             msg = await self._refusable(
                 subject, lambda: self._nc.request(subject, data, timeout=timeout, headers=hdrs or None)
             )

@@ -26,7 +26,15 @@ from agentbus.authority import honoured
 from agentbus.bus import Bus, Job
 from agentbus.errors import AgentBusError, FencedError
 from agentbus.mcp.servers import McpServerSpec
-from agentbus.messages import Budget, InterruptRequested, WorkerInfo, decode_event, encode
+from agentbus.messages import (
+    Budget,
+    InterruptRequested,
+    Routed,
+    SessionCreated,
+    WorkerInfo,
+    decode_event,
+    encode,
+)
 from agentbus.models import ModelClient, model_from_spec
 from agentbus.queues import WorkQueues, WorkSettlement
 from agentbus.sandbox import tool_environment
@@ -249,12 +257,16 @@ class AgentWorker(Service):
     async def _hear_people(self) -> None:
         async for subject, data in self.bus.listen(self.bus.ns.sessions_people_all(), ready=self._people_live):
             sid, channel, sender = parse_session_subject(subject) or ("", "input", "")
+            event = honoured(channel, sender, decode_event(data))  # the subject says who sent it
+            if isinstance(event, SessionCreated | Routed):
+                # a submission, not steering: a run reads it when it takes the session (it cannot
+                # start before it), so it is no reason to look in the stream again at each step
+                continue
             run = self._runs.get(sid)
             if run is None:  # not running here yet: a run that starts soon may read the log before it is stored
                 self._heard_before_run(sid)
                 continue
             run.transcript.nudge()
-            event = honoured(channel, sender, decode_event(data))  # the subject says who sent it
             if isinstance(event, InterruptRequested):
                 logger.info("session %s: interrupted by %s", sid, event.author)
                 run.interrupt(event)
