@@ -29,6 +29,8 @@ POOL = "agentbus.pool"
 _scope: ContextVar[tuple[str | None, str | None]] = ContextVar("agentbus_scope", default=(None, None))
 
 tracer = trace.get_tracer("agentbus")
+# a provider named in the environment is made by the API's getter on first use
+_PROVIDER_FROM_ENV = "OTEL_PYTHON_TRACER_PROVIDER" in os.environ
 meter = metrics.get_meter("agentbus")
 
 sessions_ended = meter.create_counter("agentbus.sessions.ended", description="Sessions ended, by status")
@@ -90,7 +92,11 @@ def setup(default_service: str, env: Mapping[str, str] | None = None) -> Callabl
 
 def recording() -> bool:
     """Whether spans go anywhere: an SDK tracer provider is installed (by `setup`, or by a test)."""
-    return not isinstance(trace.get_tracer_provider(), ProxyTracerProvider)
+    if _PROVIDER_FROM_ENV:
+        return not isinstance(trace.get_tracer_provider(), ProxyTracerProvider)
+    # The API's getter looks in os.environ on every call while no provider is set (twice per span
+    # here); the global it returns once one is set answers the same question for free.
+    return getattr(trace, "_TRACER_PROVIDER", None) is not None
 
 
 def inject(headers: dict[str, str]) -> None:

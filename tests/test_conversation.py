@@ -117,3 +117,21 @@ def test_a_question_asked_again_after_a_crash_keeps_the_answer_given_meanwhile()
     )
     conv = build(recs)
     assert conv.answer is not None and conv.answer.text == "42"
+
+
+def test_a_record_of_a_kind_the_builder_does_not_read_leaves_the_conversation_as_it_was() -> None:
+    """`SessionRun.conversation` reuses its last build while only such records came after it."""
+    from agentbus.messages import InputRejected, SessionClaimed, StatusChanged
+    from services.agent.conversation import affects
+
+    base = _records(CREATED, _tool_step(1, horizon=1, tid="t1"))
+    extra = _records(
+        CREATED,
+        _tool_step(1, horizon=1, tid="t1"),
+        SessionClaimed(id="claim-1", worker="w", attempt=1),
+        StatusChanged(id="s", status="running", reason="r"),
+        InputRejected(id="input-rejected-9", reason="x", source="s"),
+    )
+    assert not any(affects(r) for r in extra[2:])
+    assert build(extra) == build(base)
+    assert all(affects(r) for r in base)

@@ -126,3 +126,37 @@ def test_the_sample_session_created_keeps_a_seconds_clock() -> None:
     )
 
     assert isinstance(created, SessionCreated) and created.ts == TS
+
+
+@pytest.mark.parametrize(
+    "stamp",
+    [
+        "2026-11-30T07:21:47.836122756Z",
+        "2026-11-30T07:21:47Z",
+        "2026-11-30T07:21:47.8Z",
+        "2026-11-30T07:21:47.83612275612Z",  # more digits than nanoseconds: cut, as before
+        "2026-11-30T23:59:59.999999999Z",
+        "2026-13-30T07:21:47.1Z",  # no such month
+        "2026-11-30T07:21:4x.1Z",
+        "2026-11-30T07:21:47.1+00:00",  # not the server's shape: the general parser
+        "2026-11-30T07:21:47",
+        "",
+        "garbage",
+    ],
+)
+def test_the_stream_time_of_a_record_reads_the_same_by_the_quick_path_as_by_the_general_parser(stamp: str) -> None:
+    """A direct get's `Nats-Time-Stamp` is read for every record of a replay; the quick path (the
+    minute looked up, the rest as digits) must agree with parsing the whole stamp."""
+    import datetime
+
+    from agentbus.bus import _read
+
+    whole, _, frac = stamp.rstrip("Z").partition(".")
+    try:
+        seconds = int(datetime.datetime.fromisoformat(whole).replace(tzinfo=datetime.UTC).timestamp())
+        digits = (frac + "000000000")[:9]
+        expected = seconds * 1_000_000_000 + int(digits) if digits.isdigit() else 0
+    except ValueError:
+        expected = 0
+    assert _read._timestamp_ns(stamp) == expected
+    assert _read._timestamp_ns(stamp) == expected  # and again, from the cached minute

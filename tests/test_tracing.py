@@ -227,3 +227,18 @@ def test_with_no_sdk_a_span_carries_a_remote_parent_on_and_adds_no_context_of_it
     except ValueError:
         pass
     assert tracing.current_trace_id() is None  # the parent's context was detached on the way out
+
+
+def test_recording_follows_the_installed_tracer_provider() -> None:
+    """`recording` reads the API's global instead of its getter (which looks in os.environ on every
+    call): it must still say yes once a provider is installed, as `setup` and tests do."""
+    code = (
+        "from opentelemetry import trace\n"
+        "from opentelemetry.sdk.trace import TracerProvider\n"
+        "from agentbus import tracing\n"
+        "before = tracing.recording()\n"
+        "trace.set_tracer_provider(TracerProvider())\n"
+        "print(before, tracing.recording())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.split() == ["False", "True"]

@@ -17,6 +17,7 @@ where they enter. Each concern lives in its own private module:
 
 from __future__ import annotations
 
+from agentbus.bus import _headers  # noqa: F401 - installs the quick header parser on import
 from agentbus.bus._errors import ErrorCode
 from agentbus.bus._kv import KeyValue
 from agentbus.bus._publish import EXPECTED_LAST_SUBJECT_SEQ, MSG_ID, Publishing

@@ -102,6 +102,19 @@ class BusCore:
             self._replies = replies
         return replies
 
+    async def ask(self, subject: str, data: bytes, timeout: float, headers: dict[str, str] | None = None) -> Msg:
+        """One request and its answer on the shared reply subscription (`_Replies`); `TimeoutError`
+        when none comes in `timeout` seconds."""
+        replies = await self.replies()
+        reply, answer = replies.one()
+        timer = asyncio.get_running_loop().call_later(timeout, _unanswered, answer)
+        try:
+            await self._nc.publish(subject, data, reply=reply, headers=headers)
+            return await answer
+        finally:
+            timer.cancel()
+            replies.close(reply)
+
     @property
     def connected_url(self) -> str:
         url = self._nc.connected_url
@@ -166,6 +179,11 @@ class BusCore:
                 logger.debug("%s: %s; retrying", what, type(err).__name__)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
+
+
+def _unanswered(answer: asyncio.Future[Any]) -> None:
+    if not answer.done():
+        answer.set_exception(TimeoutError("no answer"))
 
 
 class _Replies:

@@ -36,11 +36,6 @@ class _Ack(msgspec.Struct):
 _ack_decoder = msgspec.json.Decoder(_Ack)
 
 
-def _unanswered(answer: asyncio.Future[Any]) -> None:
-    if not answer.done():
-        answer.set_exception(TimeoutError("no ack from JetStream"))
-
-
 def span_subject(subject: str) -> str:
     """A subject with its session id masked, so span names stay few (semconv: low cardinality)."""
     parts = subject.split(".")
@@ -122,15 +117,7 @@ class Publishing(BusCore):
 
     async def _acked(self, subject: str, data: bytes, hdrs: dict[str, str]) -> PubAck:
         """One publish and its ack: what nats-py's `js.publish` does, on the shared reply subscription."""
-        replies = await self.replies()
-        reply, answer = replies.one()
-        timer = asyncio.get_running_loop().call_later(self.settings.publish_timeout_s, _unanswered, answer)
-        try:
-            await self._nc.publish(subject, data, reply=reply, headers=hdrs)
-            msg = await answer
-        finally:
-            timer.cancel()
-            replies.close(reply)
+        msg = await self.ask(subject, data, self.settings.publish_timeout_s, hdrs)
         if not msg.data and msg.headers and msg.headers.get("Status") == "503":
             raise nats.js.errors.NoStreamResponseError  # no responders: no stream (or no leader) takes it
         try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import nats.errors
@@ -27,10 +27,11 @@ class Job:
     Settling translates nats-py's errors: a failed ack, nak or term raises `BusError`.
     """
 
-    __slots__ = ("_msg", "attempt", "data", "headers", "seq", "stored_at", "subject")
+    __slots__ = ("_ask", "_msg", "attempt", "data", "headers", "seq", "stored_at", "subject")
 
-    def __init__(self, msg: Msg) -> None:
+    def __init__(self, msg: Msg, ask: Callable[[str, bytes, float], Awaitable[Any]] | None = None) -> None:
         self._msg = msg
+        self._ask = ask  # the bus's request on its shared reply subscription (else nats-py's)
         meta = msg.metadata
         self.subject: str = msg.subject
         self.data: bytes = msg.data
@@ -49,7 +50,9 @@ class Job:
         """Done: the server removes it. `sync` waits for the server to confirm, so a lost ack
         cannot redeliver finished work; skip it only where a redelivery is harmless."""
         try:
-            if sync:
+            if sync and self._ask is not None and self._msg.reply:
+                await self._ask(self._msg.reply, b"+ACK", 5.0)  # what ack_sync sends, and its answer
+            elif sync:
                 await self._msg.ack_sync(timeout=5.0)
             else:
                 await self._msg.ack()
@@ -98,9 +101,10 @@ class Job:
 class Puller:
     """A handle on a durable pull consumer: fetch batches of `Job`s."""
 
-    def __init__(self, psub: Any, spec: ConsumerSpec) -> None:
+    def __init__(self, psub: Any, spec: ConsumerSpec, ask: Callable[[str, bytes, float], Awaitable[Any]]) -> None:
         self._psub = psub
         self.spec = spec
+        self._ask = ask
 
     async def fetch(self, batch: int = 1, timeout: float = 5.0) -> Sequence[Job]:
         """Up to `batch` jobs; an empty list when none arrived in `timeout`."""
@@ -115,7 +119,7 @@ class Puller:
             return []
         except nats.errors.ConnectionClosedError as err:
             raise BusError(f"fetch from {self.spec.durable}: the connection is closed") from err
-        return [Job(m) for m in msgs]
+        return [Job(m, self._ask) for m in msgs]
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -128,7 +132,7 @@ class Queues(Provisioning):
         psub = await self._through_failover(
             f"consumer {spec.durable}", lambda: self._js.pull_subscribe_bind(spec.durable, stream=spec.stream)
         )
-        return Puller(psub, spec)
+        return Puller(psub, spec, self.ask)
 
     async def consumer_states(self, stream: str) -> list[ConsumerState]:
         """Every durable consumer on `stream` and where it stands (one request per 256 consumers)."""

@@ -37,6 +37,28 @@ CUT_OFF_NOTE = "(Your previous reply was cut off by the output token limit. Cont
 INTERRUPTED_NOTE = "(Your previous reply was interrupted by a person watching this session.)"
 
 
+# Every kind of record the conversation is built from; any other (a claim, a status, a rejection)
+# leaves it as it was.
+READ_KINDS = (
+    SessionCreated,
+    ModelResponded,
+    ToolCallStarted,
+    ToolCallParked,
+    ApprovalRequested,
+    ApprovalDecided,
+    ToolCallCompleted,
+    QuestionAsked,
+    HumanMessage,
+    InterruptRequested,
+    SessionPaused,
+    ResumeRequested,
+    MessageDelivered,
+    RevisionRequested,
+    CancelRequested,
+    SessionEnded,
+)
+
+
 @dataclass
 class ToolUse:
     """A tool call the model asked for, and what the log says about it so far."""
@@ -100,6 +122,8 @@ class _Builder:
 
     def add(self, rec: Record) -> None:
         ev, conv = rec.event, self.conv
+        if not isinstance(ev, READ_KINDS):
+            return  # so a record of another kind can never change a conversation (`SessionRun.conversation`)
         if isinstance(ev, SessionCreated):
             if conv.task is not None:
                 return  # only the first record creates the session; a later one changes nothing
@@ -237,6 +261,11 @@ class _Builder:
         conv.held = len(self.held)
         conv.undelivered = [r for r in self.included if r.seq not in self.delivered]
         return conv
+
+
+def affects(rec: Record) -> bool:
+    """Whether a record can change the conversation: `build` reads only these kinds."""
+    return isinstance(rec.event, READ_KINDS)
 
 
 def build(records: Sequence[Record]) -> Conversation:

@@ -298,10 +298,8 @@ async def commit_round(run: SessionRun, conv: Conversation) -> None:
 
 
 async def before_end(run: SessionRun, status: str, reason: str) -> None:
-    from services.agent.conversation import build
-
     if run.ctx.repo is not None:
-        await run.ctx.repo.before_end(run, build(run.records), status, reason)
+        await run.ctx.repo.before_end(run, run.conversation(), status, reason)
 
 
 async def release(run: SessionRun) -> None:

@@ -55,7 +55,7 @@ from agentbus.spend import HoldWatch, SpendBatch
 from agentbus.state import SessionState
 from services.agent import repo_workspace
 from services.agent.calls import ToolCalls
-from services.agent.conversation import Conversation, build
+from services.agent.conversation import Conversation, affects, build
 from services.agent.guards import no_progress
 from services.agent.signals import Interrupted, Parked, Released
 from services.agent.telemetry import record_usage, request_model
@@ -121,6 +121,7 @@ class SessionRun:
         self._activity: asyncio.Task[Any] | None = None  # the model call or tool run in flight
         self._interrupting: InterruptRequested | None = None
         self.interrupted_by: str | None = None  # who stopped the last activity
+        self._built: tuple[Conversation, int, Record | None] | None = None  # the last build, and what it read
 
     @property
     def claim(self) -> str:
@@ -135,7 +136,7 @@ class SessionRun:
         await self.transcript.load()
         if not self.records:
             await self.ctx.queues.unseen(self.job, self.item)  # the item overtook its session: it waits
-        conv = build(self.records)
+        conv = self.conversation()
         if conv.task is None:  # no valid session_created first: it can never start; end it, saying why
             await self.ctx.queues.refuse_taskless(self.sid, self.records, self.job.subject)
             return "ended"
@@ -152,7 +153,7 @@ class SessionRun:
             worker=self.ctx.worker_id,
             attempt=self.job.attempt,
             round=conv.round,
-            workspace=str(self.workspace().resolve()),
+            workspace=str(self.workspace(create=False)),  # made when a tool first needs it
         )
         await self.append(claim)
         await self._answer_unusable()
@@ -191,7 +192,7 @@ class SessionRun:
         while True:
             if self.ctx.draining.is_set():
                 return "released"
-            conv = build(self.records)
+            conv = self.conversation()
             if conv.ended:
                 return "ended"  # ended elsewhere (evaluator, a give-up record): nothing left to do
             outcome = await self._next(conv)
@@ -369,6 +370,19 @@ class SessionRun:
     def state(self) -> SessionState:
         return self.transcript.state()
 
+    def conversation(self) -> Conversation:
+        """`build(records)`, built again only when a record it reads came since the last build (a
+        claim or a status does not: a step used to rebuild a long log twice)."""
+        recs = self.records
+        if self._built is not None:
+            conv, upto, last = self._built
+            # nothing inserted before the end of the last build, and nothing it reads after it
+            if len(recs) >= upto and (upto == 0 or recs[upto - 1] is last) and not any(map(affects, recs[upto:])):
+                return conv
+        conv = build(recs)
+        self._built = (conv, len(recs), recs[-1] if recs else None)
+        return conv
+
     async def _budget_pause(self, stop: Stop) -> Outcome:
         """Park the session (status paused); `agentbus resume` raises the limit and queues it again."""
         resumes = sum(1 for r in self.records if isinstance(r.event, ResumeRequested))
@@ -427,11 +441,13 @@ class SessionRun:
         always asked of the stream (it comes before a park, where a missed answer would wait)."""
         await self.transcript.catch_up(force=True)
 
-    def workspace(self) -> Path:
+    def workspace(self, *, create: bool = True) -> Path:
+        """The session's folder (absolute: the worker resolved its workdir at start)."""
         if self.ctx.repo is not None:  # issue 19: the session's worktree (made at the claim)
             return self.ctx.repo.path(self.sid)
         path = self.ctx.workdir / self.sid
-        path.mkdir(parents=True, exist_ok=True)
+        if create:
+            path.mkdir(parents=True, exist_ok=True)
         return path
 
 

@@ -156,7 +156,7 @@ class AgentWorker(Service):
             people_live=self._people_live,
             pool_budget=config.budget,
             no_progress_turns=config.no_progress_turns,
-            workdir=config.workdir,
+            workdir=config.workdir.resolve(),  # once, not per claim (a session's path is recorded absolute)
             pool_model=self.model.name,
             allowed_models=config.allowed_models,
             approve=frozenset(config.approve),

@@ -1,0 +1,47 @@
+"""The quick header parser the bus installs over nats-py's agrees with it on every input."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from nats.aio.client import Client
+
+from agentbus.bus import _headers
+
+ORIGINAL = _headers.ORIGINAL
+pytestmark = pytest.mark.skipif(
+    not _headers.INSTALLED, reason="this nats-py's header parser is not the one the quick parser replaces"
+)
+
+SHAPES = [
+    b"",
+    b"\r\n",
+    b"Nats-Msg-Id: abc\r\n\r\n",
+    b"Nats-Stream: S\r\nNats-Subject: a.b.c\r\nNats-Sequence: 12\r\nNats-Time-Stamp: 2026-11-30T07:21:47.8Z\r\n\r\n",
+    b"NoColon\r\nName:Value\r\nName:\tTabbed\r\n",
+    b"Bad Name: x\r\nBad\tName: y\r\n Leading: z\r\nTrailing : w\r\n",
+    b"\x1cSep: a\r\nSep\x1f: b\r\nVT\x0bx: c\r\n",
+    b"N\xc3\xa4me: non-ascii name\r\nName: v\xc3\xa4lue\r\nName2: \xff\xfe bad utf-8\r\n",
+    b"Dup: 1\r\nDup: 2\r\n",
+    b": empty name\r\nEmpty:\r\n",
+    b"Colon: a: b: c\r\n",
+    b"Lone\rCR: x\r\nLone\nLF: y\r\n",
+]
+
+
+@pytest.mark.parametrize("raw", SHAPES, ids=range(len(SHAPES)))
+def test_the_quick_parser_reads_each_shape_as_nats_py_does(raw: bytes) -> None:
+    assert _headers.parse_header_lines(raw) == ORIGINAL.__func__(raw)
+
+
+def test_the_quick_parser_reads_random_header_blocks_as_nats_py_does() -> None:
+    rng = random.Random(20261130)
+    alphabet = b"ab:- \t\r\n\x0b\x0c\x1c\x1d\x1e\x1f\x7f\x80\xc3\xa4\xff"
+    for _ in range(20_000):
+        raw = bytes(rng.choice(alphabet) for _ in range(rng.randrange(0, 40)))
+        assert _headers.parse_header_lines(raw) == ORIGINAL.__func__(raw), raw
+
+
+def test_the_client_parses_with_the_quick_parser() -> None:
+    assert Client._parse_header_lines is _headers.parse_header_lines
