@@ -98,7 +98,7 @@ class BusCore:
         replies = self._replies
         if replies is None:
             replies = _Replies(self._nc.new_inbox())
-            await self._nc.subscribe(f"{replies.base}.*", cb=replies.deliver)
+            await self._nc.subscribe(f"{replies.base}.*", future=replies)  # type: ignore[arg-type]
             self._replies = replies
         return replies
 
@@ -216,7 +216,12 @@ class _Replies:
     def close(self, reply: str) -> None:
         self.waiting.pop(reply, None)
 
-    async def deliver(self, msg: Msg) -> None:
+    # nats-py hands each message of a subscription made with `future=` to that object's
+    # `set_result`, in its read loop: one hop less than a callback task per answer.
+    def cancelled(self) -> bool:
+        return False
+
+    def set_result(self, msg: Msg) -> None:
         waiter = self.waiting.get(msg.subject)
         if isinstance(waiter, asyncio.Queue):
             waiter.put_nowait(msg)
