@@ -48,7 +48,10 @@ class WakeWatcher:
         self.spec = spec or bus.ns.wake_consumer()
 
     async def run(self, draining: asyncio.Event) -> None:
-        consumer = Consumer(spec=self.spec, handle=self._handle, settle=LogOnly(self.spec.durable), concurrency=16)
+        # sync_ack off: a redelivery queues and answers with the same ids, which deduplicate
+        consumer = Consumer(
+            spec=self.spec, handle=self._handle, settle=LogOnly(self.spec.durable), concurrency=16, sync_ack=False
+        )
         await consume(self.bus, consumer, draining)
 
     async def _handle(self, job: Job) -> None:
@@ -75,7 +78,8 @@ class TimerWatcher:
 
     async def run(self, draining: asyncio.Event) -> None:
         consumer = Consumer(
-            spec=self.bus.ns.timers_consumer(), handle=self._handle, settle=LogOnly("timers"), concurrency=16
+            spec=self.bus.ns.timers_consumer(), handle=self._handle, settle=LogOnly("timers"), concurrency=16,
+            sync_ack=False,  # a redelivery queues with the same id, which deduplicates
         )
         await consume(self.bus, consumer, draining)
 

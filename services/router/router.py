@@ -61,6 +61,9 @@ class Router(Service):
             handle=self._handle,
             settle=WorkSettlement(self.queues, "router"),
             concurrency=ROUTING_CONCURRENCY,
+            # a redelivery (an ack lost with the connection) routes again to the same records and
+            # item, which their ids deduplicate (the ack wait is inside the streams' window)
+            sync_ack=False,
         )
         logger.info("router ready (default pool %s, %d rules)", self.table.default_pool, len(self.table.routes))
         try:
