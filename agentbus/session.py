@@ -75,20 +75,19 @@ class SessionLog:
 
     # --- reading ----------------------------------------------------------------------------
 
-    async def tap(
+    def tap(
         self, session_id: str | None = None, *, start: From = "start", follow: bool = True
     ) -> AsyncGenerator[Record, None]:
         """Replay a session (or every session) from `start`, then follow live: no gap, no duplicate."""
         filt = self.ns.sessions_all() if session_id is None else self.ns.session_all(session_id)
-        deliveries = self.bus.replay(
+        return self.bus.replay(
             self.ns.sessions_stream,
             filt,
+            record_of,
             start_seq=start if isinstance(start, int) else None,
             new_only=start == "new",
             follow=follow,
         )
-        async for d in deliveries:
-            yield record_of(d)
 
     async def read(
         self, session_id: str, from_seq: int = 1, limit: int | None = None, *, channels: str = ">"

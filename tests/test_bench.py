@@ -9,7 +9,7 @@ import pytest
 from agentbus.bench import TARGETS, format_report, run_log_bench
 
 RAW_KEYS = {"publish_sequential", "publish_pipelined", "replay"}
-AGENTBUS_KEYS = {"append_sequential", "append_batched", "replay"}
+AGENTBUS_KEYS = {"append_sequential", "append_batched", "replay", "read"}
 
 
 @pytest.mark.timeout(120)
@@ -31,17 +31,18 @@ async def test_log_bench_report_has_a_row_per_operation_with_a_mark() -> None:
     result = {
         "events": 10,
         "raw": {"publish_sequential": 100.0, "publish_pipelined": 1000.0, "replay": 2000.0},
-        "agentbus": {"append_sequential": 90.0, "append_batched": 500.0, "replay": 1500.0},
-        "ratio": {"append_sequential": 0.9, "append_batched": 0.5, "replay": 0.75},
+        "agentbus": {"append_sequential": 90.0, "append_batched": 500.0, "replay": 1700.0, "read": 900.0},
+        "ratio": {"append_sequential": 0.9, "append_batched": 0.5, "replay": 0.85, "read": 0.45},
         "server": "2.15.1",
     }
 
     report = format_report(result)
 
     assert "2.15.1" in report
-    rows = [line for line in report.splitlines() if line.startswith(("append", "replay"))]
-    assert len(rows) == 3
+    rows = [line for line in report.splitlines() if line.startswith(("append", "replay", "read"))]
+    assert len(rows) == 4
     assert rows[0].endswith("✓") and rows[1].endswith("✗") and rows[2].endswith("✓")
+    assert rows[3].endswith("(no target)")
 
 
 @pytest.mark.timeout(240)

@@ -501,6 +501,36 @@ async def test_a_non_following_tap_ends_at_the_current_end(client: agentbus.Clie
     assert _ids(tapped) == [f"step-{i}" for i in range(30)]
 
 
+async def test_a_tap_whose_reader_falls_behind_its_buffer_recreates_and_loses_nothing(
+    client: agentbus.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """nats-py hands a tap's messages over in its read loop, which cannot wait for the reader: past
+    the buffer they are dropped, and the gap in consumer sequences recreates the consumer from the
+    first one missing. A tiny buffer makes that happen on every few records."""
+    from agentbus.bus import _read
+
+    feeds: list[_read._Feed] = []
+    made = _read._Feed
+
+    def counted() -> _read._Feed:
+        feed = made()
+        feeds.append(feed)
+        return feed
+
+    monkeypatch.setattr(_read, "_REPLAY_BUFFER", 8)
+    monkeypatch.setattr(_read, "_Feed", counted)
+    await client.log.append_many("s1", [step(i) for i in range(200)])
+
+    tapped = []
+    async for rec in client.tap("s1", follow=False):
+        tapped.append(rec)
+        await asyncio.sleep(0.001)  # a slow reader: the server sends far more than 8 meanwhile
+
+    assert _ids(tapped) == [f"step-{i}" for i in range(200)]
+    assert [r.seq for r in tapped] == sorted({r.seq for r in tapped})
+    assert sum(f.dropped for f in feeds) > 0 and len(feeds) > 2, "no message was dropped: the test proves nothing"
+
+
 # --- the fence ---------------------------------------------------------------------------------------
 
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import datetime
 import functools
 import json
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from typing import Any, TypeVar
 
 import nats.js.errors
 from nats import nuid
@@ -19,7 +20,8 @@ from agentbus.bus._core import BusCore, logger
 from agentbus.bus._types import Delivery, Stored
 from agentbus.errors import BusError
 
-_REPLAY_BUFFER = 1024
+T = TypeVar("T")
+_REPLAY_BUFFER = 65536  # messages a tap holds for its reader; flow control keeps it far below
 _HEARTBEAT_S = 2.0  # the server's idle heartbeat on a tap
 _STALL_S = 3 * _HEARTBEAT_S  # silence this long means the consumer is gone (its server died, it was removed)
 _INACTIVE_S = 2.0  # a consumer nobody listens to this long is removed by the server
@@ -82,12 +84,14 @@ class Reading(BusCore):
         self,
         stream: str,
         filter_subject: str,
+        convert: Callable[[Delivery], T],
         *,
         start_seq: int | None = None,
         new_only: bool = False,
         follow: bool = True,
-    ) -> AsyncIterator[Delivery]:
-        """Replay stored messages in order, then (if `follow`) keep yielding new ones.
+    ) -> AsyncGenerator[T, None]:
+        """Replay stored messages in order (each as `convert` makes it: one generator, not two,
+        between a reader and the wire), then (if `follow`) keep yielding new ones.
 
         One consumer does both, so there is no gap and no duplicate at the switch from history
         to live: the usual bug of reading history and then subscribing is impossible by
@@ -107,13 +111,13 @@ class Reading(BusCore):
             # Nothing stored past the start and nothing already on its way: a read that does not
             # follow is over before it began.
             delivered = first.delivered.consumer_seq if first.delivered else 0
-            if not follow and first.num_pending == 0 and not delivered and tap.queue.empty():
+            if not follow and first.num_pending == 0 and not delivered and not tap.queue.msgs:
                 return
             while True:
                 delivery = await tap.next()
                 if delivery is None:
                     return
-                yield delivery
+                yield convert(delivery)
                 if not follow and delivery.num_pending == 0:
                     return
         finally:
@@ -283,7 +287,8 @@ class _Tap:
         self.bus = bus
         self.stream = stream
         self.filter = filter_subject
-        self.queue: asyncio.Queue[Msg] = asyncio.Queue(maxsize=_REPLAY_BUFFER)
+        self.queue = _Feed()
+        self._closing: asyncio.Future[Any] | None = None
         self.sub: Any = None
         self.consumer = ""
         self.next_seq = 1  # the stream sequence to restart from
@@ -293,16 +298,10 @@ class _Tap:
 
     async def open(self, policy: api.DeliverPolicy, start_seq: int | None = None) -> api.ConsumerInfo:
         """Subscribe to a fresh inbox first, then create the consumer that delivers into it."""
-        queue: asyncio.Queue[Msg] = asyncio.Queue(maxsize=_REPLAY_BUFFER)
-
-        async def on_msg(msg: Msg) -> None:
-            # A full queue stalls nats-py's delivery task for this subscription; flow control
-            # then stops the server too.
-            await queue.put(msg)
-
+        queue = _Feed()
         nc = self.bus._nc
         inbox = nc.new_inbox()
-        sub = await nc.subscribe(inbox, cb=on_msg)
+        sub = await nc.subscribe(inbox, future=queue)  # type: ignore[arg-type]
         name = f"tap{nuid.NUID().next().decode().lower()}"
         config = api.ConsumerConfig(
             name=name,
@@ -341,14 +340,17 @@ class _Tap:
     async def next(self) -> Delivery | None:
         """The next stored message in order, or None once the connection is closed for good."""
         while True:
-            msg = await self._take()
+            waiting = self.queue.msgs
+            msg = waiting.popleft() if waiting else await self._take()  # no coroutine for what is here
             if msg is None:
                 return None
             if msg is _STALLED:
-                await self._recreate("no message or heartbeat")
+                await self._recreate(
+                    "messages dropped past the buffer" if self.queue.dropped else "no message or heartbeat"
+                )
                 continue
-            status = (msg.headers or {}).get("Status")
-            if status:
+            headers = msg.headers or {}
+            if "Status" in headers:
                 if await self._control(msg):
                     await self._recreate("the heartbeat shows a missed message")
                 continue
@@ -360,23 +362,20 @@ class _Tap:
             if seq < self.next_seq:
                 continue  # delivered again by a recreated consumer: never a duplicate
             self.next_seq = seq + 1
-            headers = msg.headers or {}
             return Delivery(msg.subject, msg.data, headers, seq=seq, num_pending=pending, timestamp_ns=ts)
 
     async def _take(self) -> Msg | None:
-        if not self.queue.empty():
-            return self.queue.get_nowait()
-        get = asyncio.ensure_future(self.queue.get())
-        closed = asyncio.ensure_future(self.bus._link.closed.wait())
-        try:
-            done, _ = await asyncio.wait((get, closed), timeout=_STALL_S, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            closed.cancel()
-            if not get.done():
-                get.cancel()
-        if get in done:
-            return get.result()
-        return None if closed in done else _STALLED
+        queue = self.queue
+        if queue.msgs:
+            return queue.msgs.popleft()
+        if queue.dropped:
+            return _STALLED  # what came past the buffer was dropped: start again from the first missing
+        if self.bus._link.closed.is_set():
+            return None
+        if self._closing is None:  # one waiter on the connection's end for the life of the tap
+            self._closing = asyncio.ensure_future(self.bus._link.closed.wait())
+            self._closing.add_done_callback(lambda _: self.queue.wake())
+        return await queue.next_within(_STALL_S) or (None if self.bus._link.closed.is_set() else _STALLED)
 
     async def _control(self, msg: Msg) -> bool:
         """Answer flow control; True if a heartbeat says a message went missing."""
@@ -399,6 +398,9 @@ class _Tap:
         await self.open(api.DeliverPolicy.BY_START_SEQUENCE, self.next_seq)
 
     async def close(self) -> None:
+        if self._closing is not None:
+            self._closing.cancel()
+            self._closing = None
         if self.sub is not None:
             await self._drop(self.sub, self.consumer)
             self.sub = None
@@ -414,3 +416,45 @@ class _Tap:
 
 
 _STALLED: Any = object()
+
+
+class _Feed:
+    """A tap's deliveries, handed over by nats-py's read loop (a subscription made with `future=`
+    gives each message to `set_result`): no delivery task and no second queue per message.
+
+    Flow control bounds what waits here: the server stops once the consumer's window is sent
+    until the reader takes its request off this queue (`_Tap._control`). Past `_REPLAY_BUFFER`
+    anyway (a server that ignores it), messages are dropped: the gap in consumer sequences makes
+    the tap recreate its consumer from the first one missing, so nothing is lost, only re-sent."""
+
+    def __init__(self) -> None:
+        self.msgs: collections.deque[Msg] = collections.deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self.dropped = 0
+
+    def cancelled(self) -> bool:
+        return False
+
+    def set_result(self, msg: Msg) -> None:
+        if len(self.msgs) >= _REPLAY_BUFFER:
+            self.dropped += 1  # the reader recreates the consumer once it has taken what is here
+            return
+        self.msgs.append(msg)
+        self.wake()
+
+    def wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def next_within(self, timeout: float) -> Msg | None:
+        """The next message, waiting up to `timeout` seconds (None: none came, or `wake` was called)."""
+        if not self.msgs:
+            loop = asyncio.get_running_loop()
+            self._waiter = waiter = loop.create_future()
+            timer = loop.call_later(timeout, self.wake)
+            try:
+                await waiter
+            finally:
+                timer.cancel()
+                self._waiter = None
+        return self.msgs.popleft() if self.msgs else None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 
 @dataclass(frozen=True, slots=True)
@@ -15,9 +16,9 @@ class PubAck:
     duplicate: bool
 
 
-@dataclass(frozen=True, slots=True)
-class Delivery:
-    """One stored message as read back (ordered replay)."""
+class Delivery(NamedTuple):
+    """One stored message as read back (a tap, or a batched direct get); a tuple, as a read makes
+    thousands of them."""
 
     subject: str
     data: bytes

@@ -78,7 +78,10 @@ class TimerWatcher:
 
     async def run(self, draining: asyncio.Event) -> None:
         consumer = Consumer(
-            spec=self.bus.ns.timers_consumer(), handle=self._handle, settle=LogOnly("timers"), concurrency=16,
+            spec=self.bus.ns.timers_consumer(),
+            handle=self._handle,
+            settle=LogOnly("timers"),
+            concurrency=16,
             sync_ack=False,  # a redelivery queues with the same id, which deduplicates
         )
         await consume(self.bus, consumer, draining)
