@@ -369,7 +369,8 @@ class _Tap:
         if queue.msgs:
             return queue.msgs.popleft()
         if queue.dropped:
-            return _STALLED  # what came past the buffer was dropped: start again from the first missing
+            stalled: Msg = _STALLED
+            return stalled  # what came past the buffer was dropped: start again from the first missing
         if self.bus._link.closed.is_set():
             return None
         if self._closing is None:  # one waiter on the connection's end for the life of the tap
