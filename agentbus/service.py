@@ -26,7 +26,7 @@ from typing import Any, Protocol
 from opentelemetry.trace import SpanKind
 
 from agentbus import tracing
-from agentbus.bus import Bus, Job
+from agentbus.bus import Bus, Job, Standing
 from agentbus.errors import AgentBusError
 from agentbus.subjects import ConsumerSpec
 
@@ -123,7 +123,7 @@ async def consume(bus: Bus, consumer: Consumer, draining: asyncio.Event, *, fetc
     Raises only when the consumer itself cannot work (cannot be made, the connection closed);
     a message that cannot be handled never stops the loop.
     """
-    puller = await bus.pull(consumer.spec)
+    standing = await bus.standing(consumer.spec, consumer.concurrency)
     inflight: set[asyncio.Task[None]] = set()
     try:
         while not draining.is_set():
@@ -131,22 +131,27 @@ async def consume(bus: Bus, consumer: Consumer, draining: asyncio.Event, *, fetc
             if free <= 0:
                 await asyncio.wait(inflight, return_when=asyncio.FIRST_COMPLETED)
                 continue
-            jobs = await puller.fetch(free, timeout=fetch_timeout)
-            for i, job in enumerate(jobs):
-                if draining.is_set():
-                    # fetched after the drain began: no fetch is waiting any more, so a nak
-                    # cannot come straight back to this worker
-                    for rest in jobs[i:]:
-                        with contextlib.suppress(AgentBusError):
-                            await rest.nak()
-                    break
+            jobs = await standing.take(free, timeout=fetch_timeout)
+            if draining.is_set():
+                await _give_back(standing, jobs)  # taken after the drain began
+                break
+            for job in jobs:
                 task = asyncio.create_task(_one(consumer, job))
                 inflight.add(task)
                 task.add_done_callback(inflight.discard)
     finally:
+        await _give_back(standing, [])
         if inflight:
             await asyncio.wait(inflight)
-        await puller.close()
+
+
+async def _give_back(standing: Standing, jobs: list[Job]) -> None:
+    """Stop asking (the server then delivers nothing more here), and hand back what arrived unstarted:
+    with no request of ours left open, a nak cannot come straight back to this worker."""
+    await standing.close()
+    for job in [*jobs, *standing.left()]:
+        with contextlib.suppress(AgentBusError):
+            await job.nak()
 
 
 async def _one(consumer: Consumer, job: Job) -> None:

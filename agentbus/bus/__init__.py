@@ -21,7 +21,7 @@ from agentbus.bus import _headers  # noqa: F401 - installs the quick header pars
 from agentbus.bus._errors import ErrorCode
 from agentbus.bus._kv import KeyValue
 from agentbus.bus._publish import EXPECTED_LAST_SUBJECT_SEQ, MSG_ID, Publishing
-from agentbus.bus._queues import Job, Puller, Queues
+from agentbus.bus._queues import Job, Puller, Queues, Standing
 from agentbus.bus._read import Reading
 from agentbus.bus._requests import Requests
 from agentbus.bus._types import ConsumerState, Delivery, Outgoing, PubAck, Stored
@@ -42,5 +42,6 @@ __all__ = [
     "Outgoing",
     "PubAck",
     "Puller",
+    "Standing",
     "Stored",
 ]

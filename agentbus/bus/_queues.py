@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
+import json
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
@@ -126,7 +129,165 @@ class Puller:
             await self._psub.unsubscribe()
 
 
+# A standing pull request lives this long on the server (then it is made again), with heartbeats
+# while it waits: three missed mean it is gone (the server restarted, the consumer's leader moved).
+_PULL_EXPIRES_S = 30.0
+_PULL_HEARTBEAT_S = 5.0
+
+
+class Standing:
+    """Jobs of a durable pull consumer through standing pull requests, topped up as slots free.
+
+    `fetch` asks the server once per batch it returns, which under light load is once per message:
+    one request per message per consumer (the router's, a pool's, the wake watchers') on every
+    session. Here each request asks for the slots free at the time and stays open (with heartbeats)
+    until it is filled or expires; a new one is made only when half the slots are neither covered by
+    open requests nor busy, so a worker asks about once per `slots / 2` messages, never for more
+    than it has slots for (other workers of the pool get the rest). Deliveries reach the buffer
+    from nats-py's read loop (a subscription made with `future=`), with no task in between.
+    """
+
+    def __init__(self, queues: Queues, spec: ConsumerSpec, slots: int) -> None:
+        self._queues = queues
+        self.spec = spec
+        self._threshold = max(1, slots // 2)
+        self._next = f"$JS.API.CONSUMER.MSG.NEXT.{spec.stream}.{spec.durable}"
+        self._feed: _Pulls | None = None
+        self._sub: Any = None
+        self._reconnects = queues.reconnects
+        self.requests = 0
+
+    async def start(self) -> None:
+        nc = self._queues._nc
+        self._feed = _Pulls(nc.new_inbox())
+        self._sub = await nc.subscribe(f"{self._feed.base}.*", future=self._feed)  # type: ignore[arg-type]
+
+    async def take(self, free: int, timeout: float) -> list[Job]:
+        """Up to `free` jobs (every slot free now), waiting up to `timeout` for the first."""
+        feed = self._feed
+        assert feed is not None, "start() first"
+        if feed.gone:
+            raise BusError(f"consumer {self.spec.durable}: {feed.gone}")
+        if self._queues.reconnects != self._reconnects or (
+            feed.open and time.monotonic() - feed.heard > 3 * _PULL_HEARTBEAT_S
+        ):
+            # requests made before a reconnect, or gone silent, may be lost: ask again
+            self._reconnects = self._queues.reconnects
+            feed.open.clear()
+        want = free - len(feed.msgs) - sum(feed.open.values())
+        if want > 0 and (want >= self._threshold or not feed.open):
+            await self._request(feed, want)
+        if not feed.msgs:
+            await feed.wait(timeout)
+        jobs: list[Job] = []
+        while feed.msgs and len(jobs) < free:
+            jobs.append(Job(feed.msgs.popleft(), self._queues.ask))
+        return jobs
+
+    async def _request(self, feed: _Pulls, batch: int) -> None:
+        reply = feed.open_request(batch)
+        request = {
+            "batch": batch,
+            "expires": int(_PULL_EXPIRES_S * 1e9),
+            "idle_heartbeat": int(_PULL_HEARTBEAT_S * 1e9),
+        }
+        try:
+            await self._queues._nc.publish(self._next, json.dumps(request).encode(), reply=reply)
+        except nats.errors.ConnectionClosedError as err:
+            raise BusError(f"pull from {self.spec.durable}: the connection is closed") from err
+        except nats.errors.Error as err:  # not sent: nothing will answer it
+            feed.open.pop(reply, None)
+            logger.info("pull from %s: %s; trying again", self.spec.durable, description(err))
+        self.requests += 1
+
+    def left(self) -> list[Job]:
+        """Delivered and not taken (more than the free slots, after a reconnect): the caller gives them back."""
+        feed = self._feed
+        if feed is None:
+            return []
+        jobs = [Job(m, self._queues.ask) for m in feed.msgs]
+        feed.msgs.clear()
+        return jobs
+
+    async def close(self) -> None:
+        # the server drops waiting requests whose reply subject nobody listens to any more
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+            self._sub = None
+
+
+class _Pulls:
+    """The deliveries and status answers to a `Standing`'s requests: a status comes on the request's
+    reply subject, a message on its own subject."""
+
+    def __init__(self, base: str) -> None:
+        self.base = base
+        self.open: dict[str, int] = {}  # request -> messages it may still deliver
+        self.msgs: collections.deque[Msg] = collections.deque()
+        self.heard = time.monotonic()
+        self.gone = ""  # why the consumer cannot deliver any more (deleted)
+        self._n = 0
+        self._waiter: asyncio.Future[None] | None = None
+
+    def open_request(self, batch: int) -> str:
+        self._n += 1
+        reply = f"{self.base}.{self._n:x}"
+        self.open[reply] = batch
+        self.heard = time.monotonic()
+        return reply
+
+    def cancelled(self) -> bool:
+        return False
+
+    def set_result(self, msg: Msg) -> None:
+        self.heard = time.monotonic()
+        status = msg.headers.get("Status") if msg.headers else None
+        if status is None:  # a message: it keeps its own subject, so count it against the oldest request
+            # (the server fills waiting requests in the order they came)
+            for oldest in self.open:
+                if self.open[oldest] > 1:
+                    self.open[oldest] -= 1
+                else:
+                    del self.open[oldest]
+                break
+            self.msgs.append(msg)
+        elif status == "100":  # idle heartbeat: the request still waits
+            return
+        else:  # 408 expired, 404 nothing (no_wait), 409 (leader moved, too many waiting, deleted)
+            self.open.pop(msg.subject, None)
+            what = (msg.headers or {}).get("Description", "")
+            if status == "409" and "deleted" in what.lower():
+                self.gone = f"deleted on the server ({what})"
+            elif status == "409":
+                logger.info("pull request on %s ended: %s", msg.subject, what)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def wait(self, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        self._waiter = waiter = loop.create_future()
+        timer = loop.call_later(timeout, _settle, waiter)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            self._waiter = None
+
+
+def _settle(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
 class Queues(Provisioning):
+    async def standing(self, spec: ConsumerSpec, slots: int) -> Standing:
+        """Jobs of the durable `spec` (made if missing) through standing pull requests for `slots`."""
+        await self.ensure_consumer(spec)
+        standing = Standing(self, spec, slots)
+        await standing.start()
+        return standing
+
     async def pull(self, spec: ConsumerSpec) -> Puller:
         await self.ensure_consumer(spec)
         psub = await self._through_failover(

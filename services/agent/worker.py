@@ -53,6 +53,7 @@ from services.agent.transcript import SIGNAL_LEAD_S
 from services.agent.wake import TimerWatcher, WakeWatcher
 
 _HEARD_KEPT = 4096
+_RUN_END_POLLS = 40  # 2 s
 logger = logging.getLogger("agentbus.agent")
 
 DEFAULT_SYSTEM = (
@@ -271,6 +272,17 @@ class AgentWorker(Service):
                 logger.info("session %s: interrupted by %s", sid, event.author)
                 run.interrupt(event)
 
+    async def _finishes(self, sid: str) -> bool:
+        """Whether the run of `sid` here ends within a moment. A wake-up (a child's result, an answer)
+        often arrives just as the run it wakes parks: it looked for the news before recording the
+        park, and the news came right after. Waiting that moment out spares the wake-up a redelivery
+        half an ack wait later."""
+        for _ in range(_RUN_END_POLLS):
+            await asyncio.sleep(0.05)
+            if sid not in self._runs:
+                return True
+        return False
+
     def _heard_before_run(self, sid: str) -> None:
         now = time.monotonic()
         self._heard[sid] = now
@@ -282,7 +294,7 @@ class AgentWorker(Service):
         """One queue message: run its session to an end or a park (ack), or hand it back (draining)."""
         item = await self.queues.accept(job)
         sid = item.session_id
-        if sid in self._runs:
+        if sid in self._runs and not await self._finishes(sid):
             raise Retry(delay=self.config.ack_wait_s / 2)  # this worker is running it: never twice at once
         self.sessions.add(sid)
         attrs = {**tracing.messaging_attrs(job.subject, operation="process"), "agentbus.attempt": job.attempt}

@@ -1,0 +1,165 @@
+"""The consume loop's standing pull requests: few requests, nothing lost after a server restart, a
+deleted consumer stops the loop, and a drain hands back what arrived unstarted.
+
+Real nats-server; the requests are counted on a core subscription to the API subject they go to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import nats
+import nats.aio.msg
+import pytest
+
+import agentbus
+from agentbus.bus import Bus, Job
+from agentbus.config import Settings
+from agentbus.errors import BusError
+from agentbus.server import NatsServer
+from agentbus.service import Consumer, LogOnly, consume
+from agentbus.subjects import ConsumerSpec
+from services.agent.worker import AgentConfig, AgentWorker
+from tests.helpers import until
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def spec_of(bus: Bus) -> ConsumerSpec:
+    return bus.ns.pool_consumer("standing", ack_wait_s=30.0)
+
+
+@asynccontextmanager
+async def consuming(
+    bus: Bus, handled: list[bytes], *, slots: int, draining: asyncio.Event | None = None
+) -> AsyncIterator[asyncio.Task[None]]:
+    async def handle(job: Job) -> None:
+        handled.append(job.data)
+
+    draining = draining or asyncio.Event()
+    consumer = Consumer(spec=spec_of(bus), handle=handle, settle=LogOnly("test"), concurrency=slots)
+    loop = asyncio.create_task(consume(bus, consumer, draining, fetch_timeout=0.2))
+    try:
+        yield loop
+    finally:
+        draining.set()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(loop, 10)
+
+
+async def publish(bus: Bus, n: int, tag: str = "m") -> None:
+    await bus.publish(bus.ns.work("standing"), f"{tag}{n}".encode(), msg_id=f"{tag}-{n}")
+
+
+async def test_a_loop_asks_the_server_about_once_per_half_its_slots_not_once_per_message() -> None:
+    """One message at a time through 8 slots: a fetch per message asked 40 times; standing requests
+    topped up at half the slots ask about 40 / 4 times. (A private server without authorization, so
+    a plain subscription sees the requests.)"""
+    with NatsServer(auth=False) as server:
+        bus = await Bus.connect(Settings(nats_url=server.url, prefix="asks"))
+        await bus.provision()
+        nc = await nats.connect(server.url)
+        asked: list[str] = []
+
+        async def count(msg: nats.aio.msg.Msg) -> None:
+            asked.append(msg.subject)
+
+        await nc.subscribe(f"$JS.API.CONSUMER.MSG.NEXT.{bus.ns.work_stream}.>", cb=count)
+        await nc.flush()
+        handled: list[bytes] = []
+        try:
+            async with consuming(bus, handled, slots=8):
+                for i in range(40):
+                    await publish(bus, i)
+                    await until(lambda i=i: _count(handled, i + 1), f"message {i} handled", timeout=10)
+            await nc.flush()
+        finally:
+            await nc.close()
+            await bus.close()
+    assert handled == [f"m{i}".encode() for i in range(40)]
+    assert 1 <= len(asked) <= 12, asked
+
+
+async def _count(handled: list[bytes], n: int) -> bool:
+    return len(handled) >= n
+
+
+async def test_after_a_server_restart_the_loop_asks_again_and_gets_new_work(tmp_path: Path) -> None:
+    """Requests waiting on the server die with it; the client's reconnect says so, and the loop asks again."""
+    server = await asyncio.to_thread(NatsServer(store_dir=tmp_path).start)
+    try:
+        settings = agentbus.Settings(nats_url=server.url, prefix="restart", creds=str(server.admin_creds))
+        bus = await Bus.connect(settings)
+        await bus.provision()
+        handled: list[bytes] = []
+        async with consuming(bus, handled, slots=4):
+            await publish(bus, 0)
+            await until(lambda: _count(handled, 1), "the first message", timeout=10)
+            await asyncio.to_thread(server.kill)
+            await asyncio.to_thread(server.start)
+            await until(lambda: _reconnected(bus), "the client to reconnect", timeout=20)
+            await publish(bus, 1)
+            await until(lambda: _count(handled, 2), "a message published after the restart", timeout=20)
+        await bus.close()
+    finally:
+        await asyncio.to_thread(server.kill)
+    assert handled == [b"m0", b"m1"]
+
+
+async def _reconnected(bus: Bus) -> bool:
+    return bus.reconnects > 0
+
+
+async def test_a_consumer_deleted_under_a_running_loop_stops_it_with_the_reason(client: agentbus.Client) -> None:
+    bus = client.bus
+    await bus.provision()
+    handled: list[bytes] = []
+    async with consuming(bus, handled, slots=4) as loop:
+        await publish(bus, 0)
+        await until(lambda: _count(handled, 1), "the first message", timeout=10)
+        await bus._js.delete_consumer(bus.ns.work_stream, spec_of(bus).durable)
+        with pytest.raises(BusError, match="deleted"):
+            await asyncio.wait_for(loop, 10)
+
+
+async def test_a_drain_hands_back_what_arrived_but_never_started(client: agentbus.Client) -> None:
+    """Two messages arrive for two slots; the drain begins before the loop starts them: both go back
+    to the queue at once (not after an ack wait), where another worker takes them."""
+    bus = client.bus
+    await bus.provision()
+    draining = asyncio.Event()
+    second: list[bytes] = []
+    standing = await bus.standing(spec_of(bus), 2)
+    await standing.take(2, timeout=0.1)  # the request for both slots is open
+    await publish(bus, 0)
+    await publish(bus, 1)
+    await until(lambda: _buffered(standing, 2), "both messages delivered", timeout=10)
+    from agentbus.service import _give_back
+
+    await _give_back(standing, [])
+    async with consuming(bus, second, slots=2, draining=draining):
+        await until(lambda: _count(second, 2), "both messages taken by another loop", timeout=5)
+    assert sorted(second) == [b"m0", b"m1"]
+
+
+async def _buffered(standing: object, n: int) -> bool:
+    feed = getattr(standing, "_feed", None)
+    return feed is not None and len(feed.msgs) >= n
+
+
+async def test_a_wake_up_arriving_as_its_run_parks_waits_for_the_run_instead_of_a_redelivery(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """The worker's `_finishes`: a run that ends within a moment lets the item through at once."""
+    async with await Bus.connect(settings) as bus:
+        config = AgentConfig(pool="p", model="scripted:agentbus/scripted/demo.json", workdir=tmp_path)
+        worker = AgentWorker(bus, config)
+        worker._runs["s1"] = object()  # type: ignore[assignment]
+        asyncio.get_running_loop().call_later(0.2, worker._runs.pop, "s1")
+        assert await worker._finishes("s1")
+        worker._runs["s2"] = object()  # type: ignore[assignment]
+        assert not await worker._finishes("s2")  # still running after the moment: redelivered later
