@@ -163,3 +163,28 @@ async def test_a_wake_up_arriving_as_its_run_parks_waits_for_the_run_instead_of_
         assert await worker._finishes("s1")
         worker._runs["s2"] = object()  # type: ignore[assignment]
         assert not await worker._finishes("s2")  # still running after the moment: redelivered later
+
+
+async def test_a_refused_request_is_not_made_again_at_once(client: agentbus.Client) -> None:
+    """A pull request the server refuses (409: too many waiting, a batch over the consumer's limit, a
+    leader that moved) is made again after a pause, not in a tight loop against the server. Every
+    request here is answered by a 409 from the server's side of the feed."""
+    from nats.aio.msg import Msg
+
+    bus = client.bus
+    await bus.provision()
+    standing = await bus.standing(spec_of(bus), 4)
+    made: list[int] = []
+
+    async def refused(feed: object, batch: int) -> None:
+        reply = feed.open_request(batch)  # type: ignore[attr-defined]
+        made.append(batch)
+        status = Msg(bus._nc, subject=reply, headers={"Status": "409", "Description": "Exceeded MaxWaiting"})
+        asyncio.get_running_loop().call_soon(feed.set_result, status)  # type: ignore[attr-defined]
+
+    standing._request = refused  # type: ignore[method-assign]
+    started = asyncio.get_running_loop().time()
+    while asyncio.get_running_loop().time() - started < 1.2:
+        assert await standing.take(4, timeout=0.05) == []
+    await standing.close()
+    assert 2 <= len(made) <= 4, f"{len(made)} requests in 1.2 s"

@@ -133,6 +133,7 @@ class Puller:
 # while it waits: three missed mean it is gone (the server restarted, the consumer's leader moved).
 _PULL_EXPIRES_S = 30.0
 _PULL_HEARTBEAT_S = 5.0
+_REFUSED_PAUSE_S = 0.5
 
 
 class Standing:
@@ -175,7 +176,7 @@ class Standing:
             self._reconnects = self._queues.reconnects
             feed.open.clear()
         want = free - len(feed.msgs) - sum(feed.open.values())
-        if want > 0 and (want >= self._threshold or not feed.open):
+        if want > 0 and (want >= self._threshold or not feed.open) and time.monotonic() >= feed.refused_until:
             await self._request(feed, want)
         if not feed.msgs:
             await feed.wait(timeout)
@@ -227,6 +228,7 @@ class _Pulls:
         self.msgs: collections.deque[Msg] = collections.deque()
         self.heard = time.monotonic()
         self.gone = ""  # why the consumer cannot deliver any more (deleted)
+        self.refused_until = 0.0  # no new request before this (monotonic), after a refusal
         self._n = 0
         self._waiter: asyncio.Future[None] | None = None
 
@@ -259,8 +261,9 @@ class _Pulls:
             what = (msg.headers or {}).get("Description", "")
             if status == "409" and "deleted" in what.lower():
                 self.gone = f"deleted on the server ({what})"
-            elif status == "409":
+            elif status == "409":  # asking again at once would be refused again: not for a moment
                 logger.info("pull request on %s ended: %s", msg.subject, what)
+                self.refused_until = time.monotonic() + _REFUSED_PAUSE_S
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
