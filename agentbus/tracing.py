@@ -90,6 +90,9 @@ def setup(default_service: str, env: Mapping[str, str] | None = None) -> Callabl
     return shutdown
 
 
+_EMPTY = otel_context.Context()
+
+
 def recording() -> bool:
     """Whether spans go anywhere: an SDK tracer provider is installed (by `setup`, or by a test)."""
     if _PROVIDER_FROM_ENV:
@@ -107,6 +110,8 @@ def inject(headers: dict[str, str]) -> None:
 
 def context_from(headers: Mapping[str, str] | None) -> otel_context.Context:
     """The trace context a message carries (empty if none)."""
+    if not recording() and (not headers or "traceparent" not in headers):
+        return _EMPTY  # nothing to carry on, and nobody records: skip the propagators
     return propagate.extract(dict(headers or {}))
 
 
