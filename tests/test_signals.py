@@ -274,3 +274,33 @@ async def test_a_model_that_delegates_two_subtasks_under_authentication_gets_bot
     assert sorted((d.tool_use_id, d.status) for d in done) == [("tu_a", "completed"), ("tu_b", "completed")]
     children = [await client.state(d.child_session) for d in done]
     assert {(c.parent_session, c.depth, c.status) for c in children} == {(sid, 1, "completed")}
+
+
+async def test_a_gap_in_hearing_makes_the_next_step_look_even_after_hearing_resumed(client: agentbus.Client) -> None:
+    """Messages said while the worker's subscription was down were heard by nobody: once it is up
+    again, the next step boundary must still ask the stream (it used to trust the resumed hearing
+    until the 10 s fallback). A look made during the gap covers only until then."""
+    from agentbus.messages import HumanMessage
+    from services.agent.transcript import Hearing, Transcript
+
+    sid = await client.submit("paint it", pool=POOL)
+    live = Hearing()
+    live.set()
+    transcript = Transcript(client.log, sid, live)
+    await transcript.load()
+    assert not transcript.must_look()
+
+    live.clear()  # the subscription went down
+    await client.say(sid, "use the blue one")
+    live.set()  # and came back
+    assert transcript.must_look()
+    assert await transcript.catch_up()
+    assert [r.event.text for r in transcript.records if isinstance(r.event, HumanMessage)] == ["use the blue one"]
+    assert not transcript.must_look()
+
+    live.clear()
+    assert not await transcript.catch_up()  # a look during the gap
+    await client.say(sid, "and the red one")
+    live.set()
+    assert transcript.must_look()
+    assert await transcript.catch_up()

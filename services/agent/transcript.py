@@ -6,8 +6,8 @@ others wrote: people on their channels, and other writers on the log channel, wh
 fence reports (`SessionWriter.resync`). People's messages also arrive as live signals (the
 worker's subscription to every session's input and command channels, `nudge`). A step boundary
 asks the stream (one last-message lookup, and a read when there is something new) unless all of
-these hold: the subscription was up before the run read the log and still is, the connection
-was not lost since, no signal came for this session since `SIGNAL_LEAD_S` before the last look
+these hold: the subscription was up before the run read the log and still is, it did not go down
+in between (`Hearing.lost`), the connection was not lost since, no signal came for this session since `SIGNAL_LEAD_S` before the last look
 (a replicated stream stores a message a little after its subscribers heard it, so one look is
 not enough right after a signal), and the last look is under `FALLBACK_S` old (a signal can also
 be dropped: a slow subscriber, a cluster route). Records stay in stream order, so the
@@ -31,6 +31,21 @@ SIGNAL_LEAD_S = 2.0
 FALLBACK_S = 10.0  # the stream is asked at least this often, signal or not
 
 
+class Hearing(asyncio.Event):
+    """Set while the worker hears people's messages live; `lost` counts the times it stopped. A run
+    that looked before a gap must look again after it, even once hearing resumed: what was said in
+    between was heard by nobody."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lost = 0
+
+    def clear(self) -> None:
+        if self.is_set():
+            self.lost += 1
+        super().clear()
+
+
 class Transcript:
     """The records of one session, in stream order, and their fold, kept as they grow."""
 
@@ -42,6 +57,7 @@ class Transcript:
         self._signal_at = float("-inf")  # the last signal for this session (monotonic)
         self._looked_at = time.monotonic()  # when the stream was last asked
         self._reconnects = log.bus.reconnects
+        self._lost = self._lost_now()  # how often hearing had stopped when the stream was last asked
         self.records: list[Record] = []
         self._people_to = 0  # every people's record at or below this sequence is known
         self._state = SessionState(session_id=session_id)
@@ -50,7 +66,7 @@ class Transcript:
     async def load(self) -> None:
         """Everything the log holds now (one batched read for a reader of every session)."""
         self._live_at_load = self.live is not None and self.live.is_set()
-        self._reconnects, self._looked_at = self.log.bus.reconnects, time.monotonic()
+        self._reconnects, self._looked_at, self._lost = self.log.bus.reconnects, time.monotonic(), self._lost_now()
         self.records = await self.log.read(self.sid)
         self._people_to = self.records[-1].seq if self.records else 0
         self._state, self._folded = SessionState(session_id=self.sid), 0
@@ -81,6 +97,7 @@ class Transcript:
             and self.live is not None
             and self.live.is_set()
             and self.log.bus.reconnects == self._reconnects
+            and self._lost_now() == self._lost
         )
         signalled = self._signal_at >= self._looked_at - SIGNAL_LEAD_S
         return not heard or signalled or time.monotonic() - self._looked_at > FALLBACK_S
@@ -92,6 +109,8 @@ class Transcript:
         if not force and not self.must_look():
             return False
         self._reconnects, self._looked_at = self.log.bus.reconnects, time.monotonic()
+        # a look while nothing is heard covers only until now: once hearing resumes, look again
+        self._lost = self._lost_now() if self.live is not None and self.live.is_set() else -1
         people = f"{self.log.ns.session_log(self.sid).removesuffix('.log')}.*.*"
         last = await self.log.bus.last_subject_seq(self.log.ns.sessions_stream, people)
         if last <= self._people_to:
@@ -102,6 +121,9 @@ class Transcript:
         self._people_to = max([self._people_to, *(r.seq for r in new)])
         self.merge(new)
         return bool(new)
+
+    def _lost_now(self) -> int:
+        return self.live.lost if isinstance(self.live, Hearing) else 0
 
     def state(self) -> SessionState:
         """The fold of every record, brought up to date incrementally."""

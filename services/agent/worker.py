@@ -49,7 +49,7 @@ from services.agent.mcp_tools import McpToolset, add_tools
 from services.agent.run import RunContext, SessionRun
 from services.agent.signals import Released
 from services.agent.tools import DEFAULT_TOOLS, Tool, load_tools, schemas, tool_sandbox
-from services.agent.transcript import SIGNAL_LEAD_S
+from services.agent.transcript import SIGNAL_LEAD_S, Hearing
 from services.agent.wake import TimerWatcher, WakeWatcher
 
 _HEARD_KEPT = 4096
@@ -135,7 +135,7 @@ class AgentWorker(Service):
         super().__init__()
         self.sessions: set[str] = set()
         self.served = 0
-        self._people_live = asyncio.Event()  # set once people's messages are heard live (`_people`)
+        self._people_live = Hearing()  # set while people's messages are heard live (`_people`)
         self._heard: dict[str, float] = {}  # sessions not running here that had a signal lately
         self._context = RunContext(
             worker_id=config.worker_id,
