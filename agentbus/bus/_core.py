@@ -186,6 +186,30 @@ def _unanswered(answer: asyncio.Future[Any]) -> None:
         answer.set_exception(TimeoutError("no answer"))
 
 
+class Collected:
+    """The answers to one request that has many (a batched direct get), kept until a status message
+    (end of batch, nothing found, an error) closes them: read in one pass, not awaited one by one."""
+
+    def __init__(self) -> None:
+        self.msgs: list[Msg] = []
+        self.done: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
+
+    def add(self, msg: Msg) -> None:
+        if msg.headers and "Status" in msg.headers:
+            if not self.done.done():
+                self.done.set_result(msg)
+        else:
+            self.msgs.append(msg)
+
+    async def until_done(self, timeout: float) -> Msg:
+        """The closing status message; `TimeoutError` if none came in `timeout` seconds."""
+        timer = asyncio.get_running_loop().call_later(timeout, _unanswered, self.done)
+        try:
+            return await self.done
+        finally:
+            timer.cancel()
+
+
 class _Replies:
     """The answers to this connection's JetStream requests (publish acks, direct gets), on one
     wildcard inbox subscription, routed by the reply subject's last token: a future for a single
@@ -194,7 +218,7 @@ class _Replies:
 
     def __init__(self, base: str) -> None:
         self.base = base
-        self.waiting: dict[str, asyncio.Future[Msg] | asyncio.Queue[Msg]] = {}
+        self.waiting: dict[str, asyncio.Future[Msg] | Collected] = {}
         self._n = 0
 
     def _token(self) -> str:
@@ -207,11 +231,11 @@ class _Replies:
         self.waiting[reply] = fut
         return reply, fut
 
-    def many(self) -> tuple[str, asyncio.Queue[Msg]]:
+    def many(self) -> tuple[str, Collected]:
         reply = self._token()
-        queue: asyncio.Queue[Msg] = asyncio.Queue()
-        self.waiting[reply] = queue
-        return reply, queue
+        collected = Collected()
+        self.waiting[reply] = collected
+        return reply, collected
 
     def close(self, reply: str) -> None:
         self.waiting.pop(reply, None)
@@ -223,8 +247,8 @@ class _Replies:
 
     def set_result(self, msg: Msg) -> None:
         waiter = self.waiting.get(msg.subject)
-        if isinstance(waiter, asyncio.Queue):
-            waiter.put_nowait(msg)
+        if isinstance(waiter, Collected):
+            waiter.add(msg)
         elif waiter is not None:
             del self.waiting[msg.subject]
             if not waiter.done():

@@ -144,34 +144,32 @@ class Reading(BusCore):
 
     async def _direct_batch(self, api: str, subject: str, seq: int, batch: int) -> tuple[list[Delivery], int]:
         replies = await self.replies()
-        reply, queue = replies.many()
+        reply, collected = replies.many()
         request = json.dumps({"seq": seq, "next_by_subj": subject, "batch": batch}).encode()
-        got: list[Delivery] = []
         try:
             await self._nc.publish(api, request, reply=reply)
-            async with asyncio.timeout(self.settings.publish_timeout_s):
-                while True:
-                    msg = await queue.get()
-                    hdrs = msg.headers or {}
-                    status = hdrs.get("Status")
-                    if status == "204":  # end of batch: how many more match past it
-                        return got, int(hdrs.get("Nats-Num-Pending") or 0)
-                    if status == "404":
-                        return got, 0
-                    if status:
-                        raise BusError(f"direct get on {subject}: status {status} {hdrs.get('Description', '')}")
-                    got.append(
-                        Delivery(
-                            subject=hdrs.get("Nats-Subject", ""),
-                            data=msg.data,
-                            headers=hdrs,
-                            seq=int(hdrs.get("Nats-Sequence") or 0),
-                            num_pending=int(hdrs.get("Nats-Num-Pending") or 0),
-                            timestamp_ns=_timestamp_ns(hdrs.get("Nats-Time-Stamp", "")),
-                        )
-                    )
+            end = await collected.until_done(self.settings.publish_timeout_s)
         finally:
             replies.close(reply)
+        hdrs = end.headers or {}
+        status = hdrs.get("Status")
+        if status not in ("204", "404"):  # 204: end of batch (with how many more match past it); 404: none
+            raise BusError(f"direct get on {subject}: status {status} {hdrs.get('Description', '')}")
+        pending = int(hdrs.get("Nats-Num-Pending") or 0) if status == "204" else 0
+        got = []
+        for msg in collected.msgs:
+            h = msg.headers or {}
+            got.append(
+                Delivery(
+                    h.get("Nats-Subject", ""),
+                    msg.data,
+                    h,
+                    int(h.get("Nats-Sequence") or 0),
+                    int(h.get("Nats-Num-Pending") or 0),
+                    _timestamp_ns(h.get("Nats-Time-Stamp", "")),
+                )
+            )
+        return got, pending
 
     async def last_subject_seq(self, stream: str, subject: str) -> int:
         """Stream sequence of the last message on `subject` (wildcards allowed), 0 if there is none."""
