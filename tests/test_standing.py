@@ -188,3 +188,29 @@ async def test_a_refused_request_is_not_made_again_at_once(client: agentbus.Clie
         assert await standing.take(4, timeout=0.05) == []
     await standing.close()
     assert 2 <= len(made) <= 4, f"{len(made)} requests in 1.2 s"
+
+
+async def test_a_message_carrying_its_own_status_header_is_still_a_message(client: agentbus.Client) -> None:
+    """Anyone who may publish a work item or a record may set any header, "Status" too: the loop, a
+    batched read and a tap tell the server's status answers from stored messages by other means."""
+    bus = client.bus
+    await bus.provision()
+    handled: list[bytes] = []
+    async with consuming(bus, handled, slots=2):
+        for i, status in enumerate(("100", "408", "409", "204")):
+            await bus.publish(
+                bus.ns.work("standing"), f"s{i}".encode(), msg_id=f"status-{i}", headers={"Status": status}
+            )
+        await until(lambda: _count(handled, 4), "all four work items handled", timeout=10)
+    assert sorted(handled) == [b"s0", b"s1", b"s2", b"s3"]
+
+    from agentbus.messages import HumanMessage, encode
+
+    subject = bus.ns.session_input("st1", bus.user)
+    for i, status in enumerate(("204", "404", "100")):
+        event = HumanMessage(id=f"say-{i}", text=f"hello {i}", author=bus.user)
+        await bus.publish(subject, encode(event), msg_id=f"st1:say-{i}", headers={"Status": status})
+    read = await client.log.read("st1")
+    tapped = [r async for r in client.log.tap("st1", follow=False)]
+    assert [r.event.id for r in read] == ["say-0", "say-1", "say-2"]
+    assert [r.event.id for r in tapped] == ["say-0", "say-1", "say-2"]

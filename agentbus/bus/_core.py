@@ -57,6 +57,7 @@ class BusCore:
         self.ns = Namespace(settings.prefix, max_message_bytes=settings.max_prompt_bytes * 6 + 65536)
         self._kv: dict[str, Any] = {}
         self._replies: _Replies | None = None  # one subscription for the answers to our requests, made on first use
+        self._replies_made = asyncio.Lock()
         self._updating = False
         self._link = _Link()
 
@@ -95,12 +96,13 @@ class BusCore:
 
     async def replies(self) -> _Replies:
         """The reply subscription, subscribed on first use (it lives as long as the connection)."""
-        replies = self._replies
-        if replies is None:
-            replies = _Replies(self._nc.new_inbox())
-            await self._nc.subscribe(f"{replies.base}.*", future=replies)  # type: ignore[arg-type]
-            self._replies = replies
-        return replies
+        if self._replies is None:
+            async with self._replies_made:  # two first requests at once make one subscription
+                if self._replies is None:
+                    replies = _Replies(self._nc.new_inbox())
+                    await self._nc.subscribe(f"{replies.base}.*", future=replies)  # type: ignore[arg-type]
+                    self._replies = replies
+        return self._replies
 
     async def ask(self, subject: str, data: bytes, timeout: float, headers: dict[str, str] | None = None) -> Msg:
         """One request and its answer on the shared reply subscription (`_Replies`); `TimeoutError`
@@ -195,7 +197,9 @@ class Collected:
         self.done: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
 
     def add(self, msg: Msg) -> None:
-        if msg.headers and "Status" in msg.headers:
+        headers = msg.headers or {}
+        # a stored message comes with its sequence (and may carry any header of its own, "Status" too)
+        if "Status" in headers and "Nats-Sequence" not in headers:
             if not self.done.done():
                 self.done.set_result(msg)
         else:
@@ -246,13 +250,17 @@ class _Replies:
         return False
 
     def set_result(self, msg: Msg) -> None:
-        waiter = self.waiting.get(msg.subject)
-        if isinstance(waiter, Collected):
-            waiter.add(msg)
-        elif waiter is not None:
-            del self.waiting[msg.subject]
-            if not waiter.done():
-                waiter.set_result(msg)
+        # called in nats-py's read loop: an exception here would stop the connection reading
+        try:
+            waiter = self.waiting.get(msg.subject)
+            if isinstance(waiter, Collected):
+                waiter.add(msg)
+            elif waiter is not None:
+                del self.waiting[msg.subject]
+                if not waiter.done():
+                    waiter.set_result(msg)
+        except Exception:
+            logger.exception("an answer on %s could not be handed over", msg.subject)
 
 
 class _Watch:

@@ -54,7 +54,9 @@ class Job:
         cannot redeliver finished work; skip it only where a redelivery is harmless."""
         try:
             if sync and self._ask is not None and self._msg.reply:
-                await self._ask(self._msg.reply, b"+ACK", 5.0)  # what ack_sync sends, and its answer
+                answer = await self._ask(self._msg.reply, b"+ACK", 5.0)  # an ack asking for the server's word
+                if answer.headers and answer.headers.get("Status") == "503":
+                    raise BusError("no responders: the consumer's server did not take the ack")
             elif sync:
                 await self._msg.ack_sync(timeout=5.0)
             else:
@@ -159,9 +161,11 @@ class Standing:
         self.requests = 0
 
     async def start(self) -> None:
-        nc = self._queues._nc
-        self._feed = _Pulls(nc.new_inbox())
-        self._sub = await nc.subscribe(f"{self._feed.base}.*", future=self._feed)  # type: ignore[arg-type]
+        await self._listen(_Pulls(self._queues._nc.new_inbox(), self.spec.durable))
+
+    async def _listen(self, feed: _Pulls) -> None:
+        self._sub = await self._queues._nc.subscribe(f"{feed.base}.*", future=feed)  # type: ignore[arg-type]
+        self._feed = feed
 
     async def take(self, free: int, timeout: float) -> list[Job]:
         """Up to `free` jobs (every slot free now), waiting up to `timeout` for the first."""
@@ -170,13 +174,16 @@ class Standing:
         if feed.gone:
             raise BusError(f"consumer {self.spec.durable}: {feed.gone}")
         if self._queues.reconnects != self._reconnects or (
-            feed.open and time.monotonic() - feed.heard > 3 * _PULL_HEARTBEAT_S
+            feed.outstanding and time.monotonic() - feed.heard > 3 * _PULL_HEARTBEAT_S
         ):
-            # requests made before a reconnect, or gone silent, may be lost: ask again
-            self._reconnects = self._queues.reconnects
-            feed.open.clear()
-        want = free - len(feed.msgs) - sum(feed.open.values())
-        if want > 0 and (want >= self._threshold or not feed.open) and time.monotonic() >= feed.refused_until:
+            feed = await self._renew(feed)
+        want = free - len(feed.msgs) - feed.outstanding
+        if (
+            want > 0
+            and (want >= self._threshold or not feed.outstanding)
+            and time.monotonic() >= feed.refused_until
+            and self._queues._nc.is_connected  # a request kept for after a reconnect could not be counted
+        ):
             await self._request(feed, want)
         if not feed.msgs:
             await feed.wait(timeout)
@@ -184,6 +191,19 @@ class Standing:
         while feed.msgs and len(jobs) < free:
             jobs.append(Job(feed.msgs.popleft(), self._queues.ask))
         return jobs
+
+    async def _renew(self, old: _Pulls) -> _Pulls:
+        """Requests made before a reconnect, or gone silent, may be lost, or may be alive: ask again
+        on a new reply subject and stop listening on the old one, so the old ones deliver nothing
+        (the server skips a request nobody listens to) and never add to what this worker holds."""
+        self._reconnects = self._queues.reconnects
+        stale = self._sub
+        feed = _Pulls(self._queues._nc.new_inbox(), self.spec.durable)
+        feed.msgs = old.msgs  # delivered already: still ours to run or give back
+        await self._listen(feed)
+        with contextlib.suppress(Exception):
+            await stale.unsubscribe()
+        return feed
 
     async def _request(self, feed: _Pulls, batch: int) -> None:
         reply = feed.open_request(batch)
@@ -197,12 +217,12 @@ class Standing:
         except nats.errors.ConnectionClosedError as err:
             raise BusError(f"pull from {self.spec.durable}: the connection is closed") from err
         except nats.errors.Error as err:  # not sent: nothing will answer it
-            feed.open.pop(reply, None)
+            feed.ended(reply, None)
             logger.info("pull from %s: %s; trying again", self.spec.durable, description(err))
         self.requests += 1
 
     def left(self) -> list[Job]:
-        """Delivered and not taken (more than the free slots, after a reconnect): the caller gives them back."""
+        """Delivered and not taken (what arrived as the loop stopped): the caller gives them back."""
         feed = self._feed
         if feed is None:
             return []
@@ -211,61 +231,99 @@ class Standing:
         return jobs
 
     async def close(self) -> None:
-        # the server drops waiting requests whose reply subject nobody listens to any more
-        if self._sub is not None:
+        """Stop listening: the server drops waiting requests whose reply subject nobody listens to.
+        Draining the subscription first lets what the server sent before it heard so still arrive
+        (into `left`), instead of being dropped to wait out its ack wait."""
+        sub, self._sub = self._sub, None
+        if sub is None:
+            return
+        try:
+            await sub.drain()
+        except Exception:
             with contextlib.suppress(Exception):
-                await self._sub.unsubscribe()
-            self._sub = None
+                await sub.unsubscribe()
 
 
 class _Pulls:
-    """The deliveries and status answers to a `Standing`'s requests: a status comes on the request's
-    reply subject, a message on its own subject."""
+    """The deliveries and status answers to a `Standing`'s requests. A message keeps its own
+    subject and comes with a `$JS.ACK` reply; a status (100 heartbeat, 404, 408 expired, 409, 503)
+    comes on the request's reply subject, with no reply. `outstanding` counts the messages the open
+    requests may still deliver, as one total: the server fills waiting requests in turns, so a
+    message cannot be told apart by request, while an ending request says how many it had left."""
 
-    def __init__(self, base: str) -> None:
+    def __init__(self, base: str, durable: str) -> None:
         self.base = base
-        self.open: dict[str, int] = {}  # request -> messages it may still deliver
+        self.durable = durable
+        self.outstanding = 0
+        # open request -> (batch, made at), for an end that does not say how many it had left
+        self._batches: dict[str, tuple[int, float]] = {}
         self.msgs: collections.deque[Msg] = collections.deque()
         self.heard = time.monotonic()
         self.gone = ""  # why the consumer cannot deliver any more (deleted)
         self.refused_until = 0.0  # no new request before this (monotonic), after a refusal
+        self._refusals = 0
+        self._said = ""
         self._n = 0
         self._waiter: asyncio.Future[None] | None = None
 
     def open_request(self, batch: int) -> str:
         self._n += 1
         reply = f"{self.base}.{self._n:x}"
-        self.open[reply] = batch
-        self.heard = time.monotonic()
+        now = time.monotonic()
+        # a request filled to its batch ends with no status: forget those past their expiry
+        self._batches = {r: b for r, b in self._batches.items() if now - b[1] < 2 * _PULL_EXPIRES_S}
+        self._batches[reply] = (batch, now)
+        self.outstanding += batch
+        self.heard = now
         return reply
+
+    def ended(self, reply: str, pending: int | None) -> None:
+        """A request is over with `pending` messages undelivered (None: it did not say; all of them)."""
+        made = self._batches.pop(reply, None)
+        if pending is None:
+            pending = made[0] if made else 0
+        self.outstanding = max(0, self.outstanding - pending)
 
     def cancelled(self) -> bool:
         return False
 
     def set_result(self, msg: Msg) -> None:
-        self.heard = time.monotonic()
-        status = msg.headers.get("Status") if msg.headers else None
-        if status is None:  # a message: it keeps its own subject, so count it against the oldest request
-            # (the server fills waiting requests in the order they came)
-            for oldest in self.open:
-                if self.open[oldest] > 1:
-                    self.open[oldest] -= 1
-                else:
-                    del self.open[oldest]
-                break
-            self.msgs.append(msg)
-        elif status == "100":  # idle heartbeat: the request still waits
-            return
-        else:  # 408 expired, 404 nothing (no_wait), 409 (leader moved, too many waiting, deleted)
-            self.open.pop(msg.subject, None)
-            what = (msg.headers or {}).get("Description", "")
-            if status == "409" and "deleted" in what.lower():
-                self.gone = f"deleted on the server ({what})"
-            elif status == "409":  # asking again at once would be refused again: not for a moment
-                logger.info("pull request on %s ended: %s", msg.subject, what)
-                self.refused_until = time.monotonic() + _REFUSED_PAUSE_S
+        # called in nats-py's read loop: an exception here would stop the connection reading
+        try:
+            self._take(msg)
+        except Exception:
+            logger.exception("pull from %s: an answer could not be taken: %s", self.durable, msg.subject)
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
+
+    def _take(self, msg: Msg) -> None:
+        self.heard = time.monotonic()
+        if msg.reply and msg.reply.startswith("$JS.ACK."):  # a message (whatever headers it carries)
+            self.outstanding = max(0, self.outstanding - 1)
+            self.msgs.append(msg)
+            self._refusals = 0
+            return
+        headers = msg.headers or {}
+        status = headers.get("Status", "")
+        if status == "100":  # idle heartbeat: the request still waits
+            return
+        pending = headers.get("Nats-Pending-Messages", "")
+        self.ended(msg.subject, int(pending) if pending.isascii() and pending.isdigit() else None)
+        what = headers.get("Description", "")
+        if status == "408":  # expired: simply asked again
+            return
+        if status == "409" and "deleted" in what.lower():
+            self.gone = f"deleted on the server ({what})"
+            return
+        # 409 (a leader moved, too many waiting, a batch or expiry over the consumer's limits), 503
+        # (nobody serves the consumer now: a leader election, a restart): asking again at once would
+        # be refused again, so not for a while, longer each time
+        self._refusals += 1
+        self.refused_until = time.monotonic() + min(_REFUSED_PAUSE_S * self._refusals, 5.0)
+        said = f"{status} {what}".strip()
+        if said != self._said:  # once per new reason, not every half second
+            self._said = said
+            logger.info("pull from %s refused (%s); asking again shortly", self.durable, said)
 
     async def wait(self, timeout: float) -> None:
         loop = asyncio.get_running_loop()

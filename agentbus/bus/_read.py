@@ -50,7 +50,7 @@ def _timestamp_ns(stamp: str) -> int:
     seconds and the fraction are read as digits; any other shape takes the general parser."""
     if len(stamp) >= 20 and stamp[-1] == "Z" and stamp[16] == ":" and (len(stamp) == 20 or stamp[19] == "."):
         sec, frac = stamp[17:19], stamp[20:-1]
-        if sec.isdigit() and (not frac or frac.isdigit()):
+        if sec.isascii() and sec.isdigit() and (not frac or (frac.isascii() and frac.isdigit())):
             minute = _MINUTES.get(stamp[:16])
             if minute is None:
                 minute = _parse_seconds(stamp[:16])
@@ -348,7 +348,7 @@ class _Tap:
                 )
                 continue
             headers = msg.headers or {}
-            if "Status" in headers:
+            if not (msg.reply or "").startswith("$JS.ACK."):  # heartbeat or flow control, not a record
                 if await self._control(msg):
                     await self._recreate("the heartbeat shows a missed message")
                 continue
@@ -435,6 +435,7 @@ class _Feed:
         return False
 
     def set_result(self, msg: Msg) -> None:
+        # called in nats-py's read loop: nothing here may raise
         if len(self.msgs) >= _REPLAY_BUFFER:
             self.dropped += 1  # the reader recreates the consumer once it has taken what is here
             return

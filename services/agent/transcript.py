@@ -1,17 +1,19 @@
-"""A session's records as one run knows them: what it read once, what it appended, what others wrote since.
+"""A session's records as one run knows them: what it read once, what it appended, what others wrote
+since.
 
-The run reads the whole log once, when it takes the session. After that it never reads back
-what it appended (the ack gives the sequence, and it knows the event); it only looks for what
-others wrote: people on their channels, and other writers on the log channel, which the owner's
-fence reports (`SessionWriter.resync`). People's messages also arrive as live signals (the
-worker's subscription to every session's input and command channels, `nudge`). A step boundary
-asks the stream (one last-message lookup, and a read when there is something new) unless all of
-these hold: the subscription was up before the run read the log and still is, it did not go down
-in between (`Hearing.lost`), the connection was not lost since, no signal came for this session since `SIGNAL_LEAD_S` before the last look
-(a replicated stream stores a message a little after its subscribers heard it, so one look is
-not enough right after a signal), and the last look is under `FALLBACK_S` old (a signal can also
-be dropped: a slow subscriber, a cluster route). Records stay in stream order, so the
-conversation built from them is the same one a fresh reader of the log would build.
+The run reads the whole log once, when it takes the session. After that it never reads back what it
+appended (the ack gives the sequence, and it knows the event); it only looks for what others wrote:
+people on their channels, and other writers on the log channel, which the owner's fence reports
+(`SessionWriter.resync`). People's messages also arrive as live signals (the worker's subscription
+to every session's input and command channels, `nudge`). A step boundary asks the stream (one
+last-message lookup, and a read when there is something new) unless all of these hold: the
+subscription was up before the run read the log and still is, it did not go down in between
+(`Hearing.lost`), the connection was not lost since, no signal came for this session since
+`SIGNAL_LEAD_S` before the last look (a replicated stream stores a message a little after its
+subscribers heard it, so one look is not enough right after a signal), and the last look is under
+`FALLBACK_S` old (a signal can also be dropped: a slow subscriber, a cluster route). Records stay in
+stream order, so the conversation built from them is the same one a fresh reader of the log would
+build.
 """
 
 from __future__ import annotations
