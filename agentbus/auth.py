@@ -180,6 +180,8 @@ class AuthStore:
 
     directory: Path
     _users: dict[str, User] = field(default_factory=dict, init=False, repr=False)
+    # servers of this store the last `reload` could not tell apart from another (other pid namespaces)
+    unreached: list[str] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.directory = Path(self.directory)
@@ -299,20 +301,30 @@ class AuthStore:
 
     def reload(self, log_files: Sequence[Path] = ()) -> int:
         """Signal every live server using this block to reload it (SIGHUP); returns how many.
-        With `log_files`, wait until each has logged the reload."""
+        With `log_files`, wait until each has logged the reload.
+
+        Servers of this store in other pid namespaces (compose's cluster nodes, each pid 1 in its
+        own container) write pid files naming a pid this process cannot tell apart from its own
+        server's: those are signalled once, counted once, and named in `unreached`, so nobody is
+        told a revocation reached servers it did not."""
         before = [_count(p) for p in log_files]
-        signalled = 0
+        signalled: set[int] = set()
+        self.unreached = []
         for pid_file in sorted(self.pids_dir.glob("*.pid")) if self.pids_dir.exists() else []:
             pid = _nats_server_pid(pid_file)
-            if pid is not None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGHUP)
-                    signalled += 1
+            if pid is None:
+                continue
+            if pid in signalled:
+                self.unreached.append(pid_file.stem)
+                continue
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGHUP)
+                signalled.add(pid)
         deadline = time.monotonic() + 10
         for path, n in zip(log_files, before, strict=True):
             while _count(path) <= n and time.monotonic() < deadline:
                 time.sleep(0.01)
-        return signalled
+        return len(signalled)
 
 
 def _count(log: Path) -> int:

@@ -215,6 +215,15 @@ def test_auth_init_then_a_server_with_a_pid_file_in_the_store_as_compose_starts_
         subprocess.run([*base, "add", "olga", "--role", "observer"], capture_output=True, env=env, check=True)
         out = subprocess.run([*base, "revoke", "olga"], capture_output=True, text=True, env=env, check=True)
         assert "1 server(s) reloaded" in out.stdout
+        assert "not reloaded" not in out.stderr
+        # compose/cluster.yaml: three nodes in three containers, each pid 1 in its own, write their pid
+        # files into the one shared store; from one container all three name its own server
+        for node in ("nats-2", "nats-3"):
+            (pid_file.parent / f"{node}.pid").write_text(pid_file.read_text())
+        subprocess.run([*base, "add", "pia", "--role", "observer"], capture_output=True, env=env, check=True)
+        out = subprocess.run([*base, "revoke", "pia"], capture_output=True, text=True, env=env, check=True)
+        assert "1 server(s) reloaded" in out.stdout  # it said 3: one process signalled three times
+        assert "2 more server(s) of this store in other containers (pid files nats-2, nats-3)" in out.stderr
     finally:
         server.terminate()
         server.wait(10)

@@ -64,9 +64,11 @@ def add(
             path = store.add(ident, Path(tmp) / "user.creds", url=url)
             click.echo(path.read_text(), nl=False)
         store.reload()
+        _unreached(store)
         return
     path = store.add(ident, Path(out) if out else None, url=url)
     store.reload()
+    _unreached(store)
     click.echo(str(path))
     click.echo(f"give it to {name} (--creds FILE or AGENTBUS_CREDS); it is their secret", err=True)
 
@@ -115,6 +117,19 @@ def revoke(name: str, store_dir: str) -> None:
     reloaded = store.reload()
     where = f"{reloaded} server(s) reloaded" if reloaded else "no running server found; it applies at the next start"
     click.echo(f"revoked {user.identity.user} ({user.identity.role}); {where}")
+    _unreached(store)
+
+
+def _unreached(store: AuthStore) -> None:
+    """Say which servers of this store a reload could not reach, and how to reach them."""
+    if store.unreached:
+        names = ", ".join(store.unreached)
+        click.echo(
+            f"not reloaded from here: {len(store.unreached)} more server(s) of this store in other containers"
+            f" (pid files {names}); they keep the old users until reloaded where they run"
+            " (compose/cluster.yaml: `docker compose kill -s HUP nats-2 nats-3`)",
+            err=True,
+        )
 
 
 @auth.command("init")
