@@ -507,18 +507,18 @@ async def test_a_tap_whose_reader_falls_behind_its_buffer_recreates_and_loses_no
     """nats-py hands a tap's messages over in its read loop, which cannot wait for the reader: past
     the buffer they are dropped, and the gap in consumer sequences recreates the consumer from the
     first one missing. A tiny buffer makes that happen on every few records."""
-    from agentbus.bus import _read
+    from agentbus.bus import _tap
 
-    feeds: list[_read._Feed] = []
-    made = _read._Feed
+    feeds: list[_tap.Feed] = []
+    made = _tap.Feed
 
-    def counted() -> _read._Feed:
+    def counted() -> _tap.Feed:
         feed = made()
         feeds.append(feed)
         return feed
 
-    monkeypatch.setattr(_read, "_REPLAY_BUFFER", 8)
-    monkeypatch.setattr(_read, "_Feed", counted)
+    monkeypatch.setattr(_tap, "_REPLAY_BUFFER", 8)
+    monkeypatch.setattr(_tap, "Feed", counted)
     await client.log.append_many("s1", [step(i) for i in range(200)])
 
     tapped = []
