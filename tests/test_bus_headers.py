@@ -45,3 +45,14 @@ def test_the_quick_parser_reads_random_header_blocks_as_nats_py_does() -> None:
 
 def test_the_client_parses_with_the_quick_parser() -> None:
     assert Client._parse_header_lines is _headers.parse_header_lines
+
+
+def test_names_kept_as_plain_stay_bounded_and_change_no_answer() -> None:
+    """Names a publisher invents fill the set of plain names only up to its bound, and a name seen
+    plain once is still read right when it comes with whitespace or outside ASCII."""
+    for i in range(_headers._PLAIN_KEPT * 2):
+        raw = f"Invented-{i}: v\r\n".encode()
+        assert _headers.parse_header_lines(raw) == ORIGINAL.__func__(raw)
+    assert len(_headers._PLAIN) <= _headers._PLAIN_KEPT
+    for raw in (b"Nats-Msg-Id: a\r\n", b" Nats-Msg-Id : b\r\n", b"Nats-Msg-Id: \xc3\xa4\r\n", b"Nats-Msg-Id\t: c\r\n"):
+        assert _headers.parse_header_lines(raw) == ORIGINAL.__func__(raw), raw

@@ -279,6 +279,20 @@ async def test_reading_with_a_limit_returns_a_prefix_of_the_suffix(log: SessionL
     assert await log.read("s1", from_seq=full[-1].seq, limit=100) == full[-1:]
 
 
+async def test_reading_one_record_is_the_first_from_the_sequence_on(log: SessionLog) -> None:
+    """A read of one record (the router's look at a session) asks a single direct get: the same
+    record, sequence, subject and time as a full read, and nothing past the end."""
+    await log.append_many("s1", [step(i) for i in range(5)])
+    await log.append("s2", step(0))
+    await log.append("s1", note(9), channel="input")
+    full = await log.read("s1")
+
+    for n in range(0, full[-1].seq + 2):
+        assert await log.read("s1", from_seq=n, limit=1) == [r for r in full if r.seq >= n][:1], n
+    assert await log.read("nobody", limit=1) == []
+    assert await log.read("s1", channels="input.*", limit=1) == full[-1:]
+
+
 # --- reads are complete and leave nothing behind ----------------------------------------------------
 
 

@@ -61,6 +61,18 @@ def _parse_seconds(whole: str) -> int | None:
         return None
 
 
+def _delivery(data: bytes, h: dict[str, str]) -> Delivery:
+    """A direct get's answer: the stored message, its subject, sequence and time in its headers."""
+    return Delivery(
+        h.get("Nats-Subject", ""),
+        data,
+        h,
+        int(h.get("Nats-Sequence") or 0),
+        int(h.get("Nats-Num-Pending") or 0),
+        _timestamp_ns(h.get("Nats-Time-Stamp", "")),
+    )
+
+
 class Reading(BusCore):
     async def replay(
         self,
@@ -114,6 +126,10 @@ class Reading(BusCore):
         out: list[Delivery] = []
         seq = max(from_seq, 1)
         api = f"$JS.API.DIRECT.GET.{stream}"
+        if limit == 1:  # the router's look at a session's first record: one answer, no closing status
+            one = functools.partial(self._direct_one, api, subject, seq)
+            found = await self._through_failover(f"read of {subject}", one, refusal=api)
+            return [found] if found is not None else []
         while limit is None or len(out) < limit:
             want = _DIRECT_BATCH if limit is None else min(_DIRECT_BATCH, limit - len(out))
             batch = functools.partial(self._direct_batch, api, subject, seq, want)
@@ -123,6 +139,16 @@ class Reading(BusCore):
                 return out
             seq = got[-1].seq + 1
         return out
+
+    async def _direct_one(self, api: str, subject: str, seq: int) -> Delivery | None:
+        request = json.dumps({"seq": seq, "next_by_subj": subject}).encode()
+        msg = await self.ask(api, request, self.settings.publish_timeout_s)
+        hdrs = msg.headers or {}
+        if "Nats-Sequence" not in hdrs:  # a status: 404 none, or an error (a stored message has its sequence)
+            if hdrs.get("Status") == "404":
+                return None
+            raise BusError(f"direct get on {subject}: status {hdrs.get('Status')} {hdrs.get('Description', '')}")
+        return _delivery(msg.data, hdrs)
 
     async def _direct_batch(self, api: str, subject: str, seq: int, batch: int) -> tuple[list[Delivery], int]:
         replies = await self.replies()
@@ -138,20 +164,7 @@ class Reading(BusCore):
         if status not in ("204", "404"):  # 204: end of batch (with how many more match past it); 404: none
             raise BusError(f"direct get on {subject}: status {status} {hdrs.get('Description', '')}")
         pending = int(hdrs.get("Nats-Num-Pending") or 0) if status == "204" else 0
-        got = []
-        for msg in collected.msgs:
-            h = msg.headers or {}
-            got.append(
-                Delivery(
-                    h.get("Nats-Subject", ""),
-                    msg.data,
-                    h,
-                    int(h.get("Nats-Sequence") or 0),
-                    int(h.get("Nats-Num-Pending") or 0),
-                    _timestamp_ns(h.get("Nats-Time-Stamp", "")),
-                )
-            )
-        return got, pending
+        return [_delivery(msg.data, msg.headers or {}) for msg in collected.msgs], pending
 
     async def last_subject_seq(self, stream: str, subject: str) -> int:
         """Stream sequence of the last message on `subject` (wildcards allowed), 0 if there is none."""
