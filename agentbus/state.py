@@ -18,6 +18,7 @@ from agentbus.messages import (
     EpochSecondsOrUnset,
     HumanMessage,
     InboxDismissed,
+    MessageDelivered,
     ModelResponded,
     QuestionAsked,
     Record,
@@ -32,6 +33,7 @@ from agentbus.messages import (
     StatusChanged,
     ToolCallCompleted,
     ToolCallParked,
+    ToolCallStarted,
     Usage,
     VerdictRecorded,
 )
@@ -146,7 +148,19 @@ def _apply(s: SessionState, ev: object) -> None:
             case BranchMerged(result=result):
                 s.merged = result
         return
+    # The kinds a long log is made of come first: `match` tries each case in turn, and no event
+    # class derives from another (tests/test_messages.py holds that), so the order changes nothing else.
     match ev:
+        case ModelResponded(usage=usage, cost_usd=cost):
+            s.steps += 1
+            s.usage = _add(s.usage, usage)
+            s.cost_usd += cost
+        case ToolCallCompleted(tool_use_id=call):
+            s.tool_calls += 1
+            if call == s.tool_use_id:
+                s.waiting_for, s.question, s.tool_use_id = "", "", ""
+        case ToolCallStarted() | MessageDelivered():
+            pass
         case SessionCreated(task=task) if s.events == 1:  # only the first record creates a session
             s.status = "pending" if task.pool is None else s.status
             s.pool = task.pool or s.pool
@@ -187,14 +201,6 @@ def _apply(s: SessionState, ev: object) -> None:
             s.parked = reason == "interrupted"
         case InboxDismissed():
             s.dismissed = True
-        case ModelResponded(usage=usage, cost_usd=cost):
-            s.steps += 1
-            s.usage = _add(s.usage, usage)
-            s.cost_usd += cost
-        case ToolCallCompleted(tool_use_id=call):
-            s.tool_calls += 1
-            if call == s.tool_use_id:
-                s.waiting_for, s.question, s.tool_use_id = "", "", ""
         case BranchCreated(repo=repo, branch=branch, base=base, review=review):
             s.repo, s.branch, s.base, s.review = repo, branch, base, review
         case ChangesCommitted(commit=commit, files_changed=files, insertions=ins, deletions=dels):

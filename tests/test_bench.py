@@ -62,7 +62,9 @@ async def test_e2e_bench_reports_both_sides_resume_and_listing_and_prints_them()
     # the sides did the same work: a raw session writes its steps, agentbus at least as much
     assert result["agentbus"]["one_step"]["messages_per_session"] >= result["raw"]["one_step"]["messages_per_session"]
     assert set(result["ratio"]) == {f"{label}.{k}" for label in ("one_step", "three_step") for k in keys}
-    assert result["resume"]["events"] == 101 and result["resume"]["claimed_ms"] > 0
+    resume = result["resume"]
+    assert resume["events"] == 101 and resume["claimed_ms"] > 0
+    assert 0 < resume["first_call_ms"] < resume["first_call_and_end_ms"]  # the call began before the end
     assert set(result["listing"]) == {"5", "20"}
     report = format_e2e_report(result)
     assert "resume of a 101-record log" in report and "listing    20 sessions" in report

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import random
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -164,3 +165,29 @@ def test_no_progress_counts_afresh_after_a_resume() -> None:
     assert no_progress(records, 3) is not None
     records.append(Record(seq=next(seq), session_id="s", channel="input", event=ResumeRequested(id="r", author="a")))
     assert no_progress(records, 3) is None
+
+
+def test_no_progress_with_a_memo_of_turns_answers_as_without_at_every_step() -> None:
+    """The run keeps each turn's calls by sequence so a long session serializes them once; at
+    every step of a session that loops, makes progress or is resumed, the answer is the same."""
+    from agentbus.messages import ModelResponded, Record, ResumeRequested, ToolCallCompleted
+    from services.agent.guards import no_progress
+
+    rng = random.Random(16)
+    seen: dict[int, tuple[list[str], str]] = {}
+    records: list[Record] = []
+    seq = itertools.count(1)
+    for step in range(1, 200):
+        path = rng.choice(["a", "b", "c", f"new-{step}"])
+        block = {"type": "tool_use", "id": f"t{step}", "name": "read_file", "input": {"path": path}}
+        text = [{"type": "text", "text": rng.choice(["", "again", f"note {step}"])}]
+        event = ModelResponded(id=f"s{step}", step=step, model="m", content=(*text, block), stop_reason="tool_use")
+        records.append(Record(seq=next(seq), session_id="s", channel="log", event=event))
+        done = ToolCallCompleted(id=f"c{step}", step=step, tool_use_id=f"t{step}", name="read_file",
+                                 output=rng.choice(["same", f"out {step}"]))  # fmt: skip
+        records.append(Record(seq=next(seq), session_id="s", channel="log", event=done))
+        if rng.random() < 0.05:
+            resume = ResumeRequested(id=f"r{step}", author="a")
+            records.append(Record(seq=next(seq), session_id="s", channel="control", event=resume))
+        assert no_progress(records, 3, seen) == no_progress(records, 3), step
+    assert 100 < len(seen) <= 199  # turns before a resume are not read again

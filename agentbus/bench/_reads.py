@@ -38,8 +38,9 @@ _POOL = "bench"
 
 async def resume(server: NatsServer, settings: Settings, tmp: Path, events: int, repeats: int = 3) -> dict[str, Any]:
     """A session whose log holds `events` records (tool turns) is queued; agentbus: until its agent
-    recorded the claim (read, folded, rebuilt) and until it ended (one more model call); raw: one
-    ordered-consumer replay of the same records. Medians of `repeats`."""
+    recorded the claim (read, folded, rebuilt), until its first model call began (the guards
+    checked), and until it ended (that call recorded, the end recorded); raw: one ordered-consumer
+    replay of the same records. Medians of `repeats`."""
     from services.agent.worker import AgentConfig, AgentWorker
 
     turns = max((events - 2) // 3, 1)
@@ -52,6 +53,14 @@ async def resume(server: NatsServer, settings: Settings, tmp: Path, events: int,
     script = tmp / "resume.json"
     script.write_text(json.dumps({"responses": [*calls, done]}))
     model = ScriptedModel(script)
+    called: dict[str, float] = {}  # when each session's first model call began
+    respond = model.respond
+
+    async def timed(**kwargs: Any) -> Any:
+        called.setdefault(kwargs["session_id"], time.perf_counter())
+        return await respond(**kwargs)
+
+    model.respond = timed  # type: ignore[method-assign]
     nc = await nats.connect(server.url, name="e2e-bench-resume")
     ends = Ends(lambda d: isinstance(decode_event(d), SessionEnded), lambda d: b'"type":"session_claimed"' in d)
     await ends.watch(nc, f"{settings.prefix}.session.*.log")
@@ -62,7 +71,7 @@ async def resume(server: NatsServer, settings: Settings, tmp: Path, events: int,
     worker = AgentWorker(abus, config, model)
     runner = asyncio.create_task(worker.run())
     client = agentbus.Client(cbus)
-    claims, ended, replays = [], [], []
+    claims, calls_at, ended, replays = [], [], [], []
     try:
         for _ in range(repeats):
             sid = new_session_id()  # its records first, queued once they are all there
@@ -85,6 +94,7 @@ async def resume(server: NatsServer, settings: Settings, tmp: Path, events: int,
             await client.queues.enqueue(WorkItem(session_id=sid), _POOL)
             await ends.wait([sid])
             claims.append((ends.picked[sid] - started) * 1000)
+            calls_at.append((called[sid] - started) * 1000)
             ended.append((ends.ended[sid] - started) * 1000)
     finally:
         await worker.shutdown()
@@ -96,6 +106,7 @@ async def resume(server: NatsServer, settings: Settings, tmp: Path, events: int,
         "events": 2 + 3 * turns,
         "raw_replay_ms": pct(replays, 0.5),
         "claimed_ms": pct(claims, 0.5),
+        "first_call_ms": pct(calls_at, 0.5),
         "first_call_and_end_ms": pct(ended, 0.5),
     }
 

@@ -122,6 +122,7 @@ class SessionRun:
         self._interrupting: InterruptRequested | None = None
         self.interrupted_by: str | None = None  # who stopped the last activity
         self._built: tuple[Conversation, int, Record | None] | None = None  # the last build, and what it read
+        self._turns: dict[int, tuple[list[str], str]] = {}  # what no_progress read of each model turn
 
     @property
     def claim(self) -> str:
@@ -354,7 +355,9 @@ class SessionRun:
     def _guard(self) -> Stop | None:
         """Budgets first, then no-progress; checked before every model call, from the log alone."""
         budget = effective_budget(self.ctx.pool_budget, self.records)
-        return over_budget(budget, self.state(), time.time()) or no_progress(self.records, self.ctx.no_progress_turns)
+        return over_budget(budget, self.state(), time.time()) or no_progress(
+            self.records, self.ctx.no_progress_turns, self._turns
+        )
 
     async def _held(self) -> Stop | None:
         """A dollar ceiling over the whole pool (or fleet), set by the supervisor, pauses like a budget."""
