@@ -214,3 +214,23 @@ async def test_a_message_carrying_its_own_status_header_is_still_a_message(clien
     tapped = [r async for r in client.log.tap("st1", follow=False)]
     assert [r.event.id for r in read] == ["say-0", "say-1", "say-2"]
     assert [r.event.id for r in tapped] == ["say-0", "say-1", "say-2"]
+
+
+def test_requests_filled_without_a_status_are_forgotten_after_their_expiry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request filled to its batch ends with no status; the loop forgets it once it would have
+    expired, oldest first, and keeps the ones still open (an end that says nothing counts them)."""
+    from agentbus.bus import _queues
+
+    now = [1000.0]
+    monkeypatch.setattr(_queues.time, "monotonic", lambda: now[0])
+    feed = _queues._Pulls("_INBOX.test", "standing")
+    old = [feed.open_request(8) for _ in range(50)]
+    now[0] += 2 * _queues._PULL_EXPIRES_S - 1
+    recent = feed.open_request(4)
+    assert set(feed._batches) == {*old, recent}
+    now[0] += 2
+    newest = feed.open_request(2)
+    assert list(feed._batches) == [recent, newest]
+    feed.outstanding = 6
+    feed.ended(recent, None)  # no count: all of its batch
+    assert feed.outstanding == 2 and list(feed._batches) == [newest]

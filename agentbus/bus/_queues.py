@@ -270,9 +270,17 @@ class _Pulls:
         self._n += 1
         reply = f"{self.base}.{self._n:x}"
         now = time.monotonic()
-        # a request filled to its batch ends with no status: forget those past their expiry
-        self._batches = {r: b for r, b in self._batches.items() if now - b[1] < 2 * _PULL_EXPIRES_S}
-        self._batches[reply] = (batch, now)
+        # A request filled to its batch ends with no status: forget those past their expiry. They
+        # were made in time order, so the oldest come first; a busy worker makes a hundred
+        # requests a second, and going over all it made in the last minute at each one cost more
+        # than the pulls themselves.
+        batches = self._batches
+        while batches:
+            oldest = next(iter(batches))
+            if now - batches[oldest][1] < 2 * _PULL_EXPIRES_S:
+                break
+            del batches[oldest]
+        batches[reply] = (batch, now)
         self.outstanding += batch
         self.heard = now
         return reply
