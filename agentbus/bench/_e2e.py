@@ -47,7 +47,6 @@ from agentbus.messages import (
     ToolCallCompleted,
     ToolCallStarted,
     WorkItem,
-    decode_event,
     encode,
 )
 from agentbus.models import ScriptedModel
@@ -265,7 +264,8 @@ async def _agentbus_side(
     from services.router.router import Router
     from services.router.routes import RouteTable
 
-    ends = Ends(lambda d: isinstance(decode_event(d), SessionEnded), lambda d: b'"type":"session_claimed"' in d)
+    # the same byte test as the raw side's watcher: the watcher is the bench's, and costs both sides alike
+    ends = Ends(lambda d: b'"type":"session_ended"' in d, lambda d: b'"type":"session_claimed"' in d)
     await ends.watch(nc, f"{settings.prefix}.session.*.log")
     model = _script(tmp, tool_turns)
     buses = [await Bus.connect(settings) for _ in range(agents + 2)]
