@@ -172,8 +172,7 @@ def _apply(s: SessionState, ev: object) -> None:
             s.trace_id = ev.trace_id
         case Routed(pool=pool):
             s.pool = pool
-            if s.status == "pending":  # a route stored after the claim (the router sends both at once) is no step back
-                s.status = "queued"
+            s.status = "queued"
         case SessionClaimed(worker=worker, round=rnd):
             s.owner = worker
             s.round = rnd

@@ -578,19 +578,6 @@ def test_fold_ignores_a_record_at_or_below_the_last_sequence() -> None:
         assert fold(state, _record(seq, late)) == state
 
 
-def test_a_route_stored_after_the_claim_leaves_the_session_running() -> None:
-    """The router sends the route and the work item at once; should the route be stored after an
-    agent's claim, it names the pool and takes the session no step back to queued."""
-    created, routed, claimed = _lifecycle()[:3]
-    assert isinstance(routed.event, Routed) and isinstance(claimed.event, SessionClaimed)
-    late = [created, _record(routed.seq, claimed.event), _record(claimed.seq, routed.event)]
-
-    state = _fold_all(late)
-
-    assert (state.status, state.owner, state.pool) == ("running", "agent-7", "writers")
-    assert _fold_all([created, routed]).status == "queued"
-
-
 def test_fold_does_not_modify_the_state_it_is_given() -> None:
     before = SessionState(session_id="s1")
 

@@ -279,37 +279,3 @@ async def test_provisioning_as_an_admin_deletes_the_fan_in_durable_earlier_versi
         await admin.provision(update=True)
         await admin.provision(update=True)  # nothing left to delete: no error either
     assert "router-fanin" not in await durables()
-
-
-async def test_a_route_stored_after_the_agent_read_the_log_is_merged_before_the_claim(
-    client: agentbus.Client, settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The router sends the route and the work item at once, so an agent may read the log before the
-    route is in it: its claim is then fenced out, it reads the route, claims after it, and runs once."""
-    from agentbus.messages import SessionClaimed, SessionCreated, SessionEnded, WorkItem
-    from agentbus.testing import FakeMessagesAPI, text_response
-    from services.agent.transcript import Transcript
-    from tests.helpers import POOL, agent
-
-    sid = "late-route"
-    load = Transcript.load
-
-    async def load_then_route(self: Transcript) -> None:
-        await load(self)
-        if self.sid == sid and not any(isinstance(r.event, Routed) for r in self.records):
-            await client.log.append(sid, Routed(id="routed", pool=POOL, rule="late"))  # as the router's lands
-
-    monkeypatch.setattr(Transcript, "load", load_then_route)
-    with FakeMessagesAPI() as api:
-        api.script([text_response("done")])
-        async with agent(settings, api, tmp_path):
-            task = Task(session_id=sid, prompt="route me late", pool=POOL)
-            await client.log.append(sid, SessionCreated(id="created", task=task), channel="control")
-            await client.queues.enqueue(WorkItem(session_id=sid), POOL)
-            state = await client.wait(sid, timeout=30)
-
-    kinds = [type(r.event) for r in await client.show(sid)]
-    assert (state.status, state.pool, state.result) == ("completed", POOL, "done")
-    assert kinds.index(Routed) < kinds.index(SessionClaimed)
-    assert kinds.count(SessionClaimed) == 1 and kinds.count(SessionEnded) == 1
-    assert len(api.requests) == 1

@@ -121,20 +121,8 @@ class Router(Service):
         trace.get_current_span().set_attributes(
             {tracing.SESSION_ID: sid, tracing.POOL: decision.pool, "agentbus.route.rule": decision.rule}
         )
-        routed = self.log.append(sid, Routed(id="routed", pool=decision.pool, rule=decision.rule, model=decision.model))
-        queued = self.queues.enqueue(WorkItem(session_id=sid), decision.pool)
-        if decision.model:  # the agent takes the model from the route: in the log before anyone can take the work
-            await routed
-            await queued
-        else:
-            # Both at once, a round trip less per submission. They go to different streams, so the
-            # item may be stored first: an agent that reads the log before the route is in it
-            # claims with a fence the route then breaks, and reads it (`SessionRun.append`).
-            recorded = asyncio.ensure_future(routed)
-            try:
-                await queued
-            finally:
-                await recorded
+        await self.log.append(sid, Routed(id="routed", pool=decision.pool, rule=decision.rule, model=decision.model))
+        await self.queues.enqueue(WorkItem(session_id=sid), decision.pool)
         self.routed += 1
         logger.info("%s -> %s (%s)", sid, decision.pool, decision.rule)
 
