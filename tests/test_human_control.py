@@ -409,3 +409,55 @@ async def _next_for(items: AsyncIterator[InboxItem], sid: str) -> InboxItem:
                 print(f"inbox follow: {sid} after {time.monotonic() - started:.3f}s")  # a figure, not a check
                 return item
     raise AssertionError("the follow ended")
+
+
+# --- a lost ack ---------------------------------------------------------------------------------------
+
+
+async def test_a_task_whose_ack_was_lost_after_its_run_stopped_is_not_taken_up_again(
+    client: agentbus.Client, settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Agents ack without waiting for the server's word; when an ack is lost after the run parked
+    (a question) or paused (a budget), the redelivered task changes nothing: no second claim, no
+    second park, the paused session stays paused and can be resumed."""
+    from agentbus.bus import Job
+    from agentbus.messages import Budget, SessionClaimed, ToolCallParked
+
+    work = client.bus.ns.work(POOL)
+    lost: set[int] = set()
+    acked: list[tuple[int, int]] = []
+    ack = Job.ack
+
+    async def lossy(self: Job, *, sync: bool = True) -> None:
+        if self.subject == work and self.seq not in lost:
+            lost.add(self.seq)  # gone with the connection: the server delivers it again
+            return
+        acked.append((self.seq, self.attempt))
+        await ack(self, sync=sync)
+
+    monkeypatch.setattr(Job, "ack", lossy)
+
+    def responder(request: Request) -> Request:
+        if "ask" in json.dumps(request["messages"][0]):
+            return tool_use_response("ask_human", {"question": "which colour?"}, id="tu_q")
+        return tool_use_response("read_file", {"path": "a.txt"})
+
+    with FakeMessagesAPI(responder=responder) as api:
+        async with agent(settings, api, tmp_path, ack_wait_s=1.0):
+            asks = await client.submit("ask me", pool=POOL)
+            pauses = await client.submit("loop", pool=POOL, budget=Budget(max_steps=1))
+            await until(lambda: status_is(client, asks, "waiting"), "the question")
+            await until(lambda: status_is(client, pauses, "paused"), "the budget pause")
+            await until(lambda: _redelivered_and_acked(lost, acked), "both tasks delivered again and acked")
+            calls = len(api.requests)
+
+    assert calls == 2  # one model call each: nothing ran again
+    for sid, status in ((asks, "waiting"), (pauses, "paused")):
+        kinds = [type(r.event) for r in await client.show(sid)]
+        assert kinds.count(SessionClaimed) == 1, (sid, kinds)
+        assert (await client.state(sid)).status == status
+    assert [type(r.event) for r in await client.show(asks)].count(ToolCallParked) == 1
+
+
+async def _redelivered_and_acked(lost: set[int], acked: list[tuple[int, int]]) -> bool:
+    return len(lost) == 2 and {seq for seq, attempt in acked if attempt > 1} == lost

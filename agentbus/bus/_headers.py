@@ -19,9 +19,11 @@ _STRIP = " \t\n\r\x0b\x0c"  # what bytes.strip() strips: str.strip() would strip
 _CRLF = b"\r\n"
 _CHECKED = "Parse a NATS message-header block"  # the opening of the docstring of the parser replaced
 # Header names seen with nothing to strip or refuse: a stored record comes back with the same seven,
-# so the tests are skipped for them. Bounded, so names a hostile publisher invents stop being kept.
+# so the tests are skipped for them. Bounded in number and length, so what a hostile publisher
+# invents (a name may be megabytes long) is neither kept for long nor in bulk.
 _PLAIN: set[str] = set()
 _PLAIN_KEPT = 512
+_PLAIN_LONGEST = 64
 
 
 def parse_header_lines(raw: bytes) -> dict[str, str]:
@@ -43,7 +45,7 @@ def parse_header_lines(raw: bytes) -> dict[str, str]:
             key = name.strip(_STRIP)
             if _SPACE.search(key):
                 continue
-            if key == name and len(plain) < _PLAIN_KEPT:
+            if key == name and len(name) <= _PLAIN_LONGEST and len(plain) < _PLAIN_KEPT:
                 plain.add(name)
             name = key
         out[name] = value.strip(_STRIP)
