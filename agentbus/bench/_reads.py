@@ -28,7 +28,6 @@ from agentbus.messages import (
     ToolCallCompleted,
     ToolCallStarted,
     WorkItem,
-    decode_event,
 )
 from agentbus.models import ScriptedModel
 from agentbus.server import NatsServer
@@ -62,7 +61,7 @@ async def resume(server: NatsServer, settings: Settings, tmp: Path, events: int,
 
     model.respond = timed  # type: ignore[method-assign]
     nc = await nats.connect(server.url, name="e2e-bench-resume")
-    ends = Ends(lambda d: isinstance(decode_event(d), SessionEnded), lambda d: b'"type":"session_claimed"' in d)
+    ends = Ends(lambda d: b'"type":"session_ended"' in d, lambda d: b'"type":"session_claimed"' in d)
     await ends.watch(nc, f"{settings.prefix}.session.*.log")
     abus, cbus = await Bus.connect(settings), await Bus.connect(settings)
     await cbus.provision()

@@ -42,7 +42,6 @@ from agentbus.messages import (
     SessionEnded,
     SessionPaused,
     StatusChanged,
-    ToolCallParked,
     ToolCallStarted,
     WorkItem,
     ended_id,
@@ -148,8 +147,6 @@ class SessionRun:
             return "ended"
         if self.item.reason in WAKE_REASONS and not self.state().parked:
             return "skipped"  # woken twice, or the session moved on: nothing waits for this
-        if self.job.attempt > 1 and self._stopped_before():
-            return "skipped"  # its ack was lost after the run parked, paused or handed on: that stands
         last_log = max((r.seq for r in self.records if r.channel == "log"), default=0)
         self.writer = SessionWriter(self.log, self.sid, last_log)
         claim = SessionClaimed(
@@ -173,23 +170,6 @@ class SessionRun:
         except Parked as parked:
             logger.info("session %s parked: %s", self.sid, parked)
             return "parked"
-
-    def _stopped_before(self) -> bool:
-        """Whether an earlier delivery of this queue message claimed the session and a park, a pause
-        or the hand-off to the evaluator followed. Its ack was lost (an ack is sent without waiting
-        for the server's word, or the agent died between the record and the ack): claiming again
-        would make a paused session run by itself, leave a budget pause looking like a run, and
-        park a waiting session anew. What it waits for queues it again under its own item."""
-        prefix = f"claim-{self.job.seq}-"
-        claimed = [i for i, r in enumerate(self.records) if isinstance(r.event, SessionClaimed)
-                   and r.event.id.startswith(prefix)]  # fmt: skip
-        if not claimed:
-            return False
-        return any(
-            isinstance(r.event, ToolCallParked | SessionPaused | BudgetExceeded)
-            or (isinstance(r.event, StatusChanged) and r.event.status == "evaluating")
-            for r in self.records[claimed[-1] + 1 :]
-        )
 
     async def _answer_unusable(self) -> None:
         """Say so, once, for each record on the log channel nothing can use (a newer version's event

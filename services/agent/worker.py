@@ -188,12 +188,6 @@ class AgentWorker(Service):
             settle=WorkSettlement(self.queues, self.config.pool),
             concurrency=self.config.concurrency,
             keep_alive=True,
-            # The ack comes after the session's end, park, pause or hand-on is in the log, and a lost
-            # one (the connection gone with it) is harmless: the redelivery reads the log, finds the
-            # end and settles with the same ids, or finds its own earlier claim followed by the park,
-            # pause or hand-off and does nothing (`SessionRun._stopped_before`). Not waiting for the
-            # server's answer frees the slot a round trip sooner.
-            sync_ack=False,
         )
         exhausted = ExhaustedWatcher(self.bus, self.queues, self.config.pool, self.config.max_deliver)
         wake, timers = WakeWatcher(self.bus, self.queues), TimerWatcher(self.bus, self.queues)
