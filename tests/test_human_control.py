@@ -30,6 +30,7 @@ from agentbus.messages import (
     ModelResponded,
     SessionEnded,
     ToolCallCompleted,
+    ToolCallParked,
     ToolCallStarted,
 )
 from agentbus.testing import FakeMessagesAPI, text_response, tool_use_response
@@ -409,3 +410,28 @@ async def _next_for(items: AsyncIterator[InboxItem], sid: str) -> InboxItem:
                 print(f"inbox follow: {sid} after {time.monotonic() - started:.3f}s")  # a figure, not a check
                 return item
     raise AssertionError("the follow ended")
+
+
+async def test_an_approval_times_out_from_its_request_even_when_someone_steers_meanwhile(
+    client: agentbus.Client, settings: Settings, tmp_path: Path
+) -> None:
+    """A message while the call waits wakes the session, which parks again with a timer of its own;
+    the first timer still ends the wait at the request's time. (Measured from the latest park, each
+    timer found a newer park, parked once more and set another timer: the wait never ended.)"""
+    with FakeMessagesAPI(responder=_write_then_done) as api:
+        async with agent(settings, api, tmp_path, approve=("write_file",), approval_timeout_s=1.5):
+            sid = await client.submit("write it", pool=POOL)
+            await until(lambda: status_is(client, sid, "awaiting_approval"), "the approval request")
+            # halfway through the wait (the two timers' due seconds must differ, or the second one's
+            # queued item is swallowed as a duplicate of the first's)
+            await asyncio.sleep(0.75)
+            await client.say(sid, "still there?")
+            await until(lambda: _parked_twice(client, sid), "the session to park again after the message")
+            await until(lambda: status_is(client, sid, "completed"), "the timeout to act", timeout=20)
+            state = await client.state(sid)
+    assert state.result == "tool said: not run: denied by timeout: nobody decided within 1.5s"
+    assert len(await events(client, sid, ToolCallParked)) == 2
+
+
+async def _parked_twice(client: agentbus.Client, sid: str) -> bool:
+    return len(await events(client, sid, ToolCallParked)) >= 2 and await status_is(client, sid, "awaiting_approval")

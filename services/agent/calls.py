@@ -200,11 +200,15 @@ class ToolCalls:
         return next((d for d in found if d.tool_use_id == tool_use_id), None)
 
     def _expired(self, use: ToolUse) -> bool:
-        """The latest wait for this approval lasted longer than the pool allows."""
+        """The wait for this approval, from its first park, lasted longer than the pool allows.
+
+        From the first, not the latest: a message while it waits wakes the session, which parks
+        again with a timer of its own, and the first timer, finding a newer park, would otherwise
+        park once more and set another; the two timers then kept finding each other's parks."""
         timeout = self.ctx.approval_timeout_s
         parks = [r.event for r in self.run.records if isinstance(r.event, ToolCallParked)]
-        latest = next((p for p in reversed(parks) if p.tool_use_id == use.id and p.waiting_for == "approval"), None)
-        return bool(timeout and latest is not None and time.time() >= latest.ts + timeout)
+        first = next((p for p in parks if p.tool_use_id == use.id and p.waiting_for == "approval"), None)
+        return bool(timeout and first is not None and time.time() >= first.ts + timeout)
 
     async def _timed_out(self, use: ToolUse) -> ApprovalDecided | None:
         timeout = self.ctx.approval_timeout_s or 0
