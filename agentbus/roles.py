@@ -344,6 +344,8 @@ MATRIX: tuple[Row, ...] = (
     Row("read_other", "read another session", "pub",
         f"$JS.API.CONSUMER.CREATE.{_S}.c1.agentbus.session.<other>.>",
         ("yes", "yes", "yes", "yes", "if all", "if all")),
+    Row("look_other", "read another session", "pub", f"$JS.API.DIRECT.GET.{_S}.agentbus.session.<other>.>",
+        ("yes", "yes", "yes", "yes", "if all", "if all")),
     Row("list", "list every session (sessions)", "pub",
         f"$JS.API.STREAM.INFO.{_S}", ("yes", "yes", "yes", "yes", "if all", "if all")),
     Row("pools", "read every pool's backlog (pools, the fleet page)", "pub", f"$JS.API.CONSUMER.LIST.{_W}",

@@ -120,6 +120,7 @@ async def _subscribe_raw(nc: Any, subject: str) -> str:
 ACTIONS: dict[str, Action] = {
     "read": lambda c, nc, w: c.show(w.granted),
     "read_other": lambda c, nc, w: c.show(w.other),
+    "look_other": lambda c, nc, w: c.log.last_seq(w.other),
     "list": lambda c, nc, w: c.log.session_ids(),
     "pools": lambda c, nc, w: _list_consumers(c, nc),
     "tap_all": lambda c, nc, w: anext(c.tap(None, start="start", follow=False)),
@@ -212,3 +213,12 @@ def _expected(row: Row, role: str, scoped: bool) -> str:
 
 def test_every_action_of_the_table_is_tried() -> None:
     assert set(ACTIONS) == {row.key for row in MATRIX}
+
+
+async def test_a_refused_look_at_another_session_names_the_action(client: agentbus.Client, as_user: AsUser) -> None:
+    """What a person sees: the action the table names, not the API subject the server refused."""
+    mine, theirs = await client.submit("mine", pool="nobody"), await client.submit("theirs", pool="nobody")
+    async with agentbus.connect(settings=as_user("olive", "observer", sessions=[mine])) as c:
+        for call in (lambda: c.show(theirs), lambda: c.state(theirs), lambda: c.wait(theirs, timeout=1)):
+            with pytest.raises(NotPermitted, match=r"^not permitted: read another session \(observer olive-"):
+                await call()
