@@ -10,6 +10,9 @@ from typing import Any
 from agentbus.subjects import DEFAULT_PREFIX
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
+# The tools an agent offers unless told otherwise (the agent's --tools, a supervisor's pool entry):
+# none of them runs a command, so none needs a sandbox.
+DEFAULT_TOOLS = ("read_file", "write_file", "delegate", "ask_human")
 
 
 def nats_url_from_env(env: Mapping[str, str] | None = None) -> str:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 import services.agent.tools as tools_mod
+from agentbus.config import DEFAULT_TOOLS
 from agentbus.errors import UsageError
 from agentbus.sandbox import Bubblewrap
 from services.agent.tools import Bash, ReadFile, ToolContext, ToolError, WriteFile, load_tools
@@ -64,8 +65,8 @@ async def test_bash_output_is_capped(tmp_path: Path) -> None:
 
 
 def test_bash_is_off_unless_asked_for() -> None:
-    assert "bash" not in tools_mod.DEFAULT_TOOLS
-    assert "bash" not in load_tools(tools_mod.DEFAULT_TOOLS)
+    assert "bash" not in DEFAULT_TOOLS
+    assert "bash" not in load_tools(DEFAULT_TOOLS)
 
 
 def test_an_unknown_tool_name_is_a_usage_error_naming_the_known_ones() -> None:

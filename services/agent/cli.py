@@ -11,9 +11,9 @@ import click
 
 from agentbus.bus import Bus
 from agentbus.cli.options import budget_options, nats_option, pool_name, run, settings_from
+from agentbus.config import DEFAULT_TOOLS
 from agentbus.mcp.servers import parse_option
 from agentbus.messages import Budget
-from services.agent.tools import DEFAULT_TOOLS
 from services.agent.worker import AgentConfig, serve
 
 

@@ -29,7 +29,6 @@ from agentbus.errors import UsageError
 from agentbus.sandbox import Limits, Outcome, Policy, Sandbox, open_sandbox
 
 ENTRY_POINT_GROUP = "agentbus.tools"
-DEFAULT_TOOLS = ("read_file", "write_file", "delegate", "ask_human")
 MAX_OUTPUT = 16_000
 READ_CAP = MAX_OUTPUT  # bytes of a file read_file returns at once
 

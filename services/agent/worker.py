@@ -24,6 +24,7 @@ from opentelemetry.trace import SpanKind
 from agentbus import tracing
 from agentbus.authority import honoured
 from agentbus.bus import Bus, Job
+from agentbus.config import DEFAULT_TOOLS
 from agentbus.errors import AgentBusError, FencedError
 from agentbus.mcp.servers import McpServerSpec
 from agentbus.messages import (
@@ -48,7 +49,7 @@ from services.agent.guards import NO_PROGRESS_TURNS
 from services.agent.mcp_tools import McpToolset, add_tools
 from services.agent.run import RunContext, SessionRun
 from services.agent.signals import Released
-from services.agent.tools import DEFAULT_TOOLS, Tool, load_tools, schemas, tool_sandbox
+from services.agent.tools import Tool, load_tools, schemas, tool_sandbox
 from services.agent.transcript import SIGNAL_LEAD_S, Hearing
 from services.agent.wake import TimerWatcher, WakeWatcher
 

@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from agentbus import budget
+from agentbus.config import DEFAULT_TOOLS
 from agentbus.errors import UsageError
 from agentbus.mcp.servers import McpServerSpec
 from agentbus.mcp.servers import from_mapping as mcp_server
@@ -61,7 +62,7 @@ from agentbus.subjects import valid_token
 class PoolSpec:
     name: str
     model: str
-    tools: tuple[str, ...] = ("read_file", "write_file", "delegate", "ask_human")
+    tools: tuple[str, ...] = DEFAULT_TOOLS
     min: int = 1
     max: int = 4
     spawner: Literal["process", "docker"] = "process"
