@@ -7,6 +7,7 @@ Real nats-server, the real anthropic SDK against the fake Messages API, agents i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -19,6 +20,7 @@ from typing import Any, TypeVar
 import pytest
 
 import agentbus
+from agentbus.bus import Bus
 from agentbus.config import Settings
 from agentbus.errors import UsageError
 from agentbus.inbox import InboxItem
@@ -28,6 +30,7 @@ from agentbus.messages import (
     Budget,
     MessageDelivered,
     ModelResponded,
+    SessionClaimed,
     SessionEnded,
     ToolCallCompleted,
     ToolCallParked,
@@ -435,3 +438,143 @@ async def test_an_approval_times_out_from_its_request_even_when_someone_steers_m
 
 async def _parked_twice(client: agentbus.Client, sid: str) -> bool:
     return len(await events(client, sid, ToolCallParked)) >= 2 and await status_is(client, sid, "awaiting_approval")
+
+
+# --- a lost ack ---------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _first_acks_lost(monkeypatch: pytest.MonkeyPatch, subject: str) -> Iterator[tuple[set[int], list[int]]]:
+    """The first ack of each task on `subject` is lost (as with the connection, or the agent dying
+    right after its last record): the server delivers the task again after its ack wait."""
+    from agentbus.bus import Job
+
+    lost: set[int] = set()
+    redelivered: list[int] = []
+    ack = Job.ack
+
+    async def lossy(self: Job, *, sync: bool = True) -> None:
+        if self.subject == subject and self.seq not in lost:
+            lost.add(self.seq)
+            return
+        if self.subject == subject and self.attempt > 1:
+            redelivered.append(self.seq)
+        await ack(self, sync=sync)
+
+    monkeypatch.setattr(Job, "ack", lossy)
+    yield lost, redelivered
+
+
+async def test_a_task_delivered_again_after_its_run_parked_or_paused_changes_nothing(
+    client: agentbus.Client, settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Lost acks after a question (parked), a budget pause and an interrupt (paused): the tasks come
+    back and are acked with nothing written. Claimed again, the interrupted session went on by
+    itself, and the budget-paused one looked like a run nobody ran."""
+
+    def responder(request: Request) -> Request:
+        prompt = json.dumps(request["messages"][0])
+        if "ask" in prompt:
+            return tool_use_response("ask_human", {"question": "which colour?"}, id="tu_q")
+        return tool_use_response("read_file", {"path": "a.txt"})
+
+    with (
+        _first_acks_lost(monkeypatch, client.bus.ns.work(POOL)) as (lost, redelivered),
+        FakeMessagesAPI(responder=responder) as api,
+    ):
+        async with agent(settings, api, tmp_path, ack_wait_s=1.0):
+            asks = await client.submit("ask me", pool=POOL)
+            pauses = await client.submit("loop", pool=POOL, budget=Budget(max_steps=1))
+            await until(lambda: status_is(client, asks, "waiting"), "the question")
+            await until(lambda: status_is(client, pauses, "paused"), "the budget pause")
+            api.stall("thinking out loud")
+            stops = await client.submit("stop me", pool=POOL)
+            await asyncio.to_thread(api.stalled.wait, 10)
+            await client.interrupt(stops)
+            await until(lambda: status_is(client, stops, "paused"), "the interrupt's pause")
+            await until(lambda: _all_back(lost, redelivered, 3), "the three tasks delivered again and acked")
+            calls = len(api.requests)
+            await client.resume(pauses, budget=Budget(max_steps=3))  # a budget pause is still one
+
+    assert calls == 3  # one model call each: nothing ran again
+    for sid in (asks, pauses, stops):
+        kinds = [type(r.event) for r in (await client.show(sid)) if r.seq <= await _before_resume(client, sid)]
+        assert kinds.count(SessionClaimed) == 1, (sid, kinds)
+    assert (await client.state(asks)).status == "waiting"
+    assert (await client.state(stops)).status == "paused"
+    assert len(await events(client, asks, ToolCallParked)) == 1
+
+
+async def _all_back(lost: set[int], redelivered: list[int], n: int) -> bool:
+    return len(lost) == n and set(redelivered) == lost
+
+
+async def _before_resume(client: agentbus.Client, sid: str) -> int:
+    records = await client.show(sid)
+    resumed = [r.seq for r in records if type(r.event).__name__ == "ResumeRequested"]
+    return resumed[0] if resumed else records[-1].seq
+
+
+async def test_a_hand_off_to_the_evaluator_cut_short_is_finished_by_the_task_delivered_again(
+    client: agentbus.Client, settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The agent records `evaluating` and dies before it queues the evaluation: the task, delivered
+    again, queues it (once) instead of leaving the session evaluating for ever."""
+    from agentbus.queues import WorkQueues
+    from services.evaluator.evaluator import Evaluator
+
+    enqueue = WorkQueues.enqueue
+    cut: list[str] = []
+
+    async def dies_once(self: WorkQueues, item: Any, to: str, **kwargs: Any) -> Any:
+        if to == "evaluator" and not cut:
+            cut.append(item.session_id)
+            raise ConnectionError("the agent died here")
+        return await enqueue(self, item, to, **kwargs)
+
+    monkeypatch.setattr(WorkQueues, "enqueue", dies_once)
+    with FakeMessagesAPI(responder=lambda request: text_response("wrote it")) as api:
+        async with agent(settings, api, tmp_path, ack_wait_s=1.0):
+            bus = await Bus.connect(settings)
+            evaluator = Evaluator(bus, None, workdir=tmp_path)
+            runner = asyncio.create_task(evaluator.run())
+            try:
+                sid = await client.submit("write it", pool=POOL, checks=["true"])
+                state = await client.wait(sid, timeout=30)
+            finally:
+                await evaluator.shutdown()
+                await runner
+                await bus.close()
+
+    assert cut == [sid]
+    assert state.status == "completed" and state.result == "wrote it"
+    assert len(api.requests) == 1  # the agent's one call; the check needs no model
+    kinds = [type(r.event) for r in await client.show(sid)]
+    assert kinds.count(SessionClaimed) == 1
+
+
+async def test_an_approval_timer_cut_short_is_set_by_the_task_delivered_again(
+    client: agentbus.Client, settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The agent records the park for an approval and dies before it sets the timer: the task,
+    delivered again, sets it, so the approval still times out as the pool says."""
+    from agentbus.queues import WorkQueues
+
+    schedule = WorkQueues.schedule
+    cut: list[str] = []
+
+    async def dies_once(self: WorkQueues, timer: Any, **kwargs: Any) -> Any:
+        if not cut:
+            cut.append(timer.session_id)
+            raise ConnectionError("the agent died here")
+        return await schedule(self, timer, **kwargs)
+
+    monkeypatch.setattr(WorkQueues, "schedule", dies_once)
+    with FakeMessagesAPI(responder=_write_then_done) as api:
+        async with agent(settings, api, tmp_path, approve=("write_file",), approval_timeout_s=1.0, ack_wait_s=1.0):
+            sid = await client.submit("write it", pool=POOL)
+            await until(lambda: status_is(client, sid, "completed"), "the timeout to act", timeout=30)
+            state = await client.state(sid)
+    assert cut == [sid]
+    assert state.result == "tool said: not run: denied by timeout: nobody decided within 1s"
+    assert len(await events(client, sid, ToolCallParked)) == 1

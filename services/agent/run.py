@@ -35,16 +35,22 @@ from agentbus.messages import (
     MessageDelivered,
     ModelCallFailed,
     ModelResponded,
+    OpinionsAggregated,
     Record,
     ResumeRequested,
+    RevisionRequested,
     Routed,
     SessionClaimed,
     SessionEnded,
     SessionPaused,
     StatusChanged,
+    Timer,
+    ToolCallParked,
     ToolCallStarted,
+    VerdictRecorded,
     WorkItem,
     ended_id,
+    event_type,
 )
 from agentbus.models import ModelClient, ModelError, ModelReply, Partial, cost_usd
 from agentbus.queues import WorkQueues
@@ -69,6 +75,9 @@ Outcome = Literal["ended", "released", "parked", "skipped"]
 _CONTINUABLE = frozenset({"end_turn", "tool_use", "max_tokens", "pause_turn", "interrupted"})
 # Reasons to queue a session that only make sense while it is parked; otherwise the item is stale.
 WAKE_REASONS = frozenset({"wake", "child_result", "timeout"})
+# Log records that say nothing of whether a run went on after it stopped: others write them (a
+# rejection of bad input, the evaluator's verdict and revision, a route, a fan-out's aggregate).
+_NEUTRAL = (InputRejected, VerdictRecorded, RevisionRequested, Routed, OpinionsAggregated)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -147,6 +156,9 @@ class SessionRun:
             return "ended"
         if self.item.reason in WAKE_REASONS and not self.state().parked:
             return "skipped"  # woken twice, or the session moved on: nothing waits for this
+        if self.job.attempt > 1 and (stop := self._earlier_stop()) is not None:
+            await self._settle_stop(stop)  # its ack was lost: the stop stands, its follow-ups are redone
+            return "skipped"
         last_log = max((r.seq for r in self.records if r.channel == "log"), default=0)
         self.writer = SessionWriter(self.log, self.sid, last_log)
         claim = SessionClaimed(
@@ -170,6 +182,58 @@ class SessionRun:
         except Parked as parked:
             logger.info("session %s parked: %s", self.sid, parked)
             return "parked"
+
+    def _earlier_stop(self) -> Record | SessionClaimed | None:
+        """What an earlier delivery of this queue message left the session in, when its ack was lost
+        (the agent died, or the connection went, between its last record and the ack): the park,
+        pause or hand-off to the evaluator its run ended with; or a later claim (another delivery
+        has the session since). None when it never claimed, or its run went on past its last stop
+        (an answer found right after a park) and died mid-way: then this delivery takes over.
+
+        Claiming again instead would make an interrupted session go on by itself, leave a budget
+        pause looking like a run, and park a waiting session anew."""
+        prefix = f"claim-{self.job.seq}-"
+        mine = [i for i, r in enumerate(self.records) if isinstance(r.event, SessionClaimed)
+                and r.event.id.startswith(prefix)]  # fmt: skip
+        if not mine:
+            return None
+        stop: Record | None = None
+        for rec in self.records[mine[-1] + 1 :]:
+            ev = rec.event
+            if isinstance(ev, SessionClaimed):
+                return ev  # superseded: that delivery settles the session
+            if rec.channel != "log" or isinstance(ev, _NEUTRAL):
+                continue
+            is_stop = isinstance(ev, ToolCallParked | SessionPaused | BudgetExceeded) or (
+                isinstance(ev, StatusChanged) and ev.status == "evaluating"
+            )
+            stop = rec if is_stop else None  # anything else on the log: the run went on
+        return stop
+
+    async def _settle_stop(self, stop: Record | SessionClaimed) -> None:
+        """Redo, idempotently, what the run did after recording its stop, while the session is still
+        there: tell a waiting parent of a pause, queue the evaluation, set an approval's timer."""
+        if isinstance(stop, SessionClaimed):
+            return
+        ev, state = stop.event, self.state()
+        logger.info("session %s: task %d delivered again after its run stopped (%s); nothing to run",
+                    self.sid, self.job.seq, event_type(ev))  # fmt: skip
+        if isinstance(ev, SessionPaused | BudgetExceeded) and state.status == "paused":
+            await self.ctx.queues.settled(self.sid, state.parent_session, status="paused", turn=state.turn)
+        elif isinstance(ev, StatusChanged) and state.status == "evaluating":
+            item = WorkItem(session_id=self.sid, reason="evaluate", round=state.round)
+            await self.ctx.queues.enqueue(item, "evaluator")
+        elif (
+            isinstance(ev, ToolCallParked)
+            and ev.waiting_for == "approval"
+            and self.ctx.approval_timeout_s
+            and state.parked
+            and state.tool_use_id == ev.tool_use_id
+        ):
+            claim = ev.id.removeprefix(f"parked-{ev.tool_use_id}-")
+            due = ev.ts + self.ctx.approval_timeout_s
+            timer = Timer(session_id=self.sid, due_ts=due, tool_use_id=ev.tool_use_id, round=self.item.round)
+            await self.ctx.queues.schedule(timer, cause=f"{ev.tool_use_id}-{claim}")
 
     async def _answer_unusable(self) -> None:
         """Say so, once, for each record on the log channel nothing can use (a newer version's event
