@@ -23,6 +23,8 @@ from agentbus.messages import (
     DelegationRequested,
     HumanMessage,
     QuestionAsked,
+    ResumeRequested,
+    SessionPaused,
     Task,
     Timer,
     ToolCallCompleted,
@@ -200,20 +202,30 @@ class ToolCalls:
         return next((d for d in found if d.tool_use_id == tool_use_id), None)
 
     def _expired(self, use: ToolUse) -> bool:
-        """The wait for this approval, from its first park, lasted longer than the pool allows.
+        """The wait for this approval, from its first park since the session last paused or was
+        resumed, lasted longer than the pool allows.
 
-        From the first, not the latest: a message while it waits wakes the session, which parks
-        again with a timer of its own, and the first timer, finding a newer park, would otherwise
-        park once more and set another; the two timers then kept finding each other's parks."""
+        From the first park, not the latest: a message while it waits wakes the session, which
+        parks again with a timer of its own, and the first timer, finding a newer park, would
+        otherwise park once more and set another; the two timers then kept finding each other's
+        parks. A resume starts a new wait, with the whole timeout again."""
         timeout = self.ctx.approval_timeout_s
-        parks = [r.event for r in self.run.records if isinstance(r.event, ToolCallParked)]
-        first = next((p for p in parks if p.tool_use_id == use.id and p.waiting_for == "approval"), None)
+        first: ToolCallParked | None = None
+        for rec in self.run.records:
+            ev = rec.event
+            if isinstance(ev, SessionPaused | ResumeRequested):
+                first = None
+            elif first is None and isinstance(ev, ToolCallParked) and ev.tool_use_id == use.id:
+                first = ev if ev.waiting_for == "approval" else None
         return bool(timeout and first is not None and time.time() >= first.ts + timeout)
 
     async def _timed_out(self, use: ToolUse) -> ApprovalDecided | None:
         timeout = self.ctx.approval_timeout_s or 0
         if self.ctx.on_approval_timeout == "pause":
-            await self.run.pause("approval_timeout", f"{use.name} waited {timeout:g}s for an approval", use.id)
+            # keyed by the claim: after a resume the same call may time out again, and a second
+            # pause under the first one's id would be dropped as its duplicate
+            why = f"{use.name} waited {timeout:g}s for an approval"
+            await self.run.pause("approval_timeout", why, f"{use.id}-{self.run.claim}")
             return None
         decided = ApprovalDecided(
             id=f"approval-timeout-{use.id}-{self.run.claim}",

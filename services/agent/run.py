@@ -44,8 +44,6 @@ from agentbus.messages import (
     SessionEnded,
     SessionPaused,
     StatusChanged,
-    Timer,
-    ToolCallParked,
     ToolCallStarted,
     VerdictRecorded,
     WorkItem,
@@ -154,11 +152,12 @@ class SessionRun:
             done = self.state()  # in case a crash lost it
             await self.ctx.queues.settled(self.sid, conv.task.parent_session, status=done.status, turn=done.turn)
             return "ended"
-        if self.item.reason in WAKE_REASONS and not self.state().parked:
-            return "skipped"  # woken twice, or the session moved on: nothing waits for this
-        if self.job.attempt > 1 and (stop := self._earlier_stop()) is not None:
-            await self._settle_stop(stop)  # its ack was lost: the stop stands, its follow-ups are redone
+        earlier = self._earlier_delivery() if self.job.attempt > 1 else None
+        if earlier is not None and earlier != "went on":
+            await self._settle_stop(earlier)  # its ack was lost: the stop stands, its follow-ups are redone
             return "skipped"
+        if earlier is None and self.item.reason in WAKE_REASONS and not self.state().parked:
+            return "skipped"  # woken twice, or the session moved on: nothing waits for this
         last_log = max((r.seq for r in self.records if r.channel == "log"), default=0)
         self.writer = SessionWriter(self.log, self.sid, last_log)
         claim = SessionClaimed(
@@ -183,15 +182,20 @@ class SessionRun:
             logger.info("session %s parked: %s", self.sid, parked)
             return "parked"
 
-    def _earlier_stop(self) -> Record | SessionClaimed | None:
-        """What an earlier delivery of this queue message left the session in, when its ack was lost
-        (the agent died, or the connection went, between its last record and the ack): the park,
-        pause or hand-off to the evaluator its run ended with; or a later claim (another delivery
-        has the session since). None when it never claimed, or its run went on past its last stop
-        (an answer found right after a park) and died mid-way: then this delivery takes over.
+    def _earlier_delivery(self) -> Record | SessionClaimed | Literal["went on"] | None:
+        """What an earlier delivery of this queue message left, when it comes again (its ack lost
+        with the connection, the agent dead, or its run failed and the task was given back):
 
-        Claiming again instead would make an interrupted session go on by itself, leave a budget
-        pause looking like a run, and park a waiting session anew."""
+        - None: it never claimed the session (the usual checks apply);
+        - a later claim: another delivery has the session since, and settles it;
+        - the pause or the hand-off to the evaluator its run ended with (the last record on `.log`
+          after its claim that others did not write): the stop stands;
+        - "went on": its run was under way (or parked: a park is looked at again by claiming,
+          as what it waits for may have come before the park was recorded); this delivery
+          claims and goes on from the log, whatever its reason.
+
+        Claiming again after a pause made an interrupted session go on by itself and left a
+        budget pause looking like a run nobody ran."""
         prefix = f"claim-{self.job.seq}-"
         mine = [i for i, r in enumerate(self.records) if isinstance(r.event, SessionClaimed)
                 and r.event.id.startswith(prefix)]  # fmt: skip
@@ -204,15 +208,15 @@ class SessionRun:
                 return ev  # superseded: that delivery settles the session
             if rec.channel != "log" or isinstance(ev, _NEUTRAL):
                 continue
-            is_stop = isinstance(ev, ToolCallParked | SessionPaused | BudgetExceeded) or (
+            is_stop = isinstance(ev, SessionPaused | BudgetExceeded) or (
                 isinstance(ev, StatusChanged) and ev.status == "evaluating"
             )
             stop = rec if is_stop else None  # anything else on the log: the run went on
-        return stop
+        return stop if stop is not None else "went on"
 
     async def _settle_stop(self, stop: Record | SessionClaimed) -> None:
         """Redo, idempotently, what the run did after recording its stop, while the session is still
-        there: tell a waiting parent of a pause, queue the evaluation, set an approval's timer."""
+        there: tell a waiting parent of a pause, queue the evaluation."""
         if isinstance(stop, SessionClaimed):
             return
         ev, state = stop.event, self.state()
@@ -223,17 +227,6 @@ class SessionRun:
         elif isinstance(ev, StatusChanged) and state.status == "evaluating":
             item = WorkItem(session_id=self.sid, reason="evaluate", round=state.round)
             await self.ctx.queues.enqueue(item, "evaluator")
-        elif (
-            isinstance(ev, ToolCallParked)
-            and ev.waiting_for == "approval"
-            and self.ctx.approval_timeout_s
-            and state.parked
-            and state.tool_use_id == ev.tool_use_id
-        ):
-            claim = ev.id.removeprefix(f"parked-{ev.tool_use_id}-")
-            due = ev.ts + self.ctx.approval_timeout_s
-            timer = Timer(session_id=self.sid, due_ts=due, tool_use_id=ev.tool_use_id, round=self.item.round)
-            await self.ctx.queues.schedule(timer, cause=f"{ev.tool_use_id}-{claim}")
 
     async def _answer_unusable(self) -> None:
         """Say so, once, for each record on the log channel nothing can use (a newer version's event
