@@ -16,7 +16,7 @@ import agentbus
 from agentbus.config import Settings
 from agentbus.errors import NotPermitted
 from agentbus.messages import Hold, HumanMessage, ResumeRequested, StatusChanged, WorkItem, encode
-from agentbus.roles import MATRIX, Row
+from agentbus.roles import MATRIX, Row, action_for
 from agentbus.spend import SpendLedger
 from agentbus.state import SessionState
 from tests.conftest import AsUser
@@ -222,3 +222,10 @@ async def test_a_refused_look_at_another_session_names_the_action(client: agentb
         for call in (lambda: c.show(theirs), lambda: c.state(theirs), lambda: c.wait(theirs, timeout=1)):
             with pytest.raises(NotPermitted, match=r"^not permitted: read another session \(observer olive-"):
                 await call()
+
+
+def test_a_refused_subject_is_named_by_an_action_some_role_may_not_take() -> None:
+    """A tap of a session not granted makes a consumer on the same pattern as a granted one; the
+    refusal names reading another session, never the read every role may make."""
+    subject = "$JS.API.CONSUMER.CREATE.AGENTBUS_SESSIONS.c1.agentbus.session.SX.>"
+    assert action_for(subject, "olive") == "read another session"

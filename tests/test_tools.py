@@ -69,6 +69,14 @@ def test_bash_is_off_unless_asked_for() -> None:
     assert "bash" not in load_tools(DEFAULT_TOOLS)
 
 
+def test_the_default_tools_run_no_command() -> None:
+    """A container pool with the default tools needs no sandbox inside the container: the docker
+    spawner's list of tools that run no command holds every default one."""
+    from services.supervisor import docker_spawner
+
+    assert set(DEFAULT_TOOLS) <= docker_spawner._NO_COMMANDS
+
+
 def test_an_unknown_tool_name_is_a_usage_error_naming_the_known_ones() -> None:
     with pytest.raises(UsageError, match=r"unknown tool 'nope'.*read_file"):
         load_tools(["nope"])
