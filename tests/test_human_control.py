@@ -242,6 +242,38 @@ async def test_an_interrupt_kills_the_running_tool_and_the_session_goes_on(
     assert not (tmp_path / sid / "late.txt").exists()
 
 
+async def test_an_interrupt_whose_live_signal_was_missed_still_stops_the_running_tool(
+    client: agentbus.Client, settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The agent hears nobody live (its subscription down, being made again, or a signal lost): the
+    running command is still interrupted, from the log, within seconds, not when it ends."""
+    from services.agent.worker import AgentWorker
+
+    async def deaf(self: AgentWorker) -> None:
+        await asyncio.Event().wait()  # never subscribed: every signal is missed
+
+    monkeypatch.setattr(AgentWorker, "_hear_people", deaf)
+    marker = f"sleep 100.{os.getpid() % 1000 + 1}"
+    with FakeMessagesAPI() as api:
+        api.script(
+            [
+                tool_use_response("bash", {"command": f"{marker}; echo late > late.txt"}, id="tu_sleep"),
+                text_response("skipped it"),
+            ]
+        )
+        async with agent(settings, api, tmp_path, tools=("bash",)):
+            sid = await client.submit("x", pool=POOL)
+            await until(lambda: _started(client, sid), "the command to start")
+            await until(lambda: _running(marker), "the sleep to run")
+            await client.interrupt(sid, "skip that")
+            state = await client.wait(sid, timeout=30)
+            gone = not _sleepers(marker)
+    assert state.status == "completed" and state.result == "skipped it"
+    assert gone, "the interrupted command outlived its call"
+    result = (await events(client, sid, ToolCallCompleted))[0]
+    assert result.is_error and "interrupted by admin" in result.output
+
+
 async def _started(client: agentbus.Client, sid: str) -> bool:
     return bool(await events(client, sid, ToolCallStarted))
 

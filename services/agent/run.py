@@ -73,6 +73,7 @@ Outcome = Literal["ended", "released", "parked", "skipped"]
 _CONTINUABLE = frozenset({"end_turn", "tool_use", "max_tokens", "pause_turn", "interrupted"})
 # Reasons to queue a session that only make sense while it is parked; otherwise the item is stale.
 WAKE_REASONS = frozenset({"wake", "child_result", "timeout"})
+_INTERRUPT_LOOK_S = 2.0  # how often a running activity asks itself whether it should look for an interrupt
 # Log records that say nothing of whether a run went on after it stopped: others write them (a
 # rejection of bad input, the evaluator's verdict and revision, a route, a fan-out's aggregate).
 _NEUTRAL = (InputRejected, VerdictRecorded, RevisionRequested, Routed, OpinionsAggregated)
@@ -377,9 +378,10 @@ class SessionRun:
 
     async def activity(self, work: Any) -> Any:
         """Run a model call or tool as the one thing an interrupt cancels; raises `Interrupted` then."""
-        self._activity = asyncio.ensure_future(work)
+        self._activity = activity = asyncio.ensure_future(work)
+        watch = asyncio.ensure_future(self._look_for_interrupts(activity))
         try:
-            return await self._activity
+            return await activity
         except asyncio.CancelledError:
             current = asyncio.current_task()
             if self._interrupting is None or (current is not None and current.cancelling()):
@@ -387,8 +389,31 @@ class SessionRun:
             self.interrupted_by = self._interrupting.author
             raise Interrupted() from None
         finally:
+            watch.cancel()
             self._activity = None
             self._interrupting = None
+
+    async def _look_for_interrupts(self, activity: asyncio.Future[Any]) -> None:
+        """While a model call or a tool runs: an interrupt is acted on the moment its live signal
+        arrives (`AgentWorker._people`). A signal can be missed (the subscription down or being
+        made again, a reconnect, a slow subscriber), and a long command would then run to its end
+        with the interrupt unheard: so whenever the run's hearing is not to be trusted, and at least
+        every `FALLBACK_S`, it looks in the log itself (one lookup when nothing is new)."""
+        known = {r.seq for r in self.records if isinstance(r.event, InterruptRequested)}
+        while not activity.done():
+            await asyncio.sleep(_INTERRUPT_LOOK_S)
+            if activity.done() or not self.transcript.must_look():
+                continue
+            try:
+                await self.transcript.catch_up()
+            except Exception as err:  # a look that failed is tried again; the activity goes on
+                logger.debug("session %s: looking for an interrupt: %s", self.sid, err)
+                continue
+            for rec in self.records:
+                if isinstance(rec.event, InterruptRequested) and rec.seq not in known and not activity.done():
+                    logger.info("session %s: interrupted by %s (read from the log)", self.sid, rec.event.author)
+                    self.interrupt(rec.event)
+                    return
 
     # --- plumbing -----------------------------------------------------------------------------------
 
