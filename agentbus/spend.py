@@ -187,16 +187,29 @@ class SpendBatch:
         self._due.set()
 
     async def run(self) -> None:
-        """Flush what came in, at most once every `every_s`, until cancelled; then flush once more."""
+        """Flush what came in, at most once every `every_s`, until cancelled; then flush once more.
+
+        A flush under way when the agent stops is let finish, not cut: cut after the server took
+        the update but before its answer came, it put its calls back, and the last flush added them
+        a second time."""
+        flushing: asyncio.Future[None] | None = None
         try:
             while True:
                 await self._due.wait()
                 await asyncio.sleep(self.every_s)
+                flushing = asyncio.ensure_future(self.flush())
                 try:
-                    await self.flush()
+                    await asyncio.shield(flushing)
+                except asyncio.CancelledError:
+                    raise
                 except Exception as err:
                     log.warning("pool %s: spend not updated yet (%s); trying again", self.pool, err)
+                flushing = None
         finally:
+            if flushing is not None:
+                await asyncio.wait({flushing}, timeout=_LAST_FLUSH_S)
+                if flushing.done() and not flushing.cancelled():
+                    flushing.exception()  # its calls are back in the batch if it failed: flushed below
             if self._calls:
                 await self._last_flush()
 

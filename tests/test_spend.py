@@ -5,6 +5,7 @@ until the spend is reset (or the ceiling raised)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import sys
 from pathlib import Path
@@ -105,3 +106,29 @@ async def test_a_hold_no_ceiling_explains_is_lifted_and_a_reset_lifts_one_at_onc
     await ledger.set_hold("elsewhere", Hold(limit="pool_ceiling_usd", detail="a pool no supervisor runs"))
     await client.reset_spend("elsewhere")
     assert "elsewhere" not in (await client.spend())[1]
+
+
+async def test_an_agent_stopping_during_a_spend_update_counts_its_calls_once() -> None:
+    """The update reaches the server, and the agent stops before the answer comes: the calls are
+    counted once (they were put back and added again by the last flush)."""
+    from agentbus.spend import SpendBatch
+
+    class Ledger:
+        def __init__(self) -> None:
+            self.total = 0.0
+            self.taken = asyncio.Event()
+
+        async def add(self, pool: str, usd: float, calls: int) -> None:
+            self.total += usd  # the server applied it ...
+            self.taken.set()
+            await asyncio.sleep(0.2)  # ... and its answer is on its way
+
+    ledger = Ledger()
+    batch = SpendBatch(ledger, "p", every_s=0.01)  # type: ignore[arg-type]
+    runner = asyncio.create_task(batch.run())
+    batch.add(0.0004)
+    await asyncio.wait_for(ledger.taken.wait(), 5)
+    runner.cancel()  # the agent stops mid-update
+    with contextlib.suppress(asyncio.CancelledError):
+        await runner
+    assert ledger.total == pytest.approx(0.0004)
