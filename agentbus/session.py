@@ -101,8 +101,7 @@ class SessionLog:
         """
         subject = f"{self.ns.session_log(session_id).removesuffix('.log')}.{channels}"
         if self.bus.identity.lists_sessions:
-            found = await self.bus.read_direct(self.ns.sessions_stream, subject, max(from_seq, 1), limit)
-            return [record_of(d) for d in found]
+            return await self.bus.read_direct(self.ns.sessions_stream, subject, record_of, max(from_seq, 1), limit)
         out: list[Record] = []
         async for rec in self.tap(session_id, start=max(from_seq, 1), follow=False):
             if channels == ">" or (channels == "log") == (rec.channel == "log"):
@@ -172,7 +171,7 @@ def record_of(d: Delivery) -> Record:
     """A stored message as a session record: the subject says which session, channel and sender."""
     sid, channel, sender = parse_session_subject(d.subject) or ("", "log", "")
     # the subject says who wrote it; an event without `ts` takes the time the stream stored it
-    event = honoured(channel, sender, decode_event(d.data, d.timestamp_ns / 1e9))
+    event = honoured(channel, sender, decode_event(d.data, d.stored_time))
     return Record(seq=d.seq, session_id=sid, channel=channel, event=event, sender=sender)
 
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
+from agentbus.bus import Delivery
 from agentbus.errors import BusError, NoSuchSession, NotPermitted
 from agentbus.state import SessionState, fold
 
@@ -43,7 +44,7 @@ async def listing(sessions: SessionLog, counts: dict[str, int]) -> list[SessionS
     prefix = f"$KV.{ns.state_bucket}."
     try:
         last = await bus.stream_last_seq(ns.sessions_stream)
-        entries = await bus.read_direct(f"KV_{ns.state_bucket}", f"{prefix}>")
+        entries = await bus.read_direct(f"KV_{ns.state_bucket}", f"{prefix}>", _as_is)
     except BusError as err:  # the cache is a shortcut: without it, every session is folded
         logger.debug("state cache unreadable (%s); folding every session", err)
         last, entries = 0, []
@@ -127,3 +128,7 @@ def _trusted(raw: bytes, session_id: str, last: int) -> SessionState:
         )  # fmt: skip
         return fresh
     return cached
+
+
+def _as_is(d: Delivery) -> Delivery:
+    return d

@@ -11,7 +11,7 @@ from agentbus.bus import _headers
 
 ORIGINAL = _headers.ORIGINAL
 pytestmark = pytest.mark.skipif(
-    not _headers.INSTALLED, reason="this nats-py's header parser is not the one the quick parser replaces"
+    not _headers.FITS, reason="this nats-py's header parser is not the one the quick parser replaces"
 )
 
 SHAPES = [
@@ -43,8 +43,12 @@ def test_the_quick_parser_reads_random_header_blocks_as_nats_py_does() -> None:
         assert _headers.parse_header_lines(raw) == ORIGINAL.__func__(raw), raw
 
 
-def test_the_client_parses_with_the_quick_parser() -> None:
-    assert Client._parse_header_lines is _headers.parse_header_lines
+def test_the_bus_connection_parses_with_the_quick_parser_and_leaves_nats_py_as_it_is() -> None:
+    """Only the bus's own connections change: another nats-py client in the process keeps its parser."""
+    from agentbus.bus._connection import Connection
+
+    assert Connection._parse_header_lines is _headers.parse_header_lines
+    assert Client.__dict__["_parse_header_lines"] is ORIGINAL
 
 
 def test_names_kept_as_plain_stay_few_and_short_and_change_no_answer(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -149,7 +149,7 @@ def test_the_stream_time_of_a_record_reads_the_same_by_the_quick_path_as_by_the_
     minute looked up, the rest as digits) must agree with parsing the whole stamp."""
     import datetime
 
-    from agentbus.bus import _read
+    from agentbus.bus import _types
 
     whole, _, frac = stamp.rstrip("Z").partition(".")
     try:
@@ -158,5 +158,5 @@ def test_the_stream_time_of_a_record_reads_the_same_by_the_quick_path_as_by_the_
         expected = seconds * 1_000_000_000 + int(digits) if digits.isdigit() else 0
     except ValueError:
         expected = 0
-    assert _read._timestamp_ns(stamp) == expected
-    assert _read._timestamp_ns(stamp) == expected  # and again, from the cached minute
+    assert _types._timestamp_ns(stamp) == expected
+    assert _types._timestamp_ns(stamp) == expected  # and again, from the cached minute

@@ -6,6 +6,7 @@ expected-last-subject-sequence fence), and nats-py's errors become agentbus erro
 where they enter. Each concern lives in its own private module:
 
 - `_core`: connect (fail fast, reconnect quietly), retry idempotent requests through a failover
+- `_connection`, `_parser`, `_headers`: the connection itself (nats-py's client, reading quicker)
 - `_provision`: streams, durable consumers and buckets of a namespace
 - `_publish`: acked publishes, one at a time or pipelined
 - `_read`: ordered replay into a live follow, single-message lookups
@@ -17,7 +18,6 @@ where they enter. Each concern lives in its own private module:
 
 from __future__ import annotations
 
-from agentbus.bus import _headers  # noqa: F401 - installs the quick header parser on import
 from agentbus.bus._errors import ErrorCode
 from agentbus.bus._kv import KeyValue
 from agentbus.bus._publish import EXPECTED_LAST_SUBJECT_SEQ, MSG_ID, Publishing

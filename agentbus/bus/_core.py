@@ -18,6 +18,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from agentbus import auth, roles
+from agentbus.bus._connection import Connection
 from agentbus.bus._errors import TRANSIENT
 from agentbus.bus._replies import Replies, unanswered
 from agentbus.config import Settings
@@ -101,7 +102,9 @@ class BusCore:
             async with self._replies_made:  # two first requests at once make one subscription
                 if self._replies is None:
                     replies = Replies(self._nc.new_inbox())
-                    await self._nc.subscribe(f"{replies.base}.*", future=replies)  # type: ignore[arg-type]
+                    sub = await self._nc.subscribe(f"{replies.base}.*", future=replies)  # type: ignore[arg-type]
+                    if isinstance(self._nc, Connection):
+                        self._nc.answer_into(sub._id, replies)
                     self._replies = replies
         return self._replies
 
@@ -304,7 +307,7 @@ async def _connect_once(servers: list[str], settings: Settings, *, name: str) ->
     try:
         # nats-py retries a first connect forever when reconnects are allowed; we want a
         # clear failure now, and reconnects only once a connection has worked.
-        nc = NATS()
+        nc = Connection()
         await nc.connect(
             servers,
             name=name,

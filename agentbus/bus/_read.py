@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
 import functools
 import json
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
@@ -15,62 +14,11 @@ from nats.js import api
 
 from agentbus.bus._core import BusCore, logger
 from agentbus.bus._tap import Tap
-from agentbus.bus._types import Delivery, Stored
+from agentbus.bus._types import Delivery, Stored, direct_delivery
 from agentbus.errors import BusError
 
 T = TypeVar("T")
 _DIRECT_BATCH = 1000  # messages per batched direct get; more means another request
-
-
-_MINUTES: dict[str, int] = {}  # "YYYY-MM-DDTHH:MM" -> seconds since the epoch: a log's records share a few
-
-
-def _timestamp_ns(stamp: str) -> int:
-    """`2026-11-30T07:21:47.836122756Z` to nanoseconds since the epoch (Python parses microseconds).
-
-    A replay of a thousand records parses a thousand of these: the minute is looked up, the
-    seconds and the fraction are read as digits; any other shape takes the general parser."""
-    if len(stamp) >= 20 and stamp[-1] == "Z" and stamp[16] == ":" and (len(stamp) == 20 or stamp[19] == "."):
-        sec, frac = stamp[17:19], stamp[20:-1]
-        if sec.isascii() and sec.isdigit() and (not frac or (frac.isascii() and frac.isdigit())):
-            minute = _MINUTES.get(stamp[:16])
-            if minute is None:
-                minute = _parse_seconds(stamp[:16])
-                if minute is None:
-                    return 0
-                if len(_MINUTES) > 4096:
-                    _MINUTES.clear()
-                _MINUTES[stamp[:16]] = minute
-            return (minute + int(sec)) * 1_000_000_000 + int((frac + "000000000")[:9])
-    if not stamp:
-        return 0
-    whole, _, frac = stamp.rstrip("Z").partition(".")
-    seconds = _parse_seconds(whole)
-    if seconds is None:
-        return 0
-    try:
-        return seconds * 1_000_000_000 + int((frac + "000000000")[:9] or 0)
-    except ValueError:
-        return 0
-
-
-def _parse_seconds(whole: str) -> int | None:
-    try:
-        return int(datetime.datetime.fromisoformat(whole).replace(tzinfo=datetime.UTC).timestamp())
-    except ValueError:
-        return None
-
-
-def _delivery(data: bytes, h: dict[str, str]) -> Delivery:
-    """A direct get's answer: the stored message, its subject, sequence and time in its headers."""
-    return Delivery(
-        h.get("Nats-Subject", ""),
-        data,
-        h,
-        int(h.get("Nats-Sequence") or 0),
-        int(h.get("Nats-Num-Pending") or 0),
-        _timestamp_ns(h.get("Nats-Time-Stamp", "")),
-    )
 
 
 class Reading(BusCore):
@@ -118,26 +66,32 @@ class Reading(BusCore):
             await tap.close()
 
     async def read_direct(
-        self, stream: str, subject: str, from_seq: int = 1, limit: int | None = None
-    ) -> list[Delivery]:
-        """The stored messages on `subject` (wildcards allowed) from `from_seq` on, in order, with no
-        consumer: batched direct gets, one request per thousand messages. Needs the unscoped
-        direct-get permission (`$JS.API.DIRECT.GET.<stream>`): readers of every session have it."""
-        out: list[Delivery] = []
+        self,
+        stream: str,
+        subject: str,
+        convert: Callable[[Delivery], T],
+        from_seq: int = 1,
+        limit: int | None = None,
+    ) -> list[T]:
+        """The stored messages on `subject` (wildcards allowed) from `from_seq` on, in order, each as
+        `convert` makes it, with no consumer: batched direct gets, one request per thousand messages.
+        Each is converted as it arrives, while the server is still sending the rest. Needs the
+        unscoped direct-get permission (`$JS.API.DIRECT.GET.<stream>`): readers of every session have it."""
+        out: list[T] = []
         seq = max(from_seq, 1)
         api = f"$JS.API.DIRECT.GET.{stream}"
         if limit == 1:  # the router's look at a session's first record: one answer, no closing status
             one = functools.partial(self._direct_one, api, subject, seq)
             found = await self._through_failover(f"read of {subject}", one, refusal=api)
-            return [found] if found is not None else []
+            return [convert(found)] if found is not None else []
         while limit is None or len(out) < limit:
             want = _DIRECT_BATCH if limit is None else min(_DIRECT_BATCH, limit - len(out))
-            batch = functools.partial(self._direct_batch, api, subject, seq, want)
-            got, pending = await self._through_failover(f"read of {subject}", batch, refusal=api)
+            batch = functools.partial(self._direct_batch, api, subject, seq, want, convert)
+            got, last, pending = await self._through_failover(f"read of {subject}", batch, refusal=api)
             out += got
             if not got or not pending:
                 return out
-            seq = got[-1].seq + 1
+            seq = last + 1
         return out
 
     async def _direct_one(self, api: str, subject: str, seq: int) -> Delivery | None:
@@ -148,23 +102,28 @@ class Reading(BusCore):
             if hdrs.get("Status") == "404":
                 return None
             raise BusError(f"direct get on {subject}: status {hdrs.get('Status')} {hdrs.get('Description', '')}")
-        return _delivery(msg.data, hdrs)
+        return direct_delivery(msg.data, hdrs)
 
-    async def _direct_batch(self, api: str, subject: str, seq: int, batch: int) -> tuple[list[Delivery], int]:
+    async def _direct_batch(
+        self, api: str, subject: str, seq: int, batch: int, convert: Callable[[Delivery], T]
+    ) -> tuple[list[T], int, int]:
+        """One batch: what `convert` made of each message, the last one's sequence, and how many
+        more match past it."""
         replies = await self.replies()
-        reply, collected = replies.many()
+        reply, collected = replies.many(convert)
         request = json.dumps({"seq": seq, "next_by_subj": subject, "batch": batch}).encode()
         try:
             await self._nc.publish(api, request, reply=reply)
-            end = await collected.until_done(self.settings.publish_timeout_s)
+            hdrs = await collected.until_done(self.settings.publish_timeout_s)
         finally:
             replies.close(reply)
-        hdrs = end.headers or {}
         status = hdrs.get("Status")
         if status not in ("204", "404"):  # 204: end of batch (with how many more match past it); 404: none
             raise BusError(f"direct get on {subject}: status {status} {hdrs.get('Description', '')}")
+        if collected.failed is not None:
+            raise collected.failed
         pending = int(hdrs.get("Nats-Num-Pending") or 0) if status == "204" else 0
-        return [_delivery(msg.data, msg.headers or {}) for msg in collected.msgs], pending
+        return collected.found, collected.last_seq, pending
 
     async def last_subject_seq(self, stream: str, subject: str) -> int:
         """Stream sequence of the last message on `subject` (wildcards allowed), 0 if there is none."""

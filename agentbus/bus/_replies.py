@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from nats.aio.msg import Msg
+
+from agentbus.bus._types import Delivery, direct_delivery, stored_delivery
 
 logger = logging.getLogger("agentbus.bus")
 
@@ -19,23 +22,45 @@ def unanswered(answer: asyncio.Future[Any]) -> None:
 
 class Collected:
     """The answers to one request that has many (a batched direct get), kept until a status message
-    (end of batch, nothing found, an error) closes them: read in one pass, not awaited one by one."""
+    (end of batch, nothing found, an error) closes them: read in one pass, not awaited one by one.
 
-    def __init__(self) -> None:
-        self.msgs: list[Msg] = []
-        self.done: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
+    Each stored message is made a `Delivery` and converted as it arrives, in the connection's read
+    loop, while the server is still sending the rest: a thousand records' work fills time a read
+    otherwise spends waiting. The connection hands stored messages over before nats-py makes a
+    message object of them (`Connection.take`)."""
 
-    def add(self, msg: Msg) -> None:
-        headers = msg.headers or {}
+    def __init__(self, convert: Callable[[Delivery], Any]) -> None:
+        self.convert = convert
+        self.found: list[Any] = []
+        self.last_seq = 0
+        self.failed: Exception | None = None  # what converting raised: the read raises it, the loop reads on
+        self.done: asyncio.Future[dict[str, str]] = asyncio.get_running_loop().create_future()
+
+    def add(self, data: bytes, headers: dict[str, str]) -> None:
+        """A message as nats-py delivers it: a status closes the batch."""
         # a stored message comes with its sequence (and may carry any header of its own, "Status" too)
         if "Status" in headers and "Nats-Sequence" not in headers:
             if not self.done.done():
-                self.done.set_result(msg)
+                self.done.set_result(headers)
         else:
-            self.msgs.append(msg)
+            self._keep(direct_delivery, data, headers)
 
-    async def until_done(self, timeout: float) -> Msg:
-        """The closing status message; `TimeoutError` if none came in `timeout` seconds."""
+    def add_block(self, data: bytes, block: bytes) -> None:
+        """A stored message with its header block as it came (`NATS/1.0` first)."""
+        self._keep(stored_delivery, data, block)
+
+    def _keep(self, make: Callable[[bytes, Any], Delivery], data: bytes, headers: Any) -> None:
+        if self.failed is not None:
+            return
+        try:
+            d = make(data, headers)
+            self.found.append(self.convert(d))
+            self.last_seq = d.seq
+        except Exception as err:  # in the read loop: raised by the read, never into nats-py
+            self.failed = err
+
+    async def until_done(self, timeout: float) -> dict[str, str]:
+        """The closing status message's headers; `TimeoutError` if none came in `timeout` seconds."""
         timer = asyncio.get_running_loop().call_later(timeout, unanswered, self.done)
         try:
             return await self.done
@@ -64,9 +89,9 @@ class Replies:
         self.waiting[reply] = fut
         return reply, fut
 
-    def many(self) -> tuple[str, Collected]:
+    def many(self, convert: Callable[[Delivery], Any]) -> tuple[str, Collected]:
         reply = self._token()
-        collected = Collected()
+        collected = Collected(convert)
         self.waiting[reply] = collected
         return reply, collected
 
@@ -83,7 +108,7 @@ class Replies:
         try:
             waiter = self.waiting.get(msg.subject)
             if isinstance(waiter, Collected):
-                waiter.add(msg)
+                waiter.add(msg.data, msg.headers or {})
             elif waiter is not None:
                 del self.waiting[msg.subject]
                 if not waiter.done():

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeGuard
 
 import msgspec
@@ -24,14 +24,20 @@ def encode(obj: msgspec.Struct) -> bytes:
     return _encoder.encode(obj)
 
 
-def decode_event(data: bytes, stored_ts: float | None = None) -> LogEvent:
+def _when(stored_ts: float | Callable[[], float] | None) -> float:
+    return (stored_ts() if callable(stored_ts) else stored_ts) or 0.0
+
+
+def decode_event(data: bytes, stored_ts: float | Callable[[], float] | None = None) -> LogEvent:
     """Decode one log payload; never raises: unknown types and garbage come back as values.
 
     A known type decodes to its event (fields a newer version added are ignored); a type this
     version does not know, or a known one from a newer version that does not decode here, is an
     `UnknownEvent` carrying its fields; anything else is an `InvalidEvent` saying why, a `ts` that
     is not plausible seconds since the epoch included. An event without `ts` gets `stored_ts`, the
-    time the stream stored it (0.0 when the caller does not know it).
+    time the stream stored it (0.0 when the caller does not know it), or what a function of no
+    arguments gives, asked only then: nearly every event has its `ts`, and reading the stored
+    time costs a reader of a long log more than the decode.
     """
     token = READING.set(True)
     try:
@@ -39,25 +45,26 @@ def decode_event(data: bytes, stored_ts: float | None = None) -> LogEvent:
     except msgspec.ValidationError as err:
         known_err = err
     except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as err:
-        return InvalidEvent(reason=f"not JSON: {err}", raw=_preview(data), ts=stored_ts or 0.0)
+        return InvalidEvent(reason=f"not JSON: {err}", raw=_preview(data), ts=_when(stored_ts))
     else:
         if event.ts == MISSING_TS:
-            event = msgspec.structs.replace(event, ts=stored_ts or 0.0)
+            event = msgspec.structs.replace(event, ts=_when(stored_ts))
         return event
     finally:
         READING.reset(token)
+    when = _when(stored_ts)
     try:
         obj = _dict_decoder.decode(data)
     except (msgspec.MsgspecError, UnicodeDecodeError, RecursionError) as err:
-        return InvalidEvent(reason=f"not a JSON object: {err}", raw=_preview(data), ts=stored_ts or 0.0)
-    kind, version, ts = obj.get("type"), obj.get("v", MISSING_VERSION), obj.get("ts", stored_ts or 0.0)
+        return InvalidEvent(reason=f"not a JSON object: {err}", raw=_preview(data), ts=when)
+    kind, version, ts = obj.get("type"), obj.get("v", MISSING_VERSION), obj.get("ts", when)
     newer = _is_int(version) and version > SCHEMA_VERSION
     ident = str(obj.get("id", ""))
     if "ts" in obj and not (_is_number(ts) and TS_MIN <= ts < TS_MAX):
         reason = (
             f"invalid event: ts {ts!r} is not seconds since the epoch (a float; milliseconds are 1000 times too big)"
         )
-        return InvalidEvent(reason=reason, raw=_preview(data), id=ident, ts=stored_ts or 0.0)
+        return InvalidEvent(reason=reason, raw=_preview(data), id=ident, ts=when)
     if isinstance(kind, str) and (kind not in EVENT_TYPES or newer):
         return UnknownEvent(
             type=kind,
@@ -66,7 +73,7 @@ def decode_event(data: bytes, stored_ts: float | None = None) -> LogEvent:
             v=version if _is_int(version) else MISSING_VERSION,
             data={k: v for k, v in obj.items() if k not in ("type", "id", "ts", "v")},
         )
-    return InvalidEvent(reason=f"invalid event: {known_err}", raw=_preview(data), id=ident, ts=stored_ts or 0.0)
+    return InvalidEvent(reason=f"invalid event: {known_err}", raw=_preview(data), id=ident, ts=when)
 
 
 def _is_int(value: object) -> TypeGuard[int]:

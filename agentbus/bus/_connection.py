@@ -1,0 +1,56 @@
+"""The bus's connection: nats-py's client with the quick parsers, and a short way for the answers
+to a batched read.
+
+nats-py turns each message it reads into a `Msg` (its subject and reply decoded, its headers
+parsed through two coroutines, its subscription's flow-control bookkeeping) before it reaches a
+subscriber. A batched direct get answers with a thousand stored messages, and every one went
+that way only to be taken apart again. Here the parser hands each answer on the replies
+subscription to `take` first: a stored message for a batched read (a header block and no status
+line) goes straight to its `Collected`, counted as nats-py counts it; everything else takes
+nats-py's way unchanged. Only this class changes: other nats-py clients in the process are left
+as they are.
+"""
+
+from __future__ import annotations
+
+from nats.aio import client as nats_client
+from nats.aio.client import Client
+
+from agentbus.bus import _headers, _parser
+from agentbus.bus._replies import Collected, Replies
+
+_STORED = b"NATS/1.0\r\n"  # a header block with no status on its first line
+_SEQUENCE = b"\r\nNats-Sequence:"  # what a direct get adds to a stored message
+_OTHER_HEADERS = getattr(nats_client, "parse_email", None) is not None  # nats-py with fast_mail_parser
+
+
+class Connection(Client):
+    def __init__(self) -> None:
+        super().__init__()
+        if _parser.FITS:
+            self._ps = _parser.Parser(self)
+        self.quick_sid = 0  # the replies subscription's id, once `answer_into` named it (ids start at 1)
+        self._answers: Replies | None = None
+
+    if _headers.FITS:
+        _parse_header_lines = staticmethod(_headers.parse_header_lines)
+
+    def answer_into(self, sid: int, replies: Replies) -> None:
+        """Stored messages on subscription `sid` for one of `replies`' batched reads go to it directly."""
+        self._answers, self.quick_sid = replies, sid
+
+    def take(self, sid: int, subject: bytes, data: bytes, headers: bytes | None) -> bool:
+        """Hand a message the parser read straight to its batched read; False: nats-py's way."""
+        if headers is None or not headers.startswith(_STORED) or _SEQUENCE not in headers or _OTHER_HEADERS:
+            return False  # no header block, a status, not a stored message, or nats-py reads headers its other way
+        answers, sub = self._answers, self._subs.get(sid)
+        if answers is None or sub is None or sub._jsi is not None or sub._max_msgs > 0:
+            return False
+        waiter = answers.waiting.get(subject.decode())
+        if type(waiter) is not Collected:
+            return False
+        self.stats["in_msgs"] += 1
+        self.stats["in_bytes"] += len(data)
+        sub._received += 1
+        waiter.add_block(data, headers)
+        return True

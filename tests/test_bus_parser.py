@@ -1,0 +1,201 @@
+"""The bus's connection reads the protocol as nats-py does: its parser hands the client the same
+calls for the same bytes however they are split, and a batched read taken the short way
+(`Connection.take`) sees each stored message as nats-py's way would."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from typing import Any
+
+import nats
+import pytest
+from nats.errors import ProtocolError
+from nats.protocol import parser as stock
+
+from agentbus.bus import Bus, Delivery, _parser
+from agentbus.bus._connection import Connection
+from agentbus.bus._types import direct_delivery
+from agentbus.config import Settings
+
+pytestmark = pytest.mark.skipif(not _parser.FITS, reason="this nats-py's protocol grammar is not the one checked")
+
+
+class Recorder:
+    """What a client is handed by a parser, in order; `reset_after` resets the parser from inside
+    the n-th message, as the client does when it closes or reconnects."""
+
+    def __init__(self, reset_after: int = 0) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+        self.reset_after = reset_after
+        self.parser: Any = None
+
+    async def _process_msg(self, sid: int, subject: bytes, reply: bytes, data: bytes, hdr: bytes | None) -> None:
+        assert type(data) is bytes and (hdr is None or type(hdr) is bytes)
+        self.calls.append(("msg", sid, subject, reply, data, hdr))
+        if len(self.calls) == self.reset_after:
+            self.parser.reset()
+
+    async def _process_err(self, err: str) -> None:
+        self.calls.append(("err", err))
+
+    async def _process_ping(self) -> None:
+        self.calls.append(("ping",))
+
+    async def _process_pong(self) -> None:
+        self.calls.append(("pong",))
+
+    async def _process_info(self, info: dict[str, Any]) -> None:
+        self.calls.append(("info", info))
+
+
+def _hmsg(subject: str, sid: int, reply: str, headers: bytes, payload: bytes) -> bytes:
+    block = b"NATS/1.0\r\n" + headers + b"\r\n"
+    head = f"HMSG {subject} {sid} {reply + ' ' if reply else ''}{len(block)} {len(block) + len(payload)}\r\n"
+    return head.encode() + block + payload + b"\r\n"
+
+
+WIRE = b"".join(
+    [
+        b'INFO {"server_id":"x","max_payload":1048576}\r\n',
+        b"+OK\r\n",
+        b"MSG a.b 1 5\r\nhello\r\n",
+        b"MSG a.b 1 _INBOX.r 0\r\n\r\n",
+        b"MSG\ta.b\t2\t\t3\r\nx\r\n\r\n",
+        b"PING\r\n",
+        _hmsg("c.d", 3, "", b"Nats-Msg-Id: 1\r\n", b"payload with \r\nMSG x 1 3\r\n inside"),
+        _hmsg("c.d", 3, "reply.to", b"", b""),
+        b"HMSG e 4 20 20\r\nNATS/1.0 204 EOB\r\n\r\n\r\n",
+        b"PONG\r\n",
+        b"-ERR 'Permissions Violation for Subscription to \"x\"'\r\n",
+        b"MSG f 5 " + str(5000).encode() + b"\r\n" + b"z" * 5000 + b"\r\n",
+    ]
+)
+
+
+async def _feed(parser_cls: type[stock.Parser], chunks: list[bytes], reset_after: int = 0) -> tuple[Any, ...]:
+    """The calls made, the state left, and the error raised (a protocol error ends a connection)."""
+    nc = Recorder(reset_after)
+    ps = parser_cls(nc)
+    nc.parser = ps
+    failed = None
+    try:
+        for chunk in chunks:
+            await ps.parse(chunk)
+    except ProtocolError as err:
+        failed = str(err)
+    return nc.calls, (bytes(ps.buf), ps.state, ps.needed, ps.header_needed), failed
+
+
+async def test_the_parser_hands_over_what_nats_py_s_does_whole_and_in_pieces() -> None:
+    whole = [WIRE]
+    assert await _feed(_parser.Parser, whole) == await _feed(stock.Parser, whole)
+    rng = random.Random(20261130)
+    for _ in range(300):
+        cuts = sorted(rng.sample(range(1, len(WIRE)), rng.randrange(1, 40)))
+        chunks = [WIRE[a:b] for a, b in zip([0, *cuts], [*cuts, len(WIRE)], strict=True)]
+        ours, theirs = await _feed(_parser.Parser, chunks), await _feed(stock.Parser, chunks)
+        assert ours == theirs, cuts
+    one_by_one = [WIRE[i : i + 1] for i in range(len(WIRE))]
+    assert await _feed(_parser.Parser, one_by_one) == await _feed(stock.Parser, one_by_one)
+    calls, _, failed = await _feed(_parser.Parser, whole)
+    assert failed is None and [c[0] for c in calls] == [
+        "info", "msg", "msg", "msg", "ping", "msg", "msg", "msg", "pong", "err", "msg"]  # fmt: skip
+
+
+async def test_a_cut_message_waits_for_its_rest_and_a_reset_voids_what_was_read() -> None:
+    half = len(WIRE) // 2
+    ours = await _feed(_parser.Parser, [WIRE[:half]])
+    assert ours == await _feed(stock.Parser, [WIRE[:half]])
+    assert ours[1][0]  # the rest of a cut message is kept for the next read
+    for n in (1, 3, 6):  # the client closed or reconnected while handling a message
+        assert await _feed(_parser.Parser, [WIRE], reset_after=n) == await _feed(stock.Parser, [WIRE], reset_after=n)
+
+
+@pytest.mark.parametrize(
+    "wire", [b"BOGUS line\r\n", b"MSG a.b x 5\r\nhello\r\n", b"HMSG a 1 x 9\r\n"], ids=["unknown", "sid", "hsize"]
+)
+async def test_what_nats_py_refuses_as_a_protocol_error_this_refuses_too(wire: bytes) -> None:
+    ours = await _feed(_parser.Parser, [wire])
+    assert ours[2] is not None and ours == await _feed(stock.Parser, [wire])
+
+
+async def test_other_nats_py_clients_keep_nats_py_s_parser(settings: Settings) -> None:
+    async with await Bus.connect(settings) as bus:
+        assert type(bus._nc) is Connection and type(bus._nc._ps) is _parser.Parser
+    assert type(nats.NATS()._ps) is stock.Parser
+
+
+async def _nats_py_way(bus: Bus, stream: str, subject: str) -> list[Delivery]:
+    """The same batched direct get through nats-py's own parsing: a plain subscription."""
+    got: list[Delivery] = []
+    done = asyncio.get_running_loop().create_future()
+    nc = bus._nc
+    inbox = nc.new_inbox()
+
+    async def answer(msg: Any) -> None:
+        headers = msg.headers or {}
+        if "Status" in headers and "Nats-Sequence" not in headers:
+            done.set_result(None)
+        else:
+            got.append(direct_delivery(msg.data, headers))
+
+    sub = await nc.subscribe(inbox, cb=answer)
+    await nc.publish(
+        f"$JS.API.DIRECT.GET.{stream}",
+        json.dumps({"seq": 1, "next_by_subj": subject, "batch": 100}).encode(),
+        reply=inbox,
+    )
+    await asyncio.wait_for(done, 10)
+    await sub.unsubscribe()
+    return got
+
+
+async def test_a_batched_read_taken_short_reads_every_message_as_nats_py_s_way_forged_headers_and_all(
+    settings: Settings,
+) -> None:
+    """Publishers may set any header, the server's own names too; the server appends its lines, so
+    the last of a name is the server's. The short way reads those four values without parsing the
+    block, and the block parsed when asked for is the one nats-py parses."""
+    async with await Bus.connect(settings) as bus:
+        await bus.provision()
+        stream, sid = bus.ns.sessions_stream, "01JPARSERTESTSESSION0000AA"
+        subject = bus.ns.session_log(sid)
+        forged = [
+            {},
+            {"Nats-Subject": "elsewhere", "Nats-Sequence": "999", "Nats-Time-Stamp": "1999-01-01T00:00:00Z"},
+            {"Nats-Num-Pending": "77", "Status": "204", "Description": "no"},
+            {"traceparent": "00-" + "a" * 32 + "-" + "b" * 16 + "-01", "Name": "v\u00e4lue"},
+        ]
+        js = bus._nc.jetstream()
+        for i, headers in enumerate(forged):
+            await js.publish(subject, json.dumps({"i": i}).encode(), headers=headers or None)
+        ours = await bus.read_direct(stream, bus.ns.session_all(sid), lambda d: d)
+        assert all(isinstance(d._headers, bytes) for d in ours)  # taken the short way, not parsed until asked
+        theirs = await _nats_py_way(bus, stream, bus.ns.session_all(sid))
+        assert len(ours) == len(theirs) == len(forged)
+        for mine, other in zip(ours, theirs, strict=True):
+            assert (mine.subject, mine.data, mine.seq, mine.num_pending) == (
+                other.subject, other.data, other.seq, other.num_pending)  # fmt: skip
+            assert mine.timestamp_ns == other.timestamp_ns > 0
+            assert dict(mine.headers) == dict(other.headers)
+            assert mine.subject == subject
+
+
+async def test_a_conversion_that_fails_fails_the_read_and_the_connection_reads_on(settings: Settings) -> None:
+    async with await Bus.connect(settings) as bus:
+        await bus.provision()
+        sid = "01JPARSERTESTSESSION0000AB"
+        for i in range(5):
+            await bus._nc.jetstream().publish(bus.ns.session_log(sid), json.dumps({"i": i}).encode())
+
+        def convert(d: Delivery) -> int:
+            if json.loads(d.data)["i"] == 2:
+                raise ValueError("cannot use record 2")
+            return int(d.seq)
+
+        with pytest.raises(ValueError, match="record 2"):
+            await bus.read_direct(bus.ns.sessions_stream, bus.ns.session_all(sid), convert)
+        seqs = await bus.read_direct(bus.ns.sessions_stream, bus.ns.session_all(sid), lambda d: d.seq)
+        assert len(seqs) == 5 and seqs == sorted(seqs)
