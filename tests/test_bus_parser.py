@@ -23,31 +23,36 @@ pytestmark = pytest.mark.skipif(not _parser.FITS, reason="this nats-py's protoco
 
 
 class Recorder:
-    """What a client is handed by a parser, in order; `reset_after` resets the parser from inside
-    the n-th message, as the client does when it closes or reconnects."""
+    """What a client is handed by a parser, in order. On the n-th call of any kind, `reset_after`
+    resets the parser from inside it (as the client does when it reconnects) and `fail_at` raises."""
 
-    def __init__(self, reset_after: int = 0) -> None:
+    def __init__(self, reset_after: int = 0, fail_at: int = 0) -> None:
         self.calls: list[tuple[Any, ...]] = []
-        self.reset_after = reset_after
+        self.reset_after, self.fail_at = reset_after, fail_at
         self.parser: Any = None
+
+    def _called(self, *call: Any) -> None:
+        self.calls.append(call)
+        if len(self.calls) == self.reset_after:
+            self.parser.reset()
+        if len(self.calls) == self.fail_at:
+            raise RuntimeError(f"the client failed on {call[0]}")
 
     async def _process_msg(self, sid: int, subject: bytes, reply: bytes, data: bytes, hdr: bytes | None) -> None:
         assert type(data) is bytes and (hdr is None or type(hdr) is bytes)
-        self.calls.append(("msg", sid, subject, reply, data, hdr))
-        if len(self.calls) == self.reset_after:
-            self.parser.reset()
+        self._called("msg", sid, subject, reply, data, hdr)
 
     async def _process_err(self, err: str) -> None:
-        self.calls.append(("err", err))
+        self._called("err", err)
 
     async def _process_ping(self) -> None:
-        self.calls.append(("ping",))
+        self._called("ping")
 
     async def _process_pong(self) -> None:
-        self.calls.append(("pong",))
+        self._called("pong")
 
     async def _process_info(self, info: dict[str, Any]) -> None:
-        self.calls.append(("info", info))
+        self._called("info", info)
 
 
 def _hmsg(subject: str, sid: int, reply: str, headers: bytes, payload: bytes) -> bytes:
@@ -74,18 +79,20 @@ WIRE = b"".join(
 )
 
 
-async def _feed(parser_cls: type[stock.Parser], chunks: list[bytes], reset_after: int = 0) -> tuple[Any, ...]:
+async def _feed(
+    parser_cls: type[stock.Parser], chunks: list[Any], reset_after: int = 0, fail_at: int = 0
+) -> tuple[Any, ...]:
     """The calls made, the state left, and the error raised (a protocol error ends a connection)."""
-    nc = Recorder(reset_after)
+    nc = Recorder(reset_after, fail_at)
     ps = parser_cls(nc)
     nc.parser = ps
     failed = None
     try:
         for chunk in chunks:
             await ps.parse(chunk)
-    except ProtocolError as err:
-        failed = str(err)
-    return nc.calls, (bytes(ps.buf), ps.state, ps.needed, ps.header_needed), failed
+    except (ProtocolError, RuntimeError) as err:
+        failed = f"{type(err).__name__}: {err}"
+    return nc.calls, (bytes(ps.buf), ps.state, ps.needed, ps.header_needed, dict(ps.msg_arg)), failed
 
 
 async def test_the_parser_hands_over_what_nats_py_s_does_whole_and_in_pieces() -> None:
@@ -109,16 +116,65 @@ async def test_a_cut_message_waits_for_its_rest_and_a_reset_voids_what_was_read(
     ours = await _feed(_parser.Parser, [WIRE[:half]])
     assert ours == await _feed(stock.Parser, [WIRE[:half]])
     assert ours[1][0]  # the rest of a cut message is kept for the next read
-    for n in (1, 3, 6):  # the client closed or reconnected while handling a message
+    for n in range(1, 12):  # the client reconnected while handling each kind of call
         assert await _feed(_parser.Parser, [WIRE], reset_after=n) == await _feed(stock.Parser, [WIRE], reset_after=n)
 
 
+async def test_a_client_that_fails_on_a_call_leaves_both_parsers_alike() -> None:
+    for n in range(1, 12):
+        for chunks in ([WIRE], [WIRE[:100], WIRE[100:]]):
+            ours = await _feed(_parser.Parser, chunks, fail_at=n)
+            assert ours[2] is not None and ours == await _feed(stock.Parser, chunks, fail_at=n)
+
+
+async def test_bytearray_and_memoryview_reads_give_bytes_payloads() -> None:
+    for kind in (bytearray, memoryview):
+        chunks = [kind(WIRE[:333]), kind(WIRE[333:])]
+        assert await _feed(_parser.Parser, chunks) == await _feed(stock.Parser, [WIRE[:333], WIRE[333:]])
+
+
+async def test_a_big_payload_read_by_read_is_handed_over_whole() -> None:
+    """8 MiB is the server's largest payload; 32 KiB is what nats-py reads at a time."""
+    big = b"MSG big 9 " + str(1 << 20).encode() + b"\r\n" + bytes(range(256)) * 4096 + b"\r\nPING\r\n"
+    chunks = [big[i : i + 32768] for i in range(0, len(big), 32768)]
+    ours = await _feed(_parser.Parser, chunks)
+    assert ours == await _feed(stock.Parser, chunks)
+    assert [c[0] for c in ours[0]] == ["msg", "ping"] and len(ours[0][0][4]) == 1 << 20
+
+
+async def test_the_parser_hands_answers_to_take_first_and_the_rest_to_the_client() -> None:
+    """`take` is asked only for messages on the quick subscription; what it takes never reaches
+    `_process_msg`, what it leaves does, in order."""
+
+    class Taking(Recorder):
+        quick_sid = 3
+
+        def take(self, sid: int, subject: bytes, data: bytes, hdr: bytes | None) -> bool:
+            assert sid == self.quick_sid
+            self.calls.append(("taken" if data else "left", sid, subject, data, hdr))
+            return bool(data)
+
+    nc = Taking()
+    ps = _parser.Parser(nc)
+    nc.parser = ps
+    await ps.parse(WIRE)
+    kinds = [c[0] for c in nc.calls]
+    assert kinds == ["info", "msg", "msg", "msg", "ping", "taken", "left", "msg", "msg", "pong", "err", "msg"]
+    assert nc.calls[7][:3] == ("msg", 3, b"c.d")  # left by take: nats-py's way, same arguments
+
+
 @pytest.mark.parametrize(
-    "wire", [b"BOGUS line\r\n", b"MSG a.b x 5\r\nhello\r\n", b"HMSG a 1 x 9\r\n"], ids=["unknown", "sid", "hsize"]
+    "wire",
+    [b"BOGUS line\r\n", b"MSG a.b x 5\r\nhello\r\n", b"HMSG a x 1 2\r\nzz\r\n", b"HMSG a 1 x 9\r\n" + b"x" * 5000],
+    ids=["unknown", "sid", "hmsg-sid", "long-unknown"],
 )
-async def test_what_nats_py_refuses_as_a_protocol_error_this_refuses_too(wire: bytes) -> None:
+async def test_a_line_nats_py_refuses_or_waits_on_is_refused_or_waited_on(
+    wire: bytes,
+) -> None:
     ours = await _feed(_parser.Parser, [wire])
-    assert ours[2] is not None and ours == await _feed(stock.Parser, [wire])
+    assert ours == await _feed(stock.Parser, [wire])
+    # past 4,096 bytes an unknown line is taken for one not yet whole: both wait for more
+    assert (ours[2] is None) == (len(wire) > 4096)
 
 
 async def test_other_nats_py_clients_keep_nats_py_s_parser(settings: Settings) -> None:

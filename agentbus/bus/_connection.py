@@ -21,7 +21,9 @@ from agentbus.bus._replies import Collected, Replies
 
 _STORED = b"NATS/1.0\r\n"  # a header block with no status on its first line
 _SEQUENCE = b"\r\nNats-Sequence:"  # what a direct get adds to a stored message
-_OTHER_HEADERS = getattr(nats_client, "parse_email", None) is not None  # nats-py with fast_mail_parser
+# The short way reads header blocks as nats-py 2.16 does (its parser, not fast_mail_parser's), and
+# keeps its counters as that version's `_process_msg` does: any other nats-py goes its own way.
+_SHORT = _headers.FITS and _parser.FITS and getattr(nats_client, "parse_email", None) is None
 
 
 class Connection(Client):
@@ -29,7 +31,7 @@ class Connection(Client):
         super().__init__()
         if _parser.FITS:
             self._ps = _parser.Parser(self)
-        self.quick_sid = 0  # the replies subscription's id, once `answer_into` named it (ids start at 1)
+        self.quick_sid = -1  # the replies subscription's id, once `answer_into` named it
         self._answers: Replies | None = None
 
     if _headers.FITS:
@@ -41,10 +43,12 @@ class Connection(Client):
 
     def take(self, sid: int, subject: bytes, data: bytes, headers: bytes | None) -> bool:
         """Hand a message the parser read straight to its batched read; False: nats-py's way."""
-        if headers is None or not headers.startswith(_STORED) or _SEQUENCE not in headers or _OTHER_HEADERS:
-            return False  # no header block, a status, not a stored message, or nats-py reads headers its other way
+        if headers is None or not headers.startswith(_STORED) or _SEQUENCE not in headers or not _SHORT:
+            return False  # no header block, a status, not a stored message, or not the nats-py checked
         answers, sub = self._answers, self._subs.get(sid)
         if answers is None or sub is None or sub._jsi is not None or sub._max_msgs > 0:
+            return False
+        if sub._future is not answers:  # type: ignore[comparison-overlap]  # subscribed with future=answers
             return False
         waiter = answers.waiting.get(subject.decode())
         if type(waiter) is not Collected:

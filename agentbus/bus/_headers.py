@@ -75,5 +75,5 @@ def _parse_bytes(raw: bytes) -> dict[str, str]:
 ORIGINAL = Client.__dict__.get("_parse_header_lines")
 # the quick parser stands in only for the parser it was checked against (the bus's connections use it)
 FITS = isinstance(ORIGINAL, staticmethod) and (ORIGINAL.__func__.__doc__ or "").startswith(_CHECKED)
-# what parses a block the bus's connections read: nats-py parses with this one too where it fits
-parse = parse_header_lines if FITS else Client._parse_header_lines
+# what parses a block a batched read took the short way (`Connection.take`, only where FITS)
+parse = parse_header_lines

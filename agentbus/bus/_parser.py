@@ -4,7 +4,8 @@ nats-py's `Parser.parse` cuts every message out of the front of its buffer (a re
 message), tries the `MSG` pattern before the `HMSG` one, and copies each payload twice. A batched
 direct get of a thousand records arrives as a thousand messages in a few reads; so does a busy
 agent's traffic. This one reads each received chunk at an offset, picks the pattern by the first
-byte, cuts the buffer once per chunk and copies each payload once. Messages, errors, pings,
+byte, cuts the buffer once per chunk and copies each payload once (a payload split between reads
+is gathered, then copied twice). Messages, errors, pings,
 pongs and INFO reach the client exactly as from nats-py's parser, in the same order, with the
 same arguments (`tests/test_bus_parser.py` feeds both the same bytes, whole and in pieces).
 
@@ -55,26 +56,32 @@ class Parser(stock.Parser):
         kept = self.buf  # what an earlier chunk left unread; `reset` puts a new one in its place
         if kept:
             kept.extend(data)
+            if self.state == _PAYLOAD and len(kept) < self.needed + 2:
+                return  # a big payload arriving read by read: gathered, not copied at each read
             data = bytes(kept)
         elif type(data) is not bytes:
             data = bytes(data)  # slices of it become payloads: bytes, as nats-py's are
         end, pos = len(data), 0
         nc: Any = self.nc
-        quick = getattr(nc, "quick_sid", 0)  # the subscription whose answers `nc.take` may take
+        quick = getattr(nc, "quick_sid", -1)  # the subscription whose answers `nc.take` may take
         try:
             while pos < end:
                 if self.state == _CONTROL:
                     first = data[pos]
                     m = _HMSG.match(data, pos) if first == _H else _MSG.match(data, pos) if first == _M else None
                     if m is not None:
+                        args = self.msg_arg  # filled in nats-py's order: a malformed line leaves what it leaves
                         try:
                             if first == _H:
                                 subject, sid, _, reply, header_size, needed = m.groups()
-                                self.header_needed = int(header_size)
                             else:
                                 subject, sid, _, reply, needed = m.groups()
-                            self.msg_arg = {"subject": subject, "sid": int(sid), "reply": reply or b""}
+                            args["subject"] = subject
+                            args["sid"] = int(sid)
+                            args["reply"] = reply or b""
                             self.needed = int(needed)
+                            if first == _H:
+                                self.header_needed = int(header_size)
                         except Exception as err:
                             raise ProtocolError("nats: malformed MSG") from err
                         pos = m.end()
@@ -101,7 +108,7 @@ class Parser(stock.Parser):
                             raise ProtocolError("nats: unknown protocol")
                         break  # a control line split between reads: wait for the rest
                     if self.buf is not kept:
-                        return  # the client reset the parser (closed, reconnecting): the rest is void
+                        return  # the client reset the parser (it is reconnecting): the rest is void
                 else:
                     needed = self.needed
                     if end - pos < needed + 2:

@@ -75,7 +75,9 @@ class Reading(BusCore):
     ) -> list[T]:
         """The stored messages on `subject` (wildcards allowed) from `from_seq` on, in order, each as
         `convert` makes it, with no consumer: batched direct gets, one request per thousand messages.
-        Each is converted as it arrives, while the server is still sending the rest. Needs the
+        Each is converted as it arrives, in the connection's read loop while the server is still
+        sending the rest: `convert` must be quick and pure (answers to an attempt given up on and
+        asked again are converted again), and what it raises is raised here. Needs the
         unscoped direct-get permission (`$JS.API.DIRECT.GET.<stream>`): readers of every session have it."""
         out: list[T] = []
         seq = max(from_seq, 1)
@@ -117,11 +119,11 @@ class Reading(BusCore):
             hdrs = await collected.until_done(self.settings.publish_timeout_s)
         finally:
             replies.close(reply)
+        if collected.failed is not None:  # ours to report, whatever status ended the batch
+            raise collected.failed
         status = hdrs.get("Status")
         if status not in ("204", "404"):  # 204: end of batch (with how many more match past it); 404: none
             raise BusError(f"direct get on {subject}: status {status} {hdrs.get('Description', '')}")
-        if collected.failed is not None:
-            raise collected.failed
         pending = int(hdrs.get("Nats-Num-Pending") or 0) if status == "204" else 0
         return collected.found, collected.last_seq, pending
 

@@ -33,7 +33,7 @@ class Collected:
         self.convert = convert
         self.found: list[Any] = []
         self.last_seq = 0
-        self.failed: Exception | None = None  # what converting raised: the read raises it, the loop reads on
+        self.failed: BaseException | None = None  # what converting raised: the read raises it, the loop reads on
         self.done: asyncio.Future[dict[str, str]] = asyncio.get_running_loop().create_future()
 
     def add(self, data: bytes, headers: dict[str, str]) -> None:
@@ -56,7 +56,7 @@ class Collected:
             d = make(data, headers)
             self.found.append(self.convert(d))
             self.last_seq = d.seq
-        except Exception as err:  # in the read loop: raised by the read, never into nats-py
+        except (Exception, asyncio.CancelledError) as err:  # in the read loop: raised by the read, never into nats-py
             self.failed = err
 
     async def until_done(self, timeout: float) -> dict[str, str]:

@@ -36,8 +36,9 @@ def decode_event(data: bytes, stored_ts: float | Callable[[], float] | None = No
     `UnknownEvent` carrying its fields; anything else is an `InvalidEvent` saying why, a `ts` that
     is not plausible seconds since the epoch included. An event without `ts` gets `stored_ts`, the
     time the stream stored it (0.0 when the caller does not know it), or what a function of no
-    arguments gives, asked only then: nearly every event has its `ts`, and reading the stored
-    time costs a reader of a long log more than the decode.
+    arguments (which must not raise) gives, asked only for an event without `ts` or a payload that
+    is not a known event: nearly every event has its `ts`, and reading the stored time costs a
+    reader of a long log more than the decode.
     """
     token = READING.set(True)
     try:
