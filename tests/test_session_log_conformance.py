@@ -742,3 +742,40 @@ async def test_state_from_a_stale_cache_equals_a_fresh_fold(client: agentbus.Cli
 
     assert state == folded
     assert state.tool_calls == 10
+
+
+@pytest.mark.parametrize("bound", ["messages", "bytes"])
+async def test_a_tap_read_slowly_past_its_buffer_loses_and_repeats_nothing(
+    client: agentbus.Client, monkeypatch: pytest.MonkeyPatch, bound: str
+) -> None:
+    """What arrives past a tap's buffer (in messages, or in payload bytes) is dropped, and the
+    tap recreates its consumer from the first record it did not hand over: the reader sees every
+    record once, in order. Bounds made small so a slow reader meets them."""
+    from agentbus.bus import _tap
+
+    if bound == "messages":
+        monkeypatch.setattr(_tap, "_REPLAY_BUFFER", 4)
+    else:
+        monkeypatch.setattr(_tap, "_REPLAY_BYTES", 3_000)
+    big = [
+        ToolCallCompleted(id=f"big-{i}", ts=TS + i, step=i, tool_use_id=f"tu-{i}", name="echo", output="x" * 1_000)
+        for i in range(40)
+    ]
+    await client.log.append_many("s1", big)
+    recreated: list[str] = []
+    recreate = _tap.Tap._recreate
+
+    async def counted(self: _tap.Tap, why: str) -> None:
+        recreated.append(why)
+        await recreate(self, why)
+
+    monkeypatch.setattr(_tap.Tap, "_recreate", counted)
+    tap = client.tap("s1", follow=False)
+    seen: list[Record] = []
+    async with asyncio.timeout(COLLECT_TIMEOUT_S):
+        async for rec in tap:
+            seen.append(rec)
+            await asyncio.sleep(0.01)  # slower than the server sends: the buffer fills
+    assert _ids(seen) == [f"big-{i}" for i in range(40)]
+    assert _strictly_increasing([r.seq for r in seen])
+    assert "messages dropped past the buffer" in recreated  # the path under test was taken

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from agentbus.bus._read import Reading
 
 _REPLAY_BUFFER = 65536  # messages a tap holds for its reader; flow control keeps it far below
+_REPLAY_BYTES = 64 << 20  # and payload bytes: 65,536 messages of 8 MiB would be half a terabyte
 _HEARTBEAT_S = 2.0  # the server's idle heartbeat on a tap
 _STALL_S = 3 * _HEARTBEAT_S  # silence this long means the consumer is gone (its server died, it was removed)
 _INACTIVE_S = 2.0  # a consumer nobody listens to this long is removed by the server
@@ -99,7 +100,7 @@ class Tap:
         """The next stored message in order, or None once the connection is closed for good."""
         while True:
             waiting = self.queue.msgs
-            msg = waiting.popleft() if waiting else await self._take()  # no coroutine for what is here
+            msg = self.queue.pop() if waiting else await self._take()  # no coroutine for what is here
             if msg is None:
                 return None
             if msg is _STALLED:
@@ -125,7 +126,7 @@ class Tap:
     async def _take(self) -> Msg | None:
         queue = self.queue
         if queue.msgs:
-            return queue.msgs.popleft()
+            return queue.pop()
         if queue.dropped:
             stalled: Msg = _STALLED
             return stalled  # what came past the buffer was dropped: start again from the first missing
@@ -183,11 +184,12 @@ class Feed:
 
     Flow control bounds what waits here: the server stops once the consumer's window is sent
     until the reader takes its request off this queue (`Tap._control`). Past `_REPLAY_BUFFER`
-    anyway (a server that ignores it), messages are dropped: the gap in consumer sequences makes
+    messages or `_REPLAY_BYTES` of payload anyway (a server that ignores it), messages are dropped: the gap in consumer sequences makes
     the tap recreate its consumer from the first one missing, so nothing is lost, only re-sent."""
 
     def __init__(self) -> None:
         self.msgs: collections.deque[Msg] = collections.deque()
+        self.size = 0  # payload bytes in msgs
         self._waiter: asyncio.Future[None] | None = None
         self.dropped = 0
 
@@ -196,11 +198,17 @@ class Feed:
 
     def set_result(self, msg: Msg) -> None:
         # called in nats-py's read loop: nothing here may raise
-        if len(self.msgs) >= _REPLAY_BUFFER:
+        if len(self.msgs) >= _REPLAY_BUFFER or self.size >= _REPLAY_BYTES:
             self.dropped += 1  # the reader recreates the consumer once it has taken what is here
             return
         self.msgs.append(msg)
+        self.size += len(msg.data)
         self.wake()
+
+    def pop(self) -> Msg:
+        msg = self.msgs.popleft()
+        self.size -= len(msg.data)
+        return msg
 
     def wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
@@ -217,4 +225,4 @@ class Feed:
             finally:
                 timer.cancel()
                 self._waiter = None
-        return self.msgs.popleft() if self.msgs else None
+        return self.pop() if self.msgs else None
