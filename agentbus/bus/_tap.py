@@ -184,8 +184,9 @@ class Feed:
 
     Flow control bounds what waits here: the server stops once the consumer's window is sent
     until the reader takes its request off this queue (`Tap._control`). Past `_REPLAY_BUFFER`
-    messages or `_REPLAY_BYTES` of payload anyway (a server that ignores it), messages are dropped: the gap in consumer sequences makes
-    the tap recreate its consumer from the first one missing, so nothing is lost, only re-sent."""
+    messages or `_REPLAY_BYTES` of payload anyway (a server that ignores it), messages are
+    dropped: the gap in consumer sequences makes the tap recreate its consumer from the first one
+    missing, so nothing is lost, only re-sent."""
 
     def __init__(self) -> None:
         self.msgs: collections.deque[Msg] = collections.deque()
