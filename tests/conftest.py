@@ -7,12 +7,16 @@ started the server does; local contexts go to a temporary directory, never the u
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
 import os
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
+from nats.aio.client import Client as NatsClient
 
 import agentbus
 from agentbus.auth import identity
@@ -32,6 +36,42 @@ def _private_contexts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None
         os.environ.pop("AGENTBUS_CONTEXT_DIR", None)
     else:
         os.environ["AGENTBUS_CONTEXT_DIR"] = old
+
+
+_LEFT_OPEN: list[str] = []  # connections a test never closed (named in the summary)
+
+
+@pytest.fixture(scope="session", autouse=True)
+async def _no_connection_outlives_the_run() -> AsyncIterator[None]:
+    """Every NATS connection the run made is closed before the run's event loop is: one a test
+    left open would reconnect once the server stops, and the loop's closing then waits on its
+    reconnect task (a run once ended in a 120 s timeout that way). Those left are named."""
+    made: weakref.WeakSet[NatsClient] = weakref.WeakSet()
+    init = NatsClient.__init__
+
+    def registered(self: NatsClient) -> None:
+        init(self)
+        made.add(self)
+
+    NatsClient.__init__ = registered  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        NatsClient.__init__ = init  # type: ignore[method-assign]
+        for nc in list(made):
+            if nc.is_closed or nc._current_server is None:  # closed, or never connected
+                continue
+            _LEFT_OPEN.append(str(nc.options.get("name") or "unnamed"))
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(nc.close(), 5)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if _LEFT_OPEN:
+        names = ", ".join(sorted(set(_LEFT_OPEN)))
+        terminalreporter.write_line(
+            f"{len(_LEFT_OPEN)} NATS connection(s) left open by tests, closed at the end: {names}"
+        )
 
 
 @pytest.fixture(scope="session")

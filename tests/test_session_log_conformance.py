@@ -641,6 +641,8 @@ async def test_events_survive_kill_9_of_the_server_and_a_restart(tmp_path: Path)
             written = await before.show(sid)
             port = server.port
             await asyncio.to_thread(server.kill)  # while the writer is still connected
+        # closed with its server gone: closed for good, not left reconnecting for ever
+        assert before.bus._nc.is_closed
 
         await asyncio.to_thread(server.start)
 

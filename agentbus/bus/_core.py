@@ -85,10 +85,17 @@ class BusCore:
             return bus
 
     async def close(self) -> None:
+        """Drain (what is on its way is handled, what was sent is flushed), then close for good.
+
+        nats-py's drain refuses while reconnecting, and stops short of closing when its last flush
+        fails (the server gone): a bus closed then was left reconnecting for ever."""
         self._link.closing = True
         if not self._nc.is_closed:
             with contextlib.suppress(Exception):
                 await self._nc.drain()
+        if not self._nc.is_closed:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._nc.close(), 5.0)
 
     async def __aenter__(self) -> Self:
         return self
