@@ -21,7 +21,7 @@ import msgspec
 
 from agentbus.bus import Delivery
 from agentbus.errors import BusError, NoSuchSession, NotPermitted
-from agentbus.state import SessionState, fold
+from agentbus.state import SessionState, fold_all
 
 if TYPE_CHECKING:
     from agentbus.session import SessionLog
@@ -92,9 +92,7 @@ async def state(sessions: SessionLog, session_id: str) -> SessionState:
         current = _trusted(cached[0] if cached else b"", session_id, last)
         if current.last_seq == last:
             return current
-        new = current
-        for rec in await sessions.read(session_id, from_seq=current.last_seq + 1):
-            new = fold(new, rec)
+        new = fold_all(current, await sessions.read(session_id, from_seq=current.last_seq + 1))
         if new.last_seq == 0:
             raise NoSuchSession(session_id)
         if not writes:

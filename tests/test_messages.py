@@ -10,6 +10,7 @@ from typing import Any
 import msgspec
 import pytest
 
+import agentbus.state
 from agentbus import messages
 from agentbus.messages import (
     AnyEvent,
@@ -56,7 +57,7 @@ from agentbus.messages import (
     VerdictRecorded,
     WorkItem,
 )
-from agentbus.state import SessionState, fold
+from agentbus.state import SessionState, fold, fold_all
 from agentbus.subjects import Namespace, parse_session_subject, session_id_from_subject
 
 TS = 1_700_000_000.25
@@ -585,6 +586,43 @@ def test_fold_does_not_modify_the_state_it_is_given() -> None:
 
     assert before == SessionState(session_id="s1")
     assert after.status == "queued"
+
+
+def _fold_as_written_first(state: SessionState, record: Record) -> SessionState:
+    """The fold as it was first written (a copy per record, `needs_person_now` asked before and
+    after each): `fold` and `fold_all` must agree with it on any records."""
+    if record.seq <= state.last_seq:
+        return state
+    s = msgspec.structs.replace(state, last_seq=record.seq, events=state.events + 1)
+    ev = record.event
+    ts = getattr(ev, "ts", 0.0) or s.updated_ts
+    s.updated_ts = max(s.updated_ts, ts)
+    before = (s.status, s.waiting_for, s.needs_person_now())
+    was_parked = s.parked
+    agentbus.state._apply(s, ev)
+    if s.parked and not was_parked:
+        s.parked_at = record.seq - 1 if isinstance(ev, HumanMessage) else record.seq
+    if (s.status, s.waiting_for, s.needs_person_now()) != before:
+        agentbus.state._attention(s, ts)
+    return s
+
+
+def test_fold_all_and_fold_agree_with_the_fold_as_first_written_on_random_logs() -> None:
+    rng = random.Random(16)
+    for _ in range(400):
+        seq, records = 0, []
+        for _ in range(rng.randint(1, 40)):
+            seq = seq + rng.randint(1, 3) if rng.random() > 0.1 else max(seq - rng.randint(0, 2), 1)  # repeats too
+            records.append(_record(seq, rng.choice(SAMPLES), channel=rng.choice(("log", "log", "input", "control"))))
+        start = SessionState(session_id="s1")
+        expected = start
+        for rec in records:
+            expected = _fold_as_written_first(expected, rec)
+
+        assert _fold_all(records) == expected
+        assert fold_all(start, records) == expected
+        assert start == SessionState(session_id="s1")  # never changed in place
+        assert fold_all(expected, records) is expected  # nothing new: the same state back
 
 
 @pytest.mark.parametrize(

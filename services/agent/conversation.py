@@ -7,7 +7,7 @@ is what makes resume exact and prompt caching hit.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -121,49 +121,51 @@ class _Builder:
         self.included: list[Record] = []  # human messages put into the request, in order
 
     def add(self, rec: Record) -> None:
-        ev, conv = rec.event, self.conv
-        if not isinstance(ev, READ_KINDS):
-            return  # so a record of another kind can never change a conversation (`SessionRun.conversation`)
-        if isinstance(ev, SessionCreated):
-            if conv.task is not None:
-                return  # only the first record creates the session; a later one changes nothing
-            conv.task = ev.task
-            self.user.insert(0, {"type": "text", "text": ev.task.prompt})
-        elif isinstance(ev, ModelResponded):
-            self._model_responded(ev)
-        elif isinstance(ev, ToolCallStarted | ToolCallParked | ApprovalRequested | ApprovalDecided):
-            self._tool_event(ev)
-        elif isinstance(ev, ToolCallCompleted):
-            self.results[ev.tool_use_id] = {
-                "type": "tool_result",
-                "tool_use_id": ev.tool_use_id,
-                "content": ev.output,
-                **({"is_error": True} if ev.is_error else {}),
-            }
-            if conv.open_question == ev.tool_use_id:
-                conv.open_question, conv.answer = None, None
-        elif isinstance(ev, QuestionAsked):
-            if conv.open_question != ev.tool_use_id:  # a re-asked question keeps an answer already given
-                conv.open_question, conv.answer = ev.tool_use_id, None
-        elif isinstance(ev, HumanMessage):
-            self._human(rec, ev)
-        elif isinstance(ev, InterruptRequested):
-            if ev.text:
-                self._say(rec, interrupt_text(ev))
-            else:
-                conv.interrupt = rec
-        elif isinstance(ev, SessionPaused | ResumeRequested):
-            conv.interrupt = None  # handled: the session paused for it, or someone let it go on
-        elif isinstance(ev, MessageDelivered):
-            self.delivered.add(ev.message_seq)
-        elif isinstance(ev, RevisionRequested):
-            self._revision(ev)
-        elif isinstance(ev, CancelRequested):
-            conv.cancel = conv.cancel or ev
-        elif isinstance(ev, SessionEnded):
-            conv.ended = ev
+        # by exact type, as no event class derives from another (tests/test_messages.py holds that):
+        # a resume adds a thousand records, and a chain of isinstance tests was most of the cost
+        handler = _ADD.get(type(rec.event))
+        if handler is not None:  # any other kind can never change a conversation (`SessionRun.conversation`)
+            handler(self, rec, rec.event)
 
-    def _model_responded(self, ev: ModelResponded) -> None:
+    def _created(self, rec: Record, ev: SessionCreated) -> None:
+        if self.conv.task is not None:
+            return  # only the first record creates the session; a later one changes nothing
+        self.conv.task = ev.task
+        self.user.insert(0, {"type": "text", "text": ev.task.prompt})
+
+    def _completed(self, rec: Record, ev: ToolCallCompleted) -> None:
+        self.results[ev.tool_use_id] = {
+            "type": "tool_result",
+            "tool_use_id": ev.tool_use_id,
+            "content": ev.output,
+            **({"is_error": True} if ev.is_error else {}),
+        }
+        if self.conv.open_question == ev.tool_use_id:
+            self.conv.open_question, self.conv.answer = None, None
+
+    def _asked(self, rec: Record, ev: QuestionAsked) -> None:
+        if self.conv.open_question != ev.tool_use_id:  # a re-asked question keeps an answer already given
+            self.conv.open_question, self.conv.answer = ev.tool_use_id, None
+
+    def _interrupt(self, rec: Record, ev: InterruptRequested) -> None:
+        if ev.text:
+            self._say(rec, interrupt_text(ev))
+        else:
+            self.conv.interrupt = rec
+
+    def _handled(self, rec: Record, ev: SessionPaused | ResumeRequested) -> None:
+        self.conv.interrupt = None  # handled: the session paused for it, or someone let it go on
+
+    def _delivered(self, rec: Record, ev: MessageDelivered) -> None:
+        self.delivered.add(ev.message_seq)
+
+    def _cancel(self, rec: Record, ev: CancelRequested) -> None:
+        self.conv.cancel = self.conv.cancel or ev
+
+    def _ended(self, rec: Record, ev: SessionEnded) -> None:
+        self.conv.ended = ev
+
+    def _model_responded(self, rec: Record, ev: ModelResponded) -> None:
         conv = self.conv
         self._flush_turn()
         _push(conv.messages, "assistant", [dict(b) for b in ev.content])
@@ -194,7 +196,9 @@ class _Builder:
         if ev.stop_reason == "end_turn" and not self.uses:
             self._release_held()
 
-    def _tool_event(self, ev: ToolCallStarted | ToolCallParked | ApprovalRequested | ApprovalDecided) -> None:
+    def _tool_event(
+        self, rec: Record, ev: ToolCallStarted | ToolCallParked | ApprovalRequested | ApprovalDecided
+    ) -> None:
         for use in self.uses:
             if use.id != ev.tool_use_id:
                 continue
@@ -236,7 +240,7 @@ class _Builder:
             self._say(rec, human_text(rec.event))
         self.held = []
 
-    def _revision(self, ev: RevisionRequested) -> None:
+    def _revision(self, rec: Record, ev: RevisionRequested) -> None:
         conv = self.conv
         conv.round = ev.round
         conv.unanswered_humans += 1
@@ -261,6 +265,27 @@ class _Builder:
         conv.held = len(self.held)
         conv.undelivered = [r for r in self.included if r.seq not in self.delivered]
         return conv
+
+
+_ADD: dict[type, Callable[[_Builder, Record, Any], None]] = {
+    SessionCreated: _Builder._created,
+    ModelResponded: _Builder._model_responded,
+    ToolCallStarted: _Builder._tool_event,
+    ToolCallParked: _Builder._tool_event,
+    ApprovalRequested: _Builder._tool_event,
+    ApprovalDecided: _Builder._tool_event,
+    ToolCallCompleted: _Builder._completed,
+    QuestionAsked: _Builder._asked,
+    HumanMessage: _Builder._human,
+    InterruptRequested: _Builder._interrupt,
+    SessionPaused: _Builder._handled,
+    ResumeRequested: _Builder._handled,
+    MessageDelivered: _Builder._delivered,
+    RevisionRequested: _Builder._revision,
+    CancelRequested: _Builder._cancel,
+    SessionEnded: _Builder._ended,
+}
+assert set(_ADD) == set(READ_KINDS)
 
 
 def affects(rec: Record) -> bool:

@@ -25,7 +25,7 @@ import time
 from agentbus.bus import PubAck
 from agentbus.messages import Event, Record
 from agentbus.session import SessionLog
-from agentbus.state import SessionState, fold
+from agentbus.state import SessionState, fold_all
 
 # How long after a signal the stream is still asked: a replicated stream stores a message after
 # its subscribers have heard it (a raft round), never seconds after.
@@ -129,8 +129,7 @@ class Transcript:
 
     def state(self) -> SessionState:
         """The fold of every record, brought up to date incrementally."""
-        for rec in self.records[self._folded :]:
-            self._state = fold(self._state, rec)
+        self._state = fold_all(self._state, self.records[self._folded :])
         self._folded = len(self.records)
         return self._state
 

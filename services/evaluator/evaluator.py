@@ -36,7 +36,7 @@ from agentbus.sandbox import Sandbox, open_sandbox
 from agentbus.service import Consumer, Service, consume
 from agentbus.session import SessionLog
 from agentbus.spend import SpendLedger
-from agentbus.state import SessionState, fold
+from agentbus.state import SessionState, fold_all
 from agentbus.subjects import valid_token
 from services.evaluator.grading import Graded, GradingError, committed_head, grade_criteria, run_checks
 from services.evaluator.policy import PIVOT_AFTER, critique_of, decide, verdict_of
@@ -98,7 +98,7 @@ class Evaluator(Service):
     async def evaluate(self, sid: str, round_: int) -> None:
         records = await self.log.read(sid)
         created = next((r.event for r in records if isinstance(r.event, SessionCreated)), None)
-        state = fold_all(sid, records)
+        state = fold_all(SessionState(session_id=sid), records)
         if created is None:
             return
         task = created.task
@@ -147,7 +147,7 @@ class Evaluator(Service):
     async def _revise(self, sid: str, round_: int, critique: str, fresh: bool, records: list[Record]) -> None:
         """Send the work back to the pool the session runs on (from the folded state: a delegation
         to another pool names that pool in its own events, which must not redirect the revision)."""
-        state = fold_all(sid, records)
+        state = fold_all(SessionState(session_id=sid), records)
         pool = state.pool
         if pool is None or not valid_token(pool):
             reason = f"needs revision, but the session has no pool to send it back to ({pool!r})"
@@ -202,10 +202,3 @@ def final_output(records: list[Record]) -> str:
         if isinstance(rec.event, ModelResponded):
             return text_of(rec.event.content)
     return ""
-
-
-def fold_all(sid: str, records: list[Record]) -> SessionState:
-    state = SessionState(session_id=sid)
-    for rec in records:
-        state = fold(state, rec)
-    return state
