@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Coroutine
@@ -272,8 +273,20 @@ class Service:
                 task.cancel()
 
 
+def freeze_heap() -> None:
+    """Called once by a service's process when it is up, never by the library: what the process
+    made to start (modules, the SDKs and their tables; about 200,000 objects once the Anthropic SDK
+    is imported) lives as long as the process, so the cyclic collector stops scanning it. A full
+    collection over that heap took about 60 ms on the 2-core machine, and it stalls every session
+    of the process while it runs; it comes round once enough new objects survived, as when an
+    agent resumes a long log. The garbage of starting is collected first, not kept."""
+    gc.collect()
+    gc.freeze()
+
+
 async def serve_until_signalled(service: Service, bus: Bus) -> None:
     """A service's process: SIGINT or SIGTERM drains it; the connection closes after it stops."""
+    freeze_heap()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, lambda: asyncio.ensure_future(service.shutdown()))

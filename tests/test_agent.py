@@ -540,3 +540,32 @@ async def test_a_session_waiting_for_a_human_outlives_its_agent_and_the_answer_w
 
 async def _claimed_by(client: agentbus.Client, sid: str, worker: str) -> bool:
     return any(c.worker == worker for c in await events(client, sid, SessionClaimed))
+
+
+async def test_the_agent_process_freezes_its_heap_once_its_worker_is_made(
+    client: agentbus.Client, settings: Settings, tmp_path: Path
+) -> None:
+    import gc
+
+    from agentbus.models import ScriptedModel
+    from agentbus.service import freeze_heap
+    from services.agent.worker import AgentConfig, serve
+
+    script = tmp_path / "script.json"
+    script.write_text(json.dumps({"responses": [{"content": [{"type": "text", "text": "ok"}]}]}))
+    model = ScriptedModel(script)
+    stop, frozen = asyncio.Event(), []
+
+    def started() -> None:  # what `agentbus agent` passes, observed
+        freeze_heap()
+        frozen.append(gc.get_freeze_count())
+        stop.set()
+
+    try:
+        async with await Bus.connect(settings) as bus:
+            config = AgentConfig(pool=POOL, model=model.name, workdir=tmp_path / "work")
+            await asyncio.wait_for(serve(bus, config, stop, model=model, started=started), 30)
+    finally:
+        gc.unfreeze()  # the rest of the suite collects as before
+
+    assert len(frozen) == 1 and frozen[0] > 10_000  # the imported modules, the SDKs and the worker itself

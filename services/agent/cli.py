@@ -14,6 +14,7 @@ from agentbus.cli.options import budget_options, nats_option, pool_name, run, se
 from agentbus.config import DEFAULT_TOOLS
 from agentbus.mcp.servers import parse_option
 from agentbus.messages import Budget
+from agentbus.service import freeze_heap
 from services.agent.worker import AgentConfig, serve
 
 
@@ -146,7 +147,7 @@ def command(
             loop.add_signal_handler(sig, stop.set)
         bus = await Bus.connect(settings, name=f"agentbus-agent-{pool}")
         try:
-            await serve(bus, config, stop)
+            await serve(bus, config, stop, started=freeze_heap)
         finally:
             await bus.close()
 

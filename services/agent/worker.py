@@ -326,9 +326,19 @@ class AgentWorker(Service):
         self.served += outcome == "ended"
 
 
-async def serve(bus: Bus, config: AgentConfig, stop: asyncio.Event, *, model: ModelClient | None = None) -> None:
-    """Run a worker until `stop` is set, then drain it."""
+async def serve(
+    bus: Bus,
+    config: AgentConfig,
+    stop: asyncio.Event,
+    *,
+    model: ModelClient | None = None,
+    started: Callable[[], None] | None = None,
+) -> None:
+    """Run a worker until `stop` is set, then drain it; `started` is called once the worker is made
+    (its model client and tools loaded), before it serves."""
     worker = AgentWorker(bus, config, model)
+    if started is not None:
+        started()
     runner = asyncio.create_task(worker.run())
     waiter = asyncio.create_task(stop.wait())
     done, _ = await asyncio.wait({runner, waiter}, return_when=asyncio.FIRST_COMPLETED)
