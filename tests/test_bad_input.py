@@ -285,6 +285,42 @@ async def test_a_publish_no_stream_takes_fails_at_once_with_a_clear_reason(setti
         assert loop.time() - started < 60
 
 
+async def test_a_read_of_a_stream_that_does_not_exist_fails_at_once_with_a_clear_reason(settings: Settings) -> None:
+    patient = settings.with_(failover_s=120)  # were it taken for a failover, this would take 2 minutes
+    async with await Bus.connect(patient) as bus:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        for limit in (None, 1):  # a batched read, and the router's single look
+            with pytest.raises(BusError, match="no stream NOPE_SESSIONS"):
+                await bus.read_direct("NOPE_SESSIONS", "nope.session.>", lambda d: d.seq, limit=limit)
+        assert loop.time() - started < 60
+
+
+async def test_a_read_nobody_answers_yet_is_asked_again_until_a_reader_of_the_stream_answers(
+    settings: Settings,
+) -> None:
+    """503 to a direct get of a stream that exists: no replica serves reads yet (as while a
+    restarted server recovers its streams). Made here with a stream that does not serve direct
+    gets until it is changed to, mid-read."""
+    # a subject the admin may publish to, in a namespace nobody provisioned
+    name, subject = f"{settings.prefix.upper()}Z_LATE", f"{settings.prefix}z.timer"
+    async with await Bus.connect(settings.with_(failover_s=30)) as bus:
+        js = bus._nc.jetstream()
+        await js.add_stream(name=name, subjects=[subject], allow_direct=False)
+        for i in range(3):
+            await js.publish(subject, str(i).encode())
+        read = asyncio.create_task(bus.read_direct(name, subject, lambda d: d.data))
+        await asyncio.sleep(0.5)
+        assert not read.done(), "a 503 from a stream that exists is a failover, not an error"
+        await js.update_stream(name=name, subjects=[subject], allow_direct=True)
+        assert await asyncio.wait_for(read, 20) == [b"0", b"1", b"2"]
+
+        with pytest.raises(BusError, match="did not answer within 1s"):  # and not for ever
+            await js.update_stream(name=name, subjects=[subject], allow_direct=False)
+            async with await Bus.connect(settings.with_(failover_s=1)) as hurried:
+                await hurried.read_direct(name, subject, lambda d: d.data, limit=1)
+
+
 async def test_a_service_never_changes_replicas_of_what_exists_but_says_how_to(
     settings: Settings, caplog: pytest.LogCaptureFixture
 ) -> None:

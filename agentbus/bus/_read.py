@@ -13,9 +13,10 @@ import nats.js.errors
 from nats.js import api
 
 from agentbus.bus._core import BusCore, logger
+from agentbus.bus._errors import TRANSIENT
 from agentbus.bus._tap import Tap
 from agentbus.bus._types import Delivery, Stored, direct_delivery
-from agentbus.errors import BusError
+from agentbus.errors import BusError, NotPermitted
 
 T = TypeVar("T")
 _DIRECT_BATCH = 1000  # messages per batched direct get; more means another request
@@ -83,12 +84,12 @@ class Reading(BusCore):
         seq = max(from_seq, 1)
         api = f"$JS.API.DIRECT.GET.{stream}"
         if limit == 1:  # the router's look at a session's first record: one answer, no closing status
-            one = functools.partial(self._direct_one, api, subject, seq)
+            one = functools.partial(self._direct_one, stream, subject, seq)
             found = await self._through_failover(f"read of {subject}", one, refusal=api)
             return [convert(found)] if found is not None else []
         while limit is None or len(out) < limit:
             want = _DIRECT_BATCH if limit is None else min(_DIRECT_BATCH, limit - len(out))
-            batch = functools.partial(self._direct_batch, api, subject, seq, want, convert)
+            batch = functools.partial(self._direct_batch, stream, subject, seq, want, convert)
             got, last, pending = await self._through_failover(f"read of {subject}", batch, refusal=api)
             out += got
             if not got or not pending:
@@ -96,18 +97,20 @@ class Reading(BusCore):
             seq = last + 1
         return out
 
-    async def _direct_one(self, api: str, subject: str, seq: int) -> Delivery | None:
+    async def _direct_one(self, stream: str, subject: str, seq: int) -> Delivery | None:
         request = json.dumps({"seq": seq, "next_by_subj": subject}).encode()
-        msg = await self.ask(api, request, self.settings.publish_timeout_s)
+        msg = await self.ask(f"$JS.API.DIRECT.GET.{stream}", request, self.settings.publish_timeout_s)
         hdrs = msg.headers or {}
         if "Nats-Sequence" not in hdrs:  # a status: 404 none, or an error (a stored message has its sequence)
             if hdrs.get("Status") == "404":
                 return None
+            if hdrs.get("Status") == "503":
+                raise await self._unavailable(stream, subject)
             raise BusError(f"direct get on {subject}: status {hdrs.get('Status')} {hdrs.get('Description', '')}")
         return direct_delivery(msg.data, hdrs)
 
     async def _direct_batch(
-        self, api: str, subject: str, seq: int, batch: int, convert: Callable[[Delivery], T]
+        self, stream: str, subject: str, seq: int, batch: int, convert: Callable[[Delivery], T]
     ) -> tuple[list[T], int, int]:
         """One batch: what `convert` made of each message, the last one's sequence, and how many
         more match past it."""
@@ -115,17 +118,34 @@ class Reading(BusCore):
         reply, collected = replies.many(convert)
         request = json.dumps({"seq": seq, "next_by_subj": subject, "batch": batch}).encode()
         try:
-            await self._nc.publish(api, request, reply=reply)
+            await self._nc.publish(f"$JS.API.DIRECT.GET.{stream}", request, reply=reply)
             hdrs = await collected.until_done(self.settings.publish_timeout_s)
         finally:
             replies.close(reply)
         if collected.failed is not None:  # ours to report, whatever status ended the batch
             raise collected.failed
         status = hdrs.get("Status")
+        if status == "503":  # the whole batch is asked again
+            raise await self._unavailable(stream, subject)
         if status not in ("204", "404"):  # 204: end of batch (with how many more match past it); 404: none
             raise BusError(f"direct get on {subject}: status {status} {hdrs.get('Description', '')}")
         pending = int(hdrs.get("Nats-Num-Pending") or 0) if status == "204" else 0
         return collected.found, collected.last_seq, pending
+
+    async def _unavailable(self, stream: str, subject: str) -> BaseException:
+        """What to raise for a direct get nobody answered (503): a failover to go through (no replica
+        of the stream serves reads yet, as while a restarted server recovers it), or at once a clear
+        error when the stream does not exist. One look at the stream tells them apart; a user who
+        may not look, or a look unanswered too, counts as a failover."""
+        try:
+            await self._refusable(f"$JS.API.STREAM.INFO.{stream}", lambda: self._js.stream_info(stream))
+        except nats.js.errors.NotFoundError:
+            return BusError(f"read of {subject}: no stream {stream} (not provisioned?)")
+        except NotPermitted:
+            pass
+        except TRANSIENT:
+            pass
+        return nats.js.errors.ServiceUnavailableError(code=503, description=f"no reader of {stream} answered")
 
     async def last_subject_seq(self, stream: str, subject: str) -> int:
         """Stream sequence of the last message on `subject` (wildcards allowed), 0 if there is none."""
