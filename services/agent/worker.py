@@ -17,7 +17,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from opentelemetry.trace import SpanKind
 
@@ -46,7 +46,6 @@ from agentbus.subjects import parse_session_subject, valid_token
 from services.agent import repo_workspace
 from services.agent.exhausted import ExhaustedWatcher
 from services.agent.guards import NO_PROGRESS_TURNS
-from services.agent.mcp_tools import McpToolset, add_tools
 from services.agent.run import RunContext, SessionRun
 from services.agent.signals import Released
 from services.agent.tools import Tool, load_tools, schemas, tool_sandbox
@@ -56,6 +55,9 @@ from services.agent.wake import TimerWatcher, WakeWatcher
 _HEARD_KEPT = 4096
 _RUN_END_POLLS = 40  # 2 s
 logger = logging.getLogger("agentbus.agent")
+
+if TYPE_CHECKING:
+    from services.agent.mcp_tools import McpToolset
 
 DEFAULT_SYSTEM = (
     "You are an agent working inside agentbus. Use the tools to do the task in your session workspace. "
@@ -127,8 +129,12 @@ class AgentWorker(Service):
         self.sandbox = tool_sandbox(self.tools, config.sandbox)  # probed now: refused here, not mid-session
         # MCP servers (issue 17): their tools are listed when the worker starts serving, into the very
         # dict and list the run context holds
-        self.mcp = McpToolset(config.mcp, sandbox_mode=config.sandbox, sandbox=self.sandbox, workdir=config.workdir,
-                              network=config.network, tool_env=self.tool_env) if config.mcp else None  # fmt: skip
+        self.mcp: McpToolset | None = None
+        if config.mcp:  # the MCP SDK only where a pool uses it: its import is about 0.5 s of every agent's start
+            from services.agent.mcp_tools import McpToolset
+
+            self.mcp = McpToolset(config.mcp, sandbox_mode=config.sandbox, sandbox=self.sandbox, workdir=config.workdir,
+                                  network=config.network, tool_env=self.tool_env)  # fmt: skip
         self.repos = repo_workspace.open_repos(  # checked now too: a bad repo or base is one line at start
             config.repo, config.base, review=config.review, workdir=config.workdir, pool=config.pool
         )
@@ -182,6 +188,8 @@ class AgentWorker(Service):
     async def _serve(self) -> None:
         await self.bus.provision()
         if self.mcp is not None:
+            from services.agent.mcp_tools import add_tools
+
             add_tools(self.tools, self.tool_schemas, await self.mcp.tools())
         consumer = Consumer(
             spec=self.consumer,
