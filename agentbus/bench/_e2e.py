@@ -51,7 +51,6 @@ from agentbus.messages import (
 )
 from agentbus.models import ScriptedModel
 from agentbus.server import NatsServer
-from agentbus.service import freeze_heap
 
 TARGETS = {"messages_per_session": 15.0, "messages_per_tool_turn": 5.0, "pickup_p50_ms": 3.0}
 _RAW = "rawe2e"
@@ -303,10 +302,6 @@ async def run_e2e_bench(
     resume of a long log and the session listing."""
     import tempfile
 
-    import services.agent.worker
-    import services.router.router  # noqa: F401 - imported before the heap is frozen, as in their processes
-
-    freeze_heap()  # as every service's process does once it is up; both sides run in this one process
     with tempfile.TemporaryDirectory(prefix="agentbus-bench-") as tmp_name:
         tmp = Path(tmp_name)
         # no authorization on either side: the bench weighs the bus work, and the raw side (and the

@@ -195,8 +195,12 @@ def bench_log(events: int, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object with raw, agentbus and ratio maps.")
 def bench_e2e(sessions: int, agents: int, slots: int, as_json: bool) -> None:
     """Whole sessions (submit, route, run, end) next to a raw nats-py pipeline, on a private server."""
+    import services.agent.worker
+    import services.router.router  # noqa: F401 - imported before the heap is frozen, as in their processes
     from agentbus.bench import format_e2e_report, run_e2e_bench
+    from agentbus.service import freeze_heap
 
+    freeze_heap()  # as each service's process does once it is up: both sides run in this one process
     result = run(lambda: run_e2e_bench(sessions, agents=agents, slots=slots))
     emit_json(result) if as_json else click.echo(format_e2e_report(result))
 
