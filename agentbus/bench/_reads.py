@@ -35,7 +35,7 @@ from agentbus.server import NatsServer
 _POOL = "bench"
 
 
-async def resume(server: NatsServer, settings: Settings, tmp: Path, events: int, repeats: int = 3) -> dict[str, Any]:
+async def resume(server: NatsServer, settings: Settings, tmp: Path, events: int, repeats: int = 5) -> dict[str, Any]:
     """A session whose log holds `events` records (tool turns) is queued; agentbus: until its agent
     recorded the claim (read, folded, rebuilt), until its first model call began (the guards
     checked), and until it ended (that call recorded, the end recorded); raw: one ordered-consumer

@@ -20,6 +20,9 @@ from agentbus.errors import BusError, NotPermitted
 
 T = TypeVar("T")
 _DIRECT_BATCH = 1000  # messages per batched direct get; more means another request
+_FIRST_ASK = 2  # what a whole read asks for first: a fresh session's creation and route, read in one request
+_COUNTED_ROUNDS = 3  # whole reads from the start before one goes on from where it stands (a busy session)
+_TAIL_STEPS = 16  # single gets a read from further on makes before it reads the whole subject instead
 
 
 class Reading(BusCore):
@@ -75,27 +78,86 @@ class Reading(BusCore):
         limit: int | None = None,
     ) -> list[T]:
         """The stored messages on `subject` (wildcards allowed) from `from_seq` on, in order, each as
-        `convert` makes it, with no consumer: batched direct gets, one request per thousand messages.
-        Each is converted as it arrives, in the connection's read loop while the server is still
-        sending the rest: `convert` must be quick and pure (answers to an attempt given up on and
-        asked again are converted again), and what it raises is raised here. Needs the
-        unscoped direct-get permission (`$JS.API.DIRECT.GET.<stream>`): readers of every session have it."""
-        out: list[T] = []
+        `convert` makes it, with no consumer. Each is converted as it arrives, in the connection's
+        read loop while the server is still sending the rest: `convert` must be quick and pure
+        (answers to an attempt given up on and asked again are converted again), and what it raises
+        is raised here. Needs the unscoped direct-get permission (`$JS.API.DIRECT.GET.<stream>`):
+        readers of every session have it.
+
+        The server is never asked past the subject's last message. A batched direct get asked for
+        more than is left searches the rest of the stream for another match, and one that starts
+        past the subject's first message counts what is pending the slow way: with a session's
+        records on a wildcard, both cost the server time in proportion to everything stored after
+        the session (reading a session with 50,000 sessions' records after it: 8 ms instead of 0.3).
+        So a read from the start asks from sequence 1 for what it knows is there (the first answer
+        says how many more match, `_read_counted`), and a read from further on steps through single
+        gets up to the subject's last message, looked up first (`_read_tail`)."""
         seq = max(from_seq, 1)
-        api = f"$JS.API.DIRECT.GET.{stream}"
         if limit == 1:  # the router's look at a session's first record: one answer, no closing status
             one = functools.partial(self._direct_one, stream, subject, seq)
-            found = await self._through_failover(f"read of {subject}", one, refusal=api)
+            found = await self._through_failover(f"read of {subject}", one, refusal=f"$JS.API.DIRECT.GET.{stream}")
             return [convert(found)] if found is not None else []
-        while limit is None or len(out) < limit:
-            want = _DIRECT_BATCH if limit is None else min(_DIRECT_BATCH, limit - len(out))
-            batch = functools.partial(self._direct_batch, stream, subject, seq, want, convert)
-            got, last, pending = await self._through_failover(f"read of {subject}", batch, refusal=api)
-            out += got
-            if not got or not pending:
-                return out
-            seq = last + 1
+        if limit is not None and limit <= 0:
+            return []
+        if seq == 1:
+            return await self._read_counted(stream, subject, convert, limit)
+        return await self._read_tail(stream, subject, convert, seq, limit)
+
+    async def _read_counted(
+        self, stream: str, subject: str, convert: Callable[[Delivery], T], limit: int | None, skip_below: int = 0
+    ) -> list[T]:
+        """From sequence 1: first as many as a fresh session holds (its creation and its route);
+        the answer says how many more match, and the next request, from 1 again, asks for exactly
+        that many. Messages appended meanwhile make a third; a log longer than one request goes on
+        from where the first full one ended, each request asking for what the last said is left."""
+        want = _FIRST_ASK if limit is None else min(_FIRST_ASK, limit)
+        for _ in range(_COUNTED_ROUNDS):
+            found, received, last, pending = await self._batch(stream, subject, 1, want, convert, skip_below)
+            if not pending:
+                return found
+            if limit is not None and received >= limit:
+                return found[:limit]
+            if received < want or want == _DIRECT_BATCH:
+                break  # the server sent less than asked, or a full request is in hand: go on from its end
+            total = received + pending if limit is None else min(received + pending, limit)
+            want = min(total, _DIRECT_BATCH)
+        out = found
+        while pending and (limit is None or received < limit):
+            want = min(pending, _DIRECT_BATCH) if limit is None else min(pending, _DIRECT_BATCH, limit - received)
+            found, got, last, pending = await self._batch(stream, subject, last + 1, want, convert, skip_below)
+            out += found
+            received += got
+            if not got:
+                break
         return out
+
+    async def _read_tail(
+        self, stream: str, subject: str, convert: Callable[[Delivery], T], seq: int, limit: int | None
+    ) -> list[T]:
+        """From `seq` on: the subject's last sequence first, then single gets up to it (each finds a
+        match before the end, so none searches the rest of the stream); a tail longer than
+        `_TAIL_STEPS` is read whole, counted, without what comes before `seq`."""
+        last = await self.last_subject_seq(stream, subject)
+        out: list[T] = []
+        for _ in range(_TAIL_STEPS):
+            if seq > last or (limit is not None and len(out) >= limit):
+                return out
+            one = functools.partial(self._direct_one, stream, subject, seq)
+            found = await self._through_failover(f"read of {subject}", one, refusal=f"$JS.API.DIRECT.GET.{stream}")
+            if found is None:  # nothing left: the last message was removed meanwhile
+                return out
+            out.append(convert(found))
+            seq = found.seq + 1
+        if seq > last:
+            return out
+        rest = await self._read_counted(stream, subject, convert, None, skip_below=seq)
+        return out + rest if limit is None else (out + rest)[:limit]
+
+    async def _batch(
+        self, stream: str, subject: str, seq: int, batch: int, convert: Callable[[Delivery], T], skip_below: int
+    ) -> tuple[list[T], int, int, int]:
+        call = functools.partial(self._direct_batch, stream, subject, seq, batch, convert, skip_below)
+        return await self._through_failover(f"read of {subject}", call, refusal=f"$JS.API.DIRECT.GET.{stream}")
 
     async def _direct_one(self, stream: str, subject: str, seq: int) -> Delivery | None:
         request = json.dumps({"seq": seq, "next_by_subj": subject}).encode()
@@ -110,12 +172,12 @@ class Reading(BusCore):
         return direct_delivery(msg.data, hdrs)
 
     async def _direct_batch(
-        self, stream: str, subject: str, seq: int, batch: int, convert: Callable[[Delivery], T]
-    ) -> tuple[list[T], int, int]:
-        """One batch: what `convert` made of each message, the last one's sequence, and how many
-        more match past it."""
+        self, stream: str, subject: str, seq: int, batch: int, convert: Callable[[Delivery], T], skip_below: int = 0
+    ) -> tuple[list[T], int, int, int]:
+        """One batch: what `convert` made of each message (from `skip_below` on), how many came,
+        the last one's sequence, and how many more match past it."""
         replies = await self.replies()
-        reply, collected = replies.many(convert)
+        reply, collected = replies.many(convert, skip_below)
         request = json.dumps({"seq": seq, "next_by_subj": subject, "batch": batch}).encode()
         try:
             await self._nc.publish(f"$JS.API.DIRECT.GET.{stream}", request, reply=reply)
@@ -130,7 +192,7 @@ class Reading(BusCore):
         if status not in ("204", "404"):  # 204: end of batch (with how many more match past it); 404: none
             raise BusError(f"direct get on {subject}: status {status} {hdrs.get('Description', '')}")
         pending = int(hdrs.get("Nats-Num-Pending") or 0) if status == "204" else 0
-        return collected.found, collected.last_seq, pending
+        return collected.found, collected.received, collected.last_seq, pending
 
     async def _unavailable(self, stream: str, subject: str) -> BaseException:
         """What to raise for a direct get nobody answered (503): a failover to go through (no replica

@@ -29,9 +29,11 @@ class Collected:
     otherwise spends waiting. The connection hands stored messages over before nats-py makes a
     message object of them (`Connection.take`)."""
 
-    def __init__(self, convert: Callable[[Delivery], Any]) -> None:
+    def __init__(self, convert: Callable[[Delivery], Any], skip_below: int = 0) -> None:
         self.convert = convert
+        self.skip_below = skip_below  # messages before this sequence are counted, not kept
         self.found: list[Any] = []
+        self.received = 0
         self.last_seq = 0
         self.failed: BaseException | None = None  # what converting raised: the read raises it, the loop reads on
         self.done: asyncio.Future[dict[str, str]] = asyncio.get_running_loop().create_future()
@@ -54,7 +56,9 @@ class Collected:
             return
         try:
             d = make(data, headers)
-            self.found.append(self.convert(d))
+            self.received += 1
+            if d.seq >= self.skip_below:
+                self.found.append(self.convert(d))
             self.last_seq = d.seq
         except (Exception, asyncio.CancelledError) as err:  # in the read loop: raised by the read, never into nats-py
             self.failed = err
@@ -89,9 +93,9 @@ class Replies:
         self.waiting[reply] = fut
         return reply, fut
 
-    def many(self, convert: Callable[[Delivery], Any]) -> tuple[str, Collected]:
+    def many(self, convert: Callable[[Delivery], Any], skip_below: int = 0) -> tuple[str, Collected]:
         reply = self._token()
-        collected = Collected(convert)
+        collected = Collected(convert, skip_below)
         self.waiting[reply] = collected
         return reply, collected
 
