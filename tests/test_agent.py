@@ -542,30 +542,79 @@ async def _claimed_by(client: agentbus.Client, sid: str, worker: str) -> bool:
     return any(c.worker == worker for c in await events(client, sid, SessionClaimed))
 
 
-async def test_the_agent_process_freezes_its_heap_once_its_worker_is_made(
-    client: agentbus.Client, settings: Settings, tmp_path: Path
+def test_the_agent_process_hands_serve_the_heap_freeze(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import gc
+    """`agentbus agent` hands `serve` the heap freeze, to call once the worker is made."""
+    from click.testing import CliRunner
 
-    from agentbus.models import ScriptedModel
+    import services.agent.cli as agent_cli
+    from agentbus.cli import main
     from agentbus.service import freeze_heap
+    from services.agent.worker import AgentConfig
+
+    handed: list[object] = []
+
+    async def serve_spy(bus: Bus, config: AgentConfig, stop: asyncio.Event, **kwargs: object) -> None:
+        handed.append(kwargs.get("started"))
+
+    script = tmp_path / "script.json"
+    script.write_text(json.dumps({"responses": [{"content": [{"type": "text", "text": "ok"}]}]}))
+    monkeypatch.setattr(agent_cli, "serve", serve_spy)
+    args = ["agent", "--pool", POOL, "--model", f"scripted:{script}", "--nats", settings.nats_url,
+            "--prefix", settings.prefix]  # fmt: skip
+    result = CliRunner().invoke(main, args)
+
+    assert result.exit_code == 0, result.output
+    assert handed == [freeze_heap]
+
+
+async def test_serve_calls_started_once(settings: Settings, tmp_path: Path) -> None:
+    from agentbus.models import ScriptedModel
     from services.agent.worker import AgentConfig, serve
 
     script = tmp_path / "script.json"
     script.write_text(json.dumps({"responses": [{"content": [{"type": "text", "text": "ok"}]}]}))
-    model = ScriptedModel(script)
-    stop, frozen = asyncio.Event(), []
+    model, stop = ScriptedModel(script), asyncio.Event()
+    calls: list[int] = []
 
-    def started() -> None:  # what `agentbus agent` passes, observed
-        freeze_heap()
-        frozen.append(gc.get_freeze_count())
-        stop.set()
+    async with await Bus.connect(settings) as bus:
 
-    try:
-        async with await Bus.connect(settings) as bus:
-            config = AgentConfig(pool=POOL, model=model.name, workdir=tmp_path / "work")
-            await asyncio.wait_for(serve(bus, config, stop, model=model, started=started), 30)
-    finally:
-        gc.unfreeze()  # the rest of the suite collects as before
+        def started() -> None:
+            calls.append(1)
+            stop.set()  # and the worker drains at once
 
-    assert len(frozen) == 1 and frozen[0] > 10_000  # the imported modules, the SDKs and the worker itself
+        config = AgentConfig(pool=POOL, model=model.name, workdir=tmp_path / "work")
+        await asyncio.wait_for(serve(bus, config, stop, model=model, started=started), 30)
+
+    assert calls == [1]
+
+
+def test_an_agent_without_mcp_servers_never_imports_the_mcp_sdk(settings: Settings, tmp_path: Path) -> None:
+    """The MCP SDK is about half a second of an agent's start (and half its memory after import):
+    only a pool with `--mcp` servers pays for it. A worker is made and serves for a moment, in a
+    process of its own."""
+    script = tmp_path / "script.json"
+    script.write_text(json.dumps({"responses": []}))
+    program = f"""
+import asyncio, json, sys
+from pathlib import Path
+from agentbus.bus import Bus
+from agentbus.config import Settings
+from agentbus.models import ScriptedModel
+from services.agent.worker import AgentConfig, serve
+
+async def main():
+    settings = Settings(nats_url={settings.nats_url!r}, prefix={settings.prefix!r}, creds={settings.creds!r})
+    model = ScriptedModel(Path({str(script)!r}))
+    stop = asyncio.Event()
+    asyncio.get_running_loop().call_later(1.0, stop.set)
+    async with await Bus.connect(settings) as bus:
+        config = AgentConfig(pool={POOL!r}, model=model.name, workdir=Path({str(tmp_path / "work")!r}))
+        await serve(bus, config, stop, model=model)
+    print(json.dumps([m for m in ("mcp", "mcp_types") if m in sys.modules]))
+
+asyncio.run(main())
+"""
+    proc = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60, check=True)
+    assert json.loads(proc.stdout.splitlines()[-1]) == []

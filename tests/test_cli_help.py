@@ -31,19 +31,6 @@ def test_top_level_help_imports_no_service_sdk_bus_or_wire_types() -> None:
     assert "Services" in proc.stdout and "supervisor" in proc.stdout
 
 
-def test_an_agent_without_mcp_servers_never_imports_the_mcp_sdk() -> None:
-    """The MCP SDK is about half a second of an agent's start (and half its memory after import):
-    only a pool with `--mcp` servers pays for it."""
-    script = (
-        "import sys\n"
-        "from services.agent.worker import AgentWorker, AgentConfig\n"
-        "from services.agent.cli import command\n"
-        "print('\\n' + __import__('json').dumps([m for m in ('mcp', 'mcp_types') if m in sys.modules]))\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
-    assert json.loads(proc.stdout.splitlines()[-1]) == []
-
-
 def test_every_service_is_an_entry_point_and_every_entry_point_is_listed() -> None:
     declared = {ep.name for ep in entry_points(group=ENTRY_POINTS)}
     assert declared == set(SERVICES)

@@ -135,3 +135,12 @@ def test_a_record_of_a_kind_the_builder_does_not_read_leaves_the_conversation_as
     assert not any(affects(r) for r in extra[2:])
     assert build(extra) == build(base)
     assert all(affects(r) for r in base)
+
+
+def test_no_kind_the_conversation_reads_has_a_subclass() -> None:
+    """The builder picks a record's handler by its exact type: a subclass of a kind it reads would
+    be passed over where an isinstance test would have taken it."""
+    from services.agent.conversation import _ADD, READ_KINDS
+
+    assert set(_ADD) == set(READ_KINDS)
+    assert [kind.__name__ for kind in READ_KINDS if kind.__subclasses__()] == []

@@ -623,6 +623,11 @@ def test_fold_all_and_fold_agree_with_the_fold_as_first_written_on_random_logs()
         assert fold_all(start, records) == expected
         assert start == SessionState(session_id="s1")  # never changed in place
         assert fold_all(expected, records) is expected  # nothing new: the same state back
+        cut = rng.randint(0, len(records))  # a state folded so far, then the rest onto it
+        middle = fold_all(start, records[:cut])
+        before = msgspec.json.encode(middle)
+        assert fold_all(middle, records[cut:]) == expected
+        assert msgspec.json.encode(middle) == before  # the state it was given is left as it was
 
 
 @pytest.mark.parametrize(

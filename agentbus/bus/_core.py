@@ -19,7 +19,7 @@ from nats.aio.msg import Msg
 
 from agentbus import auth, roles
 from agentbus.bus._connection import Connection
-from agentbus.bus._errors import TRANSIENT
+from agentbus.bus._errors import TRANSIENT, description
 from agentbus.bus._replies import Replies, unanswered
 from agentbus.config import Settings
 from agentbus.errors import BusError, NatsUnreachable, NotAuthenticated, NotPermitted, UsageError
@@ -186,8 +186,7 @@ class BusCore:
             except TRANSIENT as err:
                 if time.monotonic() + delay > deadline:
                     raise BusError(
-                        f"{what}: JetStream did not answer within {self.settings.failover_s:.0f}s"
-                        f" ({type(err).__name__})"
+                        f"{what}: JetStream did not answer within {self.settings.failover_s:.0f}s ({description(err)})"
                     ) from err
                 logger.debug("%s: %s; retrying", what, type(err).__name__)
                 await asyncio.sleep(delay)

@@ -15,6 +15,7 @@ class ErrorCode(enum.IntEnum):
     MAXIMUM_CONSUMERS_LIMIT = 10026  # a stream serves about a thousand consumers, then refuses
     STREAM_NAME_IN_USE = 10058  # another process created the stream just now
     WRONG_LAST_SEQUENCE = 10071  # the fence: someone else appended to the subject first
+    STREAM_OFFLINE = 10118  # a clustered stream whose replicas are down
     CONSUMER_ALREADY_EXISTS = 10148  # a durable with other limits exists
 
 

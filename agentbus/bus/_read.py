@@ -9,11 +9,13 @@ import json
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import TypeVar
 
+import nats.errors
 import nats.js.errors
 from nats.js import api
 
+from agentbus import roles
 from agentbus.bus._core import BusCore, logger
-from agentbus.bus._errors import TRANSIENT
+from agentbus.bus._errors import TRANSIENT, ErrorCode, description
 from agentbus.bus._tap import Tap
 from agentbus.bus._types import Delivery, Stored, direct_delivery
 from agentbus.errors import BusError, NotPermitted
@@ -198,16 +200,27 @@ class Reading(BusCore):
         """What to raise for a direct get nobody answered (503): a failover to go through (no replica
         of the stream serves reads yet, as while a restarted server recovers it), or at once a clear
         error when the stream does not exist. One look at the stream tells them apart; a user who
-        may not look, or a look unanswered too, counts as a failover."""
+        may not look is not made to try (each refusal is a line in the server's log and in ours),
+        and a look unanswered too counts as a failover."""
+        look = f"$JS.API.STREAM.INFO.{stream}"
+        failover = nats.js.errors.ServiceUnavailableError(code=503, description=f"no reader of {stream} answered")
+        if self.identity.role is not None and not roles.permissions(self.identity).may_publish(look):
+            return failover
         try:
-            await self._refusable(f"$JS.API.STREAM.INFO.{stream}", lambda: self._js.stream_info(stream))
+            info = await self._refusable(look, lambda: self._js.stream_info(stream))
         except nats.js.errors.NotFoundError:
             return BusError(f"read of {subject}: no stream {stream} (not provisioned?)")
-        except NotPermitted:
-            pass
-        except TRANSIENT:
-            pass
-        return nats.js.errors.ServiceUnavailableError(code=503, description=f"no reader of {stream} answered")
+        except (NotPermitted, *TRANSIENT):  # type: ignore[misc]  # a tuple of exception classes
+            return failover
+        except nats.js.errors.APIError as err:
+            if err.err_code == ErrorCode.STREAM_OFFLINE:  # its replicas are down: a failover too
+                return failover
+            return BusError(f"read of {subject}: {description(err)}")
+        except nats.errors.Error as err:
+            return BusError(f"read of {subject}: {description(err)}")
+        if info.config.allow_direct is False:  # not ours to change here; provisioning turns it on
+            failover.description = f"{stream} does not serve direct gets (its allow_direct is off)"
+        return failover
 
     async def last_subject_seq(self, stream: str, subject: str) -> int:
         """Stream sequence of the last message on `subject` (wildcards allowed), 0 if there is none."""
