@@ -49,7 +49,7 @@ async def test_log_bench_report_has_a_row_per_operation_with_a_mark() -> None:
 async def test_e2e_bench_reports_both_sides_resume_and_listing_and_prints_them() -> None:
     from agentbus.bench import format_e2e_report, run_e2e_bench
 
-    result = await run_e2e_bench(10, slots=4, idle_s=0.3, resume_events=101, listing=(5, 20))
+    result = await run_e2e_bench(10, slots=4, idle_s=0.3, resume_events=101, listing=(5, 20), old_reads=(0, 50))
 
     keys = {"pickup_p50_ms", "pickup_p99_ms", "completed_p50_ms", "completed_p99_ms", "sessions_per_s",
             "messages_per_session"}  # fmt: skip
@@ -66,5 +66,8 @@ async def test_e2e_bench_reports_both_sides_resume_and_listing_and_prints_them()
     assert resume["events"] == 101 and resume["claimed_ms"] > 0
     assert 0 < resume["first_call_ms"] < resume["first_call_and_end_ms"]  # the call began before the end
     assert set(result["listing"]) == {"5", "20"}
+    assert set(result["old_reads"]) == {"0", "50"}
+    assert all(v > 0 for row in result["old_reads"].values() for v in row.values())
     report = format_e2e_report(result)
     assert "resume of a 101-record log" in report and "listing    20 sessions" in report
+    assert "read of an old session,     50 sessions after it" in report

@@ -12,7 +12,9 @@ Figures, for each side and as ratios (agentbus / raw, or raw / agentbus for rate
 - messages per session and per extra tool turn, counted on the server (`/varz` in_msgs:
   every request, publish and ack a client sends), idle traffic subtracted;
 - resume: a session with a 1,000-event log to its first model call, next to a replay of that log;
-- the session listing at 10, 100 and 1,000 sessions, next to one listing request.
+- the session listing at 10, 100 and 1,000 sessions, next to one listing request;
+- a read of an old session with 0, 10,000 and 50,000 sessions stored after it, next to one batched
+  direct get asking for a thousand (which makes the server search everything stored after it).
 """
 
 from __future__ import annotations
@@ -297,6 +299,7 @@ async def run_e2e_bench(
     idle_s: float = 3.0,
     resume_events: int = 1000,
     listing: tuple[int, ...] = (10, 100, 1000),
+    old_reads: tuple[int, ...] = (0, 10_000, 50_000),
 ) -> dict[str, Any]:
     """Both sides, one-step and three-step sessions, on a private server with monitoring; then
     resume of a long log and the session listing."""
@@ -322,6 +325,7 @@ async def run_e2e_bench(
             out["ratio"] = _ratios(out["raw"], out["agentbus"])
             out["resume"] = await _reads.resume(server, settings.with_(prefix="e2er"), tmp, resume_events)
             out["listing"] = await _reads.listing(server, settings.with_(prefix="e2el"), listing)
+            out["old_reads"] = await _reads.old_reads(server, settings.with_(prefix="e2eo"), old_reads)
     return out
 
 
@@ -361,6 +365,11 @@ def format_e2e_report(result: dict[str, Any]) -> str:
         lines.append(
             f"listing {size:>5} sessions: {row['sessions_ms']:.1f} ms"
             f" (the subjects request alone {row['subjects_request_ms']:.1f} ms)"
+        )
+    for size, row in (result.get("old_reads") or {}).items():
+        lines.append(
+            f"read of an old session, {size:>6} sessions after it: whole {row['whole_ms']:.2f} ms, from its"
+            f" 4th record {row['tail_ms']:.2f} ms (one batch asking for 1,000: {row['batch_1000_ms']:.2f} ms)"
         )
     return "\n".join(lines)
 

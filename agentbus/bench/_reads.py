@@ -1,6 +1,7 @@
 """Reads of the log at scale, next to raw nats-py: resume of a long session (claimed, then its
-first model call) beside an ordered-consumer replay of the same records, and the session listing
-at several sizes beside one subjects request."""
+first model call) beside an ordered-consumer replay of the same records, the session listing
+at several sizes beside one subjects request, and a read of an old session with ever more
+sessions stored after it beside one batched direct get asking for a thousand."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from nats.aio.client import Client as NATS
 
 import agentbus
 from agentbus.bench._watch import Ends, pct
-from agentbus.bus import Bus
+from agentbus.bus import Bus, Outgoing
 from agentbus.client import new_session_id
 from agentbus.config import Settings
 from agentbus.messages import (
@@ -154,3 +155,75 @@ async def listing(server: NatsServer, settings: Settings, sizes: tuple[int, ...]
             assert len(states) == size, f"listed {len(states)} of {size} sessions"
             out[str(size)] = {"sessions_ms": pct(ours, 0.5), "subjects_request_ms": pct(raw, 0.5)}
     return out
+
+
+async def old_reads(server: NatsServer, settings: Settings, sizes: tuple[int, ...]) -> dict[str, Any]:
+    """A session of 7 records read whole and from its fourth record, with `size` sessions of three
+    records each stored after it, next to one batched direct get asking for a thousand (what a read
+    that does not know how many there are asks, and what agentbus asked until this stop). Medians
+    of 30. A batch asked for more than is left makes the server search the rest of the stream."""
+    nc = await nats.connect(server.url, name="e2e-bench-old-reads")
+    out: dict[str, Any] = {}
+    try:
+        async with await Bus.connect(settings) as bus:
+            await bus.provision()
+            client = agentbus.Client(bus)
+            sid = new_session_id()
+            created = SessionCreated(id="created", task=Task(session_id=sid, prompt="an old session", pool=_POOL))
+            await client.log.append(sid, created, channel="control")
+            steps = [SessionEnded(id=f"e{i}", status="completed", result="r") for i in range(6)]
+            seqs = [a.seq for a in await client.log.append_many(sid, steps)]
+            subject = bus.ns.session_all(sid)
+            made = 0
+            for size in sizes:
+                while made < size:
+                    n = min(1000, size - made)
+                    batch = [
+                        Outgoing(bus.ns.session_log(f"after{made + i}"), b'{"type":"x"}', f"after{made + i}:{k}")
+                        for i in range(n)
+                        for k in range(3)
+                    ]
+                    await bus.publish_many(batch)
+                    made += n
+                whole, tail, raw = [], [], []
+                for _ in range(30):
+                    t0 = time.perf_counter()
+                    assert len(await client.log.read(sid)) == 7
+                    t1 = time.perf_counter()
+                    assert len(await client.log.read(sid, from_seq=seqs[2])) == 4
+                    t2 = time.perf_counter()
+                    assert await _raw_batch(nc, bus.ns.sessions_stream, subject) == 7
+                    t3 = time.perf_counter()
+                    whole.append((t1 - t0) * 1000)
+                    tail.append((t2 - t1) * 1000)
+                    raw.append((t3 - t2) * 1000)
+                out[str(size)] = {
+                    "whole_ms": pct(whole, 0.5), "tail_ms": pct(tail, 0.5), "batch_1000_ms": pct(raw, 0.5),
+                }  # fmt: skip
+    finally:
+        await nc.close()
+    return out
+
+
+async def _raw_batch(nc: NATS, stream: str, subject: str) -> int:
+    """One batched direct get of up to 1,000 from sequence 1, in raw nats-py: how many came."""
+    inbox = nc.new_inbox()
+    got = 0
+    done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    async def on(msg: Any) -> None:
+        nonlocal got
+        if msg.headers and "Status" in msg.headers and "Nats-Sequence" not in msg.headers:
+            if not done.done():
+                done.set_result(None)
+        else:
+            got += 1
+
+    sub = await nc.subscribe(inbox, cb=on)
+    try:
+        request = json.dumps({"seq": 1, "next_by_subj": subject, "batch": 1000}).encode()
+        await nc.publish(f"$JS.API.DIRECT.GET.{stream}", request, reply=inbox)
+        await asyncio.wait_for(done, 30)
+    finally:
+        await sub.unsubscribe()
+    return got
