@@ -90,18 +90,27 @@ class SessionLog:
         )
 
     async def read(
-        self, session_id: str, from_seq: int = 1, limit: int | None = None, *, channels: str = ">"
+        self,
+        session_id: str,
+        from_seq: int = 1,
+        limit: int | None = None,
+        *,
+        channels: str = ">",
+        last: int | None = None,
     ) -> list[Record]:
         """The session's records with stream sequence >= `from_seq` (at most `limit`).
 
         `channels` narrows the read: `*.*` is what people wrote (input and control), `log` what the
-        owner and services wrote. A reader of every session reads with batched direct gets (no
-        consumer: a thousand records a request); one granted single sessions, through a consumer
-        scoped to the session, which is what its permissions allow.
+        owner and services wrote. A reader of every session reads with direct gets (no consumer);
+        one granted single sessions, through a consumer scoped to the session, which is what its
+        permissions allow. `last`: the last sequence on these channels, when the caller has just
+        looked it up (a read from further on then need not look again, and ends there).
         """
         subject = f"{self.ns.session_log(session_id).removesuffix('.log')}.{channels}"
         if self.bus.identity.lists_sessions:
-            return await self.bus.read_direct(self.ns.sessions_stream, subject, record_of, max(from_seq, 1), limit)
+            return await self.bus.read_direct(
+                self.ns.sessions_stream, subject, record_of, max(from_seq, 1), limit, last=last
+            )
         out: list[Record] = []
         async for rec in self.tap(session_id, start=max(from_seq, 1), follow=False):
             if channels == ">" or (channels == "log") == (rec.channel == "log"):

@@ -92,7 +92,7 @@ async def state(sessions: SessionLog, session_id: str) -> SessionState:
         current = _trusted(cached[0] if cached else b"", session_id, last)
         if current.last_seq == last:
             return current
-        new = fold_all(current, await sessions.read(session_id, from_seq=current.last_seq + 1))
+        new = fold_all(current, await sessions.read(session_id, from_seq=current.last_seq + 1, last=last))
         if new.last_seq == 0:
             raise NoSuchSession(session_id)
         if not writes:

@@ -160,3 +160,17 @@ async def test_a_whole_read_takes_in_what_is_appended_while_it_counts(
     assert set(got) <= set(seqs[sid]) | set(appended)
     assert len(got) >= len(seqs[sid]) + len(appended) - 1  # whatever was stored before the last request
     assert spy.requests, "the spy saw the requests"
+
+
+async def test_a_read_from_further_on_given_the_last_sequence_ends_there_without_looking_it_up(
+    stream: tuple[Bus, str, dict[str, list[int]]],
+) -> None:
+    bus, name, seqs = stream
+    spy = _Spy(bus)
+    held = seqs["len17"]
+
+    got = await bus.read_direct(name, bus.ns.session_all("len17"), lambda d: d.seq, held[2], last=held[5])
+
+    assert got == held[2:6]
+    assert not [r for r in spy.requests if "last_by_subj" in r]
+    _held_to_the_stream(spy.requests, held)

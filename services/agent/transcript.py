@@ -117,7 +117,7 @@ class Transcript:
         last = await self.log.bus.last_subject_seq(self.log.ns.sessions_stream, people)
         if last <= self._people_to:
             return False
-        new = await self.log.read(self.sid, from_seq=self._people_to + 1, channels="*.*")
+        new = await self.log.read(self.sid, from_seq=self._people_to + 1, channels="*.*", last=last)
         # what was read, not what the lookup saw: in a cluster the read may come from a replica
         # that does not hold `last` yet, and a record skipped here would never be read again
         self._people_to = max([self._people_to, *(r.seq for r in new)])
