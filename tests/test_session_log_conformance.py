@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 
 import agentbus
+from agentbus.bus import Bus
+from agentbus.config import Settings
 from agentbus.messages import (
     Event,
     HumanMessage,
@@ -625,6 +627,38 @@ async def test_a_writer_re_appending_its_own_event_gets_the_same_sequence(log: S
 
 
 # --- crash survival ---------------------------------------------------------------------------------
+
+
+async def test_closing_survives_a_cancellation_not_meant_for_it_and_honours_its_own(settings: Settings) -> None:
+    """nats-py's close awaits its socket's close waiter, which a lost connection may have cancelled:
+    its CancelledError is not the closer's, and the bus is closed all the same (CI once failed the
+    kill -9 test on it). A close that is itself cancelled still stops."""
+    bus = await Bus.connect(settings)
+    nc = bus._nc
+    closing = nc.close
+
+    async def drain_like_a_lost_socket() -> None:
+        await closing()
+        raise asyncio.CancelledError
+
+    nc.drain = drain_like_a_lost_socket  # type: ignore[method-assign]
+    await bus.close()
+    assert nc.is_closed
+
+    bus = await Bus.connect(settings)
+    nc, never = bus._nc, asyncio.Event()
+    closing = nc.close
+
+    async def drain_for_ever() -> None:
+        await never.wait()
+
+    nc.drain = drain_for_ever  # type: ignore[method-assign]
+    task = asyncio.create_task(bus.close())
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await closing()
 
 
 async def test_events_survive_kill_9_of_the_server_and_a_restart(tmp_path: Path) -> None:

@@ -90,12 +90,19 @@ class BusCore:
         nats-py's drain refuses while reconnecting, and stops short of closing when its last flush
         fails (the server gone): a bus closed then was left reconnecting for ever."""
         self._link.closing = True
-        if not self._nc.is_closed:
-            with contextlib.suppress(Exception):
-                await self._nc.drain()
-        if not self._nc.is_closed:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._nc.close(), 5.0)
+        for step in (self._nc.drain, lambda: asyncio.wait_for(self._nc.close(), 5.0)):
+            if self._nc.is_closed:
+                break
+            try:
+                await step()
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise  # this close is being cancelled
+                # nats-py's close awaits its socket's close waiter, which the lost connection may
+                # have cancelled: a CancelledError not meant for us (the client is closed by then)
+            except Exception:
+                pass
 
     async def __aenter__(self) -> Self:
         return self
