@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from agentbus.bus import Bus
+from agentbus.bus import Bus, _read
 from agentbus.bus._read import _FIRST_ASK
 from agentbus.config import Settings
 
@@ -85,9 +85,11 @@ def _held_to_the_stream(requests: list[dict[str, Any]], held: list[int]) -> None
             assert matching, f"a single get with nothing left to find: {req}"
 
 
+@pytest.mark.parametrize("most", [10_000, 1000], ids=["one-request", "in-requests-of-1000"])
 async def test_a_whole_read_of_any_length_asks_for_no_more_than_is_there(
-    stream: tuple[Bus, str, dict[str, list[int]]],
+    stream: tuple[Bus, str, dict[str, list[int]]], most: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(_read, "_DIRECT_BATCH", most)  # a long log then goes on from where a request ended
     bus, name, seqs = stream
     spy = _Spy(bus)
     for sid, held in seqs.items():
@@ -97,7 +99,7 @@ async def test_a_whole_read_of_any_length_asks_for_no_more_than_is_there(
 
         assert got == held, sid
         _held_to_the_stream(spy.requests, held)
-        assert len(spy.requests) <= 2 + len(held) // 1000, (sid, spy.requests)  # counted once, then read
+        assert len(spy.requests) <= 2 + len(held) // most, (sid, spy.requests)  # counted once, then read
 
 
 @pytest.mark.parametrize("length", [3, 40, 1001, 2003])
