@@ -192,6 +192,68 @@ async def _size(sup: Supervisor, n: int) -> bool:
     return len(sup.pools["p"].workers) == n
 
 
+_KILLED_SUPERVISOR = """
+import os, signal, sys
+from pathlib import Path
+from agentbus.config import Settings
+from services.supervisor.docker_spawner import DockerSpawner
+spawner = DockerSpawner(Settings(), Path(sys.argv[2]), agent_creds=sys.argv[1])
+print(spawner.creds_for_containers(), flush=True)
+os.kill(os.getpid(), signal.SIGKILL)  # a crash: no exit handler runs
+"""
+
+
+def test_a_supervisor_removes_the_credentials_copies_of_supervisors_that_died_and_only_those(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+    import tempfile
+
+    from services.supervisor.docker_spawner import CREDS_DIR_PREFIX
+
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    original = tmp_path / "agent.creds"
+    original.write_text("secret")
+    original.chmod(0o600)
+    env = {**os.environ, "TMPDIR": str(tmp)}
+    killed = subprocess.run(
+        [sys.executable, "-c", _KILLED_SUPERVISOR, str(original), str(tmp_path / "logs")],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    left = Path(killed.stdout.strip())
+    assert left.read_text() == "secret", "the crash left a copy behind, as one does"
+
+    def folder(name: str, pid: str | None) -> Path:
+        made = tmp / f"{CREDS_DIR_PREFIX}{name}"
+        made.mkdir()
+        (made / "agent.creds").write_text("secret")
+        if pid is not None:
+            (made / "pid").write_text(pid)
+        return made
+
+    alive = folder("alive", str(os.getpid()))  # a supervisor still running
+    making = folder("making", None)  # being made, or from a version without the pid file
+    garbled = folder("garbled", "not a pid")
+    elsewhere = tmp_path / f"{CREDS_DIR_PREFIX}linked"
+    elsewhere.mkdir()
+    (elsewhere / "pid").write_text("999999999")  # no such process
+    (tmp / f"{CREDS_DIR_PREFIX}link").symlink_to(elsewhere)
+    other_prefix = tmp / "something-else"
+    other_prefix.mkdir()
+    (other_prefix / "pid").write_text("999999999")
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    spawner = DockerSpawner(Settings(), tmp_path / "logs", agent_creds=str(original))
+    mine = Path(spawner.creds_for_containers()).parent
+
+    assert not left.parent.exists(), "the dead supervisor's copy is removed"
+    for kept in (alive, making, garbled, elsewhere, other_prefix, mine):
+        assert kept.exists(), kept
+    assert (mine / "pid").read_text() == str(os.getpid())
+
+
 def test_agent_containers_get_model_tracing_and_agentbus_settings_and_nothing_else() -> None:
     env = {
         "ANTHROPIC_API_KEY": "k",

@@ -277,3 +277,40 @@ async def test_a_task_held_by_a_worker_that_died_gets_a_new_worker_in_a_pool_wit
             assert sup.started == 1  # the one it started counts against the task: no second
     finally:
         await puller.close()
+
+
+def _supervisor_start_lines(settings: Settings, tmp_path: Path, agent_creds: str) -> str:
+    """What `agentbus supervisor` logs up to managing its pools (a pool of none: no worker starts)."""
+    pools = tmp_path / "pools.toml"
+    pools.write_text('[pools.p]\nmodel = "scripted:demo"\nmin = 0\nmax = 1\n')
+    env = {**os.environ, "AGENTBUS_CREDS": settings.creds or "", "AGENTBUS_AGENT_CREDS": agent_creds}
+    cmd = [sys.executable, "-m", "agentbus.cli", "supervisor", "--pools", str(pools),
+           "--nats", settings.nats_url, "--prefix", settings.prefix,
+           "--log-dir", str(tmp_path / "logs"), "--workdir", str(tmp_path / "w")]  # fmt: skip
+    lines = []
+    with subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) as proc:
+        try:
+            assert proc.stderr is not None
+            for line in proc.stderr:
+                lines.append(line)
+                if "supervisor managing" in line:
+                    break
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=30)
+    return "".join(lines)
+
+
+def test_a_supervisor_whose_workers_would_get_its_own_service_credentials_warns_and_names_the_fix(
+    as_user: Any, tmp_path: Path
+) -> None:
+    service = as_user("sup", "service")
+    out = _supervisor_start_lines(service, tmp_path, "")
+    assert "supervisor managing p" in out, out
+    assert "WARNING no --agent-creds: the workers get this supervisor's own credentials (role service)" in out
+    assert "--role agent" in out
+
+    agent = as_user("wk", "agent", pools=["p"])
+    out = _supervisor_start_lines(service, tmp_path, agent.creds or "")
+    assert "supervisor managing p" in out, out
+    assert "agent-creds" not in out

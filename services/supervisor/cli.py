@@ -13,7 +13,7 @@ from agentbus.cli.options import nats_option, run, settings_from
 from agentbus.service import serve_until_signalled
 from services.supervisor.docker_spawner import DockerSpawner, engine
 from services.supervisor.pools import check_models, check_repos, load_pools
-from services.supervisor.spawner import ProcessSpawner, Spawner, Spawners
+from services.supervisor.spawner import ProcessSpawner, Spawner, Spawners, own_creds_warning
 from services.supervisor.supervisor import Supervisor
 
 
@@ -50,6 +50,8 @@ def command(
             client = await asyncio.to_thread(engine)
             kinds["docker"] = DockerSpawner(settings, Path(log_dir), client=client, agent_creds=agent_creds)
         bus = await Bus.connect(settings, name="agentbus-supervisor")
+        if (warning := own_creds_warning(agent_creds, bus.identity.role)) is not None:
+            logging.getLogger("agentbus.supervisor").warning(warning)
         supervisor = Supervisor(bus, fleet, Spawners(kinds))
         await serve_until_signalled(supervisor, bus)
 

@@ -47,6 +47,7 @@ _PASSED_PREFIXES = ("ANTHROPIC_", "OTEL_", "AGENTBUS_")
 _NOT_PASSED = ("AGENTBUS_WORKER_ID", "AGENTBUS_CREDS", "AGENTBUS_AGENT_CREDS", "AGENTBUS_CONTEXT_DIR")
 CREDS_IN_CONTAINER = "/run/agentbus/agent.creds"
 CONTAINER_UID = 10001  # the image's user (compose/Dockerfile)
+CREDS_DIR_PREFIX = "agentbus-container-creds-"
 # Built-in tools that run no command; any other tool (bash, a plug-in) may need the sandbox.
 _NO_COMMANDS = frozenset({"read_file", "write_file", "delegate", "ask_human", "read_child_diff"})
 # What bubblewrap needs inside a container, besides what every agent container gets (module docstring).
@@ -129,6 +130,41 @@ class ContainerHandle:
         await asyncio.to_thread(_reap)
 
 
+def sweep_orphaned_creds(tmp: Path) -> list[Path]:
+    """Remove the credentials copies (`DockerSpawner.creds_for_containers`) of supervisors of this
+    user that died without running their exit handlers, and return their folders.
+
+    Only a folder whose `pid` file names a process that is gone: one still being made (no `pid`
+    yet), another user's, or one from before the `pid` file is left alone. A container started
+    by the dead supervisor keeps reading its copy: a bind-mounted file is the inode Docker mounted,
+    which outlives its name."""
+    removed = []
+    for folder in tmp.glob(f"{CREDS_DIR_PREFIX}*"):
+        try:
+            if folder.is_symlink() or folder.stat().st_uid != os.geteuid():
+                continue
+            pid = int((folder / "pid").read_text())
+        except (OSError, ValueError):
+            continue
+        if pid <= 0 or _alive(pid):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    if removed:
+        log.info("removed %d credentials copies left by supervisors that died", len(removed))
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process holds the pid now
+        return True
+    return True
+
+
 class DockerSpawner:
     """Starts `agentbus agent` in a container of the pool's image, with host networking so the
     agent reaches NATS at the same address the supervisor does."""
@@ -157,11 +193,14 @@ class DockerSpawner:
         The original is 0600 and the supervisor's. As root the copy is given to uid 10001 (0600);
         otherwise it cannot be, and the copy is 0644 inside the private directory: only the
         bind mount exposes it, read-only, to the container. Copied again when the original
-        changes (rotated credentials); removed with the directory when the supervisor exits.
+        changes (rotated credentials); removed with the directory when the supervisor exits, or,
+        when it died without exiting (SIGKILL, the OOM killer), by the next supervisor to make one.
         """
         source = Path(self.agent_creds)
         if self._creds_dir is None:
-            self._creds_dir = Path(tempfile.mkdtemp(prefix="agentbus-container-creds-"))
+            sweep_orphaned_creds(Path(tempfile.gettempdir()))
+            self._creds_dir = Path(tempfile.mkdtemp(prefix=CREDS_DIR_PREFIX))
+            (self._creds_dir / "pid").write_text(str(os.getpid()))
             atexit.register(shutil.rmtree, self._creds_dir, True)
         copy = self._creds_dir / "agent.creds"
         if not copy.exists() or copy.stat().st_mtime_ns < source.stat().st_mtime_ns:

@@ -82,6 +82,17 @@ def worker_creds_env(agent_creds: str, settings: Settings) -> dict[str, str]:
     return {"AGENTBUS_CREDS": creds, "AGENTBUS_AGENT_CREDS": ""} if creds else {}
 
 
+def own_creds_warning(agent_creds: str, role: str | None) -> str | None:
+    """What to warn of when the workers would get the supervisor's own credentials (no
+    `--agent-creds`): a service's or an admin's, which let a worker do far more than an agent's."""
+    if agent_creds or role in (None, "agent"):  # given, or no agentbus roles on this server
+        return None
+    return (
+        f"no --agent-creds: the workers get this supervisor's own credentials (role {role}), which allow "
+        "far more than an agent needs; pass --agent-creds FILE (role agent: `agentbus auth add NAME --role agent`)"
+    )
+
+
 class ProcessHandle:
     def __init__(self, proc: subprocess.Popen[bytes], worker_id: str, pool: str) -> None:
         self.proc = proc
