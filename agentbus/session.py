@@ -194,9 +194,25 @@ class SessionWriter:
 
     async def append(self, event: Event) -> PubAck:
         """Append if nobody else wrote to the log channel since our last append, else `FencedError`."""
-        ack = await self.log.append(self.session_id, event, expect_last_seq=self.last_seq)
+        try:
+            ack = await self.log.append(self.session_id, event, expect_last_seq=self.last_seq)
+        except FencedError:
+            # nats-server checks the fence before the Nats-Msg-Id: a publish retried through a
+            # failover after its first attempt was stored (the ack lost) is refused as fenced.
+            # That attempt is then the first record on the log channel after our position.
+            stored = await self._stored_first(event)
+            if stored is None:
+                raise
+            ack = PubAck(self.log.ns.sessions_stream, stored, True)
         self.last_seq = max(self.last_seq, ack.seq)
         return ack
+
+    async def _stored_first(self, event: Event) -> int | None:
+        """The sequence of `event` if it is the first log-channel record after our position. Equal
+        in every field, not only in id: another agent at the same step appends the same id with
+        its own content, and must stay fenced."""
+        after = await self.log.read(self.session_id, from_seq=self.last_seq + 1, limit=1, channels="log")
+        return after[0].seq if after and after[0].event == event else None
 
     async def resync(self) -> list[Record]:
         """After a `FencedError`: the log-channel records written by others since our position."""

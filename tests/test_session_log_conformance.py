@@ -13,6 +13,7 @@ import itertools
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 
+import msgspec
 import pytest
 
 import agentbus
@@ -599,6 +600,69 @@ async def test_resync_with_nothing_foreign_returns_nothing_and_keeps_the_positio
     assert await writer.resync() == []
     assert writer.last_seq == position
     await writer.append(step(2))
+
+
+def _lose_one_ack(bus: Bus, then: Callable[[], Awaitable[object]] | None = None) -> list[int]:
+    """The next publish is stored, but its ack is lost (as through a failover): the bus retries it.
+    `then` runs between the store and the loss (another writer, say). Returns the stored sequences."""
+    real = bus._acked
+    stored: list[int] = []
+
+    async def acked(subject: str, data: bytes, hdrs: dict[str, str]) -> object:
+        ack = await real(subject, data, hdrs)
+        if not stored:
+            stored.append(ack.seq)
+            if then is not None:
+                await then()
+            raise TimeoutError("the ack was lost")
+        return ack
+
+    bus._acked = acked  # type: ignore[method-assign]
+    return stored
+
+
+async def test_a_fenced_append_whose_ack_was_lost_is_its_own_stored_first_attempt_not_a_fence(
+    log: SessionLog,
+) -> None:
+    # nats-server checks the fence before the Nats-Msg-Id: the retry is refused as fenced
+    await log.append("s1", step(0))
+    writer = await log.writer("s1")
+    stored = _lose_one_ack(log.bus)
+
+    ack = await writer.append(step(1))
+
+    assert stored and ack.seq == stored[0] and ack.duplicate
+    assert writer.last_seq == ack.seq
+    await writer.append(step(2))  # still the owner
+    assert _ids(await log.read("s1")) == ["step-0", "step-1", "step-2"]
+
+
+async def test_after_a_lost_ack_a_later_foreign_append_still_fences_the_writer(log: SessionLog) -> None:
+    await log.append("s1", step(0))
+    writer, other = await log.writer("s1"), await log.writer("s1")
+
+    async def other_writes() -> None:
+        other.last_seq = stored[0]
+        await other.append(step(2, tag="other"))
+
+    stored = _lose_one_ack(log.bus, other_writes)
+    ack = await writer.append(step(1))
+    assert ack.seq == stored[0]
+    with pytest.raises(agentbus.FencedError):
+        await writer.append(step(2))
+    assert _ids(await log.read("s1")) == ["step-0", "step-1", "other-2"]
+
+
+async def test_another_writer_appending_the_same_id_with_other_content_stays_fenced(log: SessionLog) -> None:
+    # two agents at the same step write the same event id, each with its own model reply
+    await log.append("s1", step(0))
+    first, second = await log.writer("s1"), await log.writer("s1")
+    await first.append(step(1))
+    theirs = msgspec.structs.replace(step(1), output="the second agent's")
+    with pytest.raises(agentbus.FencedError):
+        await second.append(theirs)  # the same id, other content: not the record stored
+    [_, stored] = await log.read("s1")
+    assert stored.event == step(1)
 
 
 async def test_human_messages_on_the_input_channel_do_not_break_the_fence(client: agentbus.Client) -> None:

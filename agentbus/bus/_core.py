@@ -183,8 +183,9 @@ class BusCore:
     async def _through_failover(self, what: str, call: Callable[[], Awaitable[T]], *, refusal: str | None = None) -> T:
         """Run an idempotent JetStream request, retrying through a failover (a timeout, no
         responders or 503 while a cluster elects a new leader or the client reconnects) for up
-        to `failover_s`. Publishes qualify: the retry carries the same Nats-Msg-Id, and the
-        server checks duplicates before the fence, so a stored first attempt is not refused."""
+        to `failover_s`. Publishes qualify: the retry carries the same Nats-Msg-Id, which the server deduplicates.
+        It checks a fence (expected last subject sequence) first, though: a fenced retry whose
+        first attempt was stored is refused as fenced, and `SessionWriter` recognises its own."""
         deadline = time.monotonic() + self.settings.failover_s
         delay = 0.1
         while True:
