@@ -206,6 +206,7 @@ def _service(ident: Identity) -> Permissions:
         f"$KV.{ns.state_bucket}.>",
         f"$KV.{ns.spend_bucket}.>",
         f"$KV.{ns.supervisors_bucket}.>",  # the supervisor's heartbeat: the pools it serves
+        f"$KV.{ns.keys_bucket}.>",  # the first router makes the work key (agentbus.openings)
     ]
     sub.append(ns.scale_requests())
     return Permissions(tuple(pub), tuple(sub), allow_responses=True)  # scale replies
@@ -249,6 +250,9 @@ def _agent(ident: Identity) -> Permissions:
         f"$JS.API.DIRECT.GET.KV_{ns.workers_bucket}.>",
         f"$JS.API.DIRECT.GET.KV_{ns.supervisors_bucket}.>",  # is a pool served? (submit, pools)
         f"$JS.API.DIRECT.GET.KV_{ns.spend_bucket}.>",
+        # the key that signs the openings routed work carries: an agent may write any session's
+        # log anyway, so it learns nothing it could forge with (agentbus.openings)
+        f"$JS.API.DIRECT.GET.KV_{ns.keys_bucket}.>",
     ]
     return Permissions(tuple(pub), tuple(sub))
 
@@ -385,6 +389,10 @@ MATRIX: tuple[Row, ...] = (
         ("yes", "yes", "yes", "no", "no", "no")),
     Row("fetch_other", "take another pool's work", "pub", f"$JS.API.CONSUMER.MSG.NEXT.{_W}.pool-<otherpool>",
         ("yes", "yes", "if all", "no", "no", "no")),
+    Row("work_key", "read the key that signs routed work (agentbus.openings)", "pub",
+        "$JS.API.DIRECT.GET.KV_AGENTBUS_keys.$KV.AGENTBUS_keys.work", ("yes", "yes", "yes", "no", "no", "no")),
+    Row("make_work_key", "make the key that signs routed work", "pub", "$KV.AGENTBUS_keys.work",
+        ("yes", "yes", "no", "no", "no", "no")),
     Row("registry", "heartbeat into the worker registry", "pub", "$KV.AGENTBUS_workers.<user>",
         ("yes", "no", "yes", "no", "no", "no")),
     Row("announce", "heartbeat into the supervisor registry", "pub", "$KV.AGENTBUS_supervisors.<user>",

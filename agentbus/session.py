@@ -51,14 +51,20 @@ class SessionLog:
         *,
         channel: Channel = "log",
         expect_last_seq: int | None = None,
+        whole_session: bool = False,
+        encoded: bytes | None = None,
     ) -> PubAck:
-        """Append one event; raises `FencedError` if `expect_last_seq` no longer holds."""
+        """Append one event; raises `FencedError` if `expect_last_seq` no longer holds: the last
+        sequence of the channel's subject, or with `whole_session` of every record of the session
+        (people's too). `encoded`: the event's bytes, when the caller has them already."""
+        fence = self.ns.session_all(session_id) if whole_session and expect_last_seq is not None else None
         try:
             return await self.bus.publish(
                 self._subject(session_id, channel),
-                encode(event),
+                encode(event) if encoded is None else encoded,
                 msg_id=f"{session_id}:{event.id}",
                 expected_last_subject_seq=expect_last_seq,
+                fence_subject=fence,
             )
         except FencedError as err:
             raise FencedError(session_id, expect_last_seq or 0) from err
@@ -67,6 +73,11 @@ class SessionLog:
         """Append several events pipelined (one round trip's latency for the lot), in order."""
         subject = self._subject(session_id, channel)
         return await self.bus.publish_many(Outgoing(subject, encode(ev), f"{session_id}:{ev.id}") for ev in events)
+
+    async def first(self, session_id: str) -> Delivery | None:
+        """The session's first record as the stream stores it (a reader of every session)."""
+        found = await self.bus.read_direct(self.ns.sessions_stream, self.ns.session_all(session_id), lambda d: d, 1, 1)
+        return found[0] if found else None
 
     async def writer(self, session_id: str) -> SessionWriter:
         """A fenced writer positioned at the current end of the session's log channel."""
@@ -192,10 +203,13 @@ class SessionWriter:
         self.session_id = session_id
         self.last_seq = last_seq
 
-    async def append(self, event: Event) -> PubAck:
-        """Append if nobody else wrote to the log channel since our last append, else `FencedError`."""
+    async def append(self, event: Event, *, whole_session: bool = False) -> PubAck:
+        """Append if nobody else wrote to the log channel since our last append, else `FencedError`.
+        `whole_session`: nor to any channel of the session (a claim on the opening a work item
+        carried, `agentbus.openings`: people's messages since then must be read first)."""
         try:
-            ack = await self.log.append(self.session_id, event, expect_last_seq=self.last_seq)
+            ack = await self.log.append(self.session_id, event, expect_last_seq=self.last_seq,
+                                        whole_session=whole_session)  # fmt: skip
         except FencedError:
             # nats-server checks the fence before the Nats-Msg-Id: a publish retried through a
             # failover after its first attempt was stored (the ack lost) is refused as fenced.

@@ -195,6 +195,12 @@ class Namespace:
         return f"{self._upper}_spend"
 
     @property
+    def keys_bucket(self) -> str:
+        """Secrets of the deployment: `work` signs the openings routed work items carry
+        (`agentbus.openings`). Services write it; services and agents read it; nobody else."""
+        return f"{self._upper}_keys"
+
+    @property
     def _upper(self) -> str:
         return self.prefix.upper()
 
@@ -256,6 +262,7 @@ class Namespace:
             # A supervisor's announcement of the pools it serves, dropped the same way.
             BucketSpec(name=self.supervisors_bucket, history=1, ttl_s=WORKER_TTL_S),
             BucketSpec(name=self.spend_bucket, history=1),
+            BucketSpec(name=self.keys_bucket, history=1),
         )
 
     def retired_consumers(self) -> list[tuple[str, str]]:

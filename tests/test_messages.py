@@ -488,7 +488,7 @@ def test_every_stream_captures_exactly_the_subjects_built_for_it() -> None:
     assert streams["P_SUBMIT"].subjects == ("p.submit",)
     assert streams["P_WORK"].subjects == ("p.work.*",)
     assert streams["P_WORK"].retention == "workqueue"
-    assert [b.name for b in ns.buckets()] == ["P_state", "P_workers", "P_supervisors", "P_spend"]
+    assert [b.name for b in ns.buckets()] == ["P_state", "P_workers", "P_supervisors", "P_spend", "P_keys"]
 
 
 @pytest.mark.parametrize("bad", ["a.b", "a b", "a*", "a>", "", "x" * 65, "ü"])

@@ -147,6 +147,8 @@ ACTIONS: dict[str, Action] = {
     "reset_other": lambda c, nc, w: SpendLedger(c.bus).add(OTHER_POOL, 0.0),
     "fetch": lambda c, nc, w: _pull(c, POOL),
     "fetch_other": lambda c, nc, w: _pull(c, OTHER_POOL),
+    "work_key": lambda c, nc, w: c.bus.kv_get(c.bus.ns.keys_bucket, "work"),
+    "make_work_key": lambda c, nc, w: c.bus.kv_put(c.bus.ns.keys_bucket, "work", b"bWF0cml4"),
     "registry": lambda c, nc, w: c.bus.kv_put(c.bus.ns.workers_bucket, c.bus.user, b"{}"),
     "announce": lambda c, nc, w: c.bus.kv_put(c.bus.ns.supervisors_bucket, c.bus.user, b"{}"),
     "supervisors": lambda c, nc, w: c.supervisors(),

@@ -19,6 +19,9 @@ from agentbus.errors import BusError, FencedError, NatsUnreachable, NotPermitted
 
 MSG_ID = "Nats-Msg-Id"
 EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
+# nats-server 2.11+: the fence holds on the last message of this subject (wildcards allowed)
+# instead of the published one's
+EXPECTED_LAST_SUBJECT_SEQ_SUBJECT = "Nats-Expected-Last-Subject-Sequence-Subject"
 _PIPELINE_DEPTH = 256
 # no ack for a message of a batch: settle the rest one by one
 _UNANSWERED: tuple[type[BaseException], ...] = (*TRANSIENT, nats.js.errors.NoStreamResponseError)
@@ -61,8 +64,13 @@ class Publishing(BusCore):
         msg_id: str,
         headers: Mapping[str, str] | None = None,
         expected_last_subject_seq: int | None = None,
+        fence_subject: str | None = None,
     ) -> PubAck:
-        """Publish to JetStream and wait for the stored ack; retries on a lost ack are deduplicated."""
+        """Publish to JetStream and wait for the stored ack; retries on a lost ack are deduplicated.
+        `expected_last_subject_seq` fences the publish on the last message of its subject, or of
+        `fence_subject` (wildcards allowed) when given."""
+        if fence_subject is not None and expected_last_subject_seq is not None:
+            headers = {**(headers or {}), EXPECTED_LAST_SUBJECT_SEQ_SUBJECT: fence_subject}
         if not tracing.recording():  # every append comes here: no span to name, no attributes to build
             return await self._publish(subject, data, msg_id, headers, expected_last_subject_seq)
         attrs = tracing.messaging_attrs(subject, msg_id)

@@ -67,11 +67,35 @@ class Task(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     base: str | None = None  # a pool on a repository: the ref its branch starts from (default: the pool's base)
 
 
+class Opening(msgspec.Struct, frozen=True, kw_only=True):
+    """A fresh session's first two records, in the work item the router queues for it, so the
+    agent that takes it need not read them back (`agentbus.openings`; subjects.md, "The opening"):
+
+    - `created`: the `session_created` payload as the stream stores it, at `created_seq`, on the
+      control channel of `sender`;
+    - `routed`: the `routed` payload, at `routed_seq`, on the log channel, with nothing of the
+      session's stored in between (the router fenced it on the whole session);
+    - `mac`: HMAC-SHA256 of them under the deployment's work key, hex, which only roles that may
+      write session logs can read.
+
+    An agent uses it only if the MAC verifies, and claims the session fenced on `routed_seq` over
+    the whole session: anything written since (a person's message, a cancel) makes it read instead.
+    """
+
+    created_seq: int
+    sender: str
+    created: msgspec.Raw
+    routed_seq: int
+    routed: msgspec.Raw
+    mac: str
+
+
 class WorkItem(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """A message on a work or submission queue: a pointer to a session, plus why it is queued.
 
-    The queue message is small on purpose: the session log holds the task, so an
-    agent that picks this up reads the log and continues from where it stands.
+    The queue message is small on purpose: the session log holds the task, so an agent that
+    picks this up reads the log and continues from where it stands. The one exception is the
+    router's item for a fresh session, which carries its signed `opening`.
     """
 
     session_id: str
@@ -79,6 +103,7 @@ class WorkItem(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     # timeout: an approval waited longer than its pool allows
     reason: Literal["new", "revision", "resume", "child_result", "evaluate", "wake", "timeout"] = "new"
     round: int = 1
+    opening: Opening | None = None
     v: Version = msgspec.field(default_factory=version)
 
 

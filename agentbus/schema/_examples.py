@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import msgspec
 
+from agentbus import openings
 from agentbus.messages import (
     ApprovalDecided,
     ApprovalRequested,
@@ -30,6 +31,7 @@ from agentbus.messages import (
     MessageDelivered,
     ModelCallFailed,
     ModelResponded,
+    Opening,
     OpinionResult,
     OpinionsAggregated,
     PoolSpend,
@@ -54,6 +56,7 @@ from agentbus.messages import (
     VerdictRecorded,
     WorkerInfo,
     WorkItem,
+    encode,
 )
 from agentbus.state import SessionState
 
@@ -226,7 +229,16 @@ EVENTS: tuple[msgspec.Struct, ...] = (
     ),
 )
 
-WORK: tuple[msgspec.Struct, ...] = (WorkItem(session_id=SID, reason="revision", round=2),)
+# The opening's MAC under an example key of 32 zero bytes, so a client in another language can
+# check its own MAC code against the document (subjects.md, "The opening a routed work item carries").
+EXAMPLE_WORK_KEY = bytes(32)
+_CREATED, _ROUTED = encode(EVENTS[0]), encode(EVENTS[1])
+_OPENING = Opening(
+    created_seq=1, sender="ann", created=msgspec.Raw(_CREATED), routed_seq=2, routed=msgspec.Raw(_ROUTED),
+    mac=openings.signed(EXAMPLE_WORK_KEY, SID, 1, "ann", _CREATED, 2, _ROUTED),
+)  # fmt: skip
+
+WORK: tuple[msgspec.Struct, ...] = (WorkItem(session_id=SID, opening=_OPENING),)
 
 TIMERS: tuple[msgspec.Struct, ...] = (Timer(session_id=SID, due_ts=TS + 307, tool_use_id="toolu_03", round=1),)
 

@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 from opentelemetry.trace import SpanKind
 
-from agentbus import allowlist, rejects, tracing
+from agentbus import allowlist, openings, rejects, tracing
 from agentbus.budget import Stop, effective_budget, over_budget
 from agentbus.bus import Job, PubAck
 from agentbus.errors import AgentBusError, FencedError
@@ -112,6 +112,7 @@ class RunContext:
     approval_timeout_s: float | None = None
     on_approval_timeout: Literal["deny", "pause"] = "deny"
     repo: repo_workspace.SessionRepos | None = None  # issue 19: sessions work in worktrees of this repository
+    work_key: openings.WorkKey | None = None  # verifies the openings routed work items carry
 
 
 class SessionRun:
@@ -142,7 +143,39 @@ class SessionRun:
         return self.transcript.records
 
     async def execute(self) -> Outcome:
+        if (opened := await self._opened()) is not None:
+            return opened
         await self.transcript.load()
+        return await self._start()
+
+    async def _opened(self) -> Outcome | None:
+        """A fresh session whose work item carries a verified opening (`agentbus.openings`): claimed
+        without reading it, the claim fenced on the whole session at the route. None when it must be
+        read instead: no opening, or one that does not verify, anything but a plain first start, or
+        anything written to the session since the route (a person's message, a cancel)."""
+        opening, key = self.item.opening, self.ctx.work_key
+        if opening is None or key is None or self.job.attempt != 1 or self.item.reason != "new":
+            return None
+        records = await openings.opened(key, self.log.bus, self.sid, opening)
+        if records is None:
+            return None
+        self.transcript.open(records)
+        conv = self.conversation()
+        if conv.task is None or conv.ended or conv.steps or self.state().terminal:
+            self._built = None
+            return None
+        self.writer = SessionWriter(self.log, self.sid, opening.routed_seq)
+        claim = self._claim_event(conv)
+        try:
+            ack = await self.writer.append(claim, whole_session=True)
+        except FencedError:
+            logger.debug("session %s: written to since it was routed; reading it", self.sid)
+            self._built = None
+            return None
+        self.transcript.appended(ack, claim)
+        return await self._claimed(conv)
+
+    async def _start(self) -> Outcome:
         if not self.records:
             await self.ctx.queues.unseen(self.job, self.item)  # the item overtook its session: it waits
         conv = self.conversation()
@@ -161,14 +194,20 @@ class SessionRun:
             return "skipped"  # woken twice, or the session moved on: nothing waits for this
         last_log = max((r.seq for r in self.records if r.channel == "log"), default=0)
         self.writer = SessionWriter(self.log, self.sid, last_log)
-        claim = SessionClaimed(
+        await self.append(self._claim_event(conv))
+        return await self._claimed(conv)
+
+    def _claim_event(self, conv: Conversation) -> SessionClaimed:
+        return SessionClaimed(
             id=f"claim-{self.claim}",
             worker=self.ctx.worker_id,
             attempt=self.job.attempt,
             round=conv.round,
             workspace=str(self.workspace(create=False)),  # made when a tool first needs it
         )
-        await self.append(claim)
+
+    async def _claimed(self, conv: Conversation) -> Outcome:
+        """Everything after the claim: from here the run owns the session."""
         await self._answer_unusable()
         if self.job.attempt == 1 and conv.steps == 0:
             logger.info("session %s started on pool %s", self.sid, self.ctx.pool)

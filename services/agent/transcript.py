@@ -73,6 +73,16 @@ class Transcript:
         self._people_to = self.records[-1].seq if self.records else 0
         self._state, self._folded = SessionState(session_id=self.sid), 0
 
+    def open(self, records: list[Record]) -> None:
+        """What the log holds now as a work item's opening says (`agentbus.openings`), instead of a
+        read: the run's claim, fenced on the whole session at the last of them, proves it. From
+        here on, people's messages are looked for as after a read."""
+        self._live_at_load = self.live is not None and self.live.is_set()
+        self._reconnects, self._looked_at, self._lost = self.log.bus.reconnects, time.monotonic(), self._lost_now()
+        self.records = list(records)
+        self._people_to = self.records[-1].seq if self.records else 0
+        self._state, self._folded = SessionState(session_id=self.sid), 0
+
     def appended(self, ack: PubAck, event: Event) -> None:
         """What this run appended to the log channel, at the sequence the server gave it (every
         `Event` subclass this run appends is a member of the event union a `Record` holds)."""

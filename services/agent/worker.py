@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Literal
 
 from opentelemetry.trace import SpanKind
 
-from agentbus import tracing
+from agentbus import openings, tracing
 from agentbus.authority import honoured
 from agentbus.bus import Bus, Job
 from agentbus.config import DEFAULT_TOOLS
@@ -174,6 +174,7 @@ class AgentWorker(Service):
             approval_timeout_s=config.approval_timeout_s,
             on_approval_timeout=config.on_approval_timeout,
             repo=self.repos,
+            work_key=openings.WorkKey(bus),
         )
         self._runs: dict[str, SessionRun] = {}
 
@@ -187,6 +188,8 @@ class AgentWorker(Service):
 
     async def _serve(self) -> None:
         await self.bus.provision()
+        if self._context.work_key is not None:
+            await self._context.work_key.get()  # now, not on the first session's path
         if self.mcp is not None:
             from services.agent.mcp_tools import add_tools
 

@@ -15,22 +15,25 @@ import msgspec
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
-from agentbus import tracing
-from agentbus.bus import Bus, Job
+from agentbus import openings, tracing
+from agentbus.bus import Bus, Delivery, Job
+from agentbus.errors import FencedError
 from agentbus.messages import (
     DelegationRequested,
     InputRejected,
+    Opening,
     Routed,
     SessionCreated,
     SessionEnded,
     StatusChanged,
     Task,
     WorkItem,
+    encode,
     session_id_of,
 )
 from agentbus.queues import WorkQueues, WorkSettlement
 from agentbus.service import Consumer, Service, consume
-from agentbus.session import SessionLog
+from agentbus.session import SessionLog, record_of
 from agentbus.subjects import valid_token
 from services.router.fanin import FanIn, opinion_ids
 from services.router.routes import RouteTable
@@ -51,11 +54,13 @@ class Router(Service):
         self.log = SessionLog(bus)
         self.queues = WorkQueues(self.log)
         self.fanin = FanIn(self.log)
+        self.key = openings.WorkKey(bus, make=True)
         super().__init__()
         self.routed = 0
 
     async def _serve(self) -> None:
         await self.bus.provision()
+        await self.key.get()  # made now if this is the first router: not on the first session's path
         submissions = Consumer(
             spec=self.bus.ns.router_consumer(),
             handle=self._handle,
@@ -97,9 +102,10 @@ class Router(Service):
     async def _route(self, job: Job) -> None:
         item = await self.queues.accept(job)
         sid = item.session_id
-        records = await self.log.read(sid, limit=1)
-        if not records:
+        first = await self.log.first(sid)
+        if first is None:
             await self.queues.unseen(job, item)  # the item overtook its session: it waits
+        records = [record_of(first)] if first is not None else []
         created = records[0].event if records else None
         if not isinstance(created, SessionCreated):  # it can never start: end it, saying why
             await self.queues.refuse_taskless(sid, records, job.subject)
@@ -121,10 +127,24 @@ class Router(Service):
         trace.get_current_span().set_attributes(
             {tracing.SESSION_ID: sid, tracing.POOL: decision.pool, "agentbus.route.rule": decision.rule}
         )
-        await self.log.append(sid, Routed(id="routed", pool=decision.pool, rule=decision.rule, model=decision.model))
-        await self.queues.enqueue(WorkItem(session_id=sid), decision.pool)
+        routed = Routed(id="routed", pool=decision.pool, rule=decision.rule, model=decision.model)
+        opening = await self._record_route(sid, first, routed)
+        await self.queues.enqueue(WorkItem(session_id=sid, opening=opening), decision.pool)
         self.routed += 1
         logger.info("%s -> %s (%s)", sid, decision.pool, decision.rule)
+
+    async def _record_route(self, sid: str, created: Delivery, routed: Routed) -> Opening | None:
+        """Record the route; right after the creation (fenced on the whole session), also the signed
+        opening the work item carries, so the agent need not read the session (`agentbus.openings`)."""
+        data = encode(routed)
+        try:
+            ack = await self.log.append(sid, routed, encoded=data, expect_last_seq=created.seq, whole_session=True)
+        except FencedError:  # written to since its creation (a person; this route, redelivered): the agent reads
+            await self.log.append(sid, routed, encoded=data)
+            return None
+        if ack.duplicate:
+            return None
+        return await openings.sign(self.key, sid, created, routed, data, ack.seq)
 
     async def _refuse(self, sid: str, reason: str) -> None:
         """A session that can never be routed ends `failed` with the reason, instead of waiting forever."""
