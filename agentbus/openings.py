@@ -26,6 +26,7 @@ import msgspec
 from agentbus.bus import Bus, Delivery
 from agentbus.messages import Opening, Record, Routed
 from agentbus.session import record_of
+from agentbus.subjects import parse_session_subject
 
 logger = logging.getLogger("agentbus.openings")
 
@@ -36,6 +37,10 @@ _DOMAIN = b"agentbus opening 1\n"  # what the MAC is of, so the key signs nothin
 # agent that started before the first router made it must not go on reading for long.
 _RETRY_S = 5.0
 _MISSING_RETRY_S = 0.2
+# Only a task this small rides in the work item: the work stream allows what the sessions stream
+# does, a work item with a near-limit task in it would not fit, and a cancel reads every queued item.
+MAX_CREATED_BYTES = 64 * 1024
+_HEX = frozenset("0123456789abcdef")
 
 
 class _Stamped(msgspec.Struct):
@@ -83,18 +88,33 @@ class WorkKey:
             self._warned = True
             log("the work key cannot be read (%s); sessions are read instead of opened from their work item", err)
             return self._key
-        self._key = base64.urlsafe_b64decode(found[0]) if found and found[0] else None
+        try:
+            key = base64.urlsafe_b64decode(found[0]) if found and found[0] else None
+        except ValueError:  # binascii.Error: only a service or an admin can have written it
+            key = None
+        if key is not None and len(key) < 32:
+            key = None
+        if key is None and found:
+            logger.warning("the work key in %s is not 32 bytes of base64; delete it and restart a router", bucket)
+        self._key = key
         return self._key
 
 
 async def sign(key: WorkKey, session_id: str, created: Delivery, routed: Routed, routed_bytes: bytes,
                routed_seq: int) -> Opening | None:  # fmt: skip
     """The opening of a session whose creation is `created` and whose route was just recorded at
-    `routed_seq` right after it, or None when there is no key or the creation has no `ts` of its own
-    (its time would be the stream's, which the opening does not carry)."""
-    sender = created.subject.rsplit(".", 1)[-1]
+    `routed_seq` right after it, or None: no key; a creation that is not on a person's control
+    channel, has no `ts` of its own (its time would be the stream's, which the opening does not
+    carry), is not stored as compact JSON (an embedded payload loses surrounding whitespace), or
+    is larger than `MAX_CREATED_BYTES`."""
+    _, channel, sender = parse_session_subject(created.subject) or ("", "", "")
+    data = created.data
+    if channel != "control" or not sender or len(data) > MAX_CREATED_BYTES or data != data.strip():
+        return None
+    if not _has_ts(data):
+        return None
     secret = await key.get()
-    if secret is None or not _has_ts(created.data):
+    if secret is None:
         return None
     mac = signed(secret, session_id, created.seq, sender, created.data, routed_seq, routed_bytes)
     return Opening(created_seq=created.seq, sender=sender, created=msgspec.Raw(created.data),
@@ -112,13 +132,15 @@ async def opened(key: WorkKey, bus: Bus, session_id: str, opening: Opening) -> l
     """The records `opening` stands for, exactly as a read of the stream gives them, or None when
     its MAC does not verify under the work key (forged, or signed with a key since replaced)."""
     created, routed = bytes(opening.created), bytes(opening.routed)
+    if len(opening.mac) != 64 or not _HEX.issuperset(opening.mac) or not _has_ts(created):
+        return None  # not what a router signs: no MAC of ours, or a time the opening cannot carry
 
     async def verifies(*, again: bool) -> bool:
         secret = await key.get(again=again)
         if secret is None:
             return False
         mac = signed(secret, session_id, opening.created_seq, opening.sender, created, opening.routed_seq, routed)
-        return hmac.compare_digest(mac, opening.mac)
+        return hmac.compare_digest(mac.encode(), opening.mac.encode())
 
     if not await verifies(again=False) and not await verifies(again=True):
         logger.info("session %s: its work item's opening does not verify; reading the session", session_id)

@@ -251,7 +251,7 @@ def _agent(ident: Identity) -> Permissions:
         f"$JS.API.DIRECT.GET.KV_{ns.supervisors_bucket}.>",  # is a pool served? (submit, pools)
         f"$JS.API.DIRECT.GET.KV_{ns.spend_bucket}.>",
         # the key that signs the openings routed work carries: an agent may write any session's
-        # log anyway, so it learns nothing it could forge with (agentbus.openings)
+        # log anyway, so it adds little an agent could forge with (subjects.md, AGENTBUS_keys)
         f"$JS.API.DIRECT.GET.KV_{ns.keys_bucket}.>",
     ]
     return Permissions(tuple(pub), tuple(sub))

@@ -226,7 +226,8 @@ class SessionWriter:
         in every field, not only in id: another agent at the same step appends the same id with
         its own content, and must stay fenced."""
         after = await self.log.read(self.session_id, from_seq=self.last_seq + 1, limit=1, channels="log")
-        return after[0].seq if after and after[0].event == event else None
+        # as encoded, not as Structs: a tuple field given a list in memory decodes as a tuple
+        return after[0].seq if after and encode(after[0].event) == encode(event) else None
 
     async def resync(self) -> list[Record]:
         """After a `FencedError`: the log-channel records written by others since our position."""

@@ -14,13 +14,13 @@ DEFAULT_PREFIX = "agentbus"
 WORKER_TTL_S = 15.0
 
 # A token that is safe inside a subject, a consumer name and a KV key.
-_TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-_PREFIX = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,64}")  # fullmatch: `$` would let a trailing newline in
+_PREFIX = re.compile(r"[a-z][a-z0-9_]{0,31}")
 
 
 def valid_token(value: str) -> bool:
     """True if `value` can stand as one subject token (session id, pool name)."""
-    return bool(_TOKEN.match(value))
+    return bool(_TOKEN.fullmatch(value))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -75,7 +75,7 @@ class Namespace:
     max_message_bytes: int = field(default=6 * 1024 * 1024 + 65536, compare=False)  # 6x the prompt limit
 
     def __post_init__(self) -> None:
-        if not _PREFIX.match(self.prefix):
+        if not _PREFIX.fullmatch(self.prefix):
             raise ValueError(
                 f"namespace prefix {self.prefix!r} must be lowercase letters, digits or '_' and start with a letter"
             )
@@ -346,7 +346,7 @@ class Namespace:
 
 
 def _token(value: str, what: str) -> str:
-    if not _TOKEN.match(value):
+    if not _TOKEN.fullmatch(value):
         raise ValueError(f"{what} {value!r} must be 1-64 characters of letters, digits, '-' or '_'")
     return value
 

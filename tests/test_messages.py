@@ -723,3 +723,13 @@ def test_no_event_class_derives_from_another() -> None:
     for kind in kinds:
         others = [k for k in kinds if k is not kind and issubclass(kind, k)]
         assert not others, f"{kind.__name__} derives from {[k.__name__ for k in others]}"
+
+
+def test_a_token_with_a_trailing_newline_is_no_token() -> None:
+    from agentbus.subjects import Namespace, valid_token
+
+    assert valid_token("alice") and not valid_token("alice\n") and not valid_token("a\nb")
+    with pytest.raises(ValueError):
+        Namespace("agentbus").session_log("s1\n")
+    with pytest.raises(ValueError):
+        Namespace("agentbus\n")

@@ -19,7 +19,7 @@ from agentbus import openings
 from agentbus.bus import Bus
 from agentbus.config import Settings
 from agentbus.errors import NotPermitted
-from agentbus.messages import Budget, Opening, Routed, WorkItem, decode_work, encode
+from agentbus.messages import Budget, Opening, Routed, SessionCreated, Task, WorkItem, decode_work, encode
 from agentbus.testing import FakeMessagesAPI, text_response
 from services.agent.transcript import Transcript
 from services.router.router import Router
@@ -195,14 +195,18 @@ async def test_a_forged_opening_from_a_submitter_is_not_believed(
 ) -> None:
     async with routing(settings):  # the key exists
         await until(lambda: openings.WorkKey(client.bus).get(), "the work key")
-    sid = await client.submit("the real task", pool=POOL)  # queued with no opening
-    created, *_, last = await client.log.read(sid)  # the creation, and the route the client recorded
+    # a session recorded as `submit --pool` records it, with no work item: the forged one is its only
+    sid = "forged-opening"
+    task = Task(session_id=sid, prompt="the real task", pool=POOL, submitter=client.bus.user)
+    await client.log.append(sid, SessionCreated(id="created", task=task), channel="control")
+    await client.log.append(sid, Routed(id="routed", pool=POOL, rule="explicit"), channel="control")
+    created, last = await client.log.read(sid)
     forged_task = encode(msgspec.structs.replace(created.event, task=msgspec.structs.replace(
         created.event.task, prompt="a forged task")))  # type: ignore[union-attr]  # fmt: skip
     routed = encode(Routed(id="routed", pool=POOL, rule="explicit"))
+    # as good as a forgery gets: the sequences are right, so the claim's fence would hold
     forged = Opening(created_seq=created.seq, sender=created.sender, created=msgspec.Raw(forged_task),
                      routed_seq=last.seq, routed=msgspec.Raw(routed), mac="ab" * 32)  # fmt: skip
-    # as good as a forgery gets: the sequences are right, so the claim's fence would hold
     olga = as_user("olga", "operator")
     async with agentbus.connect(settings=olga) as mallory:
         ns = mallory.bus.ns
@@ -213,12 +217,37 @@ async def test_a_forged_opening_from_a_submitter_is_not_believed(
     with FakeMessagesAPI(responder=lambda _: text_response("done")) as api:
         async with agent(settings, api, tmp_path):
             state = await client.wait(sid, timeout=30)
-            await asyncio.sleep(0.5)  # both items taken
     assert state.status == "completed"
     prompts = _prompts(api)
     assert prompts and all("a forged task" not in p for p in prompts)
     assert "the real task" in prompts[0]
-    assert ("open", sid) not in starts and ("load", sid) in starts
+    assert starts == [("load", sid)]
+
+
+async def test_a_genuine_work_item_queued_again_later_changes_nothing(
+    client: agentbus.Client, settings: Settings, tmp_path: Path, starts: list[tuple[str, str]]
+) -> None:
+    with FakeMessagesAPI(responder=lambda _: text_response("done")) as api:
+        async with routing(settings):
+            sid = await client.submit("the task")
+            await _routed(client, sid)
+            item = await _queued(client)
+            async with agent(settings, api, tmp_path):
+                await client.wait(sid, timeout=30)
+                before = await client.log.read(sid)
+                # the same item again (an operator may read the work stream and queue work)
+                await client.bus.publish(client.bus.ns.work(POOL), encode(item), msg_id=f"{sid}:again")
+                await until(lambda: _taken(client), "the item taken again")
+                await asyncio.sleep(0.3)
+    assert item.opening is not None
+    assert starts[0] == ("open", sid) and starts[1:] == [("open", sid), ("load", sid)]
+    assert len(api.requests) == 1, "the ended session was not run again"
+    assert await client.log.read(sid) == before
+
+
+async def _taken(client: agentbus.Client) -> bool:
+    ns = client.bus.ns
+    return await client.bus.next_stored(ns.work_stream, ns.work(POOL)) is None
 
 
 async def test_an_agent_holding_a_replaced_key_asks_for_the_new_one(
@@ -264,3 +293,82 @@ def test_the_mac_recipe_subjects_md_gives_signs_its_example_as_the_code_does() -
     head = f"agentbus opening 1\n{item['session_id']}\n{o['created_seq']}\n{o['sender']}\n{o['routed_seq']}\n"
     message = head.encode() + f"{len(created)}\n".encode() + created + routed
     assert hmac.new(bytes(32), message, hashlib.sha256).hexdigest() == o["mac"]
+
+
+async def test_people_s_records_count_as_known_only_up_to_the_opening_s_creation(client: agentbus.Client) -> None:
+    """On a replicated stream a person's message still being replicated can land between the
+    creation and the route (a fence on a wildcard is checked against what is stored): the next
+    look must still find it."""
+    sid = "between"
+    task = Task(session_id=sid, prompt="p", submitter=client.bus.user)
+    await client.log.append(sid, SessionCreated(id="created", task=task), channel="control")
+    await client.say(sid, "said in between")
+    await client.log.append(sid, Routed(id="routed", pool=POOL, rule="default"))
+    created, said, routed = await client.log.read(sid)
+
+    transcript = Transcript(client.log, sid)
+    transcript.open([created, routed])
+    assert await transcript.catch_up(force=True)
+    assert transcript.records == [created, said, routed]
+
+
+def test_a_work_item_whose_opening_does_not_decode_is_still_its_work_item() -> None:
+    for opening in ('{"created_seq": "5"}', '"text"', '{"mac": 1}', "[1, 2]"):
+        data = f'{{"session_id": "s1", "reason": "new", "round": 2, "opening": {opening}}}'.encode()
+        item = decode_work(data)
+        assert (item.session_id, item.reason, item.round, item.opening) == ("s1", "new", 2, None)
+    with pytest.raises(msgspec.ValidationError):
+        decode_work(b'{"session_id": "s1", "reason": "nonsense", "opening": {"created_seq": "5"}}')
+
+
+async def test_an_opening_with_an_odd_mac_or_payload_is_no_opening_and_no_crash(
+    client: agentbus.Client, settings: Settings
+) -> None:
+    async with routing(settings):
+        sid = await client.submit("the real task")
+        await _routed(client, sid)
+        item = await _queued(client)
+    assert item.opening is not None
+    key = openings.WorkKey(client.bus)
+    no_ts = bytes(item.opening.created).replace(b'"ts":', b'"tz":')
+    for bad in (
+        msgspec.structs.replace(item.opening, mac="é" * 64),
+        msgspec.structs.replace(item.opening, mac=item.opening.mac.upper()),
+        msgspec.structs.replace(item.opening, mac=item.opening.mac[:-1]),
+        msgspec.structs.replace(item.opening, created=msgspec.Raw(no_ts)),
+    ):
+        assert await openings.opened(key, client.bus, sid, bad) is None
+
+
+async def test_only_a_compact_small_stamped_creation_on_a_control_channel_is_signed(client: agentbus.Client) -> None:
+    from agentbus.bus import Delivery
+
+    key = openings.WorkKey(client.bus, make=True)
+    assert await key.get() is not None
+    routed = Routed(id="routed", pool=POOL)
+    good = encode(SessionCreated(id="created", task=Task(session_id="s1", prompt="p")))
+    control = client.bus.ns.session_control("s1", "ann")
+
+    async def signs(subject: str, data: bytes) -> bool:
+        return (
+            await openings.sign(key, "s1", Delivery(subject, data, b"", 1, 0, 0), routed, encode(routed), 2) is not None
+        )
+
+    assert await signs(control, good)
+    assert not await signs(client.bus.ns.session_log("s1"), good)  # not a person's creation
+    assert not await signs(control, good + b"\n")  # an embedded payload would lose the newline
+    assert not await signs(control, good.replace(b'"ts":', b'"tz":'))  # its time would be the stream's
+    big = encode(SessionCreated(id="created", task=Task(session_id="s1", prompt="x" * openings.MAX_CREATED_BYTES)))
+    assert not await signs(control, big)
+
+
+async def test_a_reader_the_server_refuses_the_key_gets_none_and_one_warning(
+    as_user: Callable[..., Settings], caplog: pytest.LogCaptureFixture
+) -> None:
+    async with agentbus.connect(settings=as_user("obs", "observer")) as watcher:
+        key = openings.WorkKey(watcher.bus)
+        assert await key.get() is None
+        key._asked = float("-inf")
+        assert await key.get() is None
+    said = [r for r in caplog.records if "work key cannot be read" in r.getMessage() and r.levelname == "WARNING"]
+    assert len(said) == 1

@@ -145,6 +145,14 @@ class BusCore:
         return self.identity.user
 
     @property
+    def fences_on_wildcards(self) -> bool:
+        """Whether the server takes `Nats-Expected-Last-Subject-Sequence-Subject` (2.11+), so a publish
+        can be fenced on a wildcard (a whole session); an older one ignores the header and fences on
+        the published subject instead."""
+        version = self._nc.connected_server_version
+        return (version.major, version.minor) >= (2, 11)
+
+    @property
     def reconnects(self) -> int:
         """How often the connection came back after a loss: live signals sent meanwhile were missed."""
         return self._link.reconnects

@@ -21,7 +21,7 @@ from typing import Any
 
 from agentbus.errors import UsageError
 
-_NAME = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
+_NAME = re.compile(r"[A-Za-z0-9_-]{1,40}")
 KEYS = ("command", "url", "read_only")
 
 
@@ -44,7 +44,7 @@ class McpServerSpec:
 def from_mapping(name: str, raw: Mapping[str, Any], where: str) -> McpServerSpec:
     """A server from a table (the pools file) or a JSON object (`--mcp`); UsageError naming `where`."""
     here = f"{where}, mcp server {name!r}"
-    if not _NAME.match(name):
+    if not _NAME.fullmatch(name):
         raise UsageError(f"{here}: a name is 1-40 characters of letters, digits, '-' or '_'")
     unknown = sorted(set(raw) - set(KEYS))
     if unknown:

@@ -18,6 +18,29 @@ _dict_decoder = msgspec.json.Decoder(dict[str, Any])
 _work_decoder = msgspec.json.Decoder(WorkItem)
 
 
+# A work item whose opening does not decode is still a work item: the opening only saves a read
+# (`agentbus.openings`), and a newer router's, or another language's, must not cost the task.
+def _field(f: msgspec.structs.FieldInfo) -> tuple[str, Any, Any]:
+    if f.name == "opening":
+        return (f.name, Any, None)  # anything: it is dropped
+    if f.default_factory is not msgspec.NODEFAULT:
+        return (f.name, f.type, msgspec.field(default_factory=f.default_factory))
+    return (f.name, f.type, f.default)
+
+
+_WorkWithoutOpening = msgspec.defstruct(
+    "WorkWithoutOpening", [_field(f) for f in msgspec.structs.fields(WorkItem)], kw_only=True
+)
+_work_without_opening = msgspec.json.Decoder(_WorkWithoutOpening)
+
+
+class _SessionId(msgspec.Struct):
+    session_id: Any = None
+
+
+_session_id_decoder = msgspec.json.Decoder(_SessionId)
+
+
 def encode(obj: msgspec.Struct) -> bytes:
     if isinstance(obj, UnknownEvent):
         return _encoder.encode({**obj.data, "type": obj.type, "id": obj.id, "ts": obj.ts, "v": obj.v})
@@ -90,11 +113,10 @@ def session_id_of(data: bytes) -> str | None:
 
     None unless it is a JSON object whose `session_id` is a valid subject token.
     """
-    try:
-        obj = _dict_decoder.decode(data)
+    try:  # only the id: a work item may carry a whole task in its opening
+        sid = _session_id_decoder.decode(data).session_id
     except (msgspec.MsgspecError, UnicodeDecodeError, RecursionError):
         return None
-    sid = obj.get("session_id")
     if isinstance(sid, str) and 0 < len(sid) <= 64 and all(c.isascii() and (c.isalnum() or c in "-_") for c in sid):
         return sid
     return None
@@ -104,7 +126,13 @@ def decode_work(data: bytes) -> WorkItem:
     """A queue message's work item; raises `msgspec.MsgspecError` for anything else (deep nesting included)."""
     token = READING.set(True)
     try:
-        return _work_decoder.decode(data)
+        try:
+            return _work_decoder.decode(data)
+        except msgspec.ValidationError as err:
+            if "`$.opening" not in str(err):
+                raise
+            plain = _work_without_opening.decode(data)
+        return WorkItem(**{f: getattr(plain, f) for f in plain.__struct_fields__ if f != "opening"})
     except RecursionError as err:  # msgspec's answer to ~1,000 levels of nesting
         raise msgspec.DecodeError(f"nested too deeply: {err}") from err
     except UnicodeDecodeError as err:

@@ -156,6 +156,8 @@ class SessionRun:
         opening, key = self.item.opening, self.ctx.work_key
         if opening is None or key is None or self.job.attempt != 1 or self.item.reason != "new":
             return None
+        if not self.log.bus.fences_on_wildcards:  # the claim could not be fenced on the whole session
+            return None
         records = await openings.opened(key, self.log.bus, self.sid, opening)
         if records is None:
             return None

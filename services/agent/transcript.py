@@ -76,11 +76,14 @@ class Transcript:
     def open(self, records: list[Record]) -> None:
         """What the log holds now as a work item's opening says (`agentbus.openings`), instead of a
         read: the run's claim, fenced on the whole session at the last of them, proves it. From
-        here on, people's messages are looked for as after a read."""
+        here on, people's messages are looked for as after a read, except that only those up to
+        the last people's record of the opening count as known: a replicated stream checks a
+        fence on a wildcard against what it has stored, not against a person's message still
+        being replicated, which may so land between the creation and the route."""
         self._live_at_load = self.live is not None and self.live.is_set()
         self._reconnects, self._looked_at, self._lost = self.log.bus.reconnects, time.monotonic(), self._lost_now()
         self.records = list(records)
-        self._people_to = self.records[-1].seq if self.records else 0
+        self._people_to = max((r.seq for r in self.records if r.channel != "log"), default=0)
         self._state, self._folded = SessionState(session_id=self.sid), 0
 
     def appended(self, ack: PubAck, event: Event) -> None:
