@@ -372,3 +372,23 @@ async def test_a_reader_the_server_refuses_the_key_gets_none_and_one_warning(
         assert await key.get() is None
     said = [r for r in caplog.records if "work key cannot be read" in r.getMessage() and r.levelname == "WARNING"]
     assert len(said) == 1
+
+
+def test_a_whole_session_fence_is_only_asked_of_servers_that_take_it() -> None:
+    from agentbus.bus._core import _fences_on_wildcards
+
+    assert _fences_on_wildcards("2.11.0") and _fences_on_wildcards("2.15.1") and _fences_on_wildcards("3.0.0")
+    assert not _fences_on_wildcards("2.10.29") and not _fences_on_wildcards("") and not _fences_on_wildcards("x")
+
+
+async def test_on_a_server_before_2_11_the_router_sends_no_opening(
+    client: agentbus.Client, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # an older server ignores the -Subject header and fences on the published subject instead
+    monkeypatch.setattr(Bus, "fences_on_wildcards", property(lambda self: False))
+    async with routing(settings):
+        sid = await client.submit("the task")
+        await _routed(client, sid)
+        item = await _queued(client)
+    assert item.opening is None
+    assert [type(r.event).__name__ for r in await client.show(sid)] == ["SessionCreated", "Routed"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import re
 import ssl
@@ -15,6 +16,7 @@ from typing import Any, Self, TypeVar
 import nats
 import nats.errors
 from nats.aio.client import Client as NATS
+from nats.aio.client import ServerVersion
 from nats.aio.msg import Msg
 
 from agentbus import auth, roles
@@ -149,8 +151,8 @@ class BusCore:
         """Whether the server takes `Nats-Expected-Last-Subject-Sequence-Subject` (2.11+), so a publish
         can be fenced on a wildcard (a whole session); an older one ignores the header and fences on
         the published subject instead."""
-        version = self._nc.connected_server_version
-        return (version.major, version.minor) >= (2, 11)
+        server = self._nc._current_server
+        return _fences_on_wildcards(server.server_version if server is not None else "")
 
     @property
     def reconnects(self) -> int:
@@ -207,6 +209,16 @@ class BusCore:
                 logger.debug("%s: %s; retrying", what, type(err).__name__)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
+
+
+@functools.lru_cache(maxsize=8)
+def _fences_on_wildcards(version: str) -> bool:
+    """Per version string: nats-py parses it with a regex at every look, and routes look per session."""
+    try:
+        parsed = ServerVersion(version)
+        return (parsed.major, parsed.minor) >= (2, 11)
+    except (ValueError, TypeError):
+        return False
 
 
 class _Watch:
