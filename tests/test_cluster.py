@@ -11,13 +11,17 @@ from pathlib import Path
 import pytest
 
 import agentbus
+from agentbus import openings
 from agentbus.config import Settings
 from agentbus.errors import AgentBusError
 from agentbus.messages import HumanMessage, Record
 from agentbus.server import NatsServer
 from agentbus.testing import text_response, tool_use_response
 from services.supervisor.pools import Fleet, PoolSpec
-from tests.helpers import POOL, PaperSpawner, agent_with_fake, free_ports, raw_connect, supervising, ticks_pass
+from tests.helpers import POOL, PaperSpawner, agent_with_fake, free_ports, raw_connect, supervising, ticks_pass, until
+from tests.test_openings import routing, starts
+
+__all__ = ["starts"]  # a fixture, imported so pytest sees it here
 
 
 @pytest.fixture
@@ -129,3 +133,30 @@ async def _leader(nodes: list[NatsServer], stream: str) -> str:
         finally:
             await nc.close()
     raise AssertionError(f"no leader for {stream}")
+
+
+@pytest.mark.timeout(180)
+async def test_on_three_replicas_a_routed_session_starts_from_its_opening_and_a_late_message_is_read(
+    cluster: list[NatsServer], tmp_path: Path, prefix: str, starts: list[tuple[str, str]]
+) -> None:
+    # the whole-session fences (Nats-Expected-Last-Subject-Sequence-Subject) on replicated streams
+    creds = str(cluster[0].admin_creds)
+    settings = Settings(nats_url=",".join(n.url for n in cluster), prefix=prefix, replicas=3, creds=creds)
+    async with AsyncExitStack() as stack:
+        client = await _connect_when_ready(settings, stack)
+        await stack.enter_async_context(routing(settings))
+        await until(lambda: openings.WorkKey(client.bus).get(), "the work key", timeout=30)
+        late = await client.submit("routed before any agent")
+        await until(lambda: _routed(client, late), "the route", timeout=30)
+        await client.say(late, "said after the route")
+        async with agent_with_fake(settings, tmp_path / "w", responder=lambda _: text_response("done")) as (api, w):
+            assert (await client.wait(late, timeout=60)).status == "completed"
+            await until(lambda: w._context.work_key.get(), "the agent's key", timeout=30)  # type: ignore[union-attr]
+            fresh = await client.submit("routed while an agent waits")
+            assert (await client.wait(fresh, timeout=60)).status == "completed"
+    assert starts == [("open", late), ("load", late), ("open", fresh)]
+    assert "said after the route" in str(api.requests[0][0]["messages"])
+
+
+async def _routed(client: agentbus.Client, sid: str) -> bool:
+    return any(type(r.event).__name__ == "Routed" for r in await client.show(sid))
