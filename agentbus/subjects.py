@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from typing import Literal
@@ -351,6 +352,7 @@ def _token(value: str, what: str) -> str:
     return value
 
 
+@functools.lru_cache(maxsize=4096)  # a read of one session parses a few subjects a thousand times
 def parse_session_subject(subject: str) -> tuple[str, str, str] | None:
     """(session id, channel, sender) of a session subject, or None if it is not one.
 

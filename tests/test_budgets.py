@@ -167,16 +167,30 @@ def test_no_progress_counts_afresh_after_a_resume() -> None:
     assert no_progress(records, 3) is None
 
 
-def test_no_progress_with_a_memo_of_turns_answers_as_without_at_every_step() -> None:
-    """The run keeps each turn's calls by sequence so a long session serializes them once; at
-    every step of a session that loops, makes progress or is resumed, the answer is the same."""
-    from agentbus.messages import ModelResponded, Record, ResumeRequested, ToolCallCompleted
-    from services.agent.guards import no_progress
+def test_guards_kept_as_the_log_grows_answer_as_read_afresh_at_every_step() -> None:
+    """The run folds each record once (`Guards`); at every step of a session that loops, makes
+    progress, is resumed with a new budget, or has an older record arrive late, the answer and the
+    budget are those of the whole log read afresh."""
+    from agentbus.budget import effective_budget, over_budget
+    from agentbus.messages import (
+        Budget,
+        ModelResponded,
+        Record,
+        ResumeRequested,
+        SessionCreated,
+        Task,
+        ToolCallCompleted,
+    )
+    from agentbus.state import SessionState, fold_all
+    from services.agent.guards import Guards, no_progress
 
     rng = random.Random(16)
-    seen: dict[int, tuple[list[str], str]] = {}
-    records: list[Record] = []
-    seq = itertools.count(1)
+    pool = Budget(max_steps=150, max_tool_calls=400)
+    guards, epoch = Guards(pool, 3), 0
+    created = SessionCreated(id="c", task=Task(session_id="s", prompt="p", budget=Budget(max_steps=120)))
+    records: list[Record] = [Record(seq=1, session_id="s", channel="control", event=created)]
+    seq = itertools.count(10, 10)  # room below each record for one arriving late
+    stops = set()
     for step in range(1, 200):
         path = rng.choice(["a", "b", "c", f"new-{step}"])
         block = {"type": "tool_use", "id": f"t{step}", "name": "read_file", "input": {"path": path}}
@@ -187,7 +201,17 @@ def test_no_progress_with_a_memo_of_turns_answers_as_without_at_every_step() -> 
                                  output=rng.choice(["same", f"out {step}"]))  # fmt: skip
         records.append(Record(seq=next(seq), session_id="s", channel="log", event=done))
         if rng.random() < 0.05:
-            resume = ResumeRequested(id=f"r{step}", author="a")
-            records.append(Record(seq=next(seq), session_id="s", channel="control", event=resume))
-        assert no_progress(records, 3, seen) == no_progress(records, 3), step
-    assert 100 < len(seen) <= 199  # turns before a resume are not read again
+            raised = Budget(max_steps=step + rng.choice([-5, 30]))
+            resume = ResumeRequested(id=f"r{step}", author="a", budget=raised)
+            late = rng.random() < 0.5  # it arrives after the records past it were folded
+            at = len(records) - 4 if late else len(records)
+            records.insert(at, Record(seq=records[at - 1].seq + 1, session_id="s", channel="control", event=resume))
+            epoch += late
+        guards.fold(records, epoch)
+        state = fold_all(SessionState(session_id="s"), records)
+        budget = effective_budget(pool, records)
+        assert guards.budget() == budget, step
+        expected = over_budget(budget, state, 0.0) or no_progress(records, 3)
+        assert guards.stop(state, 0.0) == expected, step
+        stops.add(expected.limit if expected else None)
+    assert stops == {None, "no_progress", "max_steps"}  # every answer came up

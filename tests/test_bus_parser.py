@@ -222,6 +222,13 @@ async def test_a_batched_read_taken_short_reads_every_message_as_nats_py_s_way_f
             {},
             {"Nats-Subject": "elsewhere", "Nats-Sequence": "999", "Nats-Time-Stamp": "1999-01-01T00:00:00Z"},
             {"Nats-Num-Pending": "77", "Status": "204", "Description": "no"},
+            # the server's four lines, in the server's order, forged before the server's own
+            {
+                "Nats-Subject": "x.y",
+                "Nats-Sequence": "5",
+                "Nats-Time-Stamp": "1999-01-01T00:00:00Z",
+                "Nats-Num-Pending": "3",
+            },
             {"traceparent": "00-" + "a" * 32 + "-" + "b" * 16 + "-01", "Name": "v\u00e4lue"},
         ]
         js = bus._nc.jetstream()
@@ -237,6 +244,38 @@ async def test_a_batched_read_taken_short_reads_every_message_as_nats_py_s_way_f
             assert mine.timestamp_ns == other.timestamp_ns > 0
             assert dict(mine.headers) == dict(other.headers)
             assert mine.subject == subject
+
+
+def test_a_stored_message_s_four_values_are_the_last_of_their_names_however_the_lines_are_laid_out() -> None:
+    """`stored_delivery` reads the server's lines in the order nats-server writes them in one
+    search; any other layout is read name by name, the last of each winning. Both agree."""
+    from agentbus.bus import _types
+
+    server = [b"Nats-Subject: a.b.c", b"Nats-Sequence: 12", b"Nats-Time-Stamp: 2026-11-30T07:21:47.8Z",
+              b"Nats-Num-Pending: 4", b"Nats-Last-Sequence: 9"]  # fmt: skip
+    forged = [b"Nats-Subject: x.y", b"Nats-Sequence: 99", b"Nats-Num-Pending: 7", b"Nats-Time-Stamp: 1999"]
+    layouts = [
+        server,
+        [b"Nats-Msg-Id: m", b"Nats-Stream: S", *server],
+        [*forged, b"Nats-Stream: S", *server],
+        [*server[3:], *server[:3]],  # another order: name by name
+        [server[0], server[2], server[1], server[3]],
+        [b"Nats-Subject:  spaced ", b"Nats-Sequence:12", *server[2:]],
+        [b"Nats-Subject: a.b.c", b"Nats-Sequence: 1x", *server[2:]],
+        [],
+    ]
+    for lines in layouts:
+        block = b"NATS/1.0\r\n" + b"".join(line + b"\r\n" for line in lines) + b"\r\n"
+        says = _types._server_says
+        sequence, pending = says(block, _types._SEQUENCE), says(block, _types._PENDING)
+        expected = (says(block, _types._SUBJECT), None if sequence and not sequence.isdigit() else int(sequence or 0),
+                    int(pending or 0), says(block, _types._TIME))  # fmt: skip
+        if expected[1] is None:
+            with pytest.raises(ValueError):
+                _types.stored_delivery(b"data", block)
+            continue
+        d = _types.stored_delivery(b"data", block)
+        assert (d.subject, d.seq, d.num_pending, d._time) == expected, lines
 
 
 async def test_a_conversion_that_fails_fails_the_read_and_the_connection_reads_on(settings: Settings) -> None:
@@ -255,3 +294,111 @@ async def test_a_conversion_that_fails_fails_the_read_and_the_connection_reads_o
             await bus.read_direct(bus.ns.sessions_stream, bus.ns.session_all(sid), convert)
         seqs = await bus.read_direct(bus.ns.sessions_stream, bus.ns.session_all(sid), lambda d: d.seq)
         assert len(seqs) == 5 and seqs == sorted(seqs)
+
+
+def test_a_work_item_s_sequence_attempt_and_time_are_what_nats_py_reads_from_its_ack_subject() -> None:
+    """`Job` reads three numbers from the ack subject itself (nats-py's `metadata` builds
+    dataclasses and datetimes for them): the same numbers for both layouts the server uses, and
+    nats-py's own error for a subject that is not one."""
+    from nats.aio.msg import Msg
+    from nats.errors import Error as NatsError
+
+    from agentbus.bus._queues import Job
+
+    stamp = 1_796_083_440_217_166_387
+    replies = [
+        f"$JS.ACK.AGENTBUS_WORK.pool-a.3.1207.88.{stamp}.5",  # v1
+        f"$JS.ACK.hub.ACCHASH.AGENTBUS_WORK.pool-a.1.42.7.{stamp}.0.r4nd0m",  # v2
+        f"$JS.ACK._.ACCHASH.AGENTBUS_WORK.pool-a.2.43.8.{stamp}.9",  # v2 without its last token
+        "$JS.ACK.AGENTBUS_WORK.pool-a.1.1.1.0.0",  # no time
+    ]
+    for reply in replies:
+        msg = Msg(_client=None, subject="agentbus.work.pool-a", reply=reply, data=b"{}")  # type: ignore[arg-type]
+        job, meta = Job(msg), msg.metadata
+        assert (job.seq, job.attempt) == (meta.sequence.stream, meta.num_delivered), reply
+        assert job.stored_at == pytest.approx(meta.timestamp.timestamp(), abs=1e-6), reply
+    for reply in ["", "$JS.ACK.S.c.1.2", "_INBOX.abc", "$JS.ACK.S.c.x.2.3.4.5"]:
+        msg = Msg(_client=None, subject="agentbus.work.pool-a", reply=reply, data=b"{}")  # type: ignore[arg-type]
+        with pytest.raises((NatsError, ValueError)):
+            msg.metadata  # noqa: B018
+        with pytest.raises((NatsError, ValueError)):
+            Job(msg)
+
+
+async def test_a_listener_s_skipped_messages_are_dropped_off_the_connection_and_counted(settings: Settings) -> None:
+    """`listen(skip=...)`: what it skips never becomes a message (the read loop drops it, counted
+    as nats-py counts what it delivers), the rest arrive in order, and a skip that raises delivers.
+    A connection without the quick parser skips the same messages in the listener."""
+    async with await Bus.connect(settings) as bus, await Bus.connect(settings) as sender:
+        made = await _listened(bus, sender, "01JPARSERSKIP1")
+        assert made == [b"one", b"boom", b"two", b"last"]  # the skipped ones never became messages
+        bus._nc._ps = stock.Parser(bus._nc)  # type: ignore[attr-defined]  # nats-py's own parser
+        made = await _listened(bus, sender, "01JPARSERSKIP0")
+        assert made == [b"one", b"skip-1", b"boom", b"skip-2", b"two", b"last"]
+
+
+async def _listened(bus: Bus, sender: Bus, sid: str) -> list[bytes]:
+    """Six messages to a listener that skips two (and fails on one): what became a nats-py message."""
+    subject = f"{bus.ns.session_log(sid).removesuffix('.log')}.input.{sender.identity.user}"
+    skipped: list[bytes] = []
+
+    def skip(subject: bytes, data: bytes) -> bool:
+        if data == b"boom":
+            raise ValueError("a payload the check cannot read")
+        if data.startswith(b"skip"):
+            skipped.append(subject)
+            return True
+        return False
+
+    heard: list[bytes] = []
+    ready = asyncio.Event()
+
+    async def listen() -> None:
+        async for _, data in bus.listen(bus.ns.sessions_people_all(), ready=ready, skip=skip):
+            heard.append(data)
+            if data == b"last":
+                return
+
+    listening = asyncio.create_task(listen())
+    await asyncio.wait_for(ready.wait(), 5)
+    before = bus._nc.stats["in_msgs"]
+    made: list[bytes] = []
+    process = bus._nc._process_msg
+
+    async def counted(sid: int, subject: bytes, reply: bytes, data: bytes, headers: Any) -> None:
+        made.append(data)
+        await process(sid, subject, reply, data, headers)
+
+    bus._nc._process_msg = counted  # type: ignore[method-assign]
+    try:
+        for data in (b"one", b"skip-1", b"boom", b"skip-2", b"two", b"last"):
+            await sender._nc.publish(subject, data)
+        await sender._nc.flush()
+        await asyncio.wait_for(listening, 5)
+    finally:
+        bus._nc._process_msg = process  # type: ignore[method-assign]
+    assert heard == [b"one", b"boom", b"two", b"last"]
+    assert skipped == [subject.encode()] * 2
+    assert bus._nc.stats["in_msgs"] - before == 6
+    assert not bus._nc.skips  # the listener is gone, and its check with it
+    return made
+
+
+def test_only_a_session_s_creation_and_route_on_its_control_channel_are_no_signal() -> None:
+    """What every agent hears of every session and drops unread (`AgentWorker._hear_people`)."""
+    from agentbus.messages import CancelRequested, HumanMessage, Routed, SessionCreated, Task, encode
+    from services.agent.worker import submission
+
+    created = encode(SessionCreated(id="created", task=Task(session_id="s1", prompt="p")))
+    routed = encode(Routed(id="routed", pool="p"))
+    cancel = encode(CancelRequested(id="c", author="a"))
+    said = encode(HumanMessage(id="h", text="session_created", author="a"))
+    assert submission(b"ab.session.s1.control.alice", created)
+    assert submission(b"ab.session.s1.control.router-1", routed)
+    assert not submission(b"ab.session.s1.control.alice", cancel)
+    assert not submission(b"ab.session.s1.input.alice", created)  # not where a creation belongs: a signal
+    assert not submission(b"ab.session.s1.input.alice", said)
+    assert not submission(b"ab.session.control.input.alice", created)  # a session named "control"
+    assert not submission(b"ab.session.s1.control.alice", b"not json")
+    assert not submission(b"ab.session.s1.control.alice", b'{"type": 1}')
+    assert not submission(b"elsewhere", created)

@@ -304,3 +304,28 @@ async def test_a_gap_in_hearing_makes_the_next_step_look_even_after_hearing_resu
     live.set()
     assert transcript.must_look()
     assert await transcript.catch_up()
+
+
+async def test_the_transcript_epoch_changes_only_when_records_change_other_than_by_growing(
+    client: agentbus.Client,
+) -> None:
+    """What a run folds of its records incrementally (`guards.Guards`) starts over exactly when
+    the records changed before their end: read again, or an older record merged in late."""
+    from agentbus.bus import PubAck
+    from agentbus.messages import HumanMessage, Record, StatusChanged
+    from services.agent.transcript import Transcript
+
+    sid = await client.submit("paint it", pool=POOL)
+    transcript = Transcript(client.log, sid)
+    await transcript.load()
+    loaded, last = transcript.epoch, transcript.records[-1].seq
+    note = StatusChanged(id="s", status="running")
+    transcript.appended(PubAck("S", last + 10, False), note)
+    said = HumanMessage(id="h", text="a", author="x")
+    transcript.merge([Record(seq=last + 20, session_id=sid, channel="input", event=said)])
+    assert transcript.epoch == loaded  # grown at the end
+    transcript.merge([Record(seq=last + 5, session_id=sid, channel="input", event=said)])
+    assert transcript.epoch == loaded + 1  # an older one, before records already there
+    assert [r.seq for r in transcript.records][-3:] == [last + 5, last + 10, last + 20]
+    await transcript.load()
+    assert transcript.epoch == loaded + 2

@@ -234,3 +234,24 @@ def test_requests_filled_without_a_status_are_forgotten_after_their_expiry(monke
     feed.outstanding = 6
     feed.ended(recent, None)  # no count: all of its batch
     assert feed.outstanding == 2 and list(feed._batches) == [newest]
+
+
+@pytest.mark.parametrize("kept_alive", [True, False])
+async def test_a_job_kept_alive_past_its_ack_wait_is_not_delivered_again(
+    client: agentbus.Client, kept_alive: bool
+) -> None:
+    """`Job.kept_alive` beats while the body runs: a job held three ack waits is still this holder's,
+    and the beats stop with the body. Without it, the same job goes to the next fetch."""
+    bus = client.bus
+    puller = await bus.pull(bus.ns.pool_consumer("alive", ack_wait_s=1.0))
+    await bus.publish(bus.ns.work("alive"), b"long", msg_id="long-1")
+    (job,) = await puller.fetch(1, timeout=5.0)
+    if kept_alive:
+        async with job.kept_alive(0.3):
+            again = await puller.fetch(1, timeout=3.0)
+        assert again == []
+        await asyncio.sleep(1.5)  # no beat after the body: it is delivered again after one ack wait
+        assert [j.attempt for j in await puller.fetch(1, timeout=3.0)] == [2]
+    else:
+        assert [j.attempt for j in await puller.fetch(1, timeout=3.0)] == [2]
+    await puller.close()

@@ -13,6 +13,8 @@ as they are.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from nats.aio import client as nats_client
 from nats.aio.client import Client
 
@@ -33,6 +35,9 @@ class Connection(Client):
             self._ps = _parser.Parser(self)
         self.quick_sid = -1  # the replies subscription's id, once `answer_into` named it
         self._answers: Replies | None = None
+        # per subscription id: messages for which this says True are counted and dropped in the
+        # read loop, before nats-py makes them a `Msg` (`Reading.listen`'s `skip`)
+        self.skips: dict[int, Callable[[bytes, bytes], bool]] = {}
 
     if _headers.FITS:
         _parse_header_lines = staticmethod(_headers.parse_header_lines)
@@ -40,6 +45,22 @@ class Connection(Client):
     def answer_into(self, sid: int, replies: Replies) -> None:
         """Stored messages on subscription `sid` for one of `replies`' batched reads go to it directly."""
         self._answers, self.quick_sid = replies, sid
+
+    def skipped(self, sid: int, subject: bytes, data: bytes) -> bool:
+        """Whether a message on subscription `sid` is one its listener skips: if so, counted as
+        nats-py counts what it delivers, and dropped. What the check raises delivers it."""
+        skip, sub = self.skips.get(sid), self._subs.get(sid)
+        if skip is None or sub is None or sub._jsi is not None or sub._max_msgs > 0:
+            return False
+        try:
+            if not skip(subject, data):
+                return False
+        except Exception:
+            return False
+        self.stats["in_msgs"] += 1
+        self.stats["in_bytes"] += len(data)
+        sub._received += 1
+        return True
 
     def take(self, sid: int, subject: bytes, data: bytes, headers: bytes | None) -> bool:
         """Hand a message the parser read straight to its batched read; False: nats-py's way."""

@@ -64,6 +64,7 @@ class Parser(stock.Parser):
         end, pos = len(data), 0
         nc: Any = self.nc
         quick = getattr(nc, "quick_sid", -1)  # the subscription whose answers `nc.take` may take
+        skips = getattr(nc, "skips", None)  # subscriptions whose listeners skip some messages (`nc.skipped`)
         try:
             while pos < end:
                 if self.state == _CONTROL:
@@ -125,6 +126,8 @@ class Parser(stock.Parser):
                     self.state = _CONTROL
                     sid = args["sid"]
                     if sid == quick and nc.take(sid, args["subject"], payload, hdr):
+                        continue
+                    if skips and sid in skips and nc.skipped(sid, args["subject"], payload):
                         continue
                     await nc._process_msg(sid, args["subject"], args["reply"], payload, hdr)
                     if self.buf is not kept:

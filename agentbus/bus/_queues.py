@@ -8,7 +8,7 @@ import contextlib
 import functools
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import nats.errors
@@ -24,6 +24,23 @@ from agentbus.errors import BusError
 from agentbus.subjects import ConsumerSpec
 
 
+def _ack_fields(msg: Msg) -> tuple[int, int, float]:
+    """Stream sequence, times delivered and stored time (seconds) from the ack subject, read as
+    nats-py's `metadata` reads them, without its dataclasses and datetimes (a work item's pickup
+    read them for three numbers)."""
+    tokens = (msg.reply or "").split(".")
+    if tokens[:2] == ["$JS", "ACK"] and (len(tokens) == 9 or len(tokens) >= 11):
+        at = 4 if len(tokens) == 9 else 6  # v1: $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts_ns>.<pending>
+        try:  # v2 adds a domain and an account hash after ACK (and a token at the end)
+            delivered, seq, stamp = int(tokens[at]), int(tokens[at + 1]), int(tokens[at + 3])
+        except ValueError:
+            pass
+        else:
+            return seq, delivered, stamp / 1e9 if stamp else 0.0
+    meta = msg.metadata  # not an ack subject: nats-py's error
+    return meta.sequence.stream, meta.num_delivered, meta.timestamp.timestamp() if meta.timestamp else 0.0
+
+
 class Job:
     """A message pulled from a work queue; the holder must settle it exactly once.
 
@@ -35,14 +52,11 @@ class Job:
     def __init__(self, msg: Msg, ask: Callable[[str, bytes, float], Awaitable[Any]] | None = None) -> None:
         self._msg = msg
         self._ask = ask  # the bus's request on its shared reply subscription (else nats-py's)
-        meta = msg.metadata
         self.subject: str = msg.subject
         self.data: bytes = msg.data
         self.headers: Mapping[str, str] = dict(msg.headers or {})
-        self.seq: int = meta.sequence.stream
-        self.attempt: int = meta.num_delivered
         # when the stream stored it (seconds since the epoch; 0.0 if the server did not say)
-        self.stored_at: float = meta.timestamp.timestamp() if meta.timestamp else 0.0
+        self.seq, self.attempt, self.stored_at = _ack_fields(msg)
 
     @property
     def trace_context(self) -> Any:
@@ -85,22 +99,40 @@ class Job:
         except Exception as err:
             raise BusError(f"term of message {self.seq} on {self.subject}: {description(err)}") from err
 
-    @contextlib.asynccontextmanager
-    async def kept_alive(self, every: float) -> AsyncIterator[None]:
-        """In-progress acks every `every` seconds while the body runs (a long model call or check
-        must never look like a dead worker)."""
+    def kept_alive(self, every: float) -> KeptAlive:
+        """In-progress acks every `every` seconds while the body of `async with` runs (a long model
+        call or check must never look like a dead worker)."""
+        return KeptAlive(self._msg, every)
 
-        async def beat() -> None:
-            while True:
-                await asyncio.sleep(every)
-                with contextlib.suppress(Exception):
-                    await self._msg.in_progress()
 
-        task = asyncio.create_task(beat())
-        try:
-            yield
-        finally:
-            task.cancel()
+class KeptAlive:
+    """`Job.kept_alive`: a timer, not a task. Nearly every job ends long before its first beat, and
+    a task made and cancelled per job cost a one-step session two turns of the loop."""
+
+    __slots__ = ("_beat", "_every", "_msg", "_timer")
+
+    def __init__(self, msg: Msg, every: float) -> None:
+        self._msg, self._every = msg, every
+        self._timer: asyncio.TimerHandle | None = None
+        self._beat: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> None:
+        self._timer = asyncio.get_running_loop().call_later(self._every, self._due)
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._beat is not None:
+            self._beat.cancel()
+
+    def _due(self) -> None:
+        if self._beat is None or self._beat.done():  # one beat at a time, as before
+            self._beat = asyncio.create_task(self._send())
+        self._timer = asyncio.get_running_loop().call_later(self._every, self._due)
+
+    async def _send(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._msg.in_progress()
 
 
 class Puller:

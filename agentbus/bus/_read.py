@@ -7,7 +7,7 @@ import contextlib
 import functools
 import json
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import nats.errors
 import nats.js.errors
@@ -306,15 +306,25 @@ class Reading(BusCore):
         async for _, data in self.listen(subject):
             yield data
 
-    async def listen(self, subject: str, ready: asyncio.Event | None = None) -> AsyncIterator[tuple[str, bytes]]:
+    async def listen(
+        self,
+        subject: str,
+        ready: asyncio.Event | None = None,
+        skip: Callable[[bytes, bytes], bool] | None = None,
+    ) -> AsyncIterator[tuple[str, bytes]]:
         """(subject, payload) of every message published on `subject` while this runs, stored or not.
 
         A signal, not a record: no consumer on the server, and a message missed (a reconnect, a
         slow reader) is not delivered again. Readers that must not miss one read the stream, or
         look again after a reconnect (`reconnects`). `ready` is set once the server has the
         subscription and did not refuse it (until then, and if refused, nothing is heard).
+        `skip(subject, payload)`: messages it says True of are not delivered (dropped as they are
+        read off the connection where it can: it must be quick, and what it raises delivers).
         """
         sub = await self._nc.subscribe(subject)
+        skips: dict[int, Any] | None = getattr(self._nc, "skips", None)
+        if skip is not None and skips is not None:
+            skips[sub._id] = skip
         if ready is not None:
             try:
                 await self._nc.flush()
@@ -332,7 +342,19 @@ class Reading(BusCore):
                     ready.set()
         try:
             async for msg in sub.messages:
-                yield msg.subject, bytes(msg.data)
+                data = bytes(msg.data)
+                if skip is not None and _skips(skip, msg.subject.encode(), data):
+                    continue  # a connection without the quick parser delivers everything
+                yield msg.subject, data
         finally:
+            if skips is not None:
+                skips.pop(sub._id, None)
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
+
+
+def _skips(skip: Callable[[bytes, bytes], bool], subject: bytes, data: bytes) -> bool:
+    try:
+        return skip(subject, data)
+    except Exception:
+        return False

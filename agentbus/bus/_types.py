@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -95,6 +96,12 @@ def _server_says(block: bytes, name: bytes) -> str:
 def stored_delivery(data: bytes, block: bytes) -> Delivery:
     """A direct get's answer handed over unparsed (`Connection.take`): the four values a reader
     uses read from the server's lines; the rest of the block is parsed only if asked for."""
+    # nats-server appends its lines in one order: from its subject line on, every line is its
+    # own. A read of a thousand records reads them so, one search instead of four.
+    m = _SERVER_LINES.match(block, block.rfind(_SUBJECT))
+    if m is not None:
+        subject, seq, stamp, pending = m.groups()
+        return Delivery(subject.decode("utf-8", "replace"), data, block, int(seq), int(pending), stamp.decode())
     seq, pending = _server_says(block, _SEQUENCE), _server_says(block, _PENDING)
     return Delivery(
         _server_says(block, _SUBJECT),
@@ -107,6 +114,10 @@ def stored_delivery(data: bytes, block: bytes) -> Delivery:
 
 
 _SUBJECT, _SEQUENCE = b"\r\nNats-Subject:", b"\r\nNats-Sequence:"
+_SERVER_LINES = re.compile(
+    rb"\r\nNats-Subject: ([^\r\n]*)\r\nNats-Sequence: ([0-9]+)\r\n"
+    rb"Nats-Time-Stamp: ([ -~]*)\r\nNats-Num-Pending: ([0-9]+)\r\n"
+)
 _PENDING, _TIME = b"\r\nNats-Num-Pending:", b"\r\nNats-Time-Stamp:"
 
 

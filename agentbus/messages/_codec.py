@@ -41,6 +41,23 @@ class _SessionId(msgspec.Struct):
 _session_id_decoder = msgspec.json.Decoder(_SessionId)
 
 
+class _Kind(msgspec.Struct):
+    type: Any = None
+
+
+_kind_decoder = msgspec.json.Decoder(_Kind)
+
+
+def kind_of(data: bytes) -> str | None:
+    """The `type` a payload names, without decoding the rest of it (None: not a JSON object with
+    a string `type`). It says nothing of whether the rest is a valid event of that type."""
+    try:
+        kind = _kind_decoder.decode(data).type
+    except (msgspec.MsgspecError, UnicodeDecodeError, RecursionError):
+        return None
+    return kind if isinstance(kind, str) else None
+
+
 def encode(obj: msgspec.Struct) -> bytes:
     if isinstance(obj, UnknownEvent):
         return _encoder.encode({**obj.data, "type": obj.type, "id": obj.id, "ts": obj.ts, "v": obj.v})

@@ -14,7 +14,7 @@ import time
 from typing import TYPE_CHECKING, Any, Literal
 
 from agentbus import tracing
-from agentbus.budget import effective_budget, remaining
+from agentbus.budget import remaining
 from agentbus.messages import (
     TERMINAL,
     ApprovalDecided,
@@ -315,7 +315,7 @@ class ToolCalls:
                 id=f"delegate-{use.id}", child_session=child, pool=target, prompt=prompt, tool_use_id=use.id
             )
         )
-        budget = remaining(effective_budget(self.ctx.pool_budget, self.run.records), self.run.state(), time.time())
+        budget = remaining(self.run.budget(), self.run.state(), time.time())
         child_task = Task(
             session_id=child,
             prompt=prompt,

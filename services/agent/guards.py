@@ -1,4 +1,5 @@
-"""Runaway control the budget cannot see, checked before every model call: no-progress detection. Pure.
+"""What is checked before every model call: the budget and runaway control the budget cannot
+see (no-progress detection), read from the log alone.
 
 The budget limits themselves (`over_budget`, `remaining`, `Stop`) live in `agentbus.budget`.
 """
@@ -9,55 +10,118 @@ from collections.abc import Sequence
 
 import msgspec
 
-from agentbus.budget import Stop
-from agentbus.messages import ModelResponded, Record, ResumeRequested, ToolCallCompleted
+from agentbus.budget import Stop, merge, over_budget
+from agentbus.messages import Budget, ModelResponded, Record, ResumeRequested, SessionCreated, ToolCallCompleted
+from agentbus.state import SessionState
 
 NO_PROGRESS_TURNS = 3
 
 
-def no_progress(
-    records: Sequence[Record], turns: int = NO_PROGRESS_TURNS, seen: dict[int, tuple[list[str], str]] | None = None
-) -> Stop | None:
+def no_progress(records: Sequence[Record], turns: int = NO_PROGRESS_TURNS) -> Stop | None:
     """The last `turns` model turns repeated one tool call, or produced nothing new.
 
     A turn makes progress when it calls a tool with arguments not tried before, gets a tool
     result not seen before, or says something it has not said before. A `resume` starts
     the count afresh, so a person who lets it continue gets `turns` more chances.
-
-    `seen` keeps each turn's calls and text by stream sequence for a caller that asks at every
-    step of one session: a long session then serializes each call's arguments once, not at
-    every step.
     """
-    if turns <= 0:
+    progress = Progress(turns)
+    progress.fold(records)
+    return progress.stop()
+
+
+class Progress:
+    """`no_progress` kept as a session's log grows, each record read once (a run asks before every
+    model call, and a long session's turns were read again at every step). `fold` reads the
+    records past those it has read; records that changed otherwise need a new `Progress`."""
+
+    def __init__(self, turns: int = NO_PROGRESS_TURNS) -> None:
+        self.turns = turns
+        self.folded = 0  # records[:folded] are read
+        self._afresh()
+
+    def _afresh(self) -> None:
+        self.calls: set[str] = set()
+        self.results: set[str] = set()
+        self.texts: set[str] = set()
+        self.idle, self.idle_last = 0, ""  # the recent turns that made no progress: how many, the last
+        self.same, self.same_last = 0, ""  # the run of turns making exactly the same calls
+
+    def fold(self, records: Sequence[Record]) -> None:
+        for i in range(self.folded, len(records)):
+            ev = records[i].event
+            if isinstance(ev, ModelResponded):
+                self._turn(ev)
+            elif isinstance(ev, ToolCallCompleted) and ev.output not in self.results:
+                self.results.add(ev.output)
+                self.idle = 0
+            elif isinstance(ev, ResumeRequested):
+                self._afresh()
+        self.folded = len(records)
+
+    def _turn(self, ev: ModelResponded) -> None:
+        calls, text = _turn(ev)
+        new = [c for c in calls if c not in self.calls] or (text and text not in self.texts)
+        self.calls.update(calls)
+        if text:
+            self.texts.add(text)
+        if new:
+            self.idle = 0
+        else:
+            self.idle, self.idle_last = self.idle + 1, calls[0] if calls else "an empty turn"
+        signature = ";".join(calls)
+        if calls and self.same and self.same_last == signature:
+            self.same += 1
+        else:
+            self.same, self.same_last = (1, signature) if calls else (0, "")
+
+    def stop(self) -> Stop | None:
+        if self.turns <= 0:
+            return None
+        if self.same >= self.turns:
+            return Stop("no_progress", f"the same tool call {self.turns} times in a row: {self.same_last[:200]}")
+        if self.idle >= self.turns:
+            return Stop("no_progress", f"{self.idle} turns in a row without anything new (last: {self.idle_last})")
         return None
-    start = max((i for i, r in enumerate(records) if isinstance(r.event, ResumeRequested)), default=-1) + 1
-    seen_calls: set[str] = set()
-    seen_results: set[str] = set()
-    seen_texts: set[str] = set()
-    idle: list[str] = []  # descriptions of the recent turns that made no progress
-    same: list[str] = []  # the run of turns making exactly the same calls
-    for rec in records[start:]:
-        ev = rec.event
-        if isinstance(ev, ModelResponded):
-            known = seen.get(rec.seq) if seen is not None else None
-            calls, text = known if known is not None else _turn(ev)
-            if seen is not None and known is None:
-                seen[rec.seq] = (calls, text)
-            new = [c for c in calls if c not in seen_calls] or (text and text not in seen_texts)
-            seen_calls.update(calls)
-            if text:
-                seen_texts.add(text)
-            idle = [] if new else [*idle, calls[0] if calls else "an empty turn"]
-            signature = ";".join(calls)
-            same = [*same, signature] if calls and same and same[-1] == signature else ([signature] if calls else [])
-        elif isinstance(ev, ToolCallCompleted) and ev.output not in seen_results:
-            seen_results.add(ev.output)
-            idle = []
-    if len(same) >= turns:
-        return Stop("no_progress", f"the same tool call {turns} times in a row: {same[-1][:200]}")
-    if len(idle) >= turns:
-        return Stop("no_progress", f"{len(idle)} turns in a row without anything new (last: {idle[-1]})")
-    return None
+
+
+class Guards:
+    """The session's budget (the pool's defaults, then the session's own, then every `resume`
+    raise, in log order: `agentbus.budget.effective_budget`) and its `Progress`, kept as the log
+    grows. `fold` is given the records as they stand and the `epoch` they are of: records that
+    changed other than by growing at the end (read again, an older one arriving late) have
+    another epoch, and are read afresh."""
+
+    def __init__(self, pool_budget: Budget, turns: int = NO_PROGRESS_TURNS) -> None:
+        self.pool_budget, self.turns = pool_budget, turns
+        self._epoch = -1  # no records read: the first `fold` starts afresh
+
+    def _afresh(self) -> None:
+        self._layers = [self.pool_budget]
+        self._budget: Budget | None = self.pool_budget
+        self._progress = Progress(self.turns)
+
+    def fold(self, records: Sequence[Record], epoch: int) -> None:
+        if epoch != self._epoch or len(records) < self._progress.folded:
+            self._epoch = epoch
+            self._afresh()
+        for i in range(self._progress.folded, len(records)):
+            ev = records[i].event
+            if isinstance(ev, SessionCreated):
+                self._layers.append(ev.task.budget)
+                self._budget = None
+            elif isinstance(ev, ResumeRequested):
+                self._layers.append(ev.budget)
+                self._budget = None
+        self._progress.fold(records)
+
+    def budget(self) -> Budget:
+        if self._budget is None:
+            self._budget = merge(*self._layers)
+        return self._budget
+
+    def stop(self, state: SessionState, now: float) -> Stop | None:
+        """Budgets first, then no-progress."""
+        return over_budget(self.budget(), state, now) or self._progress.stop()
 
 
 def _turn(ev: ModelResponded) -> tuple[list[str], str]:

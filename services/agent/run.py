@@ -23,7 +23,7 @@ from typing import Any, Literal
 from opentelemetry.trace import SpanKind
 
 from agentbus import allowlist, openings, rejects, tracing
-from agentbus.budget import Stop, effective_budget, over_budget
+from agentbus.budget import Stop
 from agentbus.bus import Job, PubAck
 from agentbus.errors import AgentBusError, FencedError
 from agentbus.messages import (
@@ -32,6 +32,7 @@ from agentbus.messages import (
     Event,
     InputRejected,
     InterruptRequested,
+    InvalidEvent,
     MessageDelivered,
     ModelCallFailed,
     ModelResponded,
@@ -45,6 +46,7 @@ from agentbus.messages import (
     SessionPaused,
     StatusChanged,
     ToolCallStarted,
+    UnknownEvent,
     VerdictRecorded,
     WorkItem,
     ended_id,
@@ -60,7 +62,7 @@ from agentbus.state import SessionState
 from services.agent import repo_workspace
 from services.agent.calls import ToolCalls
 from services.agent.conversation import Conversation, affects, build
-from services.agent.guards import no_progress
+from services.agent.guards import Guards
 from services.agent.signals import Interrupted, Parked, Released
 from services.agent.telemetry import record_usage, request_model
 from services.agent.tools import Tool
@@ -76,6 +78,7 @@ WAKE_REASONS = frozenset({"wake", "child_result", "timeout"})
 _INTERRUPT_LOOK_S = 2.0  # how often a running activity asks itself whether it should look for an interrupt
 # Log records that say nothing of whether a run went on after it stopped: others write them (a
 # rejection of bad input, the evaluator's verdict and revision, a route, a fan-out's aggregate).
+_UNUSABLE = (InvalidEvent, UnknownEvent)  # what `rejects.why_unusable` may find unusable
 _NEUTRAL = (InputRejected, VerdictRecorded, RevisionRequested, Routed, OpinionsAggregated)
 
 
@@ -131,7 +134,7 @@ class SessionRun:
         self._interrupting: InterruptRequested | None = None
         self.interrupted_by: str | None = None  # who stopped the last activity
         self._built: tuple[Conversation, int, Record | None] | None = None  # the last build, and what it read
-        self._turns: dict[int, tuple[list[str], str]] = {}  # what no_progress read of each model turn
+        self._guards: Guards | None = None  # made at the first model call: most runs' items end before one
 
     @property
     def claim(self) -> str:
@@ -273,9 +276,12 @@ class SessionRun:
     async def _answer_unusable(self) -> None:
         """Say so, once, for each record on the log channel nothing can use (a newer version's event
         excepted); people's channels are answered by the wake watchers as they arrive."""
+        unusable = [r for r in self.records if isinstance(r.event, _UNUSABLE) and r.channel == "log"]
+        if not unusable:  # the usual case, and a resume's thousand records are looked at once here
+            return
         answered = {r.event.id for r in self.records if isinstance(r.event, InputRejected)}
         subject = self.log.ns.session_log(self.sid)
-        for rec in [r for r in self.records if r.channel == "log"]:
+        for rec in unusable:
             why = rejects.why_unusable(rec.event)
             if why is not None and f"input-rejected-{rec.seq}" not in answered:
                 await self.append(rejects.rejection(rec.seq, subject, why))
@@ -477,10 +483,17 @@ class SessionRun:
 
     def _guard(self) -> Stop | None:
         """Budgets first, then no-progress; checked before every model call, from the log alone."""
-        budget = effective_budget(self.ctx.pool_budget, self.records)
-        return over_budget(budget, self.state(), time.time()) or no_progress(
-            self.records, self.ctx.no_progress_turns, self._turns
-        )
+        return self._guarded().stop(self.state(), time.time())
+
+    def budget(self) -> Budget:
+        """The session's budget as the log now sets it (`agentbus.budget.effective_budget`)."""
+        return self._guarded().budget()
+
+    def _guarded(self) -> Guards:
+        if self._guards is None:
+            self._guards = Guards(self.ctx.pool_budget, self.ctx.no_progress_turns)
+        self._guards.fold(self.records, self.transcript.epoch)
+        return self._guards
 
     async def _held(self) -> Stop | None:
         """A dollar ceiling over the whole pool (or fleet), set by the supervisor, pauses like a budget."""

@@ -64,6 +64,9 @@ class Transcript:
         self._people_to = 0  # every people's record at or below this sequence is known
         self._state = SessionState(session_id=session_id)
         self._folded = 0  # records[:_folded] are in _state
+        # changes when the records change other than by growing at the end (read again, an older
+        # record inserted): what others fold of them incrementally starts over (`guards.Guards`)
+        self.epoch = 0
 
     async def load(self) -> None:
         """Everything the log holds now (one batched read for a reader of every session)."""
@@ -72,6 +75,7 @@ class Transcript:
         self.records = await self.log.read(self.sid)
         self._people_to = self.records[-1].seq if self.records else 0
         self._state, self._folded = SessionState(session_id=self.sid), 0
+        self.epoch += 1
 
     def open(self, records: list[Record]) -> None:
         """What the log holds now as a work item's opening says (`agentbus.openings`), instead of a
@@ -85,6 +89,7 @@ class Transcript:
         self.records = list(records)
         self._people_to = max((r.seq for r in self.records if r.channel != "log"), default=0)
         self._state, self._folded = SessionState(session_id=self.sid), 0
+        self.epoch += 1
 
     def appended(self, ack: PubAck, event: Event) -> None:
         """What this run appended to the log channel, at the sequence the server gave it (every
@@ -148,6 +153,8 @@ class Transcript:
 
     def _insert(self, rec: Record) -> None:
         at = bisect.bisect(self.records, rec.seq, key=lambda r: r.seq)
+        if at < len(self.records):
+            self.epoch += 1
         self.records.insert(at, rec)
         if at < self._folded:  # an older record arrived late: fold again from the start
             self._state, self._folded = SessionState(session_id=self.sid), 0

@@ -35,6 +35,7 @@ from agentbus.messages import (
     WorkerInfo,
     decode_event,
     encode,
+    kind_of,
 )
 from agentbus.models import ModelClient, model_from_spec
 from agentbus.queues import WorkQueues, WorkSettlement
@@ -53,8 +54,17 @@ from services.agent.transcript import SIGNAL_LEAD_S, Hearing
 from services.agent.wake import TimerWatcher, WakeWatcher
 
 _HEARD_KEPT = 4096
+_SUBMISSION = frozenset({"session_created", "routed"})
 _RUN_END_POLLS = 40  # 2 s
 logger = logging.getLogger("agentbus.agent")
+
+
+def submission(subject: bytes, data: bytes) -> bool:
+    """A session's creation or its route on its control channel: every session has both, and every
+    agent hears them, so they are dropped as they are read off the connection (`_hear_people`)."""
+    parsed = parse_session_subject(subject.decode("utf-8", "replace"))
+    return parsed is not None and parsed[1] == "control" and kind_of(data) in _SUBMISSION
+
 
 if TYPE_CHECKING:
     from services.agent.mcp_tools import McpToolset
@@ -268,7 +278,8 @@ class AgentWorker(Service):
             await asyncio.sleep(1.0)
 
     async def _hear_people(self) -> None:
-        async for subject, data in self.bus.listen(self.bus.ns.sessions_people_all(), ready=self._people_live):
+        people = self.bus.ns.sessions_people_all()
+        async for subject, data in self.bus.listen(people, ready=self._people_live, skip=submission):
             sid, channel, sender = parse_session_subject(subject) or ("", "input", "")
             event = honoured(channel, sender, decode_event(data))  # the subject says who sent it
             if isinstance(event, SessionCreated | Routed):
