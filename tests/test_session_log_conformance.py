@@ -879,3 +879,92 @@ async def test_a_tap_read_slowly_past_its_buffer_loses_and_repeats_nothing(
     assert _ids(seen) == [f"big-{i}" for i in range(40)]
     assert _strictly_increasing([r.seq for r in seen])
     assert "messages dropped past the buffer" in recreated  # the path under test was taken
+
+
+# --- events appended at once (an atomic batch: nats-server 2.12+) ----------------------------------
+
+
+async def test_events_appended_at_once_are_stored_on_consecutive_sequences_with_their_ids(log: SessionLog) -> None:
+    await log.append("s1", step(0))
+    await log.append("s1", note(1), channel="input")
+    writer = await log.writer("s1")
+    assert log.bus.atomic_batches
+
+    acks = await writer.append_all([step(1), step(2), step(3)])
+
+    records = await log.read("s1")
+    assert _ids(records) == ["step-0", "note-1", "step-1", "step-2", "step-3"]
+    assert [a.seq for a in acks] == [r.seq for r in records[2:]] == list(range(records[2].seq, records[2].seq + 3))
+    assert writer.last_seq == acks[-1].seq
+    # each kept its Nats-Msg-Id: appended again, none is stored twice
+    assert [(await log.append("s1", step(i))).duplicate for i in (1, 2, 3)] == [True, True, True]
+    assert len(await log.read("s1")) == 5
+
+
+async def test_events_appended_at_once_after_a_foreign_record_store_none_and_fence_the_writer(
+    log: SessionLog,
+) -> None:
+    await log.append("s1", step(0))
+    writer, other = await log.writer("s1"), await log.writer("s1")
+    await other.append(step(1, tag="other"))
+
+    with pytest.raises(agentbus.FencedError):
+        await writer.append_all([step(1), step(2)])
+
+    assert _ids(await log.read("s1")) == ["step-0", "other-1"]
+
+
+async def test_events_appended_at_once_whose_ack_was_lost_are_the_writer_s_own_stored_batch(log: SessionLog) -> None:
+    # sent again through a failover, the batch is refused (fenced, or as holding a stored id)
+    await log.append("s1", step(0))
+    writer = await log.writer("s1")
+    stored = _lose_one_ack(log.bus)
+
+    acks = await writer.append_all([step(1), step(2)])
+
+    assert stored and acks[-1].seq == stored[0] and acks[0].seq == stored[0] - 1
+    assert all(a.duplicate for a in acks)
+    await writer.append(step(3))  # still the owner
+    assert _ids(await log.read("s1")) == ["step-0", "step-1", "step-2", "step-3"]
+
+
+async def test_another_writer_s_batch_with_the_same_ids_and_other_content_stays_fenced(log: SessionLog) -> None:
+    # two agents at the same step: the one that comes second is not taken for a retry of its own
+    await log.append("s1", step(0))
+    first, second = await log.writer("s1"), await log.writer("s1")
+    theirs = [msgspec.structs.replace(step(i), output="the first agent's") for i in (1, 2)]
+    await first.append_all(theirs)
+    with pytest.raises(agentbus.FencedError):
+        await second.append_all([step(1), step(2)])
+    assert [r.event for r in (await log.read("s1"))[1:]] == theirs
+
+
+async def test_a_stream_that_takes_no_atomic_batch_gets_the_events_one_by_one(
+    client: agentbus.Client, settings: Settings
+) -> None:
+    """A sessions stream provisioned by an older version (no `allow_atomic`): the server refuses
+    the batch and stores none of it; the writer appends one by one, and does so from then on."""
+    bus = client.bus
+    js = bus._nc.jetstream()
+    config = (await js.stream_info(bus.ns.sessions_stream)).config
+    config.allow_atomic = False
+    await js.update_stream(config)
+    async with await Bus.connect(settings) as fresh:
+        log = SessionLog(fresh)
+        await log.append("s1", step(0))
+        writer = await log.writer("s1")
+        assert fresh.atomic_batches
+        acks = await writer.append_all([step(1), step(2)])
+        assert not fresh.atomic_batches
+        assert [a.seq for a in acks] == [r.seq for r in (await log.read("s1"))[1:]]
+        assert _ids(await log.read("s1")) == ["step-0", "step-1", "step-2"]
+        with pytest.raises(agentbus.FencedError):  # one by one, still fenced
+            await SessionWriter(log, "s1", acks[0].seq).append_all([step(3), step(4)])
+        assert _ids(await log.read("s1")) == ["step-0", "step-1", "step-2"]
+
+
+def test_atomic_batches_are_asked_of_servers_that_take_them() -> None:
+    from agentbus.bus._core import _at_least
+
+    assert _at_least("2.12.0", 2, 12) and _at_least("2.15.1", 2, 12) and _at_least("3.0.0", 2, 12)
+    assert not _at_least("2.11.9", 2, 12) and not _at_least("", 2, 12) and not _at_least("garbage", 2, 12)
