@@ -67,10 +67,6 @@ class BusError(AgentBusError):
     """A JetStream operation failed (publish not acknowledged, provisioning refused, ...)."""
 
 
-class AtomicUnavailable(BusError):
-    """The stream takes no atomic batch (`Bus.publish_atomic`): nothing was stored; publish one by one."""
-
-
 class Timeout(AgentBusError, TimeoutError):
     """A wait ran out of time."""
 

@@ -16,7 +16,7 @@ from typing import Literal
 from agentbus import statecache
 from agentbus.authority import honoured
 from agentbus.bus import Bus, Delivery, Outgoing, PubAck
-from agentbus.errors import AtomicUnavailable, FencedError, NoSuchSession
+from agentbus.errors import FencedError, NoSuchSession
 from agentbus.messages import Event, Record, decode_event, encode
 from agentbus.state import SessionState
 from agentbus.subjects import parse_session_subject, session_id_from_subject, valid_token
@@ -68,16 +68,6 @@ class SessionLog:
             )
         except FencedError as err:
             raise FencedError(session_id, expect_last_seq or 0) from err
-
-    async def append_atomic(self, session_id: str, events: Sequence[Event], *, expect_last_seq: int) -> PubAck:
-        """Append events to the log channel as one atomic batch, fenced as `append` fences: all
-        stored on consecutive sequences, or none (`Bus.publish_atomic`; the last one's ack)."""
-        subject = self._subject(session_id, "log")
-        batch = [Outgoing(subject, encode(ev), f"{session_id}:{ev.id}") for ev in events]
-        try:
-            return await self.bus.publish_atomic(batch, expected_last_subject_seq=expect_last_seq)
-        except FencedError as err:
-            raise FencedError(session_id, expect_last_seq) from err
 
     async def append_many(self, session_id: str, events: Sequence[Event], *, channel: Channel = "log") -> list[PubAck]:
         """Append several events pipelined (one round trip's latency for the lot), in order."""
@@ -231,43 +221,13 @@ class SessionWriter:
         self.last_seq = max(self.last_seq, ack.seq)
         return ack
 
-    async def append_all(self, events: Sequence[Event]) -> list[PubAck]:
-        """Append `events` in order, all at once when the server can (one atomic batch, one round
-        trip: `SessionLog.append_atomic`), else one by one; fenced as `append` is, and at once the
-        same: another writer in between, and none of them is stored."""
-        if len(events) < 2 or not self.log.bus.atomic_batches:
-            return [await self.append(ev) for ev in events]
-        try:
-            last = await self.log.append_atomic(self.session_id, events, expect_last_seq=self.last_seq)
-        except AtomicUnavailable:
-            return [await self.append(ev) for ev in events]
-        except FencedError:
-            # the fence is checked before the ids: a batch sent again after its ack was lost is
-            # refused, as fenced or as holding a stored id, and is then the next records here
-            stored = await self._stored_run(events)
-            if stored is None:
-                raise
-            last = PubAck(self.log.ns.sessions_stream, stored, True)
-        self.last_seq = max(self.last_seq, last.seq)
-        first = last.seq - len(events) + 1
-        return [PubAck(last.stream, first + i, last.duplicate) for i in range(len(events))]
-
     async def _stored_first(self, event: Event) -> int | None:
         """The sequence of `event` if it is the first log-channel record after our position. Equal
         in every field, not only in id: another agent at the same step appends the same id with
         its own content, and must stay fenced."""
-        return await self._stored_run([event])
-
-    async def _stored_run(self, events: Sequence[Event]) -> int | None:
-        """The sequence of the last of `events` if they are the log-channel records right after our
-        position, on consecutive sequences (an atomic batch's), each equal in every field."""
-        after = await self.log.read(self.session_id, from_seq=self.last_seq + 1, limit=len(events), channels="log")
-        if len(after) != len(events) or any(b.seq != after[0].seq + i for i, b in enumerate(after)):
-            return None
+        after = await self.log.read(self.session_id, from_seq=self.last_seq + 1, limit=1, channels="log")
         # as encoded, not as Structs: a tuple field given a list in memory decodes as a tuple
-        if any(encode(rec.event) != encode(ev) for rec, ev in zip(after, events, strict=True)):
-            return None
-        return after[-1].seq
+        return after[0].seq if after and encode(after[0].event) == encode(event) else None
 
     async def resync(self) -> list[Record]:
         """After a `FencedError`: the log-channel records written by others since our position."""

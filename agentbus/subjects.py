@@ -37,8 +37,6 @@ class StreamSpec:
     max_msg_size: int = -1
     discard: Literal["old", "new"] = "old"
     allow_direct: bool = True
-    # takes atomic batches (nats-server 2.12+; an older server is not asked)
-    allow_atomic: bool = False
     # a stream whose subjects another stream of the account may already hold: provisioning
     # goes on without it, and its readers fall back to something less durable
     optional: bool = False
@@ -218,7 +216,6 @@ class Namespace:
                 # window must outlast ack wait plus a restart for that re-append to dedupe.
                 duplicate_window_s=600.0,
                 max_msg_size=self.max_message_bytes,
-                allow_atomic=True,  # an agent records its last answer and the end in one batch
             ),
             StreamSpec(
                 name=self.submissions_stream,

@@ -16,7 +16,6 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-import msgspec
 import pytest
 
 import agentbus
@@ -33,7 +32,6 @@ from agentbus.messages import (
     ToolCallParked,
     ToolCallStarted,
     Usage,
-    ended_id,
     event_type,
 )
 from agentbus.testing import FakeMessagesAPI, text_response, tool_use_response
@@ -291,78 +289,6 @@ async def test_a_message_said_during_a_model_call_reaches_the_model_in_the_next_
     assert {"type": "text", "text": '[message from admin (as "ann")] use blue'} in [
         {k: v for k, v in b.items() if k != "cache_control"} for b in second
     ]
-
-
-async def test_a_final_answer_and_the_end_are_recorded_at_once_exactly_as_one_at_a_time(
-    client: agentbus.Client, settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The answer that ends a session and the end go in one atomic batch (one round trip, and never
-    one without the other); what is recorded is what the loop records one record at a time."""
-    batches: list[list[str]] = []
-    publish_atomic = Bus.publish_atomic
-
-    async def spy(self: Bus, messages: Sequence[Any], **kwargs: Any) -> Any:
-        batches.append([m.msg_id.split(":", 1)[1] for m in messages])
-        return await publish_atomic(self, messages, **kwargs)
-
-    monkeypatch.setattr(Bus, "publish_atomic", spy)
-    logs = []
-    for at_once in (True, False):
-        if not at_once:
-            monkeypatch.setattr(Bus, "atomic_batches", property(lambda self: False))
-        with FakeMessagesAPI() as api:
-            api.script([tool_use_response("write_file", {"path": "a.txt", "content": "hi"}, id="tu_1"),
-                        text_response("done: a.txt")])  # fmt: skip
-            async with agent(settings, api, tmp_path / str(at_once)):
-                sid = await client.submit("write a.txt", pool=POOL)
-                state = await client.wait(sid, timeout=15)
-        assert state.status == "completed" and state.result == "done: a.txt", state.reason
-        records = await client.show(sid)
-        logs.append([_as_logged(r) for r in records])
-        if at_once:
-            assert batches == [["step-2", ended_id(state.turn)]]
-            assert [r.seq for r in records[-2:]] == [records[-2].seq, records[-2].seq + 1]
-    assert batches == [["step-2", ended_id(state.turn)]]  # none one at a time
-    assert logs[0] == logs[1]
-
-
-def _as_logged(record: Record) -> tuple[str, dict[str, Any]]:
-    """A record as two runs of the same script write it alike: not where, when or by whom."""
-    out = msgspec.to_builtins(record.event)
-    for key in ("ts", "horizon", "worker", "workspace"):  # a stream sequence, a time, an agent
-        out.pop(key, None)
-    if out["type"] == "session_claimed":
-        out.pop("id")  # names the work item's sequence
-    if out["type"] == "session_created":
-        out["task"].pop("session_id")
-    return record.channel, out
-
-
-async def test_a_message_said_during_the_final_model_call_is_answered_before_the_session_ends(
-    client: agentbus.Client, settings: Settings, tmp_path: Path
-) -> None:
-    """An answer that would end the session does not when someone spoke meanwhile: it is recorded
-    alone, and the model hears the message."""
-    gate = Gate()
-
-    def responder(request: Request) -> dict[str, Any]:
-        if turns(request) == 0:
-            gate.hold()
-            return text_response("red it is")
-        return text_response("blue then")
-
-    with FakeMessagesAPI(responder=responder) as api:
-        async with agent(settings, api, tmp_path, gates=(gate,)):
-            sid = await client.submit("pick a colour", pool=POOL)
-            await gate.wait_reached()
-            await client.say(sid, "make it blue", author="ann")
-            gate.open()
-            state = await client.wait(sid, timeout=15)
-        requests = bodies(api)
-
-    assert state.status == "completed" and state.result == "blue then", state.reason
-    assert len(requests) == 2 and "make it blue" in json.dumps(requests[1]["messages"][-1])
-    assert kinds(await client.show(sid)).count("session_ended") == 1
 
 
 async def test_ask_human_waits_then_the_reply_becomes_the_tool_result_and_the_session_runs_on(

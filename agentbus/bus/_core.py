@@ -64,7 +64,6 @@ class BusCore:
         self._replies_made = asyncio.Lock()
         self._updating = False
         self._link = _Link()
-        self._atomic_refused = False  # the stream said it takes no atomic batch: appends go one by one
 
     @classmethod
     async def connect(cls, settings: Settings, *, name: str = "agentbus") -> Self:
@@ -153,16 +152,7 @@ class BusCore:
         can be fenced on a wildcard (a whole session); an older one ignores the header and fences on
         the published subject instead."""
         server = self._nc._current_server
-        return _fences_on_wildcards((server.server_version if server is not None else "") or "")
-
-    @property
-    def atomic_batches(self) -> bool:
-        """Whether a batch can be published atomically (nats-server 2.12+, on a stream that allows it;
-        `publish_atomic`): an older server ignores the batch headers and would store each message
-        on its own, the second even when the first was fenced."""
-        server = self._nc._current_server
-        version = (server.server_version if server is not None else "") or ""
-        return not self._atomic_refused and _at_least(version, 2, 12)
+        return _fences_on_wildcards(server.server_version if server is not None else "")
 
     @property
     def reconnects(self) -> int:
@@ -221,16 +211,12 @@ class BusCore:
                 delay = min(delay * 2, 1.0)
 
 
+@functools.lru_cache(maxsize=8)
 def _fences_on_wildcards(version: str) -> bool:
-    return _at_least(version, 2, 11)
-
-
-@functools.lru_cache(maxsize=64)
-def _at_least(version: str, major: int, minor: int) -> bool:
     """Per version string: nats-py parses it with a regex at every look, and routes look per session."""
     try:
         parsed = ServerVersion(version)
-        return (parsed.major, parsed.minor) >= (major, minor)
+        return (parsed.major, parsed.minor) >= (2, 11)
     except (ValueError, TypeError):
         return False
 

@@ -17,8 +17,6 @@ class ErrorCode(enum.IntEnum):
     WRONG_LAST_SEQUENCE = 10071  # the fence: someone else appended to the subject first
     STREAM_OFFLINE = 10118  # a clustered stream whose replicas are down
     CONSUMER_ALREADY_EXISTS = 10148  # a durable with other limits exists
-    ATOMIC_PUBLISH_DISABLED = 10174  # the stream does not take atomic batches (not `allow_atomic`)
-    ATOMIC_DUPLICATE_MSG_ID = 10201  # a message of the batch was stored already (a retried batch)
 
 
 # What a failover looks like from the client: a request timing out, nobody answering the

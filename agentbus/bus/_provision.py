@@ -71,8 +71,6 @@ class Provisioning(BusCore):
             discard=api.DiscardPolicy(spec.discard),
             allow_direct=spec.allow_direct,
         )
-        if spec.allow_atomic and self.atomic_batches:
-            config.allow_atomic = True
         # An existing stream is never re-created (with other replicas, a server without a
         # cluster would refuse even to look); only a missing one is made with the settings.
         if not await self.stream_exists(spec.name):

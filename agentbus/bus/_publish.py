@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import secrets
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import msgspec
@@ -16,15 +15,13 @@ from agentbus import tracing
 from agentbus.bus._core import BusCore
 from agentbus.bus._errors import TRANSIENT, ErrorCode
 from agentbus.bus._types import Outgoing, PubAck
-from agentbus.errors import AtomicUnavailable, BusError, FencedError, NatsUnreachable, NotPermitted
+from agentbus.errors import BusError, FencedError, NatsUnreachable, NotPermitted
 
 MSG_ID = "Nats-Msg-Id"
 EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
 # nats-server 2.11+: the fence holds on the last message of this subject (wildcards allowed)
 # instead of the published one's
 EXPECTED_LAST_SUBJECT_SEQ_SUBJECT = "Nats-Expected-Last-Subject-Sequence-Subject"
-# ADR-50, nats-server 2.12+: the messages of an atomic batch, the last one committing it
-BATCH_ID, BATCH_SEQUENCE, BATCH_COMMIT = "Nats-Batch-Id", "Nats-Batch-Sequence", "Nats-Batch-Commit"
 _PIPELINE_DEPTH = 256
 # no ack for a message of a batch: settle the rest one by one
 _UNANSWERED: tuple[type[BaseException], ...] = (*TRANSIENT, nats.js.errors.NoStreamResponseError)
@@ -140,69 +137,6 @@ class Publishing(BusCore):
         if ack.error is not None:
             nats.js.errors.APIError.from_error(ack.error)  # raises the error's class (503: transient)
         return PubAck(ack.stream, ack.seq, ack.duplicate)
-
-    async def publish_atomic(
-        self,
-        messages: Sequence[Outgoing],
-        *,
-        expected_last_subject_seq: int | None = None,
-        fence_subject: str | None = None,
-    ) -> PubAck:
-        """Publish `messages` to one stream as one atomic batch: all stored, on consecutive sequences
-        in order, or none (`atomic_batches` says whether the server can). The first is fenced as
-        `publish` fences; each keeps its `Nats-Msg-Id`. Returns the last one's ack; one round trip.
-
-        Raises `FencedError` when the fence does not hold, or when a message of the batch is stored
-        already (nats-server answers a batch sent again after its ack was lost so, not with a
-        duplicate ack: the caller looks at what is stored); `AtomicUnavailable` when the stream takes
-        no atomic batch (nothing is stored: publish them one by one)."""
-        if not messages:
-            raise ValueError("an atomic batch of nothing")
-        first = {**(messages[0].headers or {})}
-        if expected_last_subject_seq is not None:
-            first[EXPECTED_LAST_SUBJECT_SEQ] = str(expected_last_subject_seq)
-            if fence_subject is not None:
-                first[EXPECTED_LAST_SUBJECT_SEQ_SUBJECT] = fence_subject
-        batch = [Outgoing(messages[0].subject, messages[0].data, messages[0].msg_id, first), *messages[1:]]
-        if not tracing.recording():
-            return await self._publish_atomic(batch, expected_last_subject_seq)
-        subject = batch[-1].subject
-        attrs = {**tracing.messaging_attrs(subject), "messaging.batch.message_count": len(batch)}
-        with tracing.span(f"publish {span_subject(subject)}", kind=SpanKind.PRODUCER, attributes=attrs):
-            return await self._publish_atomic(batch, expected_last_subject_seq)
-
-    async def _publish_atomic(self, batch: list[Outgoing], expected_last_subject_seq: int | None) -> PubAck:
-        subject = batch[-1].subject
-        try:
-            try:
-                return await self._publish_atomic_once(batch)
-            except TRANSIENT:  # each attempt a new batch: one whose commit was lost is abandoned
-                return await self._through_failover(f"publish to {subject}", lambda: self._publish_atomic_once(batch))
-        except nats.js.errors.APIError as err:
-            if err.err_code in (ErrorCode.WRONG_LAST_SEQUENCE, ErrorCode.ATOMIC_DUPLICATE_MSG_ID):
-                raise FencedError(subject, expected_last_subject_seq or 0) from err
-            if err.err_code == ErrorCode.ATOMIC_PUBLISH_DISABLED:
-                self._atomic_refused = True  # provisioned by an older version: one by one from now on
-            # nothing of an atomic batch is stored when it is refused: one by one says why, if it fails
-            raise AtomicUnavailable(f"{subject}: {err.description}") from err
-        except nats.js.errors.NoStreamResponseError as err:
-            raise BusError(f"publish to {subject}: no stream stores this subject (not provisioned?)") from err
-        except nats.errors.ConnectionClosedError as err:
-            raise NatsUnreachable(self.settings.nats_url, "connection closed") from err
-
-    async def _publish_atomic_once(self, batch: list[Outgoing]) -> PubAck:
-        """The messages before the last go without a reply (the server answers only the commit,
-        which comes after them on the same connection); the last commits the batch."""
-        batch_id = secrets.token_hex(11)
-        for i, out in enumerate(batch, 1):
-            hdrs = self.headers(out.msg_id, out.headers)
-            hdrs[BATCH_ID], hdrs[BATCH_SEQUENCE] = batch_id, str(i)
-            if i < len(batch):
-                await self._nc.publish(out.subject, out.data, headers=hdrs)  # a refusal fails the commit
-            else:
-                hdrs[BATCH_COMMIT] = "1"
-                return await self._publish_once(out.subject, out.data, hdrs)
-        raise AssertionError("unreachable")
 
     async def publish_many(self, messages: Iterable[Outgoing]) -> list[PubAck]:
         """Publish with up to 256 acks in flight; returns acks in input order, raises on the first refusal.

@@ -381,58 +381,22 @@ class SessionRun:
                 return await self.end("failed", f"model error: {err}")
             record_usage(span, reply.model, reply.usage, reply.stop_reason)
         cost = cost_usd(reply.model, reply.usage)
-        responded = ModelResponded(
-            id=f"step-{step}",
-            step=step,
-            model=reply.model,
-            content=reply.content,
-            stop_reason=reply.stop_reason,
-            usage=reply.usage,
-            cost_usd=cost,
-            round=conv.round,
-            horizon=horizon,
+        await self.append(
+            ModelResponded(
+                id=f"step-{step}",
+                step=step,
+                model=reply.model,
+                content=reply.content,
+                stop_reason=reply.stop_reason,
+                usage=reply.usage,
+                cost_usd=cost,
+                round=conv.round,
+                horizon=horizon,
+            )
         )
-        outcome = await self._answered(responded)
         if cost > 0:
             self.ctx.spend.add(cost)
-        return outcome
-
-    async def _answered(self, responded: ModelResponded) -> Outcome | None:
-        """Record the model's answer. When the loop's next look would end the session with it (a
-        final answer, nothing new from people, nothing to evaluate), the answer and the end are
-        recorded together, in one atomic batch: one round trip where there were two, and never one
-        without the other."""
-        final = await self._ends_with(responded)
-        if final is None:
-            await self.append(responded)
-            return None
-        assert self.writer is not None
-        ended = SessionEnded(id=ended_id(self.state().turn), status="completed", reason="", result=final.final_text)
-        try:
-            acks = await self.writer.append_all([responded, ended])
-        except FencedError:  # another writer in between, and nothing stored: one at a time, as ever
-            await self.append(responded)
-            return None
-        for ack, event in zip(acks, (responded, ended), strict=True):
-            self.transcript.appended(ack, event)
-        return await self._after_end("completed", "")
-
-    async def _ends_with(self, responded: ModelResponded) -> Conversation | None:
-        """The conversation with `responded` recorded, if `_loop` would next end the session with it
-        (what `_next` does with a conversation that is `done`): else None."""
-        if responded.stop_reason != "end_turn" or self.ctx.repo is not None or self.ctx.draining.is_set():
-            return None
-        if self.writer is None or not self.log.bus.atomic_batches:
-            return None
-        if await self.transcript.catch_up():  # what the loop looks for after each step
-            return None  # people wrote meanwhile: the loop decides with it, one record at a time
-        last = self.records[-1].seq if self.records else 0
-        after = build([*self.records, Record(seq=last + 1, session_id=self.sid, channel="log", event=responded)])
-        if after.ended or after.cancel or after.interrupt is not None or after.pending_tools or not after.done:
-            return None
-        if after.task is None or after.task.criteria or after.task.checks:  # the evaluator's to end
-            return None
-        return after
+        return None
 
     async def _deliver(self, conv: Conversation, step: int) -> None:
         """Receipts: each human message going into this request, recorded before it is sent."""
@@ -589,11 +553,6 @@ class SessionRun:
         await repo_workspace.before_end(self, status, reason)  # issue 19: what a failed run left, committed
         state = self.state()
         await self.append(SessionEnded(id=ended_id(state.turn), status=status, reason=reason, result=result))
-        return await self._after_end(status, reason)
-
-    async def _after_end(self, status: Literal["completed", "failed", "cancelled"], reason: str) -> Outcome:
-        """What follows the end record: the worktree, the figures, and a parent waiting for it."""
-        state = self.state()
         await repo_workspace.release(self)  # issue 19: the worktree goes, the branch stays
         tracing.sessions_ended.add(1, {"status": status, tracing.POOL: self.ctx.pool})
         logger.info(
