@@ -404,3 +404,30 @@ async def test_a_running_router_collects_a_fan_out_whose_siblings_ended_without_
         parent = await client.wait(sid, timeout=10)
     assert (parent.status, parent.reason) == ("completed", "2 of 2 opinions completed")
     assert "opinion 0" in parent.result and "opinion 1" in parent.result
+
+
+async def test_a_bucket_write_nobody_answers_is_tried_again_as_through_a_failover(client: agentbus.Client) -> None:
+    """A bucket's stream without a leader for a moment answers a write with no responders: nats-py
+    raises its own error, which used to end the writer (a supervisor's tick, a state cache put)."""
+    import nats.js.errors
+
+    bus = client.bus
+    bucket = bus.ns.state_bucket
+    kv = await bus._bucket(bucket)
+    calls: dict[str, int] = {}
+    for name in ("put", "create", "update"):
+        real = getattr(kv, name)
+
+        async def leaderless_once(*args: Any, _real: Any = real, _name: str = name, **kwargs: Any) -> Any:
+            calls[_name] = calls.get(_name, 0) + 1
+            if calls[_name] == 1:
+                raise nats.js.errors.NoStreamResponseError
+            return await _real(*args, **kwargs)
+
+        setattr(kv, name, leaderless_once)
+    await bus.kv_put(bucket, "k1", b"v1")
+    assert await bus.kv_put_if(bucket, "k2", b"v2", None)
+    revision = (await bus.kv_get(bucket, "k2") or (b"", 0))[1]
+    assert await bus.kv_put_if(bucket, "k2", b"v3", revision)
+    assert calls == {"put": 2, "create": 2, "update": 2}
+    assert [await bus.kv_get(bucket, k) for k in ("k1", "k2")] == [(b"v1", 1), (b"v3", revision + 1)]

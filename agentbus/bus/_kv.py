@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 import nats.js.errors
 
 from agentbus.bus._provision import Provisioning
 from agentbus.subjects import BucketSpec
+
+T = TypeVar("T")
 
 
 class KeyValue(Provisioning):
@@ -28,11 +31,13 @@ class KeyValue(Provisioning):
         try:
             if revision is None:
                 await self._through_failover(
-                    f"{bucket} {key}", lambda: kv.create(key, value), refusal=f"$KV.{bucket}.{key}"
+                    f"{bucket} {key}", lambda: _leaderless(kv.create(key, value)), refusal=f"$KV.{bucket}.{key}"
                 )
             else:
                 await self._through_failover(
-                    f"{bucket} {key}", lambda: kv.update(key, value, last=revision), refusal=f"$KV.{bucket}.{key}"
+                    f"{bucket} {key}",
+                    lambda: _leaderless(kv.update(key, value, last=revision)),
+                    refusal=f"$KV.{bucket}.{key}",
                 )
         except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.APIError):
             return False
@@ -40,12 +45,16 @@ class KeyValue(Provisioning):
 
     async def kv_put(self, bucket: str, key: str, value: bytes) -> None:
         kv = await self._bucket(bucket)
-        await self._through_failover(f"{bucket} {key}", lambda: kv.put(key, value), refusal=f"$KV.{bucket}.{key}")
+        await self._through_failover(
+            f"{bucket} {key}", lambda: _leaderless(kv.put(key, value)), refusal=f"$KV.{bucket}.{key}"
+        )
 
     async def kv_delete(self, bucket: str, key: str) -> None:
         kv = await self._bucket(bucket)
         with contextlib.suppress(nats.js.errors.KeyNotFoundError):
-            await self._through_failover(f"{bucket} {key}", lambda: kv.purge(key), refusal=f"$KV.{bucket}.{key}")
+            await self._through_failover(
+                f"{bucket} {key}", lambda: _leaderless(kv.purge(key)), refusal=f"$KV.{bucket}.{key}"
+            )
 
     async def kv_values(self, bucket: str) -> dict[str, bytes]:
         """Every live key's value (expired and deleted keys left out)."""
@@ -73,3 +82,12 @@ class KeyValue(Provisioning):
         if name not in self._kv:
             await self.ensure_bucket(BucketSpec(name=name))
         return self._kv[name]
+
+
+async def _leaderless(write: Awaitable[T]) -> T:
+    """A write to a bucket nobody answered: its stream has no leader for a moment (a failover; the
+    buckets are made at start), so it is tried again like a timeout, not raised as nats-py's error."""
+    try:
+        return await write
+    except nats.js.errors.NoStreamResponseError as err:
+        raise TimeoutError("no leader for the bucket's stream") from err
