@@ -8,6 +8,7 @@ an evaluation) becomes a `WorkItem` through `WorkQueues.enqueue`, so the dedup-i
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -87,11 +88,26 @@ class WorkQueues:
         queued again only while no agent has claimed it (the ids deduplicate a queued item).
         """
         sid = task.session_id
+        created: SessionCreated | None = None
         if not new and await self.log.exists(sid):  # `new`: an id just made, which nothing can hold yet
             if (await self.log.state(sid)).status not in ("pending", "queued"):
                 return
         else:  # on the submitter's own channel: the subject says who submitted it
-            await self.log.append(sid, SessionCreated(id="created", task=task, trace_id=trace_id), channel="control")
+            created = SessionCreated(id="created", task=task, trace_id=trace_id)
+        if task.pool is None and created is not None:
+            # the router's item goes right behind the creation on this connection, not after its ack
+            # (a round trip off every submission); a router it overtakes looks again (`Router._route`)
+            done = await asyncio.gather(
+                self.log.append(sid, created, channel="control"),
+                self.enqueue(WorkItem(session_id=sid), "router"),
+                return_exceptions=True,
+            )
+            for result in done:
+                if isinstance(result, BaseException):
+                    raise result
+            return
+        if created is not None:
+            await self.log.append(sid, created, channel="control")
         if task.pool is None:
             await self.enqueue(WorkItem(session_id=sid), "router")
             return

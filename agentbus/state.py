@@ -130,6 +130,14 @@ def _step(s: SessionState, record: Record) -> None:
     ev = record.event
     ts = getattr(ev, "ts", 0.0) or s.updated_ts
     s.updated_ts = max(s.updated_ts, ts)
+    kind = type(ev)
+    if kind in _COUNTERS and not s.terminal:
+        # most of a long log: they change no status and nothing `needs_person_now` reads
+        if kind is ModelResponded:
+            s.steps += 1
+            s.usage = _add(s.usage, ev.usage)  # type: ignore[union-attr]
+            s.cost_usd += ev.cost_usd  # type: ignore[union-attr]
+        return
     # what `needs_person_now` reads: most records change none of it, and then nothing is asked
     before = (s.status, s.waiting_for, s.review, s.commit, s.merged)
     was_parked = s.parked
@@ -140,6 +148,10 @@ def _step(s: SessionState, record: Record) -> None:
     after = (s.status, s.waiting_for, s.review, s.commit, s.merged)
     if after != before and (after[:2], _needs_person(*after)) != (before[:2], _needs_person(*before)):
         _attention(s, ts)
+
+
+# what `_apply` only counts, or passes over (by exact type: no event class derives from another)
+_COUNTERS = frozenset({ModelResponded, ToolCallStarted, MessageDelivered})
 
 
 def _needs_person(status: str, waiting_for: str, review: bool, commit: str, merged: str) -> bool:

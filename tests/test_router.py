@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -279,3 +280,46 @@ async def test_provisioning_as_an_admin_deletes_the_fan_in_durable_earlier_versi
         await admin.provision(update=True)
         await admin.provision(update=True)  # nothing left to delete: no error either
     assert "router-fanin" not in await durables()
+
+
+async def test_an_item_that_overtakes_its_creation_by_a_moment_is_routed_without_waiting_its_turn(
+    client: agentbus.Client, settings: Settings, table: RouteTable
+) -> None:
+    """`submit` sends the router's item right behind the creation, to another stream, so the item
+    can be stored first: the router looks again for a moment instead of handing it back to wait."""
+    from agentbus.messages import SessionCreated, WorkItem
+
+    router, task, bus = await _start(settings, table)
+    try:
+        sid = "01OVERTAKENBYITSITEM0"
+        stopped = asyncio.Event()
+        reads = 0
+        first = router.log.first
+
+        async def slow_first(session_id: str) -> Any:
+            nonlocal reads
+            reads += 1
+            if reads == 1:  # the creation is published only once the router has looked once
+                await client.log.append(sid, SessionCreated(id="created", task=Task(session_id=sid,
+                                        prompt="review my diff please")), channel="control")  # fmt: skip
+                stopped.set()
+                return None
+            return await first(session_id)
+
+        router.log.first = slow_first  # type: ignore[method-assign]
+        waited: list[str] = []
+        unseen = router.queues.unseen
+
+        async def spy(job: Any, item: Any) -> Any:
+            waited.append(item.session_id)
+            return await unseen(job, item)
+
+        router.queues.unseen = spy  # type: ignore[method-assign]
+        await client.queues.enqueue(WorkItem(session_id=sid), "router")
+        await asyncio.wait_for(stopped.wait(), 10)
+        routed = await _routed(client, sid)
+    finally:
+        await _stop(router, task, bus)
+    assert stopped.is_set() and reads == 2
+    assert [(r.pool, r.rule) for r in routed] == [("reviewers", "reviews")]
+    assert waited == []  # not handed back to wait its turn

@@ -99,3 +99,20 @@ async def test_a_submit_repeated_with_the_same_ids_records_and_queues_once(clien
 
     assert [type(r.event).__name__ for r in records] == ["SessionCreated", "Routed"]
     assert stored == {ns.work(POOL): 1}
+
+
+async def test_a_submission_whose_creation_is_refused_says_so_even_though_its_item_went_out(
+    client: agentbus.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The router's item goes right behind the creation, not after its ack: when the creation is
+    refused the submit still fails with the reason (its item waits for a session that never comes,
+    and is dropped after the hold, as any item without one)."""
+    from agentbus.errors import BusError
+
+    async def refused(*args: object, **kwargs: object) -> object:
+        await client.bus._nc.flush()
+        raise BusError("publish to the control channel refused: the test says no")
+
+    monkeypatch.setattr(client.queues.log, "append", refused)
+    with pytest.raises(BusError, match="the test says no"):
+        await client.submit("anything")

@@ -301,12 +301,17 @@ def build(records: Sequence[Record]) -> Conversation:
     return builder.finish()
 
 
+_MOVABLE = frozenset({HumanMessage, InterruptRequested})  # what `in_request_order` may move
+
+
 def in_request_order(records: Sequence[Record]) -> list[Record]:
     """Records in the order the model saw them, in one pass.
 
     A human message recorded while a model call was in flight sits before that call's
     response in the log, but the model only sees it after: move it past the response.
     """
+    if not any(type(r.event) in _MOVABLE for r in records):  # most logs: nothing to move
+        return list(records)
     moved: dict[int, list[Record]] = {}  # index of a response -> messages that belong after it
     out: list[Record] = []
     next_response: int | None = None

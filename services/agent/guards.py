@@ -7,6 +7,7 @@ The budget limits themselves (`over_budget`, `remaining`, `Stop`) live in `agent
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import msgspec
 
@@ -48,15 +49,20 @@ class Progress:
 
     def fold(self, records: Sequence[Record]) -> None:
         for i in range(self.folded, len(records)):
-            ev = records[i].event
-            if isinstance(ev, ModelResponded):
-                self._turn(ev)
-            elif isinstance(ev, ToolCallCompleted) and ev.output not in self.results:
+            self.add(records[i].event)
+        self.folded = len(records)
+
+    def add(self, ev: Any) -> None:
+        # by exact type: no event class derives from another (tests/test_messages.py holds that)
+        kind = type(ev)
+        if kind is ModelResponded:
+            self._turn(ev)
+        elif kind is ToolCallCompleted:
+            if ev.output not in self.results:
                 self.results.add(ev.output)
                 self.idle = 0
-            elif isinstance(ev, ResumeRequested):
-                self._afresh()
-        self.folded = len(records)
+        elif kind is ResumeRequested:
+            self._afresh()
 
     def _turn(self, ev: ModelResponded) -> None:
         calls, text = _turn(ev)
@@ -104,15 +110,15 @@ class Guards:
         if epoch != self._epoch or len(records) < self._progress.folded:
             self._epoch = epoch
             self._afresh()
-        for i in range(self._progress.folded, len(records)):
-            ev = records[i].event
-            if isinstance(ev, SessionCreated):
-                self._layers.append(ev.task.budget)
+        progress = self._progress
+        for i in range(progress.folded, len(records)):  # one pass for both
+            ev: Any = records[i].event
+            progress.add(ev)
+            kind = type(ev)
+            if kind is SessionCreated or kind is ResumeRequested:
+                self._layers.append(ev.task.budget if kind is SessionCreated else ev.budget)
                 self._budget = None
-            elif isinstance(ev, ResumeRequested):
-                self._layers.append(ev.budget)
-                self._budget = None
-        self._progress.fold(records)
+        progress.folded = len(records)
 
     def budget(self) -> Budget:
         if self._budget is None:

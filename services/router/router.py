@@ -40,6 +40,7 @@ from services.router.routes import RouteTable
 
 KEEP_S = 30.0  # how often the router brings the state cache up to date and sweeps fan-outs (a fallback:
 # fan-outs are collected on their siblings' child_result items, listings fold what is behind)
+_OVERTAKEN_S = (0.002, 0.01, 0.05)  # looks again after these pauses before the item waits its turn
 logger = logging.getLogger("agentbus.router")
 
 ROUTING_CONCURRENCY = 16
@@ -103,6 +104,12 @@ class Router(Service):
         item = await self.queues.accept(job)
         sid = item.session_id
         first = await self.log.first(sid)
+        for pause in _OVERTAKEN_S if first is None and job.attempt == 1 else ():
+            # a client sends its item right behind the creation, to another stream: the item may
+            # be stored a moment before it
+            await asyncio.sleep(pause)
+            if (first := await self.log.first(sid)) is not None:
+                break
         if first is None:
             await self.queues.unseen(job, item)  # the item overtook its session: it waits
         records = [record_of(first)] if first is not None else []
