@@ -8,7 +8,6 @@ an evaluation) becomes a `WorkItem` through `WorkQueues.enqueue`, so the dedup-i
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 import time
@@ -17,7 +16,7 @@ from typing import Literal, NoReturn
 
 import msgspec
 
-from agentbus.bus import MSG_ID, Job, PubAck
+from agentbus.bus import MSG_ID, Job, Outgoing, PubAck
 from agentbus.errors import BusError
 from agentbus.messages import (
     InputRejected,
@@ -97,14 +96,9 @@ class WorkQueues:
         if task.pool is None and created is not None:
             # the router's item goes right behind the creation on this connection, not after its ack
             # (a round trip off every submission); a router it overtakes looks again (`Router._route`)
-            done = await asyncio.gather(
-                self.log.append(sid, created, channel="control"),
-                self.enqueue(WorkItem(session_id=sid), "router"),
-                return_exceptions=True,
-            )
-            for result in done:
-                if isinstance(result, BaseException):
-                    raise result
+            item = WorkItem(session_id=sid)
+            queued = Outgoing(self.subject("router"), encode(item), msg_id(item, None))
+            await self.bus.publish_together([self.log.outgoing(sid, created, channel="control"), queued])
             return
         if created is not None:
             await self.log.append(sid, created, channel="control")

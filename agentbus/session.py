@@ -69,6 +69,10 @@ class SessionLog:
         except FencedError as err:
             raise FencedError(session_id, expect_last_seq or 0) from err
 
+    def outgoing(self, session_id: str, event: Event, *, channel: Channel = "log") -> Outgoing:
+        """`event` as `append` would publish it, for a caller that sends it with other messages."""
+        return Outgoing(self._subject(session_id, channel), encode(event), f"{session_id}:{event.id}")
+
     async def append_many(self, session_id: str, events: Sequence[Event], *, channel: Channel = "log") -> list[PubAck]:
         """Append several events pipelined (one round trip's latency for the lot), in order."""
         subject = self._subject(session_id, channel)

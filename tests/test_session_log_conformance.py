@@ -12,6 +12,7 @@ import contextlib
 import itertools
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -879,3 +880,43 @@ async def test_a_tap_read_slowly_past_its_buffer_loses_and_repeats_nothing(
     assert _ids(seen) == [f"big-{i}" for i in range(40)]
     assert _strictly_increasing([r.seq for r in seen])
     assert "messages dropped past the buffer" in recreated  # the path under test was taken
+
+
+# --- messages published together (one round trip for a few acks) -----------------------------------
+
+
+async def test_messages_published_together_are_stored_in_order_each_with_its_ack(log: SessionLog) -> None:
+    bus = log.bus
+    out = [log.outgoing("s1", step(i)) for i in range(3)]
+    acks = await bus.publish_together(out)
+    records = await log.read("s1")
+    assert _ids(records) == ["step-0", "step-1", "step-2"]
+    assert [a.seq for a in acks] == [r.seq for r in records] and not any(a.duplicate for a in acks)
+    again = await bus.publish_together(out)  # each kept its Nats-Msg-Id
+    assert [a.seq for a in again] == [a.seq for a in acks] and all(a.duplicate for a in again)
+
+
+async def test_messages_published_together_whose_acks_were_lost_are_settled_one_by_one(log: SessionLog) -> None:
+    bus = log.bus
+    real = bus.ask_together
+
+    async def lost(requests: Any, timeout: float) -> Any:
+        await real(requests, timeout)  # stored, and the acks lost
+        raise TimeoutError("no answer")
+
+    bus.ask_together = lost  # type: ignore[method-assign]
+    acks = await bus.publish_together([log.outgoing("s1", step(i)) for i in range(2)])
+    assert all(a.duplicate for a in acks)  # sent again one by one: stored once
+    assert _ids(await log.read("s1")) == ["step-0", "step-1"]
+
+
+async def test_messages_published_together_to_a_refused_subject_are_refused_at_once(
+    client: agentbus.Client, as_user: Any
+) -> None:
+    from agentbus.errors import NotPermitted
+
+    sid = await client.submit("watched")
+    async with await Bus.connect(as_user("watcher", "observer", sessions=[sid])) as bus:
+        log = SessionLog(bus)
+        with pytest.raises(NotPermitted):
+            await asyncio.wait_for(bus.publish_together([log.outgoing(sid, note(1), channel="input")]), 3)

@@ -104,15 +104,23 @@ async def test_a_submit_repeated_with_the_same_ids_records_and_queues_once(clien
 async def test_a_submission_whose_creation_is_refused_says_so_even_though_its_item_went_out(
     client: agentbus.Client, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The router's item goes right behind the creation, not after its ack: when the creation is
-    refused the submit still fails with the reason (its item waits for a session that never comes,
-    and is dropped after the hold, as any item without one)."""
+    """The router's item goes right behind the creation, not after its ack: when the stream refuses
+    the creation the submit still fails with the server's reason (its item waits for a session that
+    never comes, and is dropped after the hold, as any item without one)."""
+    from nats.aio.msg import Msg
+
     from agentbus.errors import BusError
 
-    async def refused(*args: object, **kwargs: object) -> object:
-        await client.bus._nc.flush()
-        raise BusError("publish to the control channel refused: the test says no")
+    bus = client.bus
+    real = bus.ask_together
 
-    monkeypatch.setattr(client.queues.log, "append", refused)
-    with pytest.raises(BusError, match="the test says no"):
+    async def refused(requests: list[tuple[str, bytes, dict[str, str]]], timeout: float) -> list[Msg]:
+        answers = await real(requests, timeout)
+        error = b'{"error":{"code":400,"err_code":10999,"description":"the test says no"}}'
+        return [Msg(_client=bus._nc, subject=answers[0].subject, data=error), *answers[1:]]
+
+    monkeypatch.setattr(bus, "ask_together", refused)
+    with pytest.raises(BusError, match=r"control\..*refused: the test says no"):
         await client.submit("anything")
+    jobs = await (await bus.pull(bus.ns.router_consumer())).fetch(1, timeout=2.0)
+    assert len(jobs) == 1  # the item went out

@@ -137,6 +137,28 @@ class BusCore:
             timer.cancel()
             replies.close(reply)
 
+    async def ask_together(self, requests: list[tuple[str, bytes, dict[str, str]]], timeout: float) -> list[Msg]:
+        """Requests sent back to back, then their answers, in order: one round trip for the lot.
+        An answer that does not come in `timeout` seconds is a `TimeoutError` in its place."""
+        replies = await self.replies()
+        waiting: list[tuple[str, asyncio.Future[Msg]]] = []
+
+        def expire() -> None:
+            for _, answer in waiting:
+                unanswered(answer)
+
+        timer = asyncio.get_running_loop().call_later(timeout, expire)
+        try:
+            for subject, data, headers in requests:
+                reply, answer = replies.one()
+                waiting.append((reply, answer))
+                await self._nc.publish(subject, data, reply=reply, headers=headers)
+            return [await answer for _, answer in waiting]
+        finally:
+            timer.cancel()
+            for reply, _ in waiting:
+                replies.close(reply)
+
     @property
     def connected_url(self) -> str:
         url = self._nc.connected_url

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Mapping
+import functools
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import msgspec
 import nats.errors
 import nats.js.errors
+from nats.aio.msg import Msg
 from opentelemetry.trace import SpanKind
 
 from agentbus import tracing
@@ -125,9 +127,44 @@ class Publishing(BusCore):
                 pass
             raise TimeoutError(f"no leader for the stream of {subject}") from unanswered
 
+    async def publish_together(self, messages: Sequence[Outgoing]) -> list[PubAck]:
+        """Publish a few messages back to back and wait for their acks together: one round trip,
+        not one each. Stored in the order given on one stream; across streams, each stream stores
+        its own as it comes (a later one may be stored a moment before an earlier one). An ack that
+        does not come (a failover) settles that message and the rest one by one, with their ids;
+        the first refusal, in order, is raised."""
+        sent = [(m.subject, m.data, self.headers(m.msg_id, m.headers)) for m in messages]
+
+        async def together() -> list[Msg]:
+            return await self.ask_together(sent, self.settings.publish_timeout_s)
+
+        call = together
+        for subject in {m.subject for m in messages}:  # a refused subject is reported at once
+            call = functools.partial(self._refusable, subject, call)
+        try:
+            answers: list[Msg] | None = await call()
+        except TRANSIENT:
+            answers = None
+        acks: list[PubAck] = []
+        for i, out in enumerate(messages):
+            if answers is not None:
+                try:
+                    acks.append(self._ack_of(out.subject, answers[i]))
+                    continue
+                except _UNANSWERED:
+                    pass
+                except nats.js.errors.APIError as err:
+                    raise BusError(f"publish to {out.subject} refused: {err.description}") from err
+            for rest in messages[i:]:  # no answer: this one and the rest one by one, in order
+                acks.append(await self._publish(rest.subject, rest.data, rest.msg_id, rest.headers, None))
+            break
+        return acks
+
     async def _acked(self, subject: str, data: bytes, hdrs: dict[str, str]) -> PubAck:
         """One publish and its ack: what nats-py's `js.publish` does, on the shared reply subscription."""
-        msg = await self.ask(subject, data, self.settings.publish_timeout_s, hdrs)
+        return self._ack_of(subject, await self.ask(subject, data, self.settings.publish_timeout_s, hdrs))
+
+    def _ack_of(self, subject: str, msg: Msg) -> PubAck:
         if not msg.data and msg.headers and msg.headers.get("Status") == "503":
             raise nats.js.errors.NoStreamResponseError  # no responders: no stream (or no leader) takes it
         try:
