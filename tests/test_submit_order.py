@@ -7,6 +7,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -114,8 +115,8 @@ async def test_a_submission_whose_creation_is_refused_says_so_even_though_its_it
     bus = client.bus
     real = bus.ask_together
 
-    async def refused(requests: list[tuple[str, bytes, dict[str, str]]], timeout: float) -> list[Msg]:
-        answers = await real(requests, timeout)
+    async def refused(requests: list[tuple[str, bytes, dict[str, str]]], timeout: float) -> list[Any]:
+        answers: list[Any] = await real(requests, timeout)
         error = b'{"error":{"code":400,"err_code":10999,"description":"the test says no"}}'
         return [Msg(_client=bus._nc, subject=answers[0].subject, data=error), *answers[1:]]
 

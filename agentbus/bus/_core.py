@@ -137,7 +137,9 @@ class BusCore:
             timer.cancel()
             replies.close(reply)
 
-    async def ask_together(self, requests: list[tuple[str, bytes, dict[str, str]]], timeout: float) -> list[Msg]:
+    async def ask_together(
+        self, requests: list[tuple[str, bytes, dict[str, str]]], timeout: float
+    ) -> list[Msg | TimeoutError]:
         """Requests sent back to back, then their answers, in order: one round trip for the lot.
         An answer that does not come in `timeout` seconds is a `TimeoutError` in its place."""
         replies = await self.replies()
@@ -153,7 +155,13 @@ class BusCore:
                 reply, answer = replies.one()
                 waiting.append((reply, answer))
                 await self._nc.publish(subject, data, reply=reply, headers=headers)
-            return [await answer for _, answer in waiting]
+            answers: list[Msg | TimeoutError] = []
+            for _, answer in waiting:  # every one awaited: none left with an exception nobody read
+                try:
+                    answers.append(await answer)
+                except TimeoutError as err:
+                    answers.append(err)
+            return answers
         finally:
             timer.cancel()
             for reply, _ in waiting:

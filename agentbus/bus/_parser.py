@@ -7,7 +7,8 @@ agent's traffic. This one reads each received chunk at an offset, picks the patt
 byte, cuts the buffer once per chunk and copies each payload once (a payload split between reads
 is gathered, then copied twice). Messages, errors, pings,
 pongs and INFO reach the client exactly as from nats-py's parser, in the same order, with the
-same arguments (`tests/test_bus_parser.py` feeds both the same bytes, whole and in pieces).
+same arguments (`tests/test_bus_parser.py` feeds both the same bytes, whole and in pieces),
+except messages the connection takes itself first (`Connection.take`, `Connection.skipped`).
 
 It is given only to the bus's own connections, and only over the grammar it was checked against.
 """

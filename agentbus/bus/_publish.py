@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -130,26 +129,28 @@ class Publishing(BusCore):
     async def publish_together(self, messages: Sequence[Outgoing]) -> list[PubAck]:
         """Publish a few messages back to back and wait for their acks together: one round trip,
         not one each. Stored in the order given on one stream; across streams, each stream stores
-        its own as it comes (a later one may be stored a moment before an earlier one). An ack that
-        does not come (a failover) settles that message and the rest one by one, with their ids;
-        the first refusal, in order, is raised."""
+        its own as it comes (a later one may be stored a moment before an earlier one). From the
+        first ack that does not come (a failover), the messages are settled one by one with their
+        ids; the first refusal, in order, is raised. A refusal of the first message's subject is
+        reported at once (the others' after the ack wait, one by one)."""
         sent = [(m.subject, m.data, self.headers(m.msg_id, m.headers)) for m in messages]
-
-        async def together() -> list[Msg]:
-            return await self.ask_together(sent, self.settings.publish_timeout_s)
-
-        call = together
-        for subject in {m.subject for m in messages}:  # a refused subject is reported at once
-            call = functools.partial(self._refusable, subject, call)
+        first = messages[0].subject
         try:
-            answers: list[Msg] | None = await call()
-        except TRANSIENT:
-            answers = None
+            answers = await self._refusable(first, lambda: self.ask_together(sent, self.settings.publish_timeout_s))
+        except TRANSIENT as err:  # not sent whole (a reconnect): all of them one by one
+            answers = [TimeoutError(str(err))] * len(messages)
+        except nats.errors.ConnectionClosedError as err:
+            raise NatsUnreachable(self.settings.nats_url, "connection closed") from err
+        except nats.errors.MaxPayloadError as err:
+            size = max(len(m.data) for m in messages)
+            raise BusError(
+                f"publish to {first}: {size} bytes is more than the server accepts (max_payload {self._nc.max_payload})"
+            ) from err
         acks: list[PubAck] = []
-        for i, out in enumerate(messages):
-            if answers is not None:
+        for i, (out, answer) in enumerate(zip(messages, answers, strict=True)):
+            if not isinstance(answer, BaseException):
                 try:
-                    acks.append(self._ack_of(out.subject, answers[i]))
+                    acks.append(self._ack_of(out.subject, answer))
                     continue
                 except _UNANSWERED:
                     pass

@@ -324,7 +324,7 @@ class Reading(BusCore):
         sub = await self._nc.subscribe(subject)
         skips: dict[int, Any] | None = getattr(self._nc, "skips", None)
         if skip is not None and skips is not None:
-            skips[sub._id] = skip
+            skips[sub._id] = skip  # removed with the subscription, confirmed or not
         if ready is not None:
             try:
                 await self._nc.flush()
@@ -332,6 +332,8 @@ class Reading(BusCore):
             except Exception as err:
                 # not confirmed is not refused: end, so the caller subscribes again (a reader left
                 # iterating here would never learn it is not live)
+                if skips is not None:
+                    skips.pop(sub._id, None)
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
                 raise BusError(f"subscription to {subject} not confirmed ({err})") from err
