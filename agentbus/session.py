@@ -69,6 +69,21 @@ class SessionLog:
         except FencedError as err:
             raise FencedError(session_id, expect_last_seq or 0) from err
 
+    async def append_chained(
+        self, session_id: str, event: Event, then: Event, *, expect_last_seq: int, attempt: str
+    ) -> tuple[PubAck, PubAck | None]:
+        """`append(event, expect_last_seq=...)` on the log channel with `then` right behind it in
+        the same round trip (`Bus.publish_chained`). `event`'s message id carries `attempt` (the
+        writer's claim): `then` may follow only this attempt's own message, not one with an id
+        another writer of the same step shares. `then`'s ack, or None: the caller appends it."""
+        subject = self._subject(session_id, "log")
+        head = Outgoing(subject, encode(event), f"{session_id}:{event.id}:{attempt}")
+        tail = Outgoing(subject, encode(then), f"{session_id}:{then.id}")
+        try:
+            return await self.bus.publish_chained(head, tail, expected_last_subject_seq=expect_last_seq)
+        except FencedError as err:
+            raise FencedError(session_id, expect_last_seq) from err
+
     def outgoing(self, session_id: str, event: Event, *, channel: Channel = "log") -> Outgoing:
         """`event` as `append` would publish it, for a caller that sends it with other messages."""
         return Outgoing(self._subject(session_id, channel), encode(event), f"{session_id}:{event.id}")
@@ -224,6 +239,22 @@ class SessionWriter:
             ack = PubAck(self.log.ns.sessions_stream, stored, True)
         self.last_seq = max(self.last_seq, ack.seq)
         return ack
+
+    async def append_then(self, event: Event, then: Event, *, attempt: str) -> tuple[PubAck, PubAck | None]:
+        """`append(event)`, with `then` sent right behind it and stored only if nothing at all came
+        between them (`SessionLog.append_chained`): one round trip for two records. `then`'s ack,
+        or None when it is still to be appended the usual way."""
+        try:
+            ack, after = await self.log.append_chained(
+                self.session_id, event, then, expect_last_seq=self.last_seq, attempt=attempt
+            )
+        except FencedError:  # as in `append`: a lost answer, and `event` stored by the retry
+            stored = await self._stored_first(event)
+            if stored is None:
+                raise
+            ack, after = PubAck(self.log.ns.sessions_stream, stored, True), None
+        self.last_seq = max(self.last_seq, ack.seq, after.seq if after is not None else 0)
+        return ack, after
 
     async def _stored_first(self, event: Event) -> int | None:
         """The sequence of `event` if it is the first log-channel record after our position. Equal

@@ -143,6 +143,60 @@ async def test_a_write_then_read_session_completes_with_each_step_logged_once_an
     assert tool_result(requests[2], "tu_2")["content"] == "hello"
 
 
+async def test_a_final_answer_and_the_end_go_out_together_and_are_stored_one_after_the_other(
+    client: agentbus.Client, settings: Settings, tmp_path: Path
+) -> None:
+    with FakeMessagesAPI() as api:
+        api.script([text_response("all done")])
+        async with agent(settings, api, tmp_path) as worker:
+            chained: list[object] = []
+            real = worker.bus.publish_chained
+
+            async def counted(*args: Any, **kwargs: Any) -> Any:
+                chained.append(result := await real(*args, **kwargs))
+                return result
+
+            worker.bus.publish_chained = counted  # type: ignore[method-assign]
+            sid = await client.submit("say done", pool=POOL)
+            state = await client.wait(sid, timeout=15)
+
+    assert state.status == "completed" and state.result == "all done"
+    records = await client.show(sid)
+    assert kinds(records)[-2:] == ["model_responded", "session_ended"]
+    assert records[-1].seq == records[-2].seq + 1  # nothing of the stream between them
+    [(ack, after)] = chained  # type: ignore[misc]
+    assert after is not None and (ack.seq, after.seq) == (records[-2].seq, records[-1].seq)
+
+
+async def test_a_final_answer_whose_ends_ack_was_lost_ends_the_session_once_and_the_run_keeps_it(
+    client: agentbus.Client, settings: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with FakeMessagesAPI() as api:
+        api.script([text_response("all done")])
+        async with agent(settings, api, tmp_path) as worker:
+            real = worker.bus.ask_together
+
+            async def end_unanswered(requests: Any, timeout: float) -> Any:
+                answers = await real(requests, timeout)
+                if len(requests) == 2 and "Nats-Expected-Last-Msg-Id" in requests[1][2]:
+                    return [answers[0], TimeoutError("the end's ack was lost")]
+                return answers
+
+            worker.bus.ask_together = end_unanswered  # type: ignore[method-assign]
+            sid = await client.submit("say done", pool=POOL)
+            state = await client.wait(sid, timeout=15)
+            await until(lambda: _done(worker), "the run to finish")
+
+    assert state.status == "completed" and state.result == "all done"
+    assert kinds(await client.show(sid)).count("session_ended") == 1
+    assert worker.served == 1  # the end appended again was found as the run's own, not another's
+    assert "owns it now" not in caplog.text
+
+
+async def _done(worker: Any) -> bool:
+    return bool(worker.served)
+
+
 # --- 2. kill -9 and resume in another process -------------------------------------------------------
 
 

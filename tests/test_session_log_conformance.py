@@ -920,3 +920,91 @@ async def test_messages_published_together_to_a_refused_subject_are_refused_at_o
         log = SessionLog(bus)
         with pytest.raises(NotPermitted):
             await asyncio.wait_for(bus.publish_together([log.outgoing(sid, note(1), channel="input")]), 3)
+
+
+# --- an event sent right behind another (the final answer and the end: one round trip) ---------------
+
+
+async def test_an_event_sent_behind_another_is_stored_right_after_it_and_the_writer_owns_both(
+    log: SessionLog,
+) -> None:
+    await log.append("s1", step(0))
+    writer = await log.writer("s1")
+
+    ack, after = await writer.append_then(step(1), END, attempt="7-1")
+
+    assert after is not None and after.seq == ack.seq + 1 and not after.duplicate
+    assert writer.last_seq == after.seq
+    await writer.append(step(2))  # still the owner, positioned after both
+    assert _ids(await log.read("s1")) == ["step-0", "step-1", "end", "step-2"]
+
+
+async def test_an_event_sent_behind_a_fenced_one_is_not_stored(log: SessionLog) -> None:
+    await log.append("s1", step(0))
+    writer, other = await log.writer("s1"), await log.writer("s1")
+    await other.append(step(1, tag="other"))
+
+    with pytest.raises(agentbus.FencedError):
+        await writer.append_then(step(1), END, attempt="7-1")
+    assert _ids(await log.read("s1")) == ["step-0", "other-1"]
+
+
+async def test_an_event_sent_behind_follows_this_attempt_only_not_another_writers_record_of_the_same_id(
+    log: SessionLog,
+) -> None:
+    # Two agents at the same step write the same event id. The second one's answer is fenced; its
+    # end must not be stored behind the first one's answer, which is the stream's last message and
+    # has the id the second one's would have had without the attempt in it.
+    await log.append("s1", step(0))
+    first, second = await log.writer("s1"), await log.writer("s1")
+    await first.append(step(1))
+    theirs = msgspec.structs.replace(step(1), output="the second agent's")
+
+    with pytest.raises(agentbus.FencedError):
+        await second.append_then(theirs, END, attempt="9-2")
+    assert _ids(await log.read("s1")) == ["step-0", "step-1"]
+
+
+async def test_an_event_sent_behind_another_with_a_message_between_them_is_left_to_the_caller(
+    log: SessionLog,
+) -> None:
+    await log.append("s1", step(0))
+    writer = await log.writer("s1")
+    real = log.bus.ask_together
+
+    async def someone_between(requests: Any, timeout: float) -> Any:
+        head = await real(requests[:1], timeout)
+        await log.append("s1", note(1), channel="input")  # a person, between the two (real server)
+        return head + await real(requests[1:], timeout)
+
+    log.bus.ask_together = someone_between  # type: ignore[method-assign]
+    ack, after = await writer.append_then(step(1), END, attempt="7-1")
+    log.bus.ask_together = real  # type: ignore[method-assign]
+
+    assert after is None and writer.last_seq == ack.seq
+    assert _ids(await log.read("s1")) == ["step-0", "step-1", "note-1"]
+    await writer.append(END)  # the usual way: a person's message does not fence the log channel
+    assert _ids(await log.read("s1")) == ["step-0", "step-1", "note-1", "end"]
+
+
+async def test_an_event_sent_behind_another_whose_ack_was_lost_is_found_as_its_own_when_appended_again(
+    log: SessionLog,
+) -> None:
+    await log.append("s1", step(0))
+    writer = await log.writer("s1")
+    real = log.bus.ask_together
+
+    async def tail_ack_lost(requests: Any, timeout: float) -> Any:
+        answers = await real(requests, timeout)
+        return [answers[0], TimeoutError("no answer")]
+
+    log.bus.ask_together = tail_ack_lost  # type: ignore[method-assign]
+    ack, after = await writer.append_then(step(1), END, attempt="7-1")
+    log.bus.ask_together = real  # type: ignore[method-assign]
+
+    assert after is None  # stored, but nobody said so: the caller appends it again
+    with pytest.raises(agentbus.FencedError):  # the same id with other content is not ours
+        await writer.append(msgspec.structs.replace(END, ts=TS + 1))
+    again = await writer.append(END)  # the same event, byte for byte, is
+    assert again.duplicate and again.seq == ack.seq + 1 == writer.last_seq
+    assert _ids(await log.read("s1")) == ["step-0", "step-1", "end"]

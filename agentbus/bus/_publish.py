@@ -23,6 +23,8 @@ EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
 # nats-server 2.11+: the fence holds on the last message of this subject (wildcards allowed)
 # instead of the published one's
 EXPECTED_LAST_SUBJECT_SEQ_SUBJECT = "Nats-Expected-Last-Subject-Sequence-Subject"
+# stored only if the stream's last message carries this Nats-Msg-Id (nothing stored in between)
+EXPECTED_LAST_MSG_ID = "Nats-Expected-Last-Msg-Id"
 _PIPELINE_DEPTH = 256
 # no ack for a message of a batch: settle the rest one by one
 _UNANSWERED: tuple[type[BaseException], ...] = (*TRANSIENT, nats.js.errors.NoStreamResponseError)
@@ -160,6 +162,67 @@ class Publishing(BusCore):
                 acks.append(await self._publish(rest.subject, rest.data, rest.msg_id, rest.headers, None))
             break
         return acks
+
+    async def publish_chained(
+        self,
+        first: Outgoing,
+        then: Outgoing,
+        *,
+        expected_last_subject_seq: int,
+        fence_subject: str | None = None,
+    ) -> tuple[PubAck, PubAck | None]:
+        """`first`, fenced as `publish` fences it, and `then` right behind it: one round trip for
+        both. `then` carries `Nats-Expected-Last-Msg-Id` naming `first`'s id, so the server stores
+        it only while the stream's last message is `first`: directly after it, and never when
+        `first` was not stored. `first.msg_id` must be unique to this attempt: an id others share
+        would let `then` follow their message.
+
+        Returns `first`'s ack (raising as `publish` does: `FencedError` for the fence) and `then`'s,
+        or None when this send did not store `then` (something came between, no answer, or an
+        earlier message with its id): the caller then appends it on its own, as without the chain,
+        and finds it by its content if it was stored after all."""
+        fence: dict[str, str] = {EXPECTED_LAST_SUBJECT_SEQ: str(expected_last_subject_seq)}
+        if fence_subject is not None:
+            fence[EXPECTED_LAST_SUBJECT_SEQ_SUBJECT] = fence_subject
+        head = self.headers(first.msg_id, {**(first.headers or {}), **fence})
+        tail = self.headers(then.msg_id, {**(then.headers or {}), EXPECTED_LAST_MSG_ID: first.msg_id})
+        sent = [(first.subject, first.data, head), (then.subject, then.data, tail)]
+        try:
+            answers = await self._refusable(
+                first.subject, lambda: self.ask_together(sent, self.settings.publish_timeout_s)
+            )
+        except TRANSIENT as err:  # not sent whole (a reconnect): `first` alone, the usual way
+            answers = [TimeoutError(str(err))] * 2
+        except nats.errors.ConnectionClosedError as err:
+            raise NatsUnreachable(self.settings.nats_url, "connection closed") from err
+        except nats.errors.MaxPayloadError as err:
+            size = max(len(first.data), len(then.data))
+            raise BusError(
+                f"publish to {first.subject}: {size} bytes is more than the server accepts "
+                f"(max_payload {self._nc.max_payload})"
+            ) from err
+        try:
+            if isinstance(answers[0], BaseException):
+                raise answers[0]
+            ack = self._ack_of(first.subject, answers[0])
+        except _UNANSWERED:  # settled alone, through a failover; `then` may or may not be stored
+            extra = {
+                **(first.headers or {}),
+                **({EXPECTED_LAST_SUBJECT_SEQ_SUBJECT: fence_subject} if fence_subject else {}),
+            }
+            return await self._publish(first.subject, first.data, first.msg_id, extra, expected_last_subject_seq), None
+        except nats.js.errors.APIError as err:
+            if err.err_code == ErrorCode.WRONG_LAST_SEQUENCE:
+                raise FencedError(first.subject, expected_last_subject_seq) from err
+            raise BusError(f"publish to {first.subject} refused: {err.description}") from err
+        answer = answers[1]
+        if isinstance(answer, BaseException):
+            return ack, None
+        try:
+            after = self._ack_of(then.subject, answer)
+        except (nats.js.errors.APIError, nats.js.errors.NoStreamResponseError, BusError):
+            return ack, None  # refused (most often: something came between) or unanswered
+        return ack, None if after.duplicate else after
 
     async def _acked(self, subject: str, data: bytes, hdrs: dict[str, str]) -> PubAck:
         """One publish and its ack: what nats-py's `js.publish` does, on the shared reply subscription."""

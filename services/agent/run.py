@@ -135,6 +135,7 @@ class SessionRun:
         self.interrupted_by: str | None = None  # who stopped the last activity
         self._built: tuple[Conversation, int, Record | None] | None = None  # the last build, and what it read
         self._guards: Guards | None = None  # made at the first model call: most runs' items end before one
+        self._unsure_end: SessionEnded | None = None  # sent behind an answer, not known to be stored
 
     @property
     def claim(self) -> str:
@@ -381,22 +382,59 @@ class SessionRun:
                 return await self.end("failed", f"model error: {err}")
             record_usage(span, reply.model, reply.usage, reply.stop_reason)
         cost = cost_usd(reply.model, reply.usage)
-        await self.append(
-            ModelResponded(
-                id=f"step-{step}",
-                step=step,
-                model=reply.model,
-                content=reply.content,
-                stop_reason=reply.stop_reason,
-                usage=reply.usage,
-                cost_usd=cost,
-                round=conv.round,
-                horizon=horizon,
-            )
+        responded = ModelResponded(
+            id=f"step-{step}",
+            step=step,
+            model=reply.model,
+            content=reply.content,
+            stop_reason=reply.stop_reason,
+            usage=reply.usage,
+            cost_usd=cost,
+            round=conv.round,
+            horizon=horizon,
         )
+        end = self._end_behind(responded)
+        ended = await self._append_ending(responded, end) if end is not None else False
+        if end is None:
+            await self.append(responded)
         if cost > 0:
             self.ctx.spend.add(cost)
-        return None
+        return await self._ended("completed", "") if ended else None
+
+    def _end_behind(self, responded: ModelResponded) -> SessionEnded | None:
+        """The end the next step boundary would write after `responded`, when it is sure to: a
+        final answer, nobody's word pending or heard since the last look, a pool without a
+        repository, a task without criteria or checks, no drain. It then goes right behind the
+        answer (`_append_ending`); anything else takes the step-by-step way (`_next`)."""
+        if responded.stop_reason != "end_turn" or self.ctx.repo is not None or self.ctx.draining.is_set():
+            return None
+        if self.transcript.must_look():  # people may have written: the boundary reads first
+            return None
+        at = self.records[-1].seq + 1 if self.records else 1
+        conv = build([*self.records, Record(seq=at, session_id=self.sid, channel="log", event=responded)])
+        task = conv.task
+        if not conv.done or conv.ended or conv.cancel or conv.interrupt is not None or task is None:
+            return None
+        if task.criteria or task.checks:
+            return None
+        return SessionEnded(id=ended_id(self.state().turn), status="completed", reason="", result=conv.final_text)
+
+    async def _append_ending(self, responded: ModelResponded, end: SessionEnded) -> bool:
+        """`responded`, then `end` in the same round trip, stored only if nothing came between
+        (`SessionWriter.append_then`); whether the end is recorded. If not, the answer is, and the
+        step boundary decides as always (`end` then writes this same event, found if stored)."""
+        assert self.writer is not None
+        try:
+            ack, after = await self.writer.append_then(responded, end, attempt=self.claim)
+        except FencedError:  # a writer came between: the owner's usual way (resync, merge or stop)
+            await self.append(responded)
+            return False
+        self.transcript.appended(ack, responded)
+        if after is None:
+            self._unsure_end = end
+            return False
+        self.transcript.appended(after, end)
+        return True
 
     async def _deliver(self, conv: Conversation, step: int) -> None:
         """Receipts: each human message going into this request, recorded before it is sent."""
@@ -551,9 +589,17 @@ class SessionRun:
 
     async def end(self, status: Literal["completed", "failed", "cancelled"], reason: str, result: str = "") -> Outcome:
         await repo_workspace.before_end(self, status, reason)  # issue 19: what a failed run left, committed
-        state = self.state()
-        await self.append(SessionEnded(id=ended_id(state.turn), status=status, reason=reason, result=result))
+        event = SessionEnded(id=ended_id(self.state().turn), status=status, reason=reason, result=result)
+        sent = self._unsure_end
+        if sent is not None and (sent.id, sent.status, sent.reason, sent.result) == (event.id, status, reason, result):
+            event = sent  # sent behind the answer, maybe stored: the same bytes, so found as ours
+        await self.append(event)
+        return await self._ended(status, reason)
+
+    async def _ended(self, status: Literal["completed", "failed", "cancelled"], reason: str) -> Outcome:
+        """After the end is recorded."""
         await repo_workspace.release(self)  # issue 19: the worktree goes, the branch stays
+        state = self.state()
         tracing.sessions_ended.add(1, {"status": status, tracing.POOL: self.ctx.pool})
         logger.info(
             "session %s %s%s (steps %d, tool calls %d, $%.4f)",
