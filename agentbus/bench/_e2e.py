@@ -7,7 +7,8 @@ no KV. agentbus does the same sessions through its real router and agents, with 
 model, so only the bus work differs.
 
 Figures, for each side and as ratios (agentbus / raw, or raw / agentbus for rates):
-- submit → picked up and submit → completed, p50 and p99, one session at a time;
+- submit → picked up and submit → completed, p50 and p99, one session at a time, the two sides
+  taking turns session by session (both are up at once);
 - sessions per second with N submitted at once (`agents` x `slots`);
 - messages per session and per extra tool turn, counted on the server (`/varz` in_msgs:
   every request, publish and ack a client sends), idle traffic subtracted;
@@ -170,14 +171,23 @@ class _Side:
         self.name, self.submit, self.ends = name, submit, ends
 
 
-async def _latency(side: _Side, count: int) -> dict[str, float]:
-    pickups, totals = [], []
-    for _ in range(count):
-        started = time.perf_counter()
-        sid = await side.submit()
-        await side.ends.wait([sid])
-        totals.append((side.ends.ended[sid] - started) * 1000)
-        pickups.append((side.ends.picked.get(sid, side.ends.ended[sid]) - started) * 1000)
+async def _latency(sides: list[_Side], count: int) -> dict[str, dict[str, float]]:
+    """`count` sessions one at a time on each side, the sides taking turns session by session (and
+    which goes first, round by round): this machine's speed drifts by tens of percent over seconds,
+    and measured in turns both sides see the same machine."""
+    pickups: dict[str, list[float]] = {side.name: [] for side in sides}
+    totals: dict[str, list[float]] = {side.name: [] for side in sides}
+    for i in range(count):
+        for side in sides if i % 2 == 0 else sides[::-1]:
+            started = time.perf_counter()
+            sid = await side.submit()
+            await side.ends.wait([sid])
+            totals[side.name].append((side.ends.ended[sid] - started) * 1000)
+            pickups[side.name].append((side.ends.picked.get(sid, side.ends.ended[sid]) - started) * 1000)
+    return {name: _percentiles(pickups[name], totals[name]) for name in totals}
+
+
+def _percentiles(pickups: list[float], totals: list[float]) -> dict[str, float]:
     return {
         "pickup_p50_ms": pct(pickups, 0.5), "pickup_p99_ms": pct(pickups, 0.99),
         "completed_p50_ms": pct(totals, 0.5), "completed_p99_ms": pct(totals, 0.99),
@@ -215,30 +225,33 @@ def _new_id() -> str:
     return f"b{time.time_ns():x}{secrets.token_hex(3)}"
 
 
-async def _run_side(
-    name: str,
-    server: NatsServer,
-    settings: Settings,
-    tmp: Path,
-    shape: tuple[int, int, int],
-    n: int,
-    idle_s: float,
-) -> dict[str, float]:
+async def _run_pair(
+    server: NatsServer, settings: Settings, tmp: Path, shape: tuple[int, int, int], n: int, idle_s: float
+) -> dict[str, dict[str, float]]:
+    """Both sides up at once, each on its own connection: latency measured in turns, then each
+    side's throughput and messages on its own (the other side idle)."""
     tool_turns, agents, slots = shape
-    nc = await nats.connect(server.url, name="e2e-bench")
-    js = nc.jetstream()
+    conns = [await nats.connect(server.url, name=f"e2e-bench-{name}") for name in ("raw", "agentbus")]
+    stops: list[Callable[[], Awaitable[None]]] = []
     try:
-        if name == "raw":
-            side, stop = await _raw_side(nc, js, tool_turns, agents, slots)
-        else:
-            side, stop = await _agentbus_side(nc, settings, tmp, tool_turns, agents, slots)
-        await _latency(side, 5)  # warm up
-        result = {**await _latency(side, n), "sessions_per_s": await _throughput(side, n * 4)}
-        result["messages_per_session"] = await _messages(side, server, n * 2, idle_s)
-        await stop()
+        raw, stop = await _raw_side(conns[0], conns[0].jetstream(), tool_turns, agents, slots)
+        stops.append(stop)
+        prefix = settings.prefix
+        ours, stop = await _agentbus_side(conns[1], settings.with_(prefix=f"{prefix}a"), tmp, tool_turns, agents, slots)
+        stops.append(stop)
+        sides = [raw, ours]
+        await _latency(sides, 20)  # warm up: the first sessions of a side are slower on both
+        result = await _latency(sides, n)
+        for side in sides:
+            result[side.name]["sessions_per_s"] = await _throughput(side, n * 4)
+        for side in sides:
+            result[side.name]["messages_per_session"] = await _messages(side, server, n * 2, idle_s)
         return result
     finally:
-        await nc.close()
+        for stop in reversed(stops):
+            await stop()
+        for nc in conns:
+            await nc.close()
 
 
 async def _raw_side(nc: NATS, js: JetStreamContext, tool_turns: int, agents: int, slots: int) -> tuple[_Side, Any]:
@@ -314,11 +327,11 @@ async def run_e2e_bench(
             settings = Settings(nats_url=server.url, prefix="e2e")
             out: dict[str, Any] = {"sessions": sessions, "agents": agents, "slots": slots}
             for turns, label in ((0, "one_step"), (2, "three_step")):
+                pair = await _run_pair(
+                    server, settings.with_(prefix=f"e2e{turns}"), tmp, (turns, agents, slots), sessions, idle_s
+                )
                 for name in ("raw", "agentbus"):
-                    side_settings = settings.with_(prefix=f"e2e{turns}{name[0]}")
-                    out.setdefault(name, {})[label] = await _run_side(
-                        name, server, side_settings, tmp, (turns, agents, slots), sessions, idle_s
-                    )
+                    out.setdefault(name, {})[label] = pair[name]
             for name in ("raw", "agentbus"):
                 one, three = out[name]["one_step"], out[name]["three_step"]
                 out[name]["messages_per_tool_turn"] = (three["messages_per_session"] - one["messages_per_session"]) / 2
