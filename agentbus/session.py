@@ -2,9 +2,11 @@
 
 Every event is appended with a JetStream ack and a `Nats-Msg-Id` of
 `<session>:<event id>`, so re-appending after an uncertain failure never
-duplicates. An owner may fence its writes with the expected last sequence of
-the session's `log` subject; people write to the `input` subject, which is not
-fenced, so steering never breaks an agent's fence.
+duplicates (the one exception: the head of `append_chained`, whose id also names
+the writer's attempt, so the record sent behind it follows only it). An owner may
+fence its writes with the expected last sequence of the session's `log` subject;
+people write to the `input` subject, which is not fenced, so steering never breaks
+an agent's fence.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Literal
 
 from agentbus import statecache
 from agentbus.authority import honoured
-from agentbus.bus import Bus, Delivery, Outgoing, PubAck
+from agentbus.bus import EXPECTED_LAST_SUBJECT_SEQ, EXPECTED_LAST_SUBJECT_SEQ_SUBJECT, Bus, Delivery, Outgoing, PubAck
 from agentbus.errors import FencedError, NoSuchSession
 from agentbus.messages import Event, Record, decode_event, encode
 from agentbus.state import SessionState
@@ -70,15 +72,22 @@ class SessionLog:
             raise FencedError(session_id, expect_last_seq or 0) from err
 
     async def append_chained(
-        self, session_id: str, event: Event, then: Event, *, expect_last_seq: int, attempt: str
-    ) -> tuple[PubAck, PubAck | None]:
+        self, session_id: str, event: Event, then: Event, *, expect_last_seq: int, people_seq: int, attempt: str
+    ) -> tuple[PubAck, PubAck | TimeoutError | None]:
         """`append(event, expect_last_seq=...)` on the log channel with `then` right behind it in
         the same round trip (`Bus.publish_chained`). `event`'s message id carries `attempt` (the
         writer's claim): `then` may follow only this attempt's own message, not one with an id
-        another writer of the same step shares. `then`'s ack, or None: the caller appends it."""
+        another writer of the same step shares. `then` is also fenced on people's channels of the
+        session at `people_seq` (the last people's record the writer knows): a message it has not
+        seen keeps `then` out. `then`'s ack; None when it was refused, a `TimeoutError` when no
+        answer came (it may be stored)."""
         subject = self._subject(session_id, "log")
+        people = {
+            EXPECTED_LAST_SUBJECT_SEQ: str(people_seq),
+            EXPECTED_LAST_SUBJECT_SEQ_SUBJECT: self.ns.session_people(session_id),
+        }
         head = Outgoing(subject, encode(event), f"{session_id}:{event.id}:{attempt}")
-        tail = Outgoing(subject, encode(then), f"{session_id}:{then.id}")
+        tail = Outgoing(subject, encode(then), f"{session_id}:{then.id}", people)
         try:
             return await self.bus.publish_chained(head, tail, expected_last_subject_seq=expect_last_seq)
         except FencedError as err:
@@ -240,20 +249,28 @@ class SessionWriter:
         self.last_seq = max(self.last_seq, ack.seq)
         return ack
 
-    async def append_then(self, event: Event, then: Event, *, attempt: str) -> tuple[PubAck, PubAck | None]:
+    async def append_then(
+        self, event: Event, then: Event, *, people_seq: int, attempt: str
+    ) -> tuple[PubAck, PubAck | None]:
         """`append(event)`, with `then` sent right behind it and stored only if nothing at all came
-        between them (`SessionLog.append_chained`): one round trip for two records. `then`'s ack,
-        or None when it is still to be appended the usual way."""
+        between them and no people's record after `people_seq` is stored
+        (`SessionLog.append_chained`): one round trip for two records. `then`'s ack, or None when
+        it was not stored: the caller appends it the usual way."""
         try:
             ack, after = await self.log.append_chained(
-                self.session_id, event, then, expect_last_seq=self.last_seq, attempt=attempt
+                self.session_id, event, then, expect_last_seq=self.last_seq, people_seq=people_seq, attempt=attempt
             )
         except FencedError:  # as in `append`: a lost answer, and `event` stored by the retry
             stored = await self._stored_first(event)
             if stored is None:
                 raise
             ack, after = PubAck(self.log.ns.sessions_stream, stored, True), None
-        self.last_seq = max(self.last_seq, ack.seq, after.seq if after is not None else 0)
+        self.last_seq = max(self.last_seq, ack.seq)
+        if isinstance(after, TimeoutError):  # no answer (a lost connection): stored or not, the log says
+            seq = await self._stored_first(then)
+            after = None if seq is None else PubAck(self.log.ns.sessions_stream, seq, True)
+        if after is not None:
+            self.last_seq = max(self.last_seq, after.seq)
         return ack, after
 
     async def _stored_first(self, event: Event) -> int | None:

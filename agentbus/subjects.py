@@ -101,6 +101,10 @@ class Namespace:
         """Every channel of one session, in stream order (one filter, so one scoped consumer reads it)."""
         return f"{self.prefix}.session.{_token(session_id, 'session id')}.>"
 
+    def session_people(self, session_id: str) -> str:
+        """What people write to one session (`input.<user>` and `control.<user>`), not the log channel."""
+        return f"{self.prefix}.session.{_token(session_id, 'session id')}.*.*"
+
     def sessions_all(self) -> str:
         """Every channel of every session."""
         return f"{self.prefix}.session.>"

@@ -176,9 +176,12 @@ async def test_a_final_answer_whose_ends_ack_was_lost_ends_the_session_once_and_
         async with agent(settings, api, tmp_path) as worker:
             real = worker.bus.ask_together
 
+            dropped: list[object] = []
+
             async def end_unanswered(requests: Any, timeout: float) -> Any:
                 answers = await real(requests, timeout)
                 if len(requests) == 2 and "Nats-Expected-Last-Msg-Id" in requests[1][2]:
+                    dropped.append(answers[1])
                     return [answers[0], TimeoutError("the end's ack was lost")]
                 return answers
 
@@ -189,7 +192,8 @@ async def test_a_final_answer_whose_ends_ack_was_lost_ends_the_session_once_and_
 
     assert state.status == "completed" and state.result == "all done"
     assert kinds(await client.show(sid)).count("session_ended") == 1
-    assert worker.served == 1  # the end appended again was found as the run's own, not another's
+    assert len(dropped) == 1  # the path under test was taken
+    assert worker.served == 1  # the end was found as the run's own, not another's
     assert "owns it now" not in caplog.text
 
 

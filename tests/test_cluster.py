@@ -12,9 +12,10 @@ import pytest
 
 import agentbus
 from agentbus import openings
+from agentbus.bus import Outgoing
 from agentbus.config import Settings
-from agentbus.errors import AgentBusError
-from agentbus.messages import HumanMessage, Record
+from agentbus.errors import AgentBusError, FencedError
+from agentbus.messages import HumanMessage, Record, StatusChanged, encode
 from agentbus.server import NatsServer
 from agentbus.testing import text_response, tool_use_response
 from services.supervisor.pools import Fleet, PoolSpec
@@ -154,6 +155,17 @@ async def test_on_three_replicas_a_routed_session_starts_from_its_opening_and_a_
             await until(lambda: w._context.work_key.get(), "the agent's key", timeout=30)  # type: ignore[union-attr]
             fresh = await client.submit("routed while an agent waits")
             assert (await client.wait(fresh, timeout=60)).status == "completed"
+        # A replicated stream checks an expected last message id only as it applies the entry, and
+        # a mismatch there halts the stream for good (nats-server 2.15): a chained end is never
+        # sent to a cluster. Here the answer is fenced out, and the stream must still take writes.
+        assert not client.bus.one_server
+        subject = client.bus.ns.session_log(fresh)
+        head = Outgoing(subject, encode(StatusChanged(id="late", status="running")), f"{fresh}:late:1-1")
+        tail = Outgoing(subject, encode(StatusChanged(id="later", status="running")), f"{fresh}:later")
+        with pytest.raises(FencedError):
+            await client.bus.publish_chained(head, tail, expected_last_subject_seq=1)
+        note = HumanMessage(id="still-taken", text="still taken", author="test")
+        await asyncio.wait_for(client.log.append(fresh, note, channel="input"), 20)
     assert starts == [("open", late), ("load", late), ("open", fresh)]
     assert "said after the route" in str(api.requests[0][0]["messages"])
 

@@ -931,7 +931,7 @@ async def test_an_event_sent_behind_another_is_stored_right_after_it_and_the_wri
     await log.append("s1", step(0))
     writer = await log.writer("s1")
 
-    ack, after = await writer.append_then(step(1), END, attempt="7-1")
+    ack, after = await writer.append_then(step(1), END, people_seq=0, attempt="7-1")
 
     assert after is not None and after.seq == ack.seq + 1 and not after.duplicate
     assert writer.last_seq == after.seq
@@ -945,7 +945,7 @@ async def test_an_event_sent_behind_a_fenced_one_is_not_stored(log: SessionLog) 
     await other.append(step(1, tag="other"))
 
     with pytest.raises(agentbus.FencedError):
-        await writer.append_then(step(1), END, attempt="7-1")
+        await writer.append_then(step(1), END, people_seq=0, attempt="7-1")
     assert _ids(await log.read("s1")) == ["step-0", "other-1"]
 
 
@@ -961,7 +961,7 @@ async def test_an_event_sent_behind_follows_this_attempt_only_not_another_writer
     theirs = msgspec.structs.replace(step(1), output="the second agent's")
 
     with pytest.raises(agentbus.FencedError):
-        await second.append_then(theirs, END, attempt="9-2")
+        await second.append_then(theirs, END, people_seq=0, attempt="9-2")
     assert _ids(await log.read("s1")) == ["step-0", "step-1"]
 
 
@@ -972,19 +972,34 @@ async def test_an_event_sent_behind_another_with_a_message_between_them_is_left_
     writer = await log.writer("s1")
     real = log.bus.ask_together
 
-    async def someone_between(requests: Any, timeout: float) -> Any:
+    async def another_session_between(requests: Any, timeout: float) -> Any:
         head = await real(requests[:1], timeout)
-        await log.append("s1", note(1), channel="input")  # a person, between the two (real server)
+        await log.append("s2", step(9))  # any session's record: the stream is every session's
         return head + await real(requests[1:], timeout)
 
-    log.bus.ask_together = someone_between  # type: ignore[method-assign]
-    ack, after = await writer.append_then(step(1), END, attempt="7-1")
+    log.bus.ask_together = another_session_between  # type: ignore[method-assign]
+    ack, after = await writer.append_then(step(1), END, people_seq=0, attempt="7-1")
     log.bus.ask_together = real  # type: ignore[method-assign]
 
     assert after is None and writer.last_seq == ack.seq
-    assert _ids(await log.read("s1")) == ["step-0", "step-1", "note-1"]
-    await writer.append(END)  # the usual way: a person's message does not fence the log channel
-    assert _ids(await log.read("s1")) == ["step-0", "step-1", "note-1", "end"]
+    assert _ids(await log.read("s1")) == ["step-0", "step-1"]
+    await writer.append(END)  # the usual way
+    assert _ids(await log.read("s1")) == ["step-0", "step-1", "end"]
+
+
+async def test_an_event_sent_behind_another_is_kept_out_by_a_persons_record_the_writer_has_not_seen(
+    log: SessionLog,
+) -> None:
+    await log.append("s1", step(0))
+    known = await log.append("s1", note(1), channel="input")
+    writer = await log.writer("s1")
+    unseen = await log.append("s1", note(2), channel="input")  # stored before the answer, not read
+
+    ack, after = await writer.append_then(step(1), END, people_seq=known.seq, attempt="7-1")
+    assert after is None and writer.last_seq == ack.seq  # the answer is stored, the end is not
+    ack, after = await writer.append_then(step(2), END, people_seq=unseen.seq, attempt="7-1")
+    assert after is not None and after.seq == ack.seq + 1
+    assert _ids(await log.read("s1")) == ["step-0", "note-1", "note-2", "step-1", "step-2", "end"]
 
 
 async def test_an_event_sent_behind_another_whose_ack_was_lost_is_found_as_its_own_when_appended_again(
@@ -999,12 +1014,31 @@ async def test_an_event_sent_behind_another_whose_ack_was_lost_is_found_as_its_o
         return [answers[0], TimeoutError("no answer")]
 
     log.bus.ask_together = tail_ack_lost  # type: ignore[method-assign]
-    ack, after = await writer.append_then(step(1), END, attempt="7-1")
+    ack, after = await writer.append_then(step(1), END, people_seq=0, attempt="7-1")
     log.bus.ask_together = real  # type: ignore[method-assign]
 
-    assert after is None  # stored, but nobody said so: the caller appends it again
+    # stored, but nobody said so: the writer looks, and finds it byte for byte as its own
+    assert after is not None and after.duplicate and after.seq == ack.seq + 1 == writer.last_seq
+    assert _ids(await log.read("s1")) == ["step-0", "step-1", "end"]
+
+
+async def test_an_event_sent_behind_another_with_the_same_id_and_other_content_is_not_taken_for_ours(
+    log: SessionLog,
+) -> None:
+    await log.append("s1", step(0))
+    writer = await log.writer("s1")
+    real = log.bus.ask_together
+
+    async def tail_ack_lost(requests: Any, timeout: float) -> Any:
+        answers = await real(requests, timeout)
+        return [answers[0], TimeoutError("no answer")]
+
+    log.bus.ask_together = tail_ack_lost  # type: ignore[method-assign]
+    ack, _ = await writer.append_then(step(1), END, people_seq=0, attempt="7-1")
+    log.bus.ask_together = real  # type: ignore[method-assign]
+    writer.last_seq = ack.seq  # as if the look had not found it
+
     with pytest.raises(agentbus.FencedError):  # the same id with other content is not ours
         await writer.append(msgspec.structs.replace(END, ts=TS + 1))
     again = await writer.append(END)  # the same event, byte for byte, is
-    assert again.duplicate and again.seq == ack.seq + 1 == writer.last_seq
-    assert _ids(await log.read("s1")) == ["step-0", "step-1", "end"]
+    assert again.duplicate and again.seq == ack.seq + 1

@@ -8,7 +8,7 @@ model, so only the bus work differs.
 
 Figures, for each side and as ratios (agentbus / raw, or raw / agentbus for rates):
 - submit → picked up and submit → completed, p50 and p99, one session at a time, the two sides
-  taking turns session by session (both are up at once);
+  taking turns every 10 sessions (both are up at once);
 - sessions per second with N submitted at once (`agents` x `slots`);
 - messages per session and per extra tool turn, counted on the server (`/varz` in_msgs:
   every request, publish and ack a client sends), idle traffic subtracted;
@@ -171,19 +171,24 @@ class _Side:
         self.name, self.submit, self.ends = name, submit, ends
 
 
-async def _latency(sides: list[_Side], count: int) -> dict[str, dict[str, float]]:
-    """`count` sessions one at a time on each side, the sides taking turns session by session (and
-    which goes first, round by round): this machine's speed drifts by tens of percent over seconds,
-    and measured in turns both sides see the same machine."""
+async def _latency(sides: list[_Side], count: int, block: int = 10) -> dict[str, dict[str, float]]:
+    """`count` sessions one at a time on each side, the sides taking turns every `block` sessions
+    (and which goes first, turn by turn): this machine's speed drifts by tens of percent over
+    seconds, and measured in turns both sides see the same machine. Within a block a side's
+    sessions follow each other, so what one leaves running after its end (acks, settling) weighs
+    on its own next session, as one side alone would; between blocks a pause lets it finish
+    rather than land on the other side."""
     pickups: dict[str, list[float]] = {side.name: [] for side in sides}
     totals: dict[str, list[float]] = {side.name: [] for side in sides}
-    for i in range(count):
-        for side in sides if i % 2 == 0 else sides[::-1]:
-            started = time.perf_counter()
-            sid = await side.submit()
-            await side.ends.wait([sid])
-            totals[side.name].append((side.ends.ended[sid] - started) * 1000)
-            pickups[side.name].append((side.ends.picked.get(sid, side.ends.ended[sid]) - started) * 1000)
+    for turn in range(-(-count // block)):
+        for side in sides if turn % 2 == 0 else sides[::-1]:
+            await asyncio.sleep(0.02)
+            for _ in range(min(block, count - turn * block)):
+                started = time.perf_counter()
+                sid = await side.submit()
+                await side.ends.wait([sid])
+                totals[side.name].append((side.ends.ended[sid] - started) * 1000)
+                pickups[side.name].append((side.ends.picked.get(sid, side.ends.ended[sid]) - started) * 1000)
     return {name: _percentiles(pickups[name], totals[name]) for name in totals}
 
 

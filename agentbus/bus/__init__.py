@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from agentbus.bus._errors import ErrorCode
 from agentbus.bus._kv import KeyValue
-from agentbus.bus._publish import EXPECTED_LAST_SUBJECT_SEQ, MSG_ID, Publishing
+from agentbus.bus._publish import EXPECTED_LAST_SUBJECT_SEQ, EXPECTED_LAST_SUBJECT_SEQ_SUBJECT, MSG_ID, Publishing
 from agentbus.bus._queues import Job, Puller, Queues, Standing
 from agentbus.bus._read import Reading
 from agentbus.bus._requests import Requests
@@ -33,6 +33,7 @@ class Bus(Publishing, Reading, Queues, KeyValue, Requests):
 
 __all__ = [
     "EXPECTED_LAST_SUBJECT_SEQ",
+    "EXPECTED_LAST_SUBJECT_SEQ_SUBJECT",
     "MSG_ID",
     "Bus",
     "ConsumerState",

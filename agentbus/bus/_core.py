@@ -185,6 +185,16 @@ class BusCore:
         return _fences_on_wildcards(server.server_version if server is not None else "")
 
     @property
+    def one_server(self) -> bool:
+        """Whether the connected server stores its streams alone: JetStream on, no cluster (so every
+        stream is R1, and no leaf node forwards to one elsewhere). nats-server 2.15 checks
+        `Nats-Expected-Last-Msg-Id` on a replicated stream only as each replica applies the entry,
+        and a mismatch there halts the stream for good (a "critical write error", again after a
+        restart): a publish that expects a last message id is for one server only."""
+        info = self._nc._server_info
+        return self._nc.is_connected and bool(info.get("jetstream")) and not info.get("cluster")
+
+    @property
     def reconnects(self) -> int:
         """How often the connection came back after a loss: live signals sent meanwhile were missed."""
         return self._link.reconnects

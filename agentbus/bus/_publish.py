@@ -170,21 +170,34 @@ class Publishing(BusCore):
         *,
         expected_last_subject_seq: int,
         fence_subject: str | None = None,
-    ) -> tuple[PubAck, PubAck | None]:
+    ) -> tuple[PubAck, PubAck | TimeoutError | None]:
         """`first`, fenced as `publish` fences it, and `then` right behind it: one round trip for
         both. `then` carries `Nats-Expected-Last-Msg-Id` naming `first`'s id, so the server stores
         it only while the stream's last message is `first`: directly after it, and never when
         `first` was not stored. `first.msg_id` must be unique to this attempt: an id others share
         would let `then` follow their message.
 
-        Returns `first`'s ack (raising as `publish` does: `FencedError` for the fence) and `then`'s,
-        or None when this send did not store `then` (something came between, no answer, or an
-        earlier message with its id): the caller then appends it on its own, as without the chain,
-        and finds it by its content if it was stored after all."""
-        fence: dict[str, str] = {EXPECTED_LAST_SUBJECT_SEQ: str(expected_last_subject_seq)}
+        Only on one server (`one_server`); elsewhere `first` goes alone and `then` is left to the
+        caller. Returns `first`'s ack (raising as `publish` does: `FencedError` for the fence) and
+        `then`'s; None when this send did not store `then` (something came between, a fence of its
+        own, or an earlier message with its id), a `TimeoutError` when no answer came (it may be
+        stored): the caller then appends it on its own, as without the chain, and finds it by its
+        content if it was stored after all."""
+        if not tracing.recording():
+            return await self._publish_chained(first, then, expected_last_subject_seq, fence_subject)
+        attrs = tracing.messaging_attrs(first.subject, first.msg_id)
+        with tracing.span(f"publish {span_subject(first.subject)}", kind=SpanKind.PRODUCER, attributes=attrs):
+            return await self._publish_chained(first, then, expected_last_subject_seq, fence_subject)
+
+    async def _publish_chained(
+        self, first: Outgoing, then: Outgoing, expected_last_subject_seq: int, fence_subject: str | None
+    ) -> tuple[PubAck, PubAck | TimeoutError | None]:
+        alone = {**(first.headers or {})}  # `first` as `publish` sends it, when it goes alone
         if fence_subject is not None:
-            fence[EXPECTED_LAST_SUBJECT_SEQ_SUBJECT] = fence_subject
-        head = self.headers(first.msg_id, {**(first.headers or {}), **fence})
+            alone[EXPECTED_LAST_SUBJECT_SEQ_SUBJECT] = fence_subject
+        if not self.one_server:  # a cluster halts a replicated stream on a refused expectation
+            return await self._publish(first.subject, first.data, first.msg_id, alone, expected_last_subject_seq), None
+        head = self.headers(first.msg_id, {**alone, EXPECTED_LAST_SUBJECT_SEQ: str(expected_last_subject_seq)})
         tail = self.headers(then.msg_id, {**(then.headers or {}), EXPECTED_LAST_MSG_ID: first.msg_id})
         sent = [(first.subject, first.data, head), (then.subject, then.data, tail)]
         try:
@@ -206,22 +219,20 @@ class Publishing(BusCore):
                 raise answers[0]
             ack = self._ack_of(first.subject, answers[0])
         except _UNANSWERED:  # settled alone, through a failover; `then` may or may not be stored
-            extra = {
-                **(first.headers or {}),
-                **({EXPECTED_LAST_SUBJECT_SEQ_SUBJECT: fence_subject} if fence_subject else {}),
-            }
-            return await self._publish(first.subject, first.data, first.msg_id, extra, expected_last_subject_seq), None
+            return await self._publish(first.subject, first.data, first.msg_id, alone, expected_last_subject_seq), None
         except nats.js.errors.APIError as err:
             if err.err_code == ErrorCode.WRONG_LAST_SEQUENCE:
                 raise FencedError(first.subject, expected_last_subject_seq) from err
             raise BusError(f"publish to {first.subject} refused: {err.description}") from err
         answer = answers[1]
         if isinstance(answer, BaseException):
-            return ack, None
+            return ack, TimeoutError(f"no answer for {then.subject}")
         try:
             after = self._ack_of(then.subject, answer)
-        except (nats.js.errors.APIError, nats.js.errors.NoStreamResponseError, BusError):
-            return ack, None  # refused (most often: something came between) or unanswered
+        except nats.js.errors.NoStreamResponseError:
+            return ack, TimeoutError(f"no stream answered for {then.subject}")
+        except (nats.js.errors.APIError, BusError):
+            return ack, None  # refused: most often, something came between
         return ack, None if after.duplicate else after
 
     async def _acked(self, subject: str, data: bytes, hdrs: dict[str, str]) -> PubAck:

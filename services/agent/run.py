@@ -408,6 +408,8 @@ class SessionRun:
         answer (`_append_ending`); anything else takes the step-by-step way (`_next`)."""
         if responded.stop_reason != "end_turn" or self.ctx.repo is not None or self.ctx.draining.is_set():
             return None
+        if not (self.log.bus.one_server and self.log.bus.fences_on_wildcards):  # `Bus.publish_chained`
+            return None
         if self.transcript.must_look():  # people may have written: the boundary reads first
             return None
         at = self.records[-1].seq + 1 if self.records else 1
@@ -420,12 +422,16 @@ class SessionRun:
         return SessionEnded(id=ended_id(self.state().turn), status="completed", reason="", result=conv.final_text)
 
     async def _append_ending(self, responded: ModelResponded, end: SessionEnded) -> bool:
-        """`responded`, then `end` in the same round trip, stored only if nothing came between
+        """`responded`, then `end` in the same round trip, the end stored only if nothing came
+        between them and no people's record this run has not seen is stored
         (`SessionWriter.append_then`); whether the end is recorded. If not, the answer is, and the
-        step boundary decides as always (`end` then writes this same event, found if stored)."""
+        step boundary decides as always (a people's record is read there, and an end is written as
+        this same event: should this one land late after all, it is found as the run's own)."""
         assert self.writer is not None
         try:
-            ack, after = await self.writer.append_then(responded, end, attempt=self.claim)
+            ack, after = await self.writer.append_then(
+                responded, end, people_seq=self.transcript.people_seq(), attempt=self.claim
+            )
         except FencedError:  # a writer came between: the owner's usual way (resync, merge or stop)
             await self.append(responded)
             return False

@@ -105,6 +105,10 @@ class Transcript:
             if rec.seq not in known:
                 self._insert(rec)
 
+    def people_seq(self) -> int:
+        """The sequence of the last people's record this run knows (0: none)."""
+        return max((r.seq for r in self.records if r.channel != "log"), default=0)
+
     def nudge(self, at: float | None = None) -> None:
         """People wrote to this session (a live signal, heard at monotonic time `at`, else now): the
         step boundaries look in the stream until one looks `SIGNAL_LEAD_S` after it."""
@@ -131,8 +135,7 @@ class Transcript:
         self._reconnects, self._looked_at = self.log.bus.reconnects, time.monotonic()
         # a look while nothing is heard covers only until now: once hearing resumes, look again
         self._lost = self._lost_now() if self.live is not None and self.live.is_set() else -1
-        people = f"{self.log.ns.session_log(self.sid).removesuffix('.log')}.*.*"
-        last = await self.log.bus.last_subject_seq(self.log.ns.sessions_stream, people)
+        last = await self.log.bus.last_subject_seq(self.log.ns.sessions_stream, self.log.ns.session_people(self.sid))
         if last <= self._people_to:
             return False
         new = await self.log.read(self.sid, from_seq=self._people_to + 1, channels="*.*", last=last)
