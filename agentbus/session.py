@@ -73,14 +73,14 @@ class SessionLog:
 
     async def append_chained(
         self, session_id: str, event: Event, then: Event, *, expect_last_seq: int, people_seq: int, attempt: str
-    ) -> tuple[PubAck, PubAck | TimeoutError | None]:
+    ) -> tuple[PubAck, PubAck | TimeoutError | FencedError | None]:
         """`append(event, expect_last_seq=...)` on the log channel with `then` right behind it in
         the same round trip (`Bus.publish_chained`). `event`'s message id carries `attempt` (the
         writer's claim): `then` may follow only this attempt's own message, not one with an id
         another writer of the same step shares. `then` is also fenced on people's channels of the
         session at `people_seq` (the last people's record the writer knows): a message it has not
-        seen keeps `then` out. `then`'s ack; None when it was refused, a `TimeoutError` when no
-        answer came (it may be stored)."""
+        seen keeps `then` out. `then`'s ack; None when it was refused, a `FencedError` when that
+        fence refused it, a `TimeoutError` when no answer came (it may be stored)."""
         subject = self._subject(session_id, "log")
         people = {
             EXPECTED_LAST_SUBJECT_SEQ: str(people_seq),
@@ -251,11 +251,12 @@ class SessionWriter:
 
     async def append_then(
         self, event: Event, then: Event, *, people_seq: int, attempt: str
-    ) -> tuple[PubAck, PubAck | None]:
+    ) -> tuple[PubAck, PubAck | None, bool]:
         """`append(event)`, with `then` sent right behind it and stored only if nothing at all came
         between them and no people's record after `people_seq` is stored
-        (`SessionLog.append_chained`): one round trip for two records. `then`'s ack, or None when
-        it was not stored: the caller appends it the usual way."""
+        (`SessionLog.append_chained`): one round trip for two records. Returns `event`'s ack,
+        `then`'s (None when it was not stored: the caller appends it the usual way), and whether
+        a people's record after `people_seq` kept it out."""
         try:
             ack, after = await self.log.append_chained(
                 self.session_id, event, then, expect_last_seq=self.last_seq, people_seq=people_seq, attempt=attempt
@@ -264,14 +265,16 @@ class SessionWriter:
             stored = await self._stored_first(event)
             if stored is None:
                 raise
-            ack, after = PubAck(self.log.ns.sessions_stream, stored, True), None
+            ack, after = PubAck(self.log.ns.sessions_stream, stored, True), TimeoutError("unanswered")
         self.last_seq = max(self.last_seq, ack.seq)
+        if isinstance(after, FencedError):
+            return ack, None, True
         if isinstance(after, TimeoutError):  # no answer (a lost connection): stored or not, the log says
             seq = await self._stored_first(then)
             after = None if seq is None else PubAck(self.log.ns.sessions_stream, seq, True)
         if after is not None:
             self.last_seq = max(self.last_seq, after.seq)
-        return ack, after
+        return ack, after, False
 
     async def _stored_first(self, event: Event) -> int | None:
         """The sequence of `event` if it is the first log-channel record after our position. Equal

@@ -164,7 +164,7 @@ async def test_a_final_answer_and_the_end_go_out_together_and_are_stored_one_aft
     records = await client.show(sid)
     assert kinds(records)[-2:] == ["model_responded", "session_ended"]
     assert records[-1].seq == records[-2].seq + 1  # nothing of the stream between them
-    [(ack, after)] = chained  # type: ignore[misc]
+    [(ack, after)] = chained  # type: ignore[misc]  # the bus's answer: both stored
     assert after is not None and (ack.seq, after.seq) == (records[-2].seq, records[-1].seq)
 
 
@@ -195,6 +195,37 @@ async def test_a_final_answer_whose_ends_ack_was_lost_ends_the_session_once_and_
     assert len(dropped) == 1  # the path under test was taken
     assert worker.served == 1  # the end was found as the run's own, not another's
     assert "owns it now" not in caplog.text
+
+
+async def test_a_persons_message_the_run_did_not_hear_keeps_the_final_answers_end_out_and_is_answered(
+    client: agentbus.Client, settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the live signal for the message is lost (a slow subscriber, say): only the end's fence on
+    # people's channels tells the run that someone wrote
+    from services.agent.transcript import Transcript
+
+    monkeypatch.setattr(Transcript, "nudge", lambda self, at=None: None)
+    gate = Gate()
+
+    def responder(request: Request) -> dict[str, Any]:
+        if turns(request) == 0:
+            gate.hold()
+            return text_response("done")
+        return text_response("done, and noted")
+
+    with FakeMessagesAPI(responder=responder) as api:
+        async with agent(settings, api, tmp_path, gates=(gate,)):
+            sid = await client.submit("finish", pool=POOL)
+            await gate.wait_reached()
+            await client.say(sid, "one more thing")
+            gate.open()
+            state = await client.wait(sid, timeout=15)
+        requests = bodies(api)
+
+    assert state.status == "completed" and state.result == "done, and noted"
+    assert len(requests) == 2 and "one more thing" in json.dumps(requests[1])
+    records = kinds(await client.show(sid))
+    assert records.count("session_ended") == 1 and records[-1] == "session_ended"
 
 
 async def _done(worker: Any) -> bool:

@@ -931,9 +931,9 @@ async def test_an_event_sent_behind_another_is_stored_right_after_it_and_the_wri
     await log.append("s1", step(0))
     writer = await log.writer("s1")
 
-    ack, after = await writer.append_then(step(1), END, people_seq=0, attempt="7-1")
+    ack, after, unseen = await writer.append_then(step(1), END, people_seq=0, attempt="7-1")
 
-    assert after is not None and after.seq == ack.seq + 1 and not after.duplicate
+    assert after is not None and after.seq == ack.seq + 1 and not after.duplicate and not unseen
     assert writer.last_seq == after.seq
     await writer.append(step(2))  # still the owner, positioned after both
     assert _ids(await log.read("s1")) == ["step-0", "step-1", "end", "step-2"]
@@ -978,10 +978,10 @@ async def test_an_event_sent_behind_another_with_a_message_between_them_is_left_
         return head + await real(requests[1:], timeout)
 
     log.bus.ask_together = another_session_between  # type: ignore[method-assign]
-    ack, after = await writer.append_then(step(1), END, people_seq=0, attempt="7-1")
+    ack, after, unseen = await writer.append_then(step(1), END, people_seq=0, attempt="7-1")
     log.bus.ask_together = real  # type: ignore[method-assign]
 
-    assert after is None and writer.last_seq == ack.seq
+    assert after is None and not unseen and writer.last_seq == ack.seq
     assert _ids(await log.read("s1")) == ["step-0", "step-1"]
     await writer.append(END)  # the usual way
     assert _ids(await log.read("s1")) == ["step-0", "step-1", "end"]
@@ -995,14 +995,14 @@ async def test_an_event_sent_behind_another_is_kept_out_by_a_persons_record_the_
     writer = await log.writer("s1")
     unseen = await log.append("s1", note(2), channel="input")  # stored before the answer, not read
 
-    ack, after = await writer.append_then(step(1), END, people_seq=known.seq, attempt="7-1")
-    assert after is None and writer.last_seq == ack.seq  # the answer is stored, the end is not
-    ack, after = await writer.append_then(step(2), END, people_seq=unseen.seq, attempt="7-1")
-    assert after is not None and after.seq == ack.seq + 1
+    ack, after, people_wrote = await writer.append_then(step(1), END, people_seq=known.seq, attempt="7-1")
+    assert after is None and people_wrote and writer.last_seq == ack.seq  # the answer is stored, the end not
+    ack, after, people_wrote = await writer.append_then(step(2), END, people_seq=unseen.seq, attempt="7-1")
+    assert after is not None and after.seq == ack.seq + 1 and not people_wrote
     assert _ids(await log.read("s1")) == ["step-0", "note-1", "note-2", "step-1", "step-2", "end"]
 
 
-async def test_an_event_sent_behind_another_whose_ack_was_lost_is_found_as_its_own_when_appended_again(
+async def test_an_event_sent_behind_another_whose_ack_was_lost_is_looked_up_and_found_as_its_own(
     log: SessionLog,
 ) -> None:
     await log.append("s1", step(0))
@@ -1014,7 +1014,7 @@ async def test_an_event_sent_behind_another_whose_ack_was_lost_is_found_as_its_o
         return [answers[0], TimeoutError("no answer")]
 
     log.bus.ask_together = tail_ack_lost  # type: ignore[method-assign]
-    ack, after = await writer.append_then(step(1), END, people_seq=0, attempt="7-1")
+    ack, after, _ = await writer.append_then(step(1), END, people_seq=0, attempt="7-1")
     log.bus.ask_together = real  # type: ignore[method-assign]
 
     # stored, but nobody said so: the writer looks, and finds it byte for byte as its own
@@ -1022,23 +1022,22 @@ async def test_an_event_sent_behind_another_whose_ack_was_lost_is_found_as_its_o
     assert _ids(await log.read("s1")) == ["step-0", "step-1", "end"]
 
 
-async def test_an_event_sent_behind_another_with_the_same_id_and_other_content_is_not_taken_for_ours(
+async def test_two_events_sent_together_whose_acks_were_both_lost_are_both_found_as_the_writers(
     log: SessionLog,
 ) -> None:
     await log.append("s1", step(0))
     writer = await log.writer("s1")
     real = log.bus.ask_together
 
-    async def tail_ack_lost(requests: Any, timeout: float) -> Any:
-        answers = await real(requests, timeout)
-        return [answers[0], TimeoutError("no answer")]
+    async def both_lost(requests: Any, timeout: float) -> Any:
+        await real(requests, timeout)  # both stored
+        return [TimeoutError("no answer")] * len(requests)
 
-    log.bus.ask_together = tail_ack_lost  # type: ignore[method-assign]
-    ack, _ = await writer.append_then(step(1), END, people_seq=0, attempt="7-1")
+    log.bus.ask_together = both_lost  # type: ignore[method-assign]
+    ack, after, _ = await writer.append_then(step(1), END, people_seq=0, attempt="7-1")
     log.bus.ask_together = real  # type: ignore[method-assign]
-    writer.last_seq = ack.seq  # as if the look had not found it
 
-    with pytest.raises(agentbus.FencedError):  # the same id with other content is not ours
-        await writer.append(msgspec.structs.replace(END, ts=TS + 1))
-    again = await writer.append(END)  # the same event, byte for byte, is
-    assert again.duplicate and again.seq == ack.seq + 1
+    # the answer sent again alone is fenced by itself, found as the writer's; then the end is looked up
+    assert ack.duplicate and after is not None and after.duplicate
+    assert after.seq == ack.seq + 1 == writer.last_seq
+    assert _ids(await log.read("s1")) == ["step-0", "step-1", "end"]

@@ -172,16 +172,16 @@ class _Side:
 
 
 async def _latency(sides: list[_Side], count: int, block: int = 10) -> dict[str, dict[str, float]]:
-    """`count` sessions one at a time on each side, the sides taking turns every `block` sessions
-    (and which goes first, turn by turn): this machine's speed drifts by tens of percent over
-    seconds, and measured in turns both sides see the same machine. Within a block a side's
+    """`count` sessions one at a time on each side, the sides taking turns every `block` sessions:
+    this machine's speed drifts by tens of percent over seconds, and measured in turns both sides
+    see the same machine. Within a block a side's
     sessions follow each other, so what one leaves running after its end (acks, settling) weighs
     on its own next session, as one side alone would; between blocks a pause lets it finish
     rather than land on the other side."""
     pickups: dict[str, list[float]] = {side.name: [] for side in sides}
     totals: dict[str, list[float]] = {side.name: [] for side in sides}
     for turn in range(-(-count // block)):
-        for side in sides if turn % 2 == 0 else sides[::-1]:
+        for side in sides:
             await asyncio.sleep(0.02)
             for _ in range(min(block, count - turn * block)):
                 started = time.perf_counter()
@@ -262,9 +262,9 @@ async def _run_pair(
 async def _raw_side(nc: NATS, js: JetStreamContext, tool_turns: int, agents: int, slots: int) -> tuple[_Side, Any]:
     with_pickup = b'"type":"model_responded"'
     ends = Ends(lambda d: b'"type":"session_ended"' in d, lambda d: with_pickup in d)
-    await ends.watch(nc, f"{_RAW}.session.*.log")
     with contextlib.suppress(nats.js.errors.BadRequestError):  # a second round: the streams are there already
         await _RawPipeline.provision(js)
+    await ends.watch(nc, f"{_RAW}.session.*.log")
     pipeline = _RawPipeline(nc, js, tool_turns)
     await pipeline.start(agents, slots)
     task = encode(SessionCreated(id="created", task=Task(session_id="x", prompt="bench")))
@@ -286,15 +286,15 @@ async def _agentbus_side(
 
     # the same byte test as the raw side's watcher: the watcher is the bench's, and costs both sides alike
     ends = Ends(lambda d: b'"type":"session_ended"' in d, lambda d: b'"type":"session_claimed"' in d)
-    await ends.watch(nc, f"{settings.prefix}.session.*.log")
     model = _script(tmp, tool_turns)
     buses = [await Bus.connect(settings) for _ in range(agents + 2)]
+    await buses[-1].provision(update=False)
+    await ends.watch(nc, f"{settings.prefix}.session.*.log")
     router = Router(buses[0], RouteTable(default_pool=_POOL))
     config = AgentConfig(pool=_POOL, model=model.name, workdir=tmp / "work", concurrency=slots, tools=("read_file",))
     workers = [AgentWorker(b, config, model) for b in buses[1:-1]]
     runners = [asyncio.create_task(s.run()) for s in (router, *workers)]
     client = agentbus.Client(buses[-1])
-    await buses[-1].provision(update=False)
 
     async def submit() -> str:
         return await client.submit("bench")  # the client makes the id, as a user's submit does

@@ -63,9 +63,9 @@ async def resume(server: NatsServer, settings: Settings, tmp: Path, events: int,
     model.respond = timed  # type: ignore[method-assign]
     nc = await nats.connect(server.url, name="e2e-bench-resume")
     ends = Ends(lambda d: b'"type":"session_ended"' in d, lambda d: b'"type":"session_claimed"' in d)
-    await ends.watch(nc, f"{settings.prefix}.session.*.log")
     abus, cbus = await Bus.connect(settings), await Bus.connect(settings)
     await cbus.provision()
+    await ends.watch(nc, f"{settings.prefix}.session.*.log")
     config = AgentConfig(pool=_POOL, model=model.name, workdir=tmp / "resume", tools=("read_file",),
                          runaway_steps=turns + 10, no_progress_turns=turns + 10)  # fmt: skip
     worker = AgentWorker(abus, config, model)

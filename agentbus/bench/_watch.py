@@ -1,6 +1,6 @@
-"""What both sides of the bench share: when each session was picked up and ended, seen on a core
-subscription to the log subjects (no consumer, so the watcher costs the server nothing extra per
-session), and percentiles."""
+"""What both sides of the bench share: when each session was picked up and ended, seen through an
+ephemeral push consumer on the log subjects (only what the stream stored counts, never a publish
+it refused), and percentiles."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from nats.aio.client import Client as NATS
+from nats.js import api
 
 from agentbus.subjects import session_id_from_subject
 
@@ -25,7 +26,7 @@ def sid_of(subject: str) -> str:
 
 
 class Ends:
-    """Completion times of sessions, from a core subscription on every log subject (no consumer)."""
+    """Completion times of sessions, from what the stream stores on every log subject."""
 
     def __init__(self, is_end: Callable[[bytes], bool], is_pickup: Callable[[bytes], bool]) -> None:
         self.is_end = is_end
@@ -35,6 +36,8 @@ class Ends:
         self._waiters: dict[str, asyncio.Future[None]] = {}
 
     async def watch(self, nc: NATS, subject: str) -> Any:
+        """Watch `subject` (its stream must exist)."""
+
         async def on(msg: Any) -> None:
             sid = sid_of(msg.subject)
             now = time.perf_counter()
@@ -46,7 +49,14 @@ class Ends:
                 if fut is not None and not fut.done():
                     fut.set_result(None)
 
-        return await nc.subscribe(subject, cb=on)
+        # A core subscription would also hear a publish the stream refuses (an end sent behind
+        # an answer and kept out by its conditions, appended again later): count stored records
+        # only. Ack none, new only, no flow control: the watcher sends nothing per message, so
+        # the client message counts stay the sides' own.
+        config = api.ConsumerConfig(
+            ack_policy=api.AckPolicy.NONE, deliver_policy=api.DeliverPolicy.NEW, mem_storage=True
+        )
+        return await nc.jetstream().subscribe(subject, cb=on, manual_ack=True, config=config)
 
     async def wait(self, sids: list[str], timeout: float = 120.0) -> None:
         loop = asyncio.get_running_loop()

@@ -170,7 +170,7 @@ class Publishing(BusCore):
         *,
         expected_last_subject_seq: int,
         fence_subject: str | None = None,
-    ) -> tuple[PubAck, PubAck | TimeoutError | None]:
+    ) -> tuple[PubAck, PubAck | TimeoutError | FencedError | None]:
         """`first`, fenced as `publish` fences it, and `then` right behind it: one round trip for
         both. `then` carries `Nats-Expected-Last-Msg-Id` naming `first`'s id, so the server stores
         it only while the stream's last message is `first`: directly after it, and never when
@@ -179,10 +179,11 @@ class Publishing(BusCore):
 
         Only on one server (`one_server`); elsewhere `first` goes alone and `then` is left to the
         caller. Returns `first`'s ack (raising as `publish` does: `FencedError` for the fence) and
-        `then`'s; None when this send did not store `then` (something came between, a fence of its
-        own, or an earlier message with its id), a `TimeoutError` when no answer came (it may be
-        stored): the caller then appends it on its own, as without the chain, and finds it by its
-        content if it was stored after all."""
+        `then`'s; None when this send did not store `then` (something came between, or an earlier
+        message with its id), a `FencedError` when its own fence refused it, a `TimeoutError` when
+        no answer came for it (it may be stored): the caller then appends it on its own, as without
+        the chain, and finds it by its content if it was stored after all. nats-server checks a
+        fence first, then the message id, then the expected last message id."""
         if not tracing.recording():
             return await self._publish_chained(first, then, expected_last_subject_seq, fence_subject)
         attrs = tracing.messaging_attrs(first.subject, first.msg_id)
@@ -191,7 +192,7 @@ class Publishing(BusCore):
 
     async def _publish_chained(
         self, first: Outgoing, then: Outgoing, expected_last_subject_seq: int, fence_subject: str | None
-    ) -> tuple[PubAck, PubAck | TimeoutError | None]:
+    ) -> tuple[PubAck, PubAck | TimeoutError | FencedError | None]:
         alone = {**(first.headers or {})}  # `first` as `publish` sends it, when it goes alone
         if fence_subject is not None:
             alone[EXPECTED_LAST_SUBJECT_SEQ_SUBJECT] = fence_subject
@@ -219,7 +220,8 @@ class Publishing(BusCore):
                 raise answers[0]
             ack = self._ack_of(first.subject, answers[0])
         except _UNANSWERED:  # settled alone, through a failover; `then` may or may not be stored
-            return await self._publish(first.subject, first.data, first.msg_id, alone, expected_last_subject_seq), None
+            ack = await self._publish(first.subject, first.data, first.msg_id, alone, expected_last_subject_seq)
+            return ack, TimeoutError(f"no answer for {first.subject}: {then.subject} may be stored")
         except nats.js.errors.APIError as err:
             if err.err_code == ErrorCode.WRONG_LAST_SEQUENCE:
                 raise FencedError(first.subject, expected_last_subject_seq) from err
@@ -231,8 +233,12 @@ class Publishing(BusCore):
             after = self._ack_of(then.subject, answer)
         except nats.js.errors.NoStreamResponseError:
             return ack, TimeoutError(f"no stream answered for {then.subject}")
-        except (nats.js.errors.APIError, BusError):
-            return ack, None  # refused: most often, something came between
+        except nats.js.errors.APIError as err:
+            if err.err_code == ErrorCode.WRONG_LAST_SEQUENCE:
+                return ack, FencedError(then.subject, 0)
+            return ack, None  # refused: most often, something came between (10070)
+        except BusError:
+            return ack, None
         return ack, None if after.duplicate else after
 
     async def _acked(self, subject: str, data: bytes, hdrs: dict[str, str]) -> PubAck:

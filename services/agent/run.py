@@ -429,13 +429,15 @@ class SessionRun:
         this same event: should this one land late after all, it is found as the run's own)."""
         assert self.writer is not None
         try:
-            ack, after = await self.writer.append_then(
+            ack, after, unseen = await self.writer.append_then(
                 responded, end, people_seq=self.transcript.people_seq(), attempt=self.claim
             )
         except FencedError:  # a writer came between: the owner's usual way (resync, merge or stop)
             await self.append(responded)
             return False
         self.transcript.appended(ack, responded)
+        if unseen:  # the server says a person wrote that this run has not read (a missed signal)
+            await self.transcript.catch_up(force=True)
         if after is None:
             self._unsure_end = end
             return False

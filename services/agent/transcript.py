@@ -106,8 +106,10 @@ class Transcript:
                 self._insert(rec)
 
     def people_seq(self) -> int:
-        """The sequence of the last people's record this run knows (0: none)."""
-        return max((r.seq for r in self.records if r.channel != "log"), default=0)
+        """The sequence of the last people's record this run knows on `<session>.<channel>.<user>`
+        (0: none); records from before senders were in the subject (`sender` empty) are on
+        `<session>.input`, which that filter does not match."""
+        return max((r.seq for r in self.records if r.channel != "log" and r.sender), default=0)
 
     def nudge(self, at: float | None = None) -> None:
         """People wrote to this session (a live signal, heard at monotonic time `at`, else now): the
