@@ -157,6 +157,7 @@ async def test_a_final_answer_and_the_end_go_out_together_and_are_stored_one_aft
                 return result
 
             worker.bus.publish_chained = counted  # type: ignore[method-assign]
+            await until(lambda: _hearing(worker), "the worker to hear people live")
             sid = await client.submit("say done", pool=POOL)
             state = await client.wait(sid, timeout=15)
 
@@ -186,6 +187,7 @@ async def test_a_final_answer_whose_ends_ack_was_lost_ends_the_session_once_and_
                 return answers
 
             worker.bus.ask_together = end_unanswered  # type: ignore[method-assign]
+            await until(lambda: _hearing(worker), "the worker to hear people live")
             sid = await client.submit("say done", pool=POOL)
             state = await client.wait(sid, timeout=15)
             await until(lambda: _done(worker), "the run to finish")
@@ -205,6 +207,14 @@ async def test_a_persons_message_the_run_did_not_hear_keeps_the_final_answers_en
     from services.agent.transcript import Transcript
 
     monkeypatch.setattr(Transcript, "nudge", lambda self, at=None: None)
+    told: list[str] = []
+    real_told = Transcript.told
+
+    def counted_told(self: Transcript) -> None:
+        told.append(self.sid)
+        real_told(self)
+
+    monkeypatch.setattr(Transcript, "told", counted_told)
     gate = Gate()
 
     def responder(request: Request) -> dict[str, Any]:
@@ -214,7 +224,8 @@ async def test_a_persons_message_the_run_did_not_hear_keeps_the_final_answers_en
         return text_response("done, and noted")
 
     with FakeMessagesAPI(responder=responder) as api:
-        async with agent(settings, api, tmp_path, gates=(gate,)):
+        async with agent(settings, api, tmp_path, gates=(gate,)) as worker:
+            await until(lambda: _hearing(worker), "the worker to hear people live")
             sid = await client.submit("finish", pool=POOL)
             await gate.wait_reached()
             await client.say(sid, "one more thing")
@@ -223,6 +234,7 @@ async def test_a_persons_message_the_run_did_not_hear_keeps_the_final_answers_en
         requests = bodies(api)
 
     assert state.status == "completed" and state.result == "done, and noted"
+    assert told == [sid]  # the end's fence on people's channels refused it: the path under test
     assert len(requests) == 2 and "one more thing" in json.dumps(requests[1])
     records = kinds(await client.show(sid))
     assert records.count("session_ended") == 1 and records[-1] == "session_ended"
@@ -230,6 +242,11 @@ async def test_a_persons_message_the_run_did_not_hear_keeps_the_final_answers_en
 
 async def _done(worker: Any) -> bool:
     return bool(worker.served)
+
+
+async def _hearing(worker: Any) -> bool:
+    """The worker hears people's messages live: a run that reads its log now may take the chain."""
+    return bool(worker._people_live.is_set())
 
 
 # --- 2. kill -9 and resume in another process -------------------------------------------------------

@@ -237,8 +237,8 @@ class Publishing(BusCore):
             if err.err_code == ErrorCode.WRONG_LAST_SEQUENCE:
                 return ack, FencedError(then.subject, 0)
             return ack, None  # refused: most often, something came between (10070)
-        except BusError:
-            return ack, None
+        except BusError:  # an answer that does not read: stored or not, the log says
+            return ack, TimeoutError(f"unreadable answer for {then.subject}")
         return ack, None if after.duplicate else after
 
     async def _acked(self, subject: str, data: bytes, hdrs: dict[str, str]) -> PubAck:

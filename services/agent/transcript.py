@@ -57,6 +57,7 @@ class Transcript:
         self.live = live  # set while the worker hears people's messages as they are published
         self._live_at_load = False  # it was already set when the run read the log
         self._signal_at = float("-inf")  # the last signal for this session (monotonic)
+        self._told = False  # the server refused a write because people wrote: look, whatever was heard
         self._looked_at = time.monotonic()  # when the stream was last asked
         self._reconnects = log.bus.reconnects
         self._lost = self._lost_now()  # how often hearing had stopped when the stream was last asked
@@ -116,8 +117,15 @@ class Transcript:
         step boundaries look in the stream until one looks `SIGNAL_LEAD_S` after it."""
         self._signal_at = max(self._signal_at, time.monotonic() if at is None else at)
 
+    def told(self) -> None:
+        """The server said people wrote what this run has not read (a fence on their channels
+        refused a write): the next step boundary asks the stream, even with no signal heard."""
+        self._told = True
+
     def must_look(self) -> bool:
         """Whether the next step boundary has to ask the stream (module docstring)."""
+        if self._told:
+            return True
         heard = (
             self._live_at_load
             and self.live is not None
@@ -134,6 +142,14 @@ class Transcript:
         whether anything new arrived."""
         if not force and not self.must_look():
             return False
+        told, self._told = self._told, False
+        try:
+            return await self._look()
+        except BaseException:
+            self._told = told  # not looked after all
+            raise
+
+    async def _look(self) -> bool:
         self._reconnects, self._looked_at = self.log.bus.reconnects, time.monotonic()
         # a look while nothing is heard covers only until now: once hearing resumes, look again
         self._lost = self._lost_now() if self.live is not None and self.live.is_set() else -1
