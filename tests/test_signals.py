@@ -306,6 +306,40 @@ async def test_a_gap_in_hearing_makes_the_next_step_look_even_after_hearing_resu
     assert await transcript.catch_up()
 
 
+async def test_a_refusal_that_says_people_wrote_makes_the_next_step_look_until_a_look_succeeds(
+    client: agentbus.Client,
+) -> None:
+    """A fence on people's channels refused the run's write (`Transcript.told`): the next step
+    boundary asks the stream though no signal was heard, and a look that fails leaves it asking."""
+    from agentbus.errors import NatsUnreachable
+    from agentbus.messages import HumanMessage
+    from services.agent.transcript import Hearing, Transcript
+
+    sid = await client.submit("paint it", pool=POOL)
+    live = Hearing()
+    live.set()
+    transcript = Transcript(client.log, sid, live)
+    await transcript.load()
+    await client.say(sid, "use the blue one")  # its signal lost: nothing tells the transcript
+    assert not transcript.must_look()
+
+    transcript.told()
+    assert transcript.must_look()
+    real = client.log.bus.last_subject_seq
+
+    async def unreachable(*args: Any) -> int:
+        raise NatsUnreachable(client.bus.settings.nats_url, "down for a moment")
+
+    client.log.bus.last_subject_seq = unreachable  # type: ignore[method-assign]
+    with pytest.raises(NatsUnreachable):
+        await transcript.catch_up()
+    client.log.bus.last_subject_seq = real  # type: ignore[method-assign]
+    assert transcript.must_look()  # not looked after all
+    assert await transcript.catch_up()
+    assert [r.event.text for r in transcript.records if isinstance(r.event, HumanMessage)] == ["use the blue one"]
+    assert not transcript.must_look()
+
+
 async def test_the_transcript_epoch_changes_only_when_records_change_other_than_by_growing(
     client: agentbus.Client,
 ) -> None:
